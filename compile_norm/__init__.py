@@ -1,0 +1,17 @@
+"""compile_norm: RMSNorm-family ops fused under torch.compile."""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from . import ops
+from .ops import (
+    fused_add_rms_norm,
+    providers_priority,
+    rms_norm,
+    set_priority,
+    which_provider,
+)
+
+try:
+    __version__ = _version("compile_norm")
+except PackageNotFoundError:  # running from a source checkout that is not installed
+    __version__ = "0.1.0"

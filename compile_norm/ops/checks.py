@@ -1,0 +1,102 @@
+"""Argument validation shared by every op's fake (tracing) and eager implementation.
+
+Each check raises ``ValueError`` whose message starts with ``compile_norm.<op>:`` and names the
+argument and what was expected, so the same clear error appears in eager code and under
+torch.compile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fail(op: str, message: str) -> None:
+    raise ValueError(f"compile_norm.{op}: {message}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_input(op: str, x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        fail(op, f"{name} must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        fail(
+            op,
+            f"{name} must be float16, bfloat16, float32 or float64, got {_dtype_name(x.dtype)}",
+        )
+    if x.dim() < 1:
+        fail(op, f"{name} must have at least one dimension (the hidden size), got a scalar")
+
+
+def check_like(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    """``t`` must match ``x`` in shape, dtype and device (a residual)."""
+    if not isinstance(t, torch.Tensor):
+        fail(op, f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.shape != x.shape:
+        fail(op, f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        fail(op, f"{name} must have the dtype of x ({_dtype_name(x.dtype)}), got {_dtype_name(t.dtype)}")
+    check_device(op, name, t, x)
+
+
+def check_device(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if t.device != x.device:
+        fail(op, f"{name} must be on the device of x ({x.device}), got {t.device}")
+
+
+def check_norm_args(
+    op: str,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    weight_offset: float,
+    variance_size: int | None,
+) -> None:
+    check_input(op, x)
+    hidden = x.shape[-1]
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            fail(op, f"weight must be a Tensor or None, got {type(weight).__name__}")
+        if weight.dim() != 1 or weight.shape[0] != hidden:
+            fail(
+                op,
+                f"weight must have shape ({hidden},) to match x.shape[-1], got {tuple(weight.shape)}",
+            )
+        if weight.dtype not in FLOAT_DTYPES:
+            fail(op, f"weight must be a floating-point tensor, got {_dtype_name(weight.dtype)}")
+        check_device(op, "weight", weight, x)
+    elif weight_offset != 0.0:
+        fail(op, f"weight_offset={weight_offset} needs a weight; weight is None")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        fail(op, f"eps must be a finite float >= 0, got {eps!r}")
+    if not isinstance(weight_offset, (int, float)) or not math.isfinite(weight_offset):
+        fail(op, f"weight_offset must be a finite float, got {weight_offset!r}")
+    if variance_size is not None and not 1 <= variance_size <= hidden:
+        fail(op, f"variance_size must be None or in [1, {hidden}] (x.shape[-1]), got {variance_size}")
+
+
+def check_scalar_tensor(
+    op: str, name: str, t: torch.Tensor, x: torch.Tensor, dtype: torch.dtype
+) -> None:
+    """A per-tensor scale / zero point: one element of ``dtype`` on the device of x."""
+    if not isinstance(t, torch.Tensor):
+        fail(op, f"{name} must be a one-element {_dtype_name(dtype)} Tensor, got {type(t).__name__}")
+    if t.numel() != 1:
+        fail(op, f"{name} must have exactly one element (per-tensor), got shape {tuple(t.shape)}")
+    if t.dtype != dtype:
+        fail(op, f"{name} must be {_dtype_name(dtype)}, got {_dtype_name(t.dtype)}")
+    check_device(op, name, t, x)
+
+
+def check_group_size(op: str, x: torch.Tensor, group_size: int) -> None:
+    hidden = x.shape[-1]
+    if not isinstance(group_size, int) or group_size <= 0:
+        fail(op, f"group_size must be a positive int, got {group_size!r}")
+    if hidden % group_size != 0:
+        fail(op, f"group_size={group_size} must divide the hidden size x.shape[-1]={hidden}")

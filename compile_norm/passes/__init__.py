@@ -1,0 +1,1 @@
+"""Post-grad FX passes: canonicalize, gemma, residual, quant, lower (in that order)."""
