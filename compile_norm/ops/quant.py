@@ -90,7 +90,10 @@ def fp8_group_ref(
     amax = groups.abs().amax(-1)
     scale = torch.clamp(amax / FP8_MAX, min=FP8_MIN_SCALE)
     if use_ue8m0:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        pow2 = torch.exp2(torch.ceil(torch.log2(scale)))
+        # log2 rounds to an integer just above a power of two (2^k * (1 + 2^-23) -> k):
+        # double that case so the scale is never rounded down (q would saturate).
+        scale = torch.where(pow2 < scale, pow2 * 2.0, pow2)
     q = _saturate_fp8(groups / scale.unsqueeze(-1)).reshape(y.shape)
     if column_major_scales:  # same strides as group_scales_empty(..., column_major=True)
         nd = scale.dim()
