@@ -287,7 +287,15 @@ def declare_op(
     _OPS[name] = entry
     _rebuild(entry)
 
+    # The dispatcher drops trailing arguments equal to their defaults; providers (and
+    # which_provider) see every argument positionally, so fill them back in.
+    defaults: list[tuple] = []  # every argument's default (set once the schema is parsed)
+
     def eager(*args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            args, kwargs = normalize_call(name, args, kwargs)
+        elif len(args) < len(defaults[0]):
+            args = args + defaults[0][len(args):]
         check(*args, **kwargs)
         return _run(entry, args, kwargs)
 
@@ -300,4 +308,6 @@ def declare_op(
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", eager, mutates_args=(), schema=schema)
     op.register_fake(fake_impl)
     entry.custom_op = op
+    arguments = op._opoverload._schema.arguments
+    defaults.append(tuple(a.default_value if a.has_default_value() else None for a in arguments))
     return op
