@@ -78,7 +78,7 @@ def opcheck_cases(name: str) -> list[tuple[str, tuple, dict]]:
     with/without weight, offset, variance_size, group options and zero tokens."""
     h = 64
     x2 = randn(4, h)
-    x3 = randn(2, 3, h, dtype=torch.bfloat16)
+    x3 = randn(3, 2, h, dtype=torch.bfloat16).transpose(0, 1)  # 3-D and non-contiguous
     x0 = randn(0, h)
     w32, w16 = randn(h), randn(h, dtype=torch.bfloat16)
     if name.startswith("quant_"):

@@ -153,6 +153,25 @@ def test_supports_sees_normalized_arguments(fake):
     assert seen == [(5, [])] * 3
 
 
+def test_fused_op_provider_choice(fake):
+    # A kernel that only does 128-wide groups with row-major scales, told apart by position:
+    # (x, weight, eps, group_size, column_major_scales, use_ue8m0, weight_offset, variance_size).
+    op = "rms_norm_fp8_group"
+    fake.add("k", op=op, supports=lambda x, w, eps, g, col, ue8m0, off, vs: g == 128 and not col)
+    x, w = randn(2, 256), randn(256)
+    for kwargs, name in (
+        ({}, "k"),
+        ({"group_size": 64}, "native"),
+        ({"column_major_scales": True, "weight_offset": 1.0}, "native"),
+        ({"use_ue8m0": True, "variance_size": 100}, "k"),
+    ):
+        before = len(fake.calls)
+        out = torch.ops.compile_norm.rms_norm_fp8_group(x, w, EPS, **kwargs)
+        assert fake.names()[before:] == ([] if name == "native" else [name])
+        assert registry.which_provider(op, x, w, EPS, **kwargs) == name
+        assert_bitwise_equal(out, registry.ops()[op].reference(x, w, EPS, **kwargs))
+
+
 def test_scoped_priority_nests_and_restores(fake):
     fake.add("a", rank=10)
     fake.add("b", rank=20)
@@ -193,7 +212,8 @@ def test_env_var_in_subprocess():
     results = {}
     for spec in ("fb", "rms_norm=native;*=fb,fa"):  # each a fresh interpreter (~4 s)
         env = {**os.environ, "COMPILE_NORM_PROVIDERS": spec}
-        env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+        repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join([repo_root, env.get("PYTHONPATH", "")])
         out = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
         )
