@@ -50,6 +50,27 @@ def _min_nan(a, b):
 
 
 @triton.jit
+def _amax(a, axis: tl.constexpr, PRECISE: tl.constexpr):
+    """Max along ``axis`` that propagates NaN (tl.max on the GPU drops it)."""
+    if PRECISE:
+        r = tl.reduce(a, axis, _max_nan)
+    else:  # interpreter: tl.max is numpy's nanmax (fast; a custom combine is very slow)
+        r = tl.max(a, axis)
+        r = tl.where(tl.sum((a != a).to(tl.int32), axis) > 0, float("nan"), r)
+    return r
+
+
+@triton.jit
+def _amin(a, axis: tl.constexpr, PRECISE: tl.constexpr):
+    if PRECISE:
+        r = tl.reduce(a, axis, _min_nan)
+    else:
+        r = tl.min(a, axis)
+        r = tl.where(tl.sum((a != a).to(tl.int32), axis) > 0, float("nan"), r)
+    return r
+
+
+@triton.jit
 def _rint(v, PRECISE: tl.constexpr):
     """Round half to even (torch.round)."""
     if PRECISE:
@@ -212,7 +233,7 @@ def norm_quant_kernel(
         tl.store(qoffs, q, mask=mask)
     elif QUANT == 2 or QUANT == 3:  # fp8 dynamic per token / per group
         a = tl.where(mask, tl.abs(v), 0.0)
-        amax = tl.reduce(a, 2, _max_nan)  # [BLOCK_M, NG]
+        amax = _amax(a, 2, PRECISE)  # [BLOCK_M, NG]
         if HAS_AUX:
             ub = tl.load(aux_in_ptr)
             amax = tl.minimum(amax, ub, propagate_nan=tl.PropagateNan.ALL)
@@ -234,15 +255,15 @@ def norm_quant_kernel(
         tl.store(qoffs, _sat_int8(t), mask=mask)
     elif QUANT == 5:  # int8 dynamic symmetric
         a = tl.where(mask, tl.abs(v), 0.0)
-        amax = tl.reduce(a, 2, _max_nan)
+        amax = _amax(a, 2, PRECISE)
         scale = _div_scalar(amax, 127.0, INT8_RECIP, SCALAR_RECIP)
         scale = tl.maximum(scale, 1e-10, propagate_nan=tl.PropagateNan.ALL)
         t = _rint(_div(v, scale[:, :, None]), PRECISE)
         tl.store(qoffs, _sat_int8(t), mask=mask)
         tl.store(soffs, scale, mask=smask)
     elif QUANT == 6:  # int8 dynamic asymmetric
-        vmax = tl.reduce(tl.where(mask, v, float("-inf")), 2, _max_nan)
-        vmin = tl.reduce(tl.where(mask, v, float("inf")), 2, _min_nan)
+        vmax = _amax(tl.where(mask, v, float("-inf")), 2, PRECISE)
+        vmin = _amin(tl.where(mask, v, float("inf")), 2, PRECISE)
         scale = _div_scalar(vmax - vmin, 255.0, U8_RECIP, SCALAR_RECIP)
         scale = tl.maximum(scale, 1e-10, propagate_nan=tl.PropagateNan.ALL)
         azp = _rint(-128.0 - _div(vmin, scale), PRECISE)
