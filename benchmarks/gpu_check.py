@@ -186,9 +186,9 @@ def hf_int8_dynamic(x, w):
     return torch.round(y / s).clamp(-128, 127).to(torch.int8), s
 
 
-def families(t: int, h: int) -> dict[str, dict]:
+def families(t: int, h: int, dev: str = "cuda") -> dict[str, dict]:
     """Per family: op call, HF function + args, optional F.rms_norm eager, minimal bytes."""
-    dev, bf16 = "cuda", torch.bfloat16
+    bf16 = torch.bfloat16
     x = torch.randn(t, h, device=dev, dtype=bf16)
     r = torch.randn(t, h, device=dev, dtype=bf16)
     w = (1.0 + 0.1 * torch.randn(h, device=dev)).to(bf16)
@@ -205,7 +205,7 @@ def families(t: int, h: int) -> dict[str, dict]:
             f_rms=None, bytes=4 * n + wb, ref_op=("rms_norm", (x, wg, EPS, 1.0))),
         "add_rms_norm": dict(
             op=lambda: cn.fused_add_rms_norm(x, r, w, EPS), hf=(hf_add, (x, r, w)),
-            f_rms=lambda: F.rms_norm(x + r, (h,), w, EPS), bytes=8 * n + wb,
+            f_rms=lambda: (lambda s: (F.rms_norm(s, (h,), w, EPS), s))(x + r), bytes=8 * n + wb,
             ref_op=("fused_add_rms_norm", (x, r, w, EPS))),
         "add_rms_fp8_dynamic": dict(
             op=lambda: cn.fused_add_rms_norm_fp8_dynamic(x, r, w, EPS),
