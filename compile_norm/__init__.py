@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from . import ops
+from . import kernels  # noqa: F401  (registers the device-kernel providers)
 from .ops import (
     fused_add_rms_norm,
     providers_priority,
