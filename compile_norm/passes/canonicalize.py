@@ -128,6 +128,13 @@ def _cast_dtype(n) -> torch.dtype | None:
     return _dtype(n)
 
 
+def _is_twin_cast(p, xf) -> bool:
+    """``p`` is a second node casting the same tensor to the same dtype as ``xf``."""
+    if p is None or p is xf or _cast_dtype(p) is None or _cast_dtype(xf) is None:
+        return False
+    return p.args[0] is xf.args[0] and _cast_dtype(p) == _cast_dtype(xf)
+
+
 def _only_user(n: Node) -> Node | None:
     users = list(n.users)
     return users[0] if len(users) == 1 else None
@@ -190,7 +197,7 @@ def _mean_of_squares(r: Node):
         elif isinstance(b, Node) and _is_number(a):
             v, eps = b, a
         elif isinstance(a, Node) and isinstance(b, Node) and _mean_parts(a) is not None:
-            raise _Skip("eps is a tensor, not a constant")
+            raise _Skip(_tensor_eps_reason(b))
         else:
             return None
         nodes.append(r.args[0])
@@ -199,6 +206,20 @@ def _mean_of_squares(r: Node):
         return None
     sq, reduce_nodes, divisor = parts
     return sq, nodes + reduce_nodes, float(eps), divisor
+
+
+def _tensor_eps_reason(eps: Node) -> str:
+    reason = "eps is a tensor, not a constant"
+    while _cast_dtype(eps) is not None:
+        eps = eps.args[0]
+    v = _val(eps)
+    if eps.op == "placeholder" and isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float64:
+        # How torch.compile(dynamic=True) passes a float attribute such as eps.
+        reason += (
+            " (a Python float made a graph input by dynamic=True?"
+            " torch._dynamo.config.specialize_float=True keeps it a constant)"
+        )
+    return reason
 
 
 def _mean_parts(v):
@@ -325,12 +346,14 @@ def _match(r: Node, order: dict) -> _Match | None:
     if cd == torch.float32 and _cast_dtype(xf) == cd and _dtype(xf.args[0]) in _LOW:
         x = xf.args[0]
 
-    # y = xf * rsqrt: the other factor is xf, or x itself (T5: promotion up-casts it exactly).
+    # y = xf * rsqrt. The other factor may be xf, a second identical up-cast (``x.float()``
+    # written twice) or x itself (T5: promotion up-casts it exactly, the same value as xf).
     y = _only_user(r)
     if y is None:
         raise _Skip(f"intermediate used elsewhere ({r.name} has {len(r.users)} users)")
     p = _other(y, r) if y.op == "call_function" and y.target in _MULS else None
-    if p is None or (p is not xf and (x is None or p is not x)):
+    twin = _is_twin_cast(p, xf)
+    if p is None or not (p is xf or twin or (x is not None and p is x)):
         raise _Skip("rsqrt does not multiply the normalized input")
     if _dtype(y) != cd or tuple(_val(y).shape) != tuple(_val(xf).shape):
         raise _Skip("normalized value is not the input's shape in the compute dtype")
@@ -338,10 +361,12 @@ def _match(r: Node, order: dict) -> _Match | None:
     inside = {*stat_nodes, r, y, *pre}
     for n in [*pre, *stat_nodes, r]:
         _only_users(n, inside)
+    if twin:
+        _only_users(p, {y})
     if x is not None:
         _only_users(xf, set(pre) | {y})
     # Users before their inputs, so each can be erased once the output is replaced.
-    m.dead = [y, r, *stat_nodes, *pre]
+    m.dead = [y, *([p] if twin else []), r, *stat_nodes, *pre]
 
     # The tail: weight and down-cast.
     tail: list[Node] = []
