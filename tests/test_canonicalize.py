@@ -228,6 +228,8 @@ def test_non_contiguous_input(style):
     out, rec = compile_run(fn, x)
     assert_equal(out, eager(fn, x))
     assert_rewritten(rec, 1, 1e-6)
+    if style == "f_rms_norm":  # its decomposition's .contiguous() clone sits in the tail
+        assert "aten.clone" in rec.before[0]
 
 
 def test_zero_tokens():
@@ -459,3 +461,23 @@ def test_run_accepts_options_and_reports_counts():
     result = canonicalize.run(graph, type("Options", (), {"strict": True})())
     assert result.name == canonicalize.NAME == "canonicalize"
     assert result.matched == 0 and result.unmatched == []
+
+
+def test_to_copy_casts():
+    # Casts as aten._to_copy (make_fx without Inductor's decompositions; plausible in other
+    # torch versions) are matched like prims.convert_element_type. The graph runs eagerly here.
+    from types import SimpleNamespace
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def fn(x, w):  # LlamaRMSNorm.forward with its attributes as arguments
+        return models.LlamaRMSNorm.forward(SimpleNamespace(weight=w, variance_epsilon=1e-6), x)
+
+    x, w = input_of((3, 80), torch.bfloat16), input_of((80,), torch.bfloat16)
+    gm = make_fx(fn, tracing_mode="fake")(x, w)
+    assert any(n.target is aten._to_copy.default for n in gm.graph.nodes)
+    result = canonicalize.run(gm.graph, None)
+    gm.recompile()
+    assert result.matched == 1 and result.unmatched == []
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [RMS_NORM]
+    assert_equal(gm(x, w), fn(x, w))
