@@ -50,6 +50,7 @@ _CASTS = (prims.convert_element_type.default, aten._to_copy.default)
 _ADDS = (aten.add.Tensor, aten.add.Scalar)
 _MULS = (aten.mul.Tensor,)
 _LOW = (torch.float16, torch.bfloat16)
+_FLOATS = (*_LOW, torch.float32, torch.float64)
 
 
 class _Skip(Exception):
@@ -141,7 +142,7 @@ def _only_user(n: Node) -> Node | None:
 
 
 def _skip_clones(n: Node, chain: list[Node]) -> Node:
-    """Step over value-preserving ``clone`` users (``.contiguous()`` in F.rms_norm's decomposition)."""
+    """Step over value-preserving ``clone`` users (F.rms_norm's decomposition's .contiguous())."""
     while True:
         u = _only_user(n)
         if u is None or u.target is not aten.clone.default:
@@ -213,7 +214,9 @@ def _tensor_eps_reason(eps: Node) -> str:
     while _cast_dtype(eps) is not None:
         eps = eps.args[0]
     v = _val(eps)
-    if eps.op == "placeholder" and isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float64:
+    if eps.op == "placeholder" and isinstance(v, torch.Tensor) and v.shape == () and (
+        v.dtype == torch.float64
+    ):
         # How torch.compile(dynamic=True) passes a float attribute such as eps.
         reason += (
             " (a Python float made a graph input by dynamic=True?"
@@ -301,7 +304,7 @@ def _weight_of(mul: Node, y: Node, order: dict) -> Node | None:
         return None
     w = _other(mul, y)
     wv = _val(w)
-    if not isinstance(wv, torch.Tensor) or not wv.is_floating_point() or wv.dim() != 1:
+    if not isinstance(wv, torch.Tensor) or wv.dtype not in _FLOATS or wv.dim() != 1:
         return None
     if not _same(wv.shape[0], _hidden(y)) or wv.device != _val(y).device:
         return None
@@ -348,6 +351,8 @@ def _match(r: Node, order: dict) -> _Match | None:
 
     # y = xf * rsqrt. The other factor may be xf, a second identical up-cast (``x.float()``
     # written twice) or x itself (T5: promotion up-casts it exactly, the same value as xf).
+    if not r.users:
+        return None  # dead code
     y = _only_user(r)
     if y is None:
         raise _Skip(f"intermediate used elsewhere ({r.name} has {len(r.users)} users)")
@@ -376,8 +381,8 @@ def _match(r: Node, order: dict) -> _Match | None:
     if x is not None and _cast_dtype(nxt) == _dtype(x):
         # A: y.to(x.dtype) [* w with w.dtype == x.dtype]
         tail.append(nxt)
-        m.x_in, m.out = x, nxt
         end = _skip_clones(nxt, tail)
+        m.x_in, m.out = x, end
         mul = _only_user(end)
         w = _weight_of(mul, end, order)
         if w is not None and _dtype(w) == _dtype(x) and _dtype(mul) == _dtype(x):
@@ -414,19 +419,21 @@ def _fake_mode(v):
 
 def _rewrite(graph: Graph, m: _Match) -> None:
     op = torch.ops.compile_norm.rms_norm.default
-    xv = _val(m.x_in)
-    mode = _fake_mode(xv)
+    cast = prims.convert_element_type.default
+    args = (m.eps, 0.0, m.variance_size)
+    # Fake values first: if the op's argument check refused them, the graph is still intact.
+    xv, wv = _val(m.x_in), _val(m.weight)
+    with _fake_mode(xv):
+        if m.weight_cast is not None:
+            wv = cast(wv, m.weight_cast)
+        out_val = op(xv, wv, *args)
     with graph.inserting_before(m.out):
         weight = m.weight
-        wv = _val(weight)
         if m.weight_cast is not None:
-            with mode:
-                wv = prims.convert_element_type.default(wv, m.weight_cast)
-            weight = graph.call_function(prims.convert_element_type.default, (weight, m.weight_cast))
+            weight = graph.call_function(cast, (weight, m.weight_cast))
             weight.meta["val"] = wv
-        new = graph.call_function(op, (m.x_in, weight, m.eps, 0.0, m.variance_size))
-    with mode:
-        new.meta["val"] = op(xv, wv, m.eps, 0.0, m.variance_size)
+        new = graph.call_function(op, (m.x_in, weight, *args))
+    new.meta["val"] = out_val
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in m.anchor.meta:
             new.meta[key] = m.anchor.meta[key]
