@@ -481,3 +481,75 @@ def test_to_copy_casts():
     assert result.matched == 1 and result.unmatched == []
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [RMS_NORM]
     assert_equal(gm(x, w), fn(x, w))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("style", list(models.NORMS))
+def test_model_norm_cuda(style):
+    # The rewritten node runs the op's eager dispatch; with the reference provider forced it
+    # equals the model bit for bit (Triton kernels only promise a tolerance).
+    from compile_norm.ops import registry
+    from compile_norm.ops.norm import rms_norm_ref
+
+    dtype, eps = torch.bfloat16, 1e-6
+    module = models.NORMS[style](96, eps=eps, dtype=dtype).cuda()
+    x = input_of((2, 5, 96), dtype).cuda()
+    with registry.providers_priority(["native"]):
+        out, rec = compile_run(module, x)
+    (node,) = assert_rewritten(rec, 1, eps)
+    if style in ("nn_rmsnorm", "f_rms_norm"):
+        # Eager uses a fused CUDA kernel; the graph holds torch's decomposition, whose
+        # numerics are the contract's with the weight applied in float32.
+        (weight,) = module.parameters()
+        ref = rms_norm_ref(x, weight.float(), eps)
+    else:
+        ref = eager(module, x)
+    assert_equal(out, ref)
+
+
+def _fused_rms_norm_graph(x, w, eps, use_rstd=False):
+    """A post-grad-like graph holding aten._fused_rms_norm itself, with fake values."""
+    import operator
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graph = torch.fx.Graph()
+    mode = FakeTensorMode()
+    xn, wn = graph.placeholder("x"), graph.placeholder("w")
+    xn.meta["val"], wn.meta["val"] = mode.from_tensor(x), mode.from_tensor(w)
+    fused = graph.call_function(aten._fused_rms_norm.default, (xn, [x.shape[-1]], wn, eps))
+    with mode:
+        fused.meta["val"] = fused.target(xn.meta["val"], [x.shape[-1]], wn.meta["val"], eps)
+    outs = []
+    for i in (0, 1):
+        outs.append(graph.call_function(operator.getitem, (fused, i)))
+        outs[-1].meta["val"] = fused.meta["val"][i]
+    graph.output((outs[0], outs[1]) if use_rstd else (outs[0],))
+    return graph
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=IDS.get)
+def test_aten_fused_rms_norm(dtype):
+    from compile_norm.ops.norm import rms_norm_ref
+
+    x, w = input_of((3, 96), dtype), input_of((96,), torch.bfloat16)
+    graph = _fused_rms_norm_graph(x, w, 1e-6)
+    result = canonicalize.run(graph, None)
+    assert result.matched == 1 and result.unmatched == []
+    graph.lint()
+    (node,) = [n for n in graph.nodes if n.target is RMS_NORM]
+    assert not any(n.target is aten._fused_rms_norm.default for n in graph.nodes)
+    assert node.args[1].meta["val"].dtype == torch.float32  # weight promoted, as torch does
+    (out,) = torch.fx.GraphModule({}, graph)(x, w)
+    assert_equal(out, rms_norm_ref(x, w.float(), 1e-6))
+    assert_equal(out, aten._fused_rms_norm.default(x, [96], w, 1e-6)[0])
+
+
+def test_aten_fused_rms_norm_rstd_used():
+    x, w = input_of((3, 96), torch.bfloat16), input_of((96,), torch.bfloat16)
+    graph = _fused_rms_norm_graph(x, w, 1e-6, use_rstd=True)
+    before = str(graph)
+    result = canonicalize.run(graph, None)
+    assert result.matched == 0 and str(graph) == before
+    ((_, why),) = result.unmatched
+    assert why.startswith("intermediate used elsewhere")

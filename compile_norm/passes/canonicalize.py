@@ -34,6 +34,7 @@ differently) stays in the graph after a weightless rms_norm, which keeps numeric
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import torch
 from torch.fx import Graph, Node
@@ -51,6 +52,9 @@ _ADDS = (aten.add.Tensor, aten.add.Scalar)
 _MULS = (aten.mul.Tensor,)
 _LOW = (torch.float16, torch.bfloat16)
 _FLOATS = (*_LOW, torch.float32, torch.float64)
+# torch's fused RMSNorm op; Inductor's decomposition table expands it, but a graph may hold it
+# (MPS, other torch versions). Absent from older torch: then never matched.
+_FUSED = getattr(getattr(aten, "_fused_rms_norm", None), "default", object())
 
 
 class _Skip(Exception):
@@ -60,10 +64,10 @@ class _Skip(Exception):
 def run(graph: Graph, options=None) -> PassResult:
     result = PassResult(NAME)
     order = {n: i for i, n in enumerate(graph.nodes)}
-    # Each match erases only nodes of its own norm, never another rsqrt seed.
-    for node in [n for n in graph.nodes if _is_rsqrt(n)]:
+    # Each match erases only nodes of its own norm, never another seed.
+    for node in [n for n in graph.nodes if _is_rsqrt(n) or n.target is _FUSED]:
         try:
-            match = _match(node, order)
+            match = _match_fused(node) if node.target is _FUSED else _match(node, order)
         except _Skip as skip:
             result.skip(site(node), str(skip))
             continue
@@ -406,6 +410,34 @@ def _match(r: Node, order: dict) -> _Match | None:
     m.dead = [*reversed(tail), *m.dead]
     if m.x_in is x and x is not None:
         m.dead.append(xf)
+    return m
+
+
+def _match_fused(node: Node) -> _Match | None:
+    """``aten._fused_rms_norm(x, [H], w, eps)[0]`` with the numerics of its decomposition:
+    statistics in cd, ``(y * w)`` in cd (w promoted), ``.type_as(x)``."""
+    x, shape, w = node.args[:3]
+    eps = _arg(node, 3, "eps")
+    outs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+    if len(outs) != len(node.users) or not outs.get(0) or not outs[0].users:
+        return None
+    if len(shape) != 1:
+        raise _Skip("normalizes more than the last dim")
+    if 1 in outs and outs[1].users:
+        raise _Skip(f"intermediate used elsewhere ({node.name}'s rstd is used)")
+    xdt = _dtype(x)
+    cd = torch.float64 if xdt == torch.float64 else torch.float32
+    if xdt not in _FLOATS:
+        raise _Skip(f"input dtype {xdt}")
+    m = _Match()
+    m.anchor, m.x_in, m.out = node, x, outs[0]
+    m.eps = float(torch.finfo(cd).eps if eps is None else eps)
+    if w is not None:
+        if _dtype(w) not in _FLOATS or _dtype(w).itemsize > cd.itemsize:
+            raise _Skip(f"weight dtype {_dtype(w)} wider than the compute dtype {cd}")
+        m.weight = w
+        m.weight_cast = cd if _dtype(w) != cd else None
+    m.dead = [*outs.values(), node]
     return m
 
 
