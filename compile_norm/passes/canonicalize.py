@@ -27,6 +27,10 @@ section 3) computes ``y`` exactly as above, then ``(y.to(w.dtype) * w).to(x_in.d
   gemma pass folds it into ``weight_offset=1.0``.
 - When the result stays in cd although x is 16-bit (no down-cast, or a down-cast with other
   users), ``x_in`` is the cd up-cast ``xf`` itself, so the op's output dtype is cd too.
+``aten._fused_rms_norm`` nodes (left undecomposed on some devices / torch versions) become the
+same op with the numerics of torch's decomposition (weight promoted to cd). ``options`` is not
+used. Training forward graphs save rsqrt for the backward, so there the site is reported as
+"intermediate used elsewhere" and left alone (rewriting would compute the reduction twice).
 A weight multiply that does not fit (another shape, a weight dtype the contract would round
 differently) stays in the graph after a weightless rms_norm, which keeps numerics exact.
 """
