@@ -43,16 +43,22 @@ PROVIDER = "triton"
 RANK = 10
 MAX_HIDDEN = 65536
 
-try:
-    import triton
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
-    from . import triton_kernel as K
 
-    _IMPORT_ERROR = ""
-except Exception as e:  # ImportError, or a broken triton install
-    triton = None
-    K = None
-    _IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
+triton = None
+K = None
+_IMPORT_ERROR = ""
+# Import triton only where it can run: CPU-only users don't pay its import time.
+if torch.cuda.is_available() or _interpret_requested():
+    try:
+        import triton
+
+        from . import triton_kernel as K
+    except Exception as e:  # ImportError, or a broken triton install
+        triton, K = None, None
+        _IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
 
 
 def _interpreting() -> bool:
@@ -61,14 +67,14 @@ def _interpreting() -> bool:
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:
         return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # pragma: no cover
+    return _interpret_requested()  # pragma: no cover
 
 
 INTERPRET = _interpreting()
 
 
 def _availability() -> tuple[bool, str]:
-    if triton is None:
+    if _IMPORT_ERROR:
         return False, _IMPORT_ERROR
     if INTERPRET:
         return True, ""
