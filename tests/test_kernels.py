@@ -83,7 +83,20 @@ def test_launch_config_heuristic():
 
 # --- CUDA ------------------------------------------------------------------------------------
 
-CUDA_CASES = checking.default_cases(hiddens=(128, 2304, 3000, 4096, 5376), tokens=37)
+# Every op on the main shapes; the variants (also run for every op in the interpreter) on
+# one op per family, to keep the number of distinct kernels to compile (~170) small.
+_VARIANT_OPS = ["rms_norm", "fused_add_rms_norm", "quant_fp8_group", "quant_int8_static"] + [
+    f"fused_add_rms_norm_{s}" for s in ("fp8_static", "fp8_dynamic", "fp8_group", "int8_static",
+                                        "int8_dynamic", "int8_dynamic_asym")
+]
+CUDA_CASES = checking.default_cases(
+    dtypes=(torch.bfloat16,), hiddens=(128, 2304, 3000, 5376), tokens=37, variants=False
+) + checking.default_cases(
+    dtypes=(torch.float16, torch.float32), hiddens=(4096,), tokens=37, variants=False
+)
+for _op in _VARIANT_OPS:  # [1:] drops the op's main case (one dtype, one hidden)
+    _h = 2304 if "fp8_group" in _op else 3000
+    CUDA_CASES += checking.default_cases((torch.bfloat16,), (_h,), tokens=37, ops=[_op])[1:]
 
 
 @pytest.mark.cuda
