@@ -311,8 +311,10 @@ def default_cases(
     hiddens=(128, 2304, 3000, 4096, 5376),
     tokens=7,
     ops: list[str] | None = None,
+    variants: bool = True,
 ) -> list[Case]:
-    """Every op x dtype x hidden, plus the variants (on one hidden size and dtype)."""
+    """Every op x dtype x hidden, plus (``variants``) layouts, Gemma offset, no / mixed
+    weight, variance_size, NaN, zero tokens and scheme options on one hidden size in bf16."""
     ops = ops or all_ops()
     cases = []
     for op in ops:
@@ -322,6 +324,8 @@ def default_cases(
         for dt in dtypes:
             for h in hs:
                 cases.append(Case(op, (tokens, h), dt))
+        if not variants:
+            continue
         h, dt = hs[min(1, len(hs) - 1)], torch.bfloat16
         v = [
             dict(shape=(2, 3, h)),  # 3-D
