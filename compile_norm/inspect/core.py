@@ -28,6 +28,12 @@ def _as_inputs(example_inputs) -> tuple:
     )
 
 
+def _title(model) -> str:
+    if isinstance(model, torch.nn.Module):
+        return type(model).__name__
+    return getattr(model, "__name__", type(model).__name__)
+
+
 def _device_of(model, inputs: tuple) -> str:
     for x in inputs:
         if isinstance(x, torch.Tensor):
@@ -101,7 +107,7 @@ def inspect_model(
     backend_name = _check_backend(backend)
     device = _device_of(model_or_fn, inputs)
     report = InspectReport(
-        title=title or getattr(type(model_or_fn), "__name__", "model"),
+        title=title or _title(model_or_fn),
         backend=backend_name, options=dict(options or {}), device=device,
         torch_version=torch.__version__, code_included=code,
     )
