@@ -44,6 +44,10 @@ def _backend(spec: str):
     if spec not in torch._dynamo.list_backends(exclude_tags=()):
         sys.exit(f"the {spec!r} torch.compile backend is not registered: install compile_norm "
                  "(pip install -e .) so its torch_dynamo_backends entry point is found")
+    try:
+        torch._dynamo.lookup_backend(spec)
+    except Exception as e:  # noqa: BLE001
+        sys.exit(f"the {spec!r} torch.compile backend cannot be loaded: {type(e).__name__}: {e}")
     return spec
 
 

@@ -69,6 +69,11 @@ def _check_backend(backend) -> str:
             f"backend {backend!r} is not registered with torch.compile "
             f"(torch._dynamo.list_backends() has: {', '.join(known)})"
         )
+    try:  # an installed entry point whose module is missing fails only here
+        torch._dynamo.lookup_backend(backend)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"backend {backend!r} is registered but cannot be loaded: "
+                         f"{type(e).__name__}: {e}") from None
     return backend
 
 
