@@ -243,7 +243,10 @@ def test_recorder_flags_a_stage_before_input():
 def test_source_line():
     st = ('  File "/a/b/model.py", line 12, in forward\n    h = self.norm(x)\n'
           '  File "/a/b/norm.py", line 40, in forward\n    return x * torch.rsqrt(v)\n')
-    assert graphs.source_line(st) == "norm.py:40 in forward: return x * torch.rsqrt(v)"
+    assert graphs.source_line(st) == (
+        "norm.py:40 in forward: return x * torch.rsqrt(v) (from model.py:12)")
+    one = '  File "/a/norm.py", line 3, in f\n    y = 1\n'
+    assert graphs.source_line(one) == "norm.py:3 in f: y = 1"
     assert graphs.source_line(None) is None
     assert graphs.source_line("no frames here") is None
 

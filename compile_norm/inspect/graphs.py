@@ -44,17 +44,24 @@ class GraphSnapshot:
 
 
 def source_line(stack_trace: str | None) -> str | None:
-    """The innermost model frame of an FX ``stack_trace``: ``file.py:LINE in func: code``."""
+    """The innermost frame of an FX ``stack_trace`` as ``file.py:LINE in func: code``, followed by
+    up to two calling frames (``(from file.py:LINE, ...)``): a norm class is called from many
+    places, and the caller tells which one this is."""
     if not stack_trace:
         return None
     lines = stack_trace.rstrip().splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        m = _FRAME.search(lines[i])
+    frames = []
+    for i, text in enumerate(lines):
+        m = _FRAME.search(text)
         if m:
-            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            where = f"{os.path.basename(m['file'])}:{m['line']} in {m['func']}"
-            return f"{where}: {code}" if code else where
-    return None
+            code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.search(lines[i + 1]) else ""
+            frames.append((f"{os.path.basename(m['file'])}:{m['line']}", m["func"], code))
+    if not frames:
+        return None
+    where, func, code = frames[-1]
+    out = f"{where} in {func}: {code}" if code else f"{where} in {func}"
+    callers = [f for f, _, _ in reversed(frames[-3:-1])]
+    return out + (f" (from {', '.join(callers)})" if callers else "")
 
 
 def target_name(node: torch.fx.Node) -> str:
