@@ -182,3 +182,11 @@ def aligned_rows(before: GraphSnapshot, after: GraphSnapshot):
             an = as_[k] if k < len(as_) else None
             rows.append(("changed" if bn and an else "removed" if bn else "added", bn, an))
     return rows
+
+
+def replaced_blocks(before: GraphSnapshot, after: GraphSnapshot):
+    """``(removed nodes, added nodes)`` for each stretch where the two graphs differ."""
+    sm = difflib.SequenceMatcher(a=[n.key for n in before.nodes], b=[n.key for n in after.nodes],
+                                 autojunk=False)
+    return [(before.nodes[i1:i2], after.nodes[j1:j2])
+            for tag, i1, i2, j1, j2 in sm.get_opcodes() if tag != "equal"]

@@ -70,14 +70,16 @@ def _graph_kind(graph: torch.fx.Graph) -> str:
     return "forward"
 
 
-def _source_fallback(stage_removed: list[str], before: GraphSnapshot) -> str | None:
-    """A fused node without a stack trace takes the source of a node it replaced."""
-    by_name = before.by_name()
-    for name in stage_removed:
-        src = by_name[name].source if name in by_name else None
-        if src:
-            return src
-    return None
+def _replaced_sources(before: GraphSnapshot, after: GraphSnapshot) -> dict[str, str]:
+    """Added node -> the source of the nodes it replaced (the last one with a stack trace in the
+    same changed stretch), for IR nodes a pass created without copying the stack trace."""
+    out = {}
+    for removed, added in graphs.replaced_blocks(before, after):
+        sources = [n.source for n in removed if n.source]
+        if sources:
+            for n in added:
+                out[n.name] = sources[-1]
+    return out
 
 
 class StageRecorder:
@@ -106,9 +108,9 @@ class StageRecorder:
             d = graphs.diff(before, snap)
             st.added, st.removed, st.rewired = d.added, d.removed, d.rewired
             after_nodes, before_nodes = snap.by_name(), before.by_name()
-            fallback = _source_fallback(d.removed, before)
+            fallback = _replaced_sources(before, snap)
             st.fused = [
-                Site(stage, n, after_nodes[n].target, after_nodes[n].source or fallback)
+                Site(stage, n, after_nodes[n].target, after_nodes[n].source or fallback.get(n))
                 for n in d.added if after_nodes[n].ir
             ]
             st.removed_ir = [
