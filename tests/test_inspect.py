@@ -72,14 +72,13 @@ def test_fused_site_has_model_source_line(inspected):
 def test_diff_names_removed_and_rewired_nodes(inspected):
     report, _ = inspected
     st = report.graphs[0].stages[1]
-    before = st_before = report.graphs[0].stages[0].graph.by_name()
+    before = report.graphs[0].stages[0].graph.by_name()
     removed_targets = {before[n].target for n in st.removed}
     assert {"aten.pow.Tensor_Scalar", "aten.mean.dim", "aten.rsqrt.default"} <= removed_targets
     assert st.added == [site.node for site in st.fused]
     # the weight multiply now reads the new node
     assert any("aten.mul.Tensor" in st.graph.by_name()[n].text for n in st.rewired)
     assert not report.graphs[0].stages[2].changed
-    assert st_before is before
 
 
 def test_unmatched_sites_and_counters(inspected):
@@ -135,6 +134,20 @@ def test_without_code_kernels_have_no_source():
     assert report.kernels and all(k.source is None for k in report.kernels)
     assert not report.code_included and report.bench is None
     assert len(report.fused) == 1 and report.numerics_ok
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_triton_kernels_and_synchronized_bench():
+    model = Model(hidden=4096 + 64).to("cuda", torch.bfloat16)  # non-power-of-two hidden
+    x = torch.randn(2, 33, 4096 + 64, device="cuda", dtype=torch.bfloat16)
+    report = inspect_model(model, (x, torch.randn_like(x)), backend=standin, code=True,
+                           bench=True, repeats=3)
+    assert report.device.startswith("cuda")
+    assert report.kernels and all(k.kind == "triton" and "@triton.jit" in k.source
+                                  for k in report.kernels)
+    assert len(report.fused) == 1 and report.numerics_ok
+    assert [c.dtype for c in report.numerics] == ["bfloat16", "bfloat16"]
+    assert report.bench.device.startswith("cuda") and report.bench.backend_us > 0
 
 
 def test_backend_without_stages_is_reported():
