@@ -2,7 +2,9 @@
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from . import lowerings  # noqa: F401  (plain Inductor inlines our ops' references)
 from . import ops
+from .fuse import fuse
 from .ops import (
     fused_add_rms_norm,
     providers_priority,
@@ -10,6 +12,7 @@ from .ops import (
     set_priority,
     which_provider,
 )
+from .options import CompileOptions, parse_options
 
 try:
     __version__ = _version("compile_norm")
