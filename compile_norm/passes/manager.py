@@ -29,6 +29,26 @@ log = logging.getLogger("compile_norm.passes")
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+# Read-only watchers of the graph around each pass (tests, the inspect tool):
+# ``fn(pass_name, "before" | "after", graph)``. They must not modify the graph.
+_OBSERVERS: list = []
+
+
+@contextlib.contextmanager
+def observe(fn):
+    """Call ``fn(pass_name, phase, graph)`` before and after every pass while inside."""
+    _OBSERVERS.append(fn)
+    try:
+        yield fn
+    finally:
+        _OBSERVERS.remove(fn)
+
+
+def _notify(name: str, phase: str, graph: torch.fx.Graph) -> None:
+    for fn in list(_OBSERVERS):
+        fn(name, phase, graph)
+
+
 class PassFailedError(RuntimeError):
     """A pass raised while ``strict`` was set."""
 
@@ -101,7 +121,9 @@ class CompileNormPass(CustomGraphPass):
                 if module is None:
                     log.debug("compile_norm: pass %s is not available; skipped", name)
                     continue
+                _notify(name, "before", graph)
                 self.run_pass(module, graph).publish()
+                _notify(name, "after", graph)
 
     def run_pass(self, module: ModuleType, graph: torch.fx.Graph) -> PassResult:
         snapshot = _snapshot(graph)
