@@ -3,7 +3,7 @@
 ``torch.compile(model, backend="compile_norm", options={...})`` finds this function through
 the ``torch_dynamo_backends`` entry point (no import needed) and calls it with the ``options``
 dict (and ``mode``, if given). It compiles with Inductor, keeping the compile_norm IR ops
-out of the decomposition table so the passes see them, and installs the pass manager as the
+out of Inductor's decomposition table meanwhile so the passes see them, and installs the pass manager as the
 post-grad custom pass. Inductor config names in ``options`` pass through as config patches.
 """
 
@@ -39,9 +39,5 @@ def compile_norm_backend(
     from torch._inductor.compile_fx import compile_fx
 
     opts = parse_options(options)
-    return compile_fx(
-        gm,
-        example_inputs,
-        config_patches=config_patches(opts, mode),
-        decompositions=lowerings.decomp_table(),
-    )
+    with lowerings.keep_ops():  # the passes must see the IR ops (see lowerings.keep_ops)
+        return compile_fx(gm, example_inputs, config_patches=config_patches(opts, mode))

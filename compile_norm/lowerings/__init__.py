@@ -2,14 +2,20 @@
 
 Every ``torch.ops.compile_norm.*`` op's reference function is registered as an Inductor
 decomposition, so plain ``torch.compile(backend="inductor")`` inlines it and generates fused
-code (no opaque extern call). The ``compile_norm`` backend compiles with ``decomp_table()``,
+code (no opaque extern call). The ``compile_norm`` backend compiles inside ``keep_ops()``,
 which leaves our ops out, so its passes still see the IR nodes; its ``lower`` pass then inlines
 the same references (``reference_for``) or keeps a kernel call.
+
+Passing a decomposition table to ``compile_fx`` would make the FX graph cache bypass every
+graph (the table is part of the key and does not pickle), so ``keep_ops()`` instead takes our
+entries out of Inductor's table while the backend compiles.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import threading
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -33,17 +39,37 @@ def register_decompositions() -> None:
 
     for overload, name in op_overloads().items():
         decomposition.decompositions[overload] = registry.ops()[name].reference
+    _clear_cache()
+
+
+def _clear_cache() -> None:
+    from torch._inductor import decomposition
+
     cached = getattr(decomposition.fast_random_decomps, "cache_clear", None)
     if cached is not None:  # some torch versions memoize the merged table
         cached()
 
 
-def decomp_table() -> dict[Any, Callable[..., Any]]:
-    """Inductor's decomposition table without the compile_norm ops (for our backend)."""
-    from torch._inductor.decomposition import select_decomp_table
+_LOCK = threading.RLock()
 
-    ours = op_overloads()
-    return {k: v for k, v in select_decomp_table().items() if k not in ours}
+
+@contextlib.contextmanager
+def keep_ops() -> Iterator[None]:
+    """While inside, Inductor's decomposition table leaves the compile_norm ops intact.
+
+    Held under a lock; a plain-Inductor compile racing in another thread meanwhile would
+    see our ops as opaque calls (correct, only slower).
+    """
+    from torch._inductor import decomposition
+
+    with _LOCK:
+        removed = {op: decomposition.decompositions.pop(op) for op in op_overloads() if op in decomposition.decompositions}
+        _clear_cache()
+        try:
+            yield
+        finally:
+            decomposition.decompositions.update(removed)
+            _clear_cache()
 
 
 register_decompositions()

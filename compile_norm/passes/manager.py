@@ -95,10 +95,11 @@ def _restore(graph: torch.fx.Graph, snapshot: torch.fx.Graph) -> None:
         graph.erase_node(node)
     snap_placeholders = [n for n in snapshot.nodes if n.op == "placeholder"]
     env = dict(zip(snap_placeholders, placeholders))
-    with graph.inserting_before(None):  # append at the end, after the placeholders
-        for node in snapshot.nodes:
-            if node.op != "placeholder":
-                env[node] = graph.node_copy(node, lambda n: env[n])
+    prev = placeholders[-1] if placeholders else None  # None: append at the end
+    for node in snapshot.nodes:
+        if node.op != "placeholder":
+            with graph.inserting_after(prev):
+                prev = env[node] = graph.node_copy(node, lambda n: env[n])
 
 
 class CompileNormPass(CustomGraphPass):
