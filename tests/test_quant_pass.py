@@ -146,3 +146,24 @@ def test_quant_fusion_option_off():
     assert "quant_matched" not in c.counts
     assert c.ops("lower", "before") == {"rms_norm", "quant_fp8_static"}
     assert_close_q(c.out, op_static(x, r, w, s))
+
+
+def fp8_group(x, r, w, s, g=16):
+    y = cn.rms_norm(x + r, w, 1e-6)
+    groups = y.float().view(*y.shape[:-1], y.shape[-1] // g, g)
+    scale = (groups.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1.0 / (448.0 * 512.0))
+    q = (groups / scale).clamp(-448, 448).to(FP8).view(y.shape)
+    return q, scale.squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hand_written_fp8_group_fuses(dtype):
+    x, r, w = inputs(dtype, (2, 3, H))
+    s = torch.tensor(0.02)
+    c = compile_run(fp8_group, x, r, w, s, options={"strict": True})
+    assert c.counts["quant_matched"] == 1, c.counts
+    assert c.ops("quant", "after") == {"fused_add_rms_norm_fp8_group"}
+    assert len(c.kernels) == 1
+    want = fp8_group(x, r, w, s)
+    assert_close_q(c.out[0], want[0])
+    assert_close(c.out[1], want[1], dtype)

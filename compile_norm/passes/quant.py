@@ -11,7 +11,11 @@ Two kinds of site:
      ``q = (y.float() / s).clamp(-448, 448).to(float8_e4m3fn)``;
    - INT8 static: ``(y.float() / scale).round() [+ azp]).clamp(-128, 127).to(int8)``;
    - INT8 dynamic per token: ``s = (amax / 127).clamp(min=1e-10)``,
-     ``q = (y.float() / s).round().clamp(-128, 127).to(int8)``.
+     ``q = (y.float() / s).round().clamp(-128, 127).to(int8)``;
+   - FP8 per group (any group size g dividing H, e.g. 128 or 64): ``g = y.float().view(..., H/g, g)``,
+     ``s = (|g|.amax(-1, keepdim) / 448).clamp(min=1/(448*512))``,
+     ``q = (g / s).clamp(-448, 448).to(float8_e4m3fn).view(y.shape)``; the user's ``s``
+     (``[..., H/g, 1]``) becomes a view of the op's row-major ``[..., H/g]`` scales.
    The constants (448, 127, the clamp bounds, the minimum scale) are matched as arguments and
    compared with the op's contract; anything else is refused with a reason. Multiplying by a
    reciprocal scale is refused: ``y * (1 / s)`` is not bit-identical to ``y / s``.
@@ -75,7 +79,7 @@ def _norm_reason(y: Any, inside: set) -> str | None:
     return None
 
 
-def fuse(y: torch.fx.Node, scheme: str, qargs: list, outputs: list[torch.fx.Node], before: torch.fx.Node, old: list) -> None:
+def fuse(y: torch.fx.Node, scheme: str, qargs: list, outputs: list, before: torch.fx.Node, old: list) -> torch.fx.Node:
     """Replace norm ``y`` + quantization by one fused op; ``outputs[i]`` becomes its output i.
 
     ``old`` (the matched nodes) and the norm are erased at once, so the pattern matcher never
@@ -91,12 +95,15 @@ def fuse(y: torch.fx.Node, scheme: str, qargs: list, outputs: list[torch.fx.Node
         fused = P.call(graph, P.overload(name), (*head, *qargs, *tail))
         multi = P.is_multi_output(fused)
         for index, output in enumerate(outputs):
+            if output is None:  # the caller replaces this one itself
+                continue
             output.replace_all_uses_with(P.getitem(graph, fused, index) if multi else fused)
         if residual:
             for user in P.output_users(norm).get(1, []):
                 user.args = (fused, len(SCHEMES[scheme].outputs))
     _erase_unused([*old, y, norm])
     _STATE["result"].matched += 1
+    return fused
 
 
 def _erase_unused(nodes: list) -> None:
@@ -304,6 +311,80 @@ def _dynamic_rewrite(kind: str, scale_pattern: Any):
     return rewrite
 
 
+_VIEW = [aten.view.default, aten.reshape.default]
+
+
+def _group_patterns() -> list[tuple[Any, Any]]:
+    out = []
+    for yf in (_conv(KeywordArg("y"), F32), KeywordArg("y")):
+        groups = CallFunction(_VIEW, yf, KeywordArg("gshape"), _users=MULTIPLE)
+        amax = CallFunction(aten.amax.default, CallFunction(aten.abs.default, groups), KeywordArg("dims"), KeywordArg("keepdim"))
+        scale = CallFunction(
+            aten.clamp_min.default,
+            CallFunction(aten.div.Tensor, amax, KeywordArg("qmax")),
+            KeywordArg("min_scale"),
+            _users=MULTIPLE,
+        )
+        for c in _clamps(CallFunction(aten.div.Tensor, groups, scale), "lo", "hi"):
+            out.append((CallFunction(_VIEW, _conv(c, KeywordArg("qdtype")), KeywordArg("qshape")), scale))
+    return out
+
+
+def _group_size(m: Match) -> int | None:
+    """The group size when the grouping view splits exactly the last dim of y, else None."""
+    yv, gshape = P.val(m.kwargs["y"]), m.kwargs["gshape"]
+    if not isinstance(gshape, (list, tuple)) or len(gshape) != yv.dim() + 1:
+        return None
+    g = gshape[-1]
+    if not isinstance(g, int) or g <= 0 or yv.shape[-1] % g != 0:
+        return None
+    return g
+
+
+def _group_check(m: Match) -> bool:
+    kw = m.kwargs
+    if kw["qdtype"] != Q.FP8_DTYPE or norm_of(kw["y"]) is None:
+        return False
+    reason = _common_reason(m, "fp8")
+    yv = P.val(kw["y"])
+    g = _group_size(m) if reason is None else None
+    if reason is None and g is None:
+        reason = "grouping view does not split the last dim into whole groups"
+    if reason is None:
+        dims = [d % (yv.dim() + 1) for d in kw["dims"]] if isinstance(kw["dims"], (list, tuple)) else None
+        if dims != [yv.dim()] or kw["keepdim"] is not True:
+            reason = "group amax is not over the group dim with keepdim"
+    if reason is None and _f32(kw["qmax"]) != Q.FP8_MAX:
+        reason = f"scale divides amax by {kw['qmax']}, not {Q.FP8_MAX}"
+    if reason is None and _f32(kw["min_scale"]) != _f32(Q.FP8_MIN_SCALE):
+        reason = f"minimum scale {kw['min_scale']} differs from the op's {Q.FP8_MIN_SCALE}"
+    if reason is None and not P.same_shape(P.val(m.output_node()), yv):
+        reason = "quantized value is not viewed back to the shape of y"
+    if reason is None:
+        reason = _norm_reason(kw["y"], set(m.nodes))
+    if reason:
+        _STATE["result"].skip(P.site(m.output_node()), reason)
+        return False
+    return True
+
+
+def _group_rewrite(scale_pattern: Any):
+    def rewrite(m: Match, *args, **kwargs) -> None:
+        scale, anchor = m.ctx.pattern_to_node[scale_pattern], m.output_node()
+        gshape = list(m.kwargs["gshape"])
+        norm, _ = norm_of(m.kwargs["y"])
+        fused = fuse(m.kwargs["y"], "fp8_group", [gshape[-1], False, False], [anchor, None], anchor, [])
+        graph = fused.graph
+        with graph.inserting_after(fused):
+            scales = P.getitem(graph, fused, 1)
+        with graph.inserting_after(scales):  # [..., H/g] -> the user's [..., H/g, 1]
+            view = P.call(graph, aten.view.default, (scales, [*gshape[:-1], 1]))
+        scale.replace_all_uses_with(view)
+        _erase_unused([*m.nodes, m.kwargs["y"], norm])
+
+    return rewrite
+
+
 @functools.cache
 def _pass() -> PatternMatcherPass:
     pm = PatternMatcherPass(pass_name="compile_norm_quant")
@@ -313,6 +394,8 @@ def _pass() -> PatternMatcherPass:
     for kind in ("fp8", "int8"):
         for q, scale in _dynamic_patterns(kind):
             register_graph_pattern(q, extra_check=_dynamic_check(kind), pass_dict=pm)(_dynamic_rewrite(kind, scale))
+    for q, scale in _group_patterns():
+        register_graph_pattern(q, extra_check=_group_check, pass_dict=pm)(_group_rewrite(scale))
     for kind in ("fp8", "fp8_mul", "int8"):
         for pattern in _static_patterns(kind):
             register_graph_pattern(pattern, extra_check=_static_check(kind), pass_dict=pm)(_static_rewrite(kind))
