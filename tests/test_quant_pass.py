@@ -167,3 +167,22 @@ def test_hand_written_fp8_group_fuses(dtype):
     want = fp8_group(x, r, w, s)
     assert_close_q(c.out[0], want[0])
     assert_close(c.out[1], want[1], dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fn", [op_add_dynamic, fp8_dynamic, fp8_static])
+def test_cuda_add_norm_quant_is_one_triton_kernel(fn):
+    x = torch.randn(64, 256, dtype=torch.bfloat16, device="cuda")
+    r, w = torch.randn_like(x), torch.randn(256, dtype=torch.bfloat16, device="cuda")
+    s = torch.tensor(0.02, device="cuda")
+    c = compile_run(fn, x, r, w, s, options={"strict": True})
+    assert c.counts["quant_matched"] == 1
+    assert "compile_norm" not in c.code
+    assert len(c.kernels) == 1, c.kernels
+    got, want = c.out, fn(x, r, w, s)
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    for g, e in zip(got, want):
+        if g.dtype in (FP8, torch.int8):
+            assert_close_q(g, e)
+        else:
+            assert_close(g, e, torch.bfloat16)

@@ -112,3 +112,27 @@ def test_zero_tokens():
     r, w = torch.randn_like(x), torch.randn(24, dtype=torch.bfloat16)
     c = compile_run(one_layer, x, r, w)
     assert c.out[0].shape == (0, 24) and c.out[1].shape == (0, 24)
+
+
+def add_then_fused_quant(x, r, w, s):
+    h = x + r
+    q = cn.rms_norm_fp8_static(h, w, 1e-6, scale=s)
+    q2, scale = cn.rms_norm_int8_dynamic(h * 2 + r, w, 1e-6)
+    return q, q2, scale, h
+
+
+def test_add_before_norm_quant_ops():
+    from compile_helpers import assert_close_q
+
+    x = torch.randn(4, 24, dtype=torch.bfloat16)
+    r, w = torch.randn_like(x), torch.randn(24, dtype=torch.bfloat16)
+    s = torch.tensor(0.02)
+    c = compile_run(add_then_fused_quant, x, r, w, s, options={"strict": True})
+    assert c.counts["residual_matched"] == 2
+    assert c.ops("residual", "after") == {"fused_add_rms_norm_fp8_static", "fused_add_rms_norm_int8_dynamic"}
+    assert len(c.kernels) == 1
+    want = add_then_fused_quant(x, r, w, s)
+    assert_close_q(c.out[0], want[0])
+    assert_close_q(c.out[1], want[1])
+    assert_close(c.out[2], want[2], torch.bfloat16)
+    assert_close(c.out[3], want[3], torch.bfloat16)
