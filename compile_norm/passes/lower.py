@@ -16,6 +16,7 @@ import functools
 import torch
 from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match, PatternMatcherPass, register_graph_pattern
 
+from ..lowerings import reference_for
 from ..ops import registry
 from . import patterns as P
 from .base import PassResult
@@ -54,8 +55,7 @@ def _check(match: Match) -> bool:
 
 def _inline(match: Match, *args, **kwargs) -> None:
     node = match.output_node()
-    reference = registry.ops()[P.op_name(node)].reference
-    match.replace_by_example(reference, P.norm_args(node))
+    match.replace_by_example(reference_for(node.target), P.norm_args(node))
     _STATE["result"].matched += 1
 
 

@@ -29,7 +29,6 @@ to int8 is undefined behaviour), so those sites fuse.
 from __future__ import annotations
 
 import functools
-import itertools
 import operator
 from typing import Any
 

@@ -9,7 +9,6 @@ of two tensors of the same shape and dtype (no broadcasting, no type promotion),
 from __future__ import annotations
 
 import functools
-import operator
 
 import torch
 from torch._inductor.pattern_matcher import (
