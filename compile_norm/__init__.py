@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 
 from . import lowerings  # noqa: F401  (plain Inductor inlines our ops' references)
 from . import ops
+from . import kernels  # noqa: F401  (registers the device-kernel providers)
 from .fuse import fuse
 from .ops import (
     fused_add_rms_norm,

@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     providers = sub.add_parser("providers", help="list each op's kernel providers and their order")
     providers.set_defaults(func=_cmd_providers)
+    from .inspect.command import add_parser as add_inspect_parser
+
+    add_inspect_parser(sub)
     return parser
 
 

@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
-from compile_norm.passes import manager
+from compile_norm.passes.base import observe_stages
 
 cn = torch.ops.compile_norm
 KERNEL_RE = re.compile(r"^(\w+) = async_compile\.(?:cpp_pybinding|cpp|triton)\(", re.M)
@@ -22,14 +22,17 @@ class Compiled:
     code: str
     counts: dict
     stats: dict
-    graphs: dict = field(default_factory=dict)  # (pass, phase) -> set of op names in the graph
+    stages: list = field(default_factory=list)  # [(stage, set of op names in the graph)]
 
     @property
     def kernels(self) -> list[str]:
         return KERNEL_RE.findall(self.code)
 
     def ops(self, name: str, phase: str) -> set[str]:
-        return self.graphs[(name, phase)]
+        """compile_norm ops in the graph before / after pass ``name``."""
+        names = [stage for stage, _ in self.stages]
+        i = names.index(name)
+        return self.stages[i - 1 if phase == "before" else i][1]
 
 
 def _op_names(graph: torch.fx.Graph) -> set[str]:
@@ -51,15 +54,15 @@ def no_caches():
 def compile_run(fn, *args, backend="compile_norm", options=None, dynamic=None, caches=False, **kw) -> Compiled:
     torch._dynamo.reset()
     counters.clear()
-    graphs: dict = {}
+    stages: list = []
     compile_kwargs = {"backend": backend, "dynamic": dynamic, **kw}
     if options is not None:
         compile_kwargs["options"] = options
     compiled = torch.compile(fn, **compile_kwargs)
     ctx = contextlib.nullcontext() if caches else no_caches()
-    with ctx, manager.observe(lambda n, phase, g: graphs.__setitem__((n, phase), _op_names(g))):
+    with ctx, observe_stages(lambda stage, g, result: stages.append((stage, _op_names(g)))):
         out, codes = run_and_get_code(compiled, *args)
-    return Compiled(out, "\n".join(codes), dict(counters["compile_norm"]), dict(counters["stats"]), graphs)
+    return Compiled(out, "\n".join(codes), dict(counters["compile_norm"]), dict(counters["stats"]), stages)
 
 
 def assert_close_q(actual: torch.Tensor, expected: torch.Tensor, scale=None) -> None:

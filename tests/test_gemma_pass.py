@@ -33,13 +33,13 @@ def test_offset_becomes_an_argument():
     w = torch.randn(24, dtype=torch.bfloat16)
     seen = {}
 
-    from compile_norm.passes import manager
+    from compile_norm.passes.base import observe_stages
 
-    def grab(name, phase, graph):
-        if name == "gemma" and phase == "after":
+    def grab(stage, graph, result):
+        if stage == "gemma":
             seen["args"] = [n.args for n in graph.nodes if "rms_norm" in str(n.target)]
 
-    with manager.observe(grab):
+    with observe_stages(grab):
         compile_run(gemma, x, w, options={"passes": ["gemma"]})
     (args,) = seen["args"]
     assert args[2] == 0.25 and args[3] == 1.0  # eps and weight_offset, as given

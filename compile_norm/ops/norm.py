@@ -36,7 +36,8 @@ def rms_norm_ref(
     variance_size: int | None = None,
 ) -> torch.Tensor:
     """RMSNorm of the last dim of ``x``; the variance over the first ``variance_size`` elements."""
-    xf = x.to(compute_dtype(x.dtype))
+    # Contiguous output whatever the input strides, as the fake implementation promises.
+    xf = x.to(compute_dtype(x.dtype)).contiguous()
     xv = xf if variance_size is None else xf[..., :variance_size]
     variance = xv.pow(2).mean(-1, keepdim=True)
     y = xf * torch.rsqrt(variance + eps)
@@ -55,7 +56,7 @@ def fused_add_rms_norm_ref(
     variance_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual`` (in x.dtype); returns ``(rms_norm(h, ...), h)``."""
-    h = x + residual
+    h = (x + residual).contiguous()  # residual_out is contiguous, as the fake promises
     return rms_norm_ref(h, weight, eps, weight_offset, variance_size), h
 
 

@@ -6,6 +6,8 @@ norm + quantization ops from the same schemes, so the fused ops are by construct
 composition of their parts.
 
 All math is in float32 on the value as the model sees it (``x`` already in its own dtype).
+Outputs are contiguous (and the column-major group scales column-major) whatever the strides
+of ``x``, as the fake implementations promise.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ INT8_MIN = -128
 INT8_MAX = 127
 # Smallest dynamic INT8 scale: an all-zero row gets a finite scale and quantizes to zero.
 INT8_MIN_SCALE = 1e-10
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x.float().contiguous()
 
 
 def _saturate_fp8(v: torch.Tensor) -> torch.Tensor:
@@ -57,14 +63,14 @@ def group_scales_empty(x: torch.Tensor, group_size: int, column_major: bool) -> 
 
 def fp8_static_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``q = sat(x / scale)``, per-tensor ``scale``."""
-    return _saturate_fp8(x.float() / scale.reshape(()))
+    return _saturate_fp8(_f32(x) / scale.reshape(()))
 
 
 def fp8_dynamic_ref(
     x: torch.Tensor, scale_ub: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token: ``scale = max(min(amax, scale_ub) / 448, 1 / (448 * 512))``."""
-    y = x.float()
+    y = _f32(x)
     amax = y.abs().amax(-1, keepdim=True)
     if scale_ub is not None:
         amax = torch.minimum(amax, scale_ub.reshape(()))
@@ -79,12 +85,15 @@ def fp8_group_ref(
     use_ue8m0: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group of ``group_size`` along the last dim; UE8M0 rounds scales up to a power of 2."""
-    y = x.float()
+    y = _f32(x)
     groups = y.reshape(*y.shape[:-1], y.shape[-1] // group_size, group_size)
     amax = groups.abs().amax(-1)
     scale = torch.clamp(amax / FP8_MAX, min=FP8_MIN_SCALE)
     if use_ue8m0:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        pow2 = torch.exp2(torch.ceil(torch.log2(scale)))
+        # log2 rounds to an integer just above a power of two (2^k * (1 + 2^-23) -> k):
+        # double that case so the scale is never rounded down (q would saturate).
+        scale = torch.where(pow2 < scale, pow2 * 2.0, pow2)
     q = _saturate_fp8(groups / scale.unsqueeze(-1)).reshape(y.shape)
     if column_major_scales:  # same strides as group_scales_empty(..., column_major=True)
         nd = scale.dim()
@@ -96,7 +105,7 @@ def int8_static_ref(
     x: torch.Tensor, scale: torch.Tensor, azp: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``q = clamp(round_half_even(x / scale) + azp, -128, 127)``."""
-    v = torch.round(x.float() / scale.reshape(()))
+    v = torch.round(_f32(x) / scale.reshape(()))
     if azp is not None:
         v = v + azp.reshape(()).float()
     return _saturate_int8(v)
@@ -104,7 +113,7 @@ def int8_static_ref(
 
 def int8_dynamic_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric: ``scale = amax / 127``."""
-    y = x.float()
+    y = _f32(x)
     amax = y.abs().amax(-1, keepdim=True)
     scale = torch.clamp(amax / INT8_MAX, min=INT8_MIN_SCALE)
     return _saturate_int8(torch.round(y / scale)), scale
@@ -112,7 +121,7 @@ def int8_dynamic_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_dynamic_asym_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token asymmetric: ``scale = (max - min) / 255``, ``azp = round(-128 - min / scale)``."""
-    y = x.float()
+    y = _f32(x)
     ymax = y.amax(-1, keepdim=True)
     ymin = y.amin(-1, keepdim=True)
     scale = torch.clamp((ymax - ymin) / 255.0, min=INT8_MIN_SCALE)

@@ -12,8 +12,9 @@ Priority order, most specific first:
   3. the ``COMPILE_NORM_PROVIDERS`` environment variable, read at import:
      ``"triton,native"`` for every op or ``"rms_norm=native;*=triton,native"`` per op;
   4. each provider's registration ``rank`` (lower first).
-Names that are not registered for an op are ignored, and providers left out of a priority
-list keep their default order after the listed ones, with ``native`` always last.
+Names that are not registered for an op are ignored. A list that names ``native`` ends there
+(``["native"]`` forces the reference); otherwise providers left out of the list keep their
+default order after the listed ones, with ``native`` always last.
 """
 
 from __future__ import annotations
@@ -86,9 +87,15 @@ _ENV_PRIORITY: dict[str, tuple[str, ...]] = _parse_priority_spec(os.environ.get(
 
 
 def _order(entry: OpEntry, names: Iterable[str]) -> tuple[Provider, ...]:
-    """Providers of ``entry`` that can run here, ``names`` first, the rest by rank, native last."""
+    """Providers of ``entry`` that can run here: ``names`` first, then (unless ``names``
+    stops at native) the rest by rank, native last."""
     usable = {n: p for n, p in entry.providers.items() if p.supported}
-    head = [usable[n] for n in names if n in usable and n != NATIVE]
+    head: list[Provider] = []
+    for n in names:
+        if n == NATIVE:  # native accepts every call: nothing after it could ever run
+            return (*head, usable[NATIVE])
+        if n in usable and usable[n] not in head:
+            head.append(usable[n])
     tail = sorted(
         (p for n, p in usable.items() if n != NATIVE and p not in head), key=lambda p: p.rank
     )
@@ -280,7 +287,15 @@ def declare_op(
     _OPS[name] = entry
     _rebuild(entry)
 
+    # The dispatcher drops trailing arguments equal to their defaults; providers (and
+    # which_provider) see every argument positionally, so fill them back in.
+    defaults: list[tuple] = []  # every argument's default (set once the schema is parsed)
+
     def eager(*args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            args, kwargs = normalize_call(name, args, kwargs)
+        elif len(args) < len(defaults[0]):
+            args = args + defaults[0][len(args):]
         check(*args, **kwargs)
         return _run(entry, args, kwargs)
 
@@ -293,4 +308,6 @@ def declare_op(
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", eager, mutates_args=(), schema=schema)
     op.register_fake(fake_impl)
     entry.custom_op = op
+    arguments = op._opoverload._schema.arguments
+    defaults.append(tuple(a.default_value if a.has_default_value() else None for a in arguments))
     return op

@@ -6,8 +6,12 @@ Each pass is a module in this package with ``NAME`` and ``run(graph, options) ->
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
 
 from torch._dynamo.utils import counters
 
@@ -40,3 +44,25 @@ class PassResult:
             log.info("compile_norm %s: left %s unfused: %s", self.name, site, reason)
         if self.matched:
             log.info("compile_norm %s: rewrote %d site(s)", self.name, self.matched)
+
+
+# Stage observers: the pass manager calls ``notify_stage`` with the post-grad graph before any
+# pass (stage "input", result None) and after each pass (its NAME and PassResult). The
+# inspection tool uses this to show the graph before and after every pass.
+StageObserver = Callable[[str, torch.fx.Graph, "PassResult | None"], None]
+_observers: list[StageObserver] = []
+
+
+@contextlib.contextmanager
+def observe_stages(observer: StageObserver) -> Iterator[None]:
+    """Call ``observer(stage, graph, result)`` at every pass stage while the block runs."""
+    _observers.append(observer)
+    try:
+        yield
+    finally:
+        _observers.remove(observer)
+
+
+def notify_stage(stage: str, graph: torch.fx.Graph, result: PassResult | None = None) -> None:
+    for observer in list(_observers):
+        observer(stage, graph, result)

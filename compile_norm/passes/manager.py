@@ -23,30 +23,10 @@ from ..ops import registry
 from ..options import PASS_ORDER, CompileOptions, parse_options, thaw_providers
 from torch._dynamo.utils import counters
 
-from .base import COUNTER_GROUP, PassResult
+from .base import COUNTER_GROUP, PassResult, notify_stage
 
 log = logging.getLogger("compile_norm.passes")
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-# Read-only watchers of the graph around each pass (tests, the inspect tool):
-# ``fn(pass_name, "before" | "after", graph)``. They must not modify the graph.
-_OBSERVERS: list = []
-
-
-@contextlib.contextmanager
-def observe(fn):
-    """Call ``fn(pass_name, phase, graph)`` before and after every pass while inside."""
-    _OBSERVERS.append(fn)
-    try:
-        yield fn
-    finally:
-        _OBSERVERS.remove(fn)
-
-
-def _notify(name: str, phase: str, graph: torch.fx.Graph) -> None:
-    for fn in list(_OBSERVERS):
-        fn(name, phase, graph)
 
 
 class PassFailedError(RuntimeError):
@@ -115,6 +95,7 @@ class CompileNormPass(CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         with self._priority():
+            notify_stage("input", graph)  # observers (the inspect tool) see every stage
             for name in PASS_ORDER:
                 if not self.options.enabled(name):
                     continue
@@ -122,9 +103,9 @@ class CompileNormPass(CustomGraphPass):
                 if module is None:
                     log.debug("compile_norm: pass %s is not available; skipped", name)
                     continue
-                _notify(name, "before", graph)
-                self.run_pass(module, graph).publish()
-                _notify(name, "after", graph)
+                result = self.run_pass(module, graph)
+                result.publish()
+                notify_stage(name, graph, result)
 
     def run_pass(self, module: ModuleType, graph: torch.fx.Graph) -> PassResult:
         snapshot = _snapshot(graph)

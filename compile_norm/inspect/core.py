@@ -1,0 +1,184 @@
+"""inspect_model: compile a model with the backend while watching every pass stage."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable
+
+import torch
+from torch._dynamo.utils import counters
+
+from ..passes.base import COUNTER_GROUP, observe_stages
+from . import bench as bench_mod
+from . import kernels as kernels_mod
+from . import numerics
+from .record import StageRecorder
+from .report import InspectReport
+
+
+def _as_inputs(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise ValueError(
+        "example_inputs must be a tensor or a tuple/list of positional arguments, got "
+        f"{type(example_inputs).__name__}"
+    )
+
+
+def _title(model) -> str:
+    if isinstance(model, torch.nn.Module):
+        return type(model).__name__
+    return getattr(model, "__name__", type(model).__name__)
+
+
+def _device_of(model, inputs: tuple) -> str:
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            return str(x.device)
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return str(p.device)
+    return "cpu"
+
+
+def _no_caches():
+    """Inductor's FX graph cache and AOTAutograd's cache skip the post-grad passes on a hit."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+    if hasattr(torch.compiler.config, "force_disable_caches"):
+        stack.enter_context(torch.compiler.config.patch(force_disable_caches=True))
+    return stack
+
+
+def _clone(inputs: tuple) -> tuple:
+    # a model that writes into its inputs must not see the previous run's writes
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def _check_backend(backend) -> str:
+    if callable(backend):
+        return getattr(backend, "__name__", repr(backend))
+    if not isinstance(backend, str):
+        raise ValueError(f"backend must be a name or a callable, got {type(backend).__name__}")
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(
+            f"backend {backend!r} is not registered with torch.compile "
+            f"(torch._dynamo.list_backends() has: {', '.join(known)})"
+        )
+    try:  # an installed entry point whose module is missing fails only here
+        torch._dynamo.lookup_backend(backend)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"backend {backend!r} is registered but cannot be loaded: "
+                         f"{type(e).__name__}: {e}") from None
+    return backend
+
+
+def inspect_model(
+    model_or_fn: Callable[..., Any],
+    example_inputs,
+    *,
+    options: dict | None = None,
+    backend: str | Callable = "compile_norm",
+    code: bool = False,
+    bench: bool = False,
+    out_dir: str | None = None,
+    depyf: bool = False,
+    tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
+    repeats: int = 20,
+    title: str | None = None,
+) -> InspectReport:
+    """Compile ``model_or_fn`` with ``backend`` and report what every pass stage did.
+
+    Runs the model eagerly and compiled (under ``torch.no_grad``) on ``example_inputs`` (a tensor
+    or a tuple of positional arguments), records the post-grad graph before and after each pass
+    via ``compile_norm.passes.base.observe_stages``, the generated kernels (their source with
+    ``code=True``), the numerical difference per output, and with ``bench=True`` the time per
+    call against stock ``torch.compile``. ``out_dir`` writes the stage graphs, report.json and
+    report.html there; ``depyf=True`` (needs ``out_dir``) adds a depyf dump in ``out_dir/depyf``.
+    """
+    if not callable(model_or_fn):
+        raise ValueError(f"model_or_fn must be callable, got {type(model_or_fn).__name__}")
+    inputs = _as_inputs(example_inputs)
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"options must be a dict, got {type(options).__name__}")
+    if depyf and not out_dir:
+        raise ValueError("depyf=True needs out_dir (the dump is written to out_dir/depyf)")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    backend_name = _check_backend(backend)
+    device = _device_of(model_or_fn, inputs)
+    report = InspectReport(
+        title=title or _title(model_or_fn),
+        backend=backend_name, options=dict(options or {}), device=device,
+        torch_version=torch.__version__, code_included=code,
+    )
+
+    def compile_with(b, opts):
+        kwargs = {"backend": b, "dynamic": False}
+        if opts:
+            kwargs["options"] = opts
+        return torch.compile(model_or_fn, **kwargs)
+
+    recorder = StageRecorder()
+    before = dict(counters[COUNTER_GROUP])
+    with torch.no_grad():
+        eager_out = model_or_fn(*_clone(inputs))
+        torch._dynamo.reset()
+        compiled = compile_with(backend, options)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_no_caches())
+            stack.enter_context(observe_stages(recorder))
+            compiled_out, codes = _run_and_get_code(compiled, _clone(inputs))
+        after = counters[COUNTER_GROUP]
+        report.counters = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+        report.graphs = recorder.graphs
+        report.warnings.extend(recorder.problems)
+        if not recorder.graphs:
+            report.warnings.append(
+                "no pass stage was observed: the backend did not call "
+                "compile_norm.passes.base.notify_stage (or a compile cache skipped the passes)"
+            )
+        report.kernels, report.calls = kernels_mod.parse(codes, with_source=code)
+        report.numerics = numerics.compare(compiled_out, eager_out, tolerances)
+        if bench:
+            report.bench = _bench(model_or_fn, compiled, compile_with, inputs, device, repeats)
+        if depyf:
+            report.depyf_dir = os.path.join(out_dir, "depyf")
+            _depyf_dump(report.depyf_dir, lambda: compile_with(backend, options), inputs)
+    if out_dir:
+        report.write(out_dir)
+    return report
+
+
+def _run_and_get_code(compiled, inputs):
+    from torch._inductor.utils import run_and_get_code
+
+    return run_and_get_code(compiled, *inputs)
+
+
+def _depyf_dump(path, make_compiled, inputs) -> None:
+    # A compile of its own, last: code compiled after prepare_debug ran is slowed down by it.
+    import depyf as depyf_mod
+
+    torch._dynamo.reset()
+    with _no_caches(), depyf_mod.prepare_debug(path):
+        make_compiled()(*_clone(inputs))
+    torch._dynamo.reset()
+
+
+def _bench(model, compiled, compile_with, inputs, device, repeats) -> bench_mod.Bench:
+    def call(fn):
+        return lambda: fn(*inputs)
+
+    inner = bench_mod.calls_per_repeat(call(compiled), device)
+    backend_us = bench_mod.median_us(call(compiled), device, repeats, inner)
+    eager_us = bench_mod.median_us(call(model), device, repeats, inner)
+    torch._dynamo.reset()  # the stock compile must not reuse the backend's cache entry
+    stock = compile_with("inductor", None)
+    stock(*inputs)
+    stock_us = bench_mod.median_us(call(stock), device, repeats, inner)
+    return bench_mod.Bench(device, repeats, inner, backend_us, stock_us, eager_us)

@@ -1,0 +1,120 @@
+"""Records every pass stage of every graph the backend compiles (observer of notify_stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import graphs
+from .graphs import GraphSnapshot
+
+
+@dataclass
+class Site:
+    """A compile_norm IR node a stage added (a fused site) or removed (e.g. lowered)."""
+
+    stage: str
+    node: str
+    op: str
+    source: str | None
+
+
+@dataclass
+class Unmatched:
+    stage: str
+    site: str
+    reason: str
+
+
+@dataclass
+class StageRecord:
+    name: str
+    graph: GraphSnapshot
+    matched: int | None = None  # PassResult.matched; None for the "input" stage
+    fused: list[Site] = field(default_factory=list)  # IR nodes this stage added
+    removed_ir: list[Site] = field(default_factory=list)  # IR nodes this stage removed
+    added: list[str] = field(default_factory=list)  # every node added (names)
+    removed: list[str] = field(default_factory=list)  # every node removed (names)
+    rewired: list[str] = field(default_factory=list)  # same node, new arguments
+    unmatched: list[Unmatched] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed or self.rewired)
+
+
+@dataclass
+class GraphRecord:
+    label: str  # "graph 0/0 (forward)"
+    stages: list[StageRecord] = field(default_factory=list)
+
+    def pairs(self):
+        """(before, after) stage pairs, one per pass."""
+        return list(zip(self.stages, self.stages[1:]))
+
+
+def _compile_id() -> str | None:
+    try:
+        cid = torch._guards.CompileContext.current_compile_id()
+    except Exception:  # noqa: BLE001  (only a label; older/newer torch may differ)
+        return None
+    return str(cid) if cid is not None else None
+
+
+def _graph_kind(graph: torch.fx.Graph) -> str:
+    names = [n.name for n in graph.find_nodes(op="placeholder")]
+    if any(n.startswith("tangents") for n in names):
+        return "backward"
+    return "forward"
+
+
+def _replaced_sources(before: GraphSnapshot, after: GraphSnapshot) -> dict[str, str]:
+    """Added node -> the source of the nodes it replaced (the last one with a stack trace in the
+    same changed stretch), for IR nodes a pass created without copying the stack trace."""
+    out = {}
+    for removed, added in graphs.replaced_blocks(before, after):
+        sources = [n.source for n in removed if n.source]
+        if sources:
+            for n in added:
+                out[n.name] = sources[-1]
+    return out
+
+
+class StageRecorder:
+    """``observer(stage, graph, result)`` for ``compile_norm.passes.base.observe_stages``."""
+
+    def __init__(self) -> None:
+        self.graphs: list[GraphRecord] = []
+        self.problems: list[str] = []
+
+    def __call__(self, stage: str, graph: torch.fx.Graph, result=None) -> None:
+        snap = graphs.snapshot(graph)
+        if stage == "input" or not self.graphs:
+            if stage != "input":
+                self.problems.append(f"stage {stage!r} came before any 'input' stage")
+            cid = _compile_id()
+            label = f"graph {cid or len(self.graphs)} ({_graph_kind(graph)})"
+            self.graphs.append(GraphRecord(label))
+        rec = self.graphs[-1]
+        st = StageRecord(stage, snap)
+        if result is not None:
+            st.matched = result.matched
+            st.error = result.error
+            st.unmatched = [Unmatched(stage, str(s), str(r)) for s, r in result.unmatched]
+        if rec.stages:
+            before = rec.stages[-1].graph
+            d = graphs.diff(before, snap)
+            st.added, st.removed, st.rewired = d.added, d.removed, d.rewired
+            after_nodes, before_nodes = snap.by_name(), before.by_name()
+            fallback = _replaced_sources(before, snap)
+            st.fused = [
+                Site(stage, n, after_nodes[n].target, after_nodes[n].source or fallback.get(n))
+                for n in d.added if after_nodes[n].ir
+            ]
+            st.removed_ir = [
+                Site(stage, n, before_nodes[n].target, before_nodes[n].source)
+                for n in d.removed if before_nodes[n].ir
+            ]
+        rec.stages.append(st)

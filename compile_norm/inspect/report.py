@@ -1,0 +1,142 @@
+"""InspectReport: what one inspection found, as text, JSON, HTML or a folder of files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from .bench import Bench
+from .kernels import Kernel
+from .numerics import OutputCheck
+from .record import GraphRecord, Site, Unmatched
+
+
+@dataclass
+class InspectReport:
+    title: str
+    backend: str
+    options: dict
+    device: str
+    torch_version: str
+    graphs: list[GraphRecord] = field(default_factory=list)
+    kernels: list[Kernel] = field(default_factory=list)
+    calls: dict[str, int] = field(default_factory=dict)  # extern / fallback op calls
+    code_included: bool = False
+    numerics: list[OutputCheck] = field(default_factory=list)
+    bench: Bench | None = None
+    counters: dict[str, int] = field(default_factory=dict)  # this run's compile_norm counters
+    warnings: list[str] = field(default_factory=list)
+    depyf_dir: str | None = None
+
+    # --- summaries ---------------------------------------------------------------------------
+
+    @property
+    def fused(self) -> list[Site]:
+        return [s for g in self.graphs for st in g.stages for s in st.fused]
+
+    @property
+    def unmatched(self) -> list[Unmatched]:
+        return [u for g in self.graphs for st in g.stages for u in st.unmatched]
+
+    @property
+    def numerics_ok(self) -> bool:
+        return all(c.ok for c in self.numerics)
+
+    def fused_counts(self) -> dict[str, int]:
+        """IR op -> how many nodes of it the passes added (over all graphs and stages)."""
+        out: dict[str, int] = {}
+        for s in self.fused:
+            out[s.op] = out.get(s.op, 0) + 1
+        return out
+
+    # --- renderings --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if self.bench is not None:
+            d["bench"]["speedup"] = self.bench.speedup
+        d["numerics_ok"] = self.numerics_ok
+        return d
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    def to_html(self) -> str:
+        from .html import render
+
+        return render(self)
+
+    def to_text(self, graphs: bool = False) -> str:
+        """A console summary; ``graphs=True`` adds every stage's graph."""
+        out = [f"== {self.title}: backend {self.backend!r} on {self.device} "
+               f"(torch {self.torch_version})"]
+        if self.options:
+            out.append(f"options: {json.dumps(self.options)}")
+        out.extend(f"warning: {w}" for w in self.warnings)
+        for g in self.graphs:
+            out.append(f"\n-- {g.label}: {len(g.stages[0].graph.nodes)} nodes in, "
+                       f"{len(g.stages[-1].graph.nodes)} out")
+            for st in g.stages[1:]:
+                line = (f"  {st.name:14s} matched {st.matched if st.matched is not None else '-'}"
+                        f", unmatched {len(st.unmatched)}, +{len(st.added)} -{len(st.removed)}"
+                        f" nodes")
+                if st.error:
+                    line += f"  ERROR: {st.error}"
+                out.append(line)
+                for s in st.fused:
+                    out.append(f"    fused   {s.node} = {s.op}  @ {s.source or 'source unknown'}")
+                for s in st.removed_ir:
+                    out.append(f"    removed {s.node} = {s.op}")
+                for u in st.unmatched:
+                    out.append(f"    unfused {u.site}: {u.reason}")
+            if graphs:
+                for st in g.stages:
+                    out.append(f"\n   [{g.label} / {st.name}]")
+                    out.append(st.graph.text())
+        counts = self.fused_counts()
+        out.append("\nfused: " + (", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))
+                                  if counts else "nothing"))
+        out.append(f"unfused sites: {len(self.unmatched)}")
+        out.append(f"kernels: {len(self.kernels)}"
+                   + (f" ({', '.join(k.name for k in self.kernels)})" if self.kernels else ""))
+        if self.calls:
+            out.append("library calls: " + ", ".join(f"{k} x{v}" for k, v in self.calls.items()))
+        if self.code_included:
+            for k in self.kernels:
+                out.append(f"\n   [kernel {k.name} ({k.kind})]\n{k.source or ''}")
+        for c in self.numerics:
+            out.append(f"numerics {c.name} {c.dtype}{c.shape}: max abs {c.max_abs:.3g}, "
+                       f"max rel {c.max_rel:.3g} (atol {c.atol:g}, rtol {c.rtol:g}) "
+                       f"{'ok' if c.ok else 'FAIL'}{' ' + c.note if c.note else ''}")
+        if self.bench:
+            b = self.bench
+            out.append(f"time per call ({b.device}, median of {b.repeats}): backend "
+                       f"{b.backend_us:.1f} us, stock torch.compile {b.stock_us:.1f} us, eager "
+                       f"{b.eager_us:.1f} us -> {b.speedup:.2f}x vs stock")
+        if self.counters:
+            out.append("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(self.counters.items())))
+        if self.depyf_dir:
+            out.append(f"depyf dump: {self.depyf_dir}")
+        return "\n".join(out)
+
+    def write(self, out_dir: str) -> list[str]:
+        """Stage graphs as text files, report.json, report.html, report.txt; returns the paths."""
+        os.makedirs(out_dir, exist_ok=True)
+        paths = []
+        for gi, g in enumerate(self.graphs):
+            for si, st in enumerate(g.stages):
+                slug = re.sub(r"[^A-Za-z0-9]+", "_", st.name).strip("_")
+                p = os.path.join(out_dir, f"graph{gi}_{si}_{slug}.txt")
+                with open(p, "w") as f:
+                    f.write(f"# {g.label}, stage {st.name}\n{st.graph.text()}\n")
+                paths.append(p)
+        for name, text in (("report.json", self.to_json()), ("report.html", self.to_html()),
+                           ("report.txt", self.to_text(graphs=False))):
+            p = os.path.join(out_dir, name)
+            with open(p, "w", encoding="utf-8") as f:
+                f.write(text)
+            paths.append(p)
+        return paths

@@ -1,0 +1,375 @@
+"""Check a provider against the reference: inputs, cases and tolerances (tests + GPU check).
+
+Tolerances (see triton_ops.py for why):
+- ``residual_out``: bit-exact.
+- ``out``: |a - b| <= |ref| * 2**-m (one ulp of x.dtype; m = 7 bf16, 10 fp16) and fp32
+  rtol 1e-5 / atol 1e-6; at most ``MISMATCH_FRACTION`` of the elements may differ at all
+  (so a systematic rounding bug, which also stays within 1 ulp, is caught).
+- ``q``: FP8 codes at most one FP8 step apart (ordinal distance of the e4m3 codes),
+  INT8 at most 1 apart; NaN where the reference has NaN; at most ``MISMATCH_FRACTION``
+  differ.
+- scales: rtol 1e-6 for ``quant_*`` ops (exact math on identical input), else the ``out``
+  tolerance (the amax is of ``out``); ``azp`` at most 1 apart.
+Dequantized errors (``q * scale``, ``(q - azp) * scale``) are reported as well.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..ops import registry
+from ..ops.fused import add_norm_op_name, norm_op_name
+from ..ops.quant import SCHEMES, quant_op_name
+
+MISMATCH_FRACTION = 0.01
+_MANT = {torch.bfloat16: 7, torch.float16: 10}
+EPS = 1e-6
+
+
+def all_ops() -> list[str]:
+    names = ["rms_norm", "fused_add_rms_norm"]
+    for s in SCHEMES:
+        names += [quant_op_name(s), norm_op_name(s), add_norm_op_name(s)]
+    return names
+
+
+def op_kind(op: str) -> tuple[str, str | None]:
+    """(kind, scheme): kind is "norm", "add", "quant", "norm_q" or "add_q"."""
+    if op == "rms_norm":
+        return "norm", None
+    if op == "fused_add_rms_norm":
+        return "add", None
+    for s in SCHEMES:
+        if op == quant_op_name(s):
+            return "quant", s
+        if op == norm_op_name(s):
+            return "norm_q", s
+        if op == add_norm_op_name(s):
+            return "add_q", s
+    raise ValueError(f"unknown op {op!r}")
+
+
+def output_names(op: str) -> tuple[str, ...]:
+    kind, s = op_kind(op)
+    if kind == "norm":
+        return ("out",)
+    if kind == "add":
+        return ("out", "residual_out")
+    outs = SCHEMES[s].outputs
+    return (*outs, "residual_out") if kind == "add_q" else outs
+
+
+@dataclass
+class Case:
+    """One call: ``op`` on ``x`` of ``shape``; options pick the variant."""
+
+    op: str
+    shape: tuple
+    dtype: torch.dtype
+    weight: str = "same"  # "same", "none", or a dtype name ("float32") for a mixed weight
+    offset: float = 0.0
+    variance_size: int | None = None
+    layout: str = "contiguous"  # "contiguous", "strided" (row stride > H), "transposed"
+    group_size: int = 128
+    column_major: bool = False
+    ue8m0: bool = False
+    scale_ub: bool = False
+    azp: bool = False
+    nan: bool = False
+    label: str = ""
+
+    def name(self) -> str:
+        opts = [f"{k}={v}" for k, v in self.options().items()]
+        dt = str(self.dtype).replace("torch.", "")
+        return f"{self.op}[{'x'.join(map(str, self.shape))} {dt}{' ' if opts else ''}{','.join(opts)}]"
+
+    def options(self) -> dict:
+        d = {}
+        for k, default in (("weight", "same"), ("offset", 0.0), ("variance_size", None),
+                           ("layout", "contiguous"), ("column_major", False), ("ue8m0", False),
+                           ("scale_ub", False), ("azp", False), ("nan", False)):
+            if getattr(self, k) != default:
+                d[k] = getattr(self, k)
+        if op_kind(self.op)[1] == "fp8_group":
+            d["group"] = self.group_size
+        return d
+
+
+def _make(shape, dtype, device, layout, gen, scale=1.0, shift=0.0) -> torch.Tensor:
+    hidden = shape[-1]
+    full = shape
+    if layout == "strided":  # a column slice: row stride > H
+        full = (*shape[:-1], hidden + 24)
+    elif layout == "transposed":  # leading dims swapped: not flattenable as a view
+        full = (shape[1], shape[0], *shape[2:])
+    t = (torch.randn(full, generator=gen) * scale + shift).to(device=device, dtype=dtype)
+    if layout == "strided":
+        t = t[..., 3:hidden + 3]
+    elif layout == "transposed":
+        t = t.transpose(0, 1)
+    return t
+
+
+def build_call(case: Case, device: str | torch.device, seed: int = 0) -> tuple[tuple, dict]:
+    """Positional args and kwargs of ``torch.ops.compile_norm.<case.op>`` for this case."""
+    gen = torch.Generator().manual_seed(seed)
+    kind, scheme = op_kind(case.op)
+    shape, dtype, hidden = case.shape, case.dtype, case.shape[-1]
+    shift = 0.7 if scheme == "int8_dynamic_asym" else 0.0  # make min / max asymmetric
+    x = _make(shape, dtype, device, case.layout, gen, shift=shift)
+    if case.nan:  # one NaN in row 1: the reference makes the row's outputs / scale NaN
+        x[min(1, shape[0] - 1), hidden // 3] = float("nan")
+    args: list[Any] = [x]
+    if kind in ("add", "add_q"):
+        args.append(_make(shape, dtype, device, case.layout, gen, scale=0.5))
+    if kind != "quant":
+        if case.weight == "none":
+            w = None
+        else:
+            wdt = dtype if case.weight == "same" else getattr(torch, case.weight)
+            base = 0.1 * torch.randn(hidden, generator=gen)
+            w = (base if case.offset else 1.0 + base).to(device=device, dtype=wdt)
+        args += [w, EPS]
+    kwargs: dict[str, Any] = {}
+    f32 = dict(dtype=torch.float32, device=device)
+    if scheme == "fp8_static":
+        kwargs["scale"] = torch.tensor(3.5 / 448.0, **f32)
+    elif scheme == "fp8_dynamic":
+        kwargs["scale_ub"] = torch.tensor(3.0, **f32) if case.scale_ub else None
+    elif scheme == "fp8_group":
+        kwargs.update(group_size=case.group_size, column_major_scales=case.column_major,
+                      use_ue8m0=case.ue8m0)
+    elif scheme == "int8_static":
+        kwargs["scale"] = torch.tensor(3.5 / 127.0, **f32)
+        kwargs["azp"] = torch.tensor(3, dtype=torch.int32, device=device) if case.azp else None
+    if kind != "quant":
+        kwargs["weight_offset"] = case.offset
+        kwargs["variance_size"] = case.variance_size
+    return tuple(args), kwargs
+
+
+def positional(op: str, args: tuple, kwargs: dict) -> tuple:
+    """The call as the dispatcher hands it to providers (all positional)."""
+    pos, kw = registry.normalize_call(op, args, kwargs)
+    assert not kw
+    return pos
+
+
+def fake_outputs(op: str, args: tuple) -> tuple:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = getattr(torch.ops.compile_norm, op)(*args)
+    return out if isinstance(out, tuple) else (out,)
+
+
+# --- comparison ----------------------------------------------------------------------------
+
+
+def _fp8_ordinal(q: torch.Tensor) -> torch.Tensor:
+    """Monotonic integer code of float8_e4m3fn values (adjacent values differ by 1)."""
+    b = q.view(torch.uint8).to(torch.int32)
+    mag = b & 0x7F
+    return torch.where(b >= 128, -mag, mag)
+
+
+def _fp8_nan(q: torch.Tensor) -> torch.Tensor:
+    return (q.view(torch.uint8) & 0x7F) == 0x7F
+
+
+@dataclass
+class Result:
+    name: str
+    ok: bool
+    errors: dict[str, float] = field(default_factory=dict)  # per output: max abs error
+    mismatch: dict[str, float] = field(default_factory=dict)  # fraction of differing elements
+    problems: list[str] = field(default_factory=list)
+
+
+def _float_close(a, b, dtype, rtol_scale=None):
+    """(within tolerance elementwise, max abs err, mismatch fraction) for float outputs."""
+    a, b = a.double(), b.double()
+    nan_ok = torch.equal(a.isnan(), b.isnan())
+    fin = ~b.isnan()
+    diff = (a - b).abs()
+    diff = torch.where(fin & a.isfinite() & b.isfinite(), diff, torch.where(a == b, 0.0, math.inf))
+    diff = torch.where(fin, diff, 0.0)
+    if rtol_scale is not None:
+        tol = b.abs() * rtol_scale
+    elif dtype in _MANT:
+        tol = b.abs() * 2.0 ** -_MANT[dtype]
+    else:
+        tol = b.abs() * 1e-5 + 1e-6
+    within = bool(torch.where(fin, diff <= tol, True).all()) and nan_ok
+    mism = float((diff != 0).double().mean()) if diff.numel() else 0.0
+    err = float(diff.max()) if diff.numel() else 0.0
+    return within, err, mism
+
+
+def compare(op: str, got: Any, ref: Any, x_dtype: torch.dtype, fakes: tuple | None = None) -> Result:
+    names = output_names(op)
+    got = got if isinstance(got, tuple) else (got,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    res = Result(name=op, ok=True)
+    if len(got) != len(names) or len(ref) != len(names):
+        res.ok = False
+        res.problems.append(f"expected {len(names)} outputs, got {len(got)}")
+        return res
+    kind, scheme = op_kind(op)
+    by_name_got, by_name_ref = dict(zip(names, got)), dict(zip(names, ref))
+    for i, n in enumerate(names):
+        g, r = got[i], ref[i]
+        if g.shape != r.shape or g.dtype != r.dtype:
+            res.problems.append(f"{n}: {tuple(g.shape)} {g.dtype} vs ref {tuple(r.shape)} {r.dtype}")
+            continue
+        if fakes is not None and g.numel() and g.stride() != fakes[i].stride():
+            res.problems.append(f"{n}: strides {g.stride()} != fake {fakes[i].stride()}")
+        if g.numel() == 0:
+            res.errors[n], res.mismatch[n] = 0.0, 0.0
+            continue
+        if n == "residual_out":
+            exact = torch.equal(g.isnan(), r.isnan()) and bool(
+                torch.where(r.isnan(), 0.0, (g.float() - r.float()).abs()).max() == 0
+            )
+            res.errors[n] = float(torch.nan_to_num((g.float() - r.float()).abs(), 0.0).max())
+            res.mismatch[n] = 0.0 if exact else 1.0
+            if not exact:
+                res.problems.append(f"{n}: not bit-exact")
+        elif n == "out":
+            within, err, mism = _float_close(g, r, x_dtype)
+            res.errors[n], res.mismatch[n] = err, mism
+            if not within:
+                res.problems.append(f"{n}: beyond 1 ulp (max err {err:.3g})")
+            # fp32 outputs all carry the statistic's last-bit noise: rtol only
+            if mism > MISMATCH_FRACTION and x_dtype in _MANT:
+                res.problems.append(f"{n}: {mism:.2%} of elements differ")
+        elif n in ("scale", "scales"):
+            rtol = 1e-6 if kind == "quant" else 2.0 ** -_MANT.get(x_dtype, 20)
+            within, err, mism = _float_close(g, r, x_dtype, rtol_scale=rtol)
+            if not within and scheme == "fp8_group":
+                # UE8M0 may jump a power of two when the amax sits on one; count those.
+                within = mism <= MISMATCH_FRACTION and bool(
+                    ((g.double() / r.double()).nan_to_num(1.0) - 1).abs().le(1.0).all())
+            res.errors[n], res.mismatch[n] = err, mism
+            if not within:
+                res.problems.append(f"{n}: beyond rtol {rtol:.3g} (max err {err:.3g})")
+            if mism > MISMATCH_FRACTION and kind == "quant":
+                res.problems.append(f"{n}: {mism:.2%} of elements differ")
+        elif n == "azp":
+            d = (g.long() - r.long()).abs()
+            res.errors[n], res.mismatch[n] = float(d.max()), float((d != 0).double().mean())
+            if int(d.max()) > 1:
+                res.problems.append(f"{n}: differs by {int(d.max())}")
+        elif n == "q":
+            if g.dtype == torch.int8:
+                d = (g.int() - r.int()).abs()
+                step_ok = int(d.max()) <= 1
+            else:
+                nan_g, nan_r = _fp8_nan(g), _fp8_nan(r)
+                d = torch.where(nan_r, 0, (_fp8_ordinal(g) - _fp8_ordinal(r)).abs())
+                step_ok = torch.equal(nan_g, nan_r) and int(d.max()) <= 1
+            mism = float((d != 0).double().mean())
+            res.mismatch[n] = mism
+            res.errors[n] = _dequant_error(scheme, by_name_got, by_name_ref, g, r)
+            if not step_ok:
+                res.problems.append(f"{n}: more than one quantization step apart (max {int(d.max())})")
+            if mism > MISMATCH_FRACTION and (x_dtype in _MANT or kind == "quant"):
+                res.problems.append(f"{n}: {mism:.2%} of elements differ")
+    res.ok = not res.problems
+    return res
+
+
+def _dequant(scheme, outs, q, static_scale):
+    qf = q.float()
+    if scheme in ("fp8_static", "int8_static"):
+        return qf * static_scale
+    scale = outs["scale"] if "scale" in outs else outs["scales"]
+    if scheme == "fp8_group":
+        scale = scale.repeat_interleave(q.shape[-1] // scale.shape[-1], dim=-1)
+    if scheme == "int8_dynamic_asym":
+        qf = qf - outs["azp"].float()
+    return qf * scale
+
+
+def _dequant_error(scheme, got_outs, ref_outs, g, r) -> float:
+    """Max |dequant(got) - dequant(ref)| over elements where the reference is finite."""
+    one = torch.ones((), device=g.device)
+    a, b = _dequant(scheme, got_outs, g, one), _dequant(scheme, ref_outs, r, one)
+    d = torch.where(b.isfinite() & a.isfinite(), (a - b).abs(), 0.0)
+    return float(d.max()) if d.numel() else 0.0
+
+
+# --- case lists ----------------------------------------------------------------------------
+
+
+def default_cases(
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    hiddens=(128, 2304, 3000, 4096, 5376),
+    tokens=7,
+    ops: list[str] | None = None,
+    variants: bool = True,
+) -> list[Case]:
+    """Every op x dtype x hidden, plus (``variants``) layouts, Gemma offset, no / mixed
+    weight, variance_size, NaN, zero tokens and scheme options on one hidden size in bf16."""
+    ops = ops or all_ops()
+    cases = []
+    for op in ops:
+        kind, scheme = op_kind(op)
+        # fp8_group needs hidden % group == 0
+        hs = [h for h in hiddens if scheme != "fp8_group" or h % 128 == 0] or [128]
+        for dt in dtypes:
+            for h in hs:
+                cases.append(Case(op, (tokens, h), dt))
+        if not variants:
+            continue
+        h, dt = hs[min(1, len(hs) - 1)], torch.bfloat16
+        v = [
+            dict(shape=(2, 3, h)),  # 3-D
+            dict(shape=(tokens, h), layout="strided"),  # row stride > H
+            dict(shape=(3, 2, h), layout="transposed"),
+            dict(shape=(0, h)),  # zero tokens
+            dict(shape=(h,)),  # 1-D (one token)
+            dict(shape=(tokens, h), nan=True),
+        ]
+        if kind != "quant":
+            v += [
+                dict(shape=(tokens, h), offset=1.0),  # Gemma
+                dict(shape=(tokens, h), offset=1.0, dtype=torch.float16),
+                dict(shape=(tokens, h), weight="none"),
+                dict(shape=(tokens, h), weight="float32"),  # mixed weight dtype
+                dict(shape=(tokens, h), dtype=torch.float32, weight="bfloat16"),
+                dict(shape=(tokens, h), variance_size=h // 2),
+            ]
+        if scheme == "fp8_group":
+            v += [
+                dict(shape=(tokens, h), group_size=64),
+                dict(shape=(tokens, h), column_major=True),
+                dict(shape=(2, 3, h), column_major=True),
+                dict(shape=(tokens, h), ue8m0=True),
+                dict(shape=(tokens, 128), group_size=128, column_major=True, ue8m0=True),
+            ]
+        if scheme == "fp8_dynamic":
+            v.append(dict(shape=(tokens, h), scale_ub=True))
+        if scheme == "int8_static":
+            v.append(dict(shape=(tokens, h), azp=True))
+        for opts in v:
+            opts = dict(opts)
+            cases.append(Case(op, opts.pop("shape"), opts.pop("dtype", dt), **opts))
+    return cases
+
+
+def run_case(case: Case, device, fn: Callable | None = None, seed: int = 0) -> Result:
+    """Run the triton provider (or ``fn``) and the reference on fresh inputs and compare."""
+    args, kwargs = build_call(case, device, seed)
+    pos = positional(case.op, args, kwargs)
+    entry = registry.ops()[case.op]
+    fn = fn or registry.providers(case.op)["triton"].fn
+    ref = entry.reference(*pos)
+    got = fn(*pos)
+    res = compare(case.op, got, ref, case.dtype, fake_outputs(case.op, pos))
+    res.name = case.name()
+    return res

@@ -1,0 +1,388 @@
+"""Triton providers ("triton") for every compile_norm op: thin wrappers over one kernel.
+
+Every eager call is one launch of ``triton_kernel.norm_quant_kernel`` (none for zero tokens);
+outputs have exactly the layout and dtype of the op's fake.
+
+Tolerances against the reference (what tests/test_kernels*.py assert):
+- norm outputs (``out``) and ``residual_out``: ``residual_out`` is exact (one rounded add);
+  ``out`` within 1 ulp of x.dtype (the fp32 sum of squares is reduced in another order and
+  rsqrt is the hardware approximation on both sides, so a value on a rounding boundary may
+  round the other way). fp32 x: rtol 1e-5.
+- dynamic scales: rtol 1e-6 when the op quantizes x directly (``quant_*``), else they follow
+  the amax of ``out`` and inherit its 1-ulp tolerance (bf16: rtol 2**-7, fp16: 2**-10).
+- FP8 ``q``: codes at most one FP8 step apart, where the pre-rounding value sits on a
+  rounding boundary (or inherits a 1-ulp ``out``); NaN exactly where the reference has NaN;
+  dequantized errors (``q * scale``) are reported alongside.
+- INT8 ``q``: may differ by 1 (same reason); ``azp`` by 1.
+- For 16-bit x at most 1% of the elements of ``out`` / ``q`` may differ at all, which
+  catches systematic rounding bugs that stay within 1 ulp. (Observed: quant-only ops match
+  bit for bit in the interpreter; norm outputs differ in < 0.1% of elements.)
+
+Where the reference is device dependent the kernel follows the device it runs on: on CUDA
+``tensor / python_number`` is ATen's multiply by the fp32 reciprocal, on CPU (interpreter)
+a true division.
+
+supports rules (every op): x on CUDA (on CPU only under TRITON_INTERPRET=1), x float16,
+bfloat16 or float32 (float64 goes to native), 1 <= hidden <= 65536, weight (if any)
+float16/bfloat16/float32 on the device (any mix with x.dtype is reproduced exactly, as is
+``variance_size``); fp8_group: group_size a power of two. Inputs whose last dim is not
+contiguous are copied first (an extra copy, still correct); so are inputs whose leading
+dims cannot be flattened into one row stride (e.g. transposed leading dims).
+Large hidden sizes keep the whole row in registers: up to 16K elements per program without
+spills; 65536 in fp32 spills (correct, slower).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pathlib
+from typing import Any
+
+import torch
+
+from ..ops import registry
+from ..ops.fused import add_norm_op_name, norm_op_name
+from ..ops.quant import FP8_DTYPE, SCHEMES, group_scales_empty, quant_op_name
+
+PROVIDER = "triton"
+RANK = 10
+MAX_HIDDEN = 65536
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+triton = None
+K = None
+_IMPORT_ERROR = ""
+# Import triton only where it can run: CPU-only users don't pay its import time.
+if torch.cuda.is_available() or _interpret_requested():
+    try:
+        import triton
+
+        from . import triton_kernel as K
+    except Exception as e:  # ImportError, or a broken triton install
+        triton, K = None, None
+        _IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
+
+
+def _interpreting() -> bool:
+    if triton is None:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return _interpret_requested()  # pragma: no cover
+
+
+INTERPRET = _interpreting()
+
+
+def _availability() -> tuple[bool, str]:
+    if _IMPORT_ERROR:
+        return False, _IMPORT_ERROR
+    if INTERPRET:
+        return True, ""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (torch.cuda.is_available() is False)"
+    return True, ""
+
+
+SUPPORTED, REASON = _availability()
+# Kernel sources: their change must change every cache key that depends on provider choice.
+_HERE = pathlib.Path(__file__).parent
+SOURCE = hashlib.sha256(
+    b"".join((_HERE / f).read_bytes() for f in ("triton_kernel.py", "triton_ops.py"))
+).hexdigest()
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _recip32(c: float) -> float:
+    """fp32 ``1 / c`` (correctly rounded), exactly representable as the Python float."""
+    return torch.tensor(1.0, dtype=torch.float32).div(c).item()
+
+
+# ATen (CUDA) divides by a Python number as a multiply by the fp32 reciprocal.
+_FP8_RECIP = _recip32(448.0)
+_INT8_RECIP = _recip32(127.0)
+_U8_RECIP = _recip32(255.0)
+
+
+# --- per-call checks (cheap attribute tests only) ------------------------------------------
+
+if INTERPRET:
+
+    def _on_device(t: torch.Tensor) -> bool:
+        return t.is_cpu
+
+else:
+
+    def _on_device(t: torch.Tensor) -> bool:
+        return t.is_cuda
+
+
+def _x_ok(x: Any) -> bool:
+    return (
+        isinstance(x, torch.Tensor)
+        and _on_device(x)
+        and x.dtype in _DTYPES
+        and x.dim() >= 1
+        and 0 < x.shape[-1] <= MAX_HIDDEN
+    )
+
+
+def _norm_ok(x: Any, weight: Any, variance_size: Any) -> bool:
+    if not _x_ok(x):
+        return False
+    if weight is not None and not (_on_device(weight) and weight.dtype in _DTYPES):
+        return False
+    return variance_size is None or 1 <= variance_size <= x.shape[-1]
+
+
+# --- scheme arguments -> kernel configuration ------------------------------------------------
+# (quant mode, static scale, aux tensor (scale_ub / azp), group size, column major, ue8m0)
+
+
+def _spec_fp8_static(scale):
+    return (1, scale, None, 0, False, False)
+
+
+def _spec_fp8_dynamic(scale_ub=None):
+    return (2, None, scale_ub, 0, False, False)
+
+
+def _spec_fp8_group(group_size=128, column_major_scales=False, use_ue8m0=False):
+    return (3, None, None, group_size, bool(column_major_scales), bool(use_ue8m0))
+
+
+def _spec_int8_static(scale, azp=None):
+    return (4, scale, azp, 0, False, False)
+
+
+def _spec_int8_dynamic():
+    return (5, None, None, 0, False, False)
+
+
+def _spec_int8_dynamic_asym():
+    return (6, None, None, 0, False, False)
+
+
+SPECS = {
+    "fp8_static": _spec_fp8_static,
+    "fp8_dynamic": _spec_fp8_dynamic,
+    "fp8_group": _spec_fp8_group,
+    "int8_static": _spec_int8_static,
+    "int8_dynamic": _spec_int8_dynamic,
+    "int8_dynamic_asym": _spec_int8_dynamic_asym,
+}
+_NO_QUANT = (0, None, None, 0, False, False)
+
+
+def _spec_ok(spec: tuple, x: torch.Tensor) -> bool:
+    group = spec[3]
+    if spec[0] == 3:
+        return (
+            isinstance(group, int)
+            and 0 < group
+            and group & (group - 1) == 0
+            and x.shape[-1] % group == 0
+        )
+    return True
+
+
+# --- launch ---------------------------------------------------------------------------------
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def launch_config(hidden: int, group: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, NG, G, num_warps) for a hidden size; group 0 means per-row statistics.
+
+    The whole row is one tile held in registers. Small rows (QK norm, H=128) take several
+    rows per program so each program still moves ~2K elements; warps grow with the tile so
+    each thread keeps 8-32 values (two to four 16-byte loads per input for 16-bit data).
+    """
+    block_n = _next_pow2(hidden)
+    block_m = max(1, 2048 // block_n)
+    elems = block_m * block_n
+    if elems >= 32768:
+        num_warps = 32
+    else:
+        num_warps = min(16, max(4, elems // 512))
+    if group:
+        return block_m, block_n // group, group, num_warps
+    return block_m, 1, block_n, num_warps
+
+
+def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
+    """``t`` as [T, H] with unit column stride (a view when the layout allows)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, hidden)
+
+
+def _launch(x, residual, weight, eps, offset, variance_size, do_norm, store_out, spec):
+    """Run the kernel; returns (out | None, quant outputs tuple, residual_out | None)."""
+    mode, scale_in, aux, group, column_major, ue8m0 = spec
+    shape = x.shape
+    hidden = shape[-1]
+    dev = x.device
+    out = torch.empty(shape, dtype=x.dtype, device=dev) if store_out else None
+    res_out = torch.empty(shape, dtype=x.dtype, device=dev) if residual is not None else None
+    q = scales = azp = None
+    if mode:
+        q = torch.empty(shape, dtype=FP8_DTYPE if mode <= 3 else torch.int8, device=dev)
+        if mode == 3:
+            scales = group_scales_empty(x, group, column_major)
+        elif mode in (2, 5, 6):
+            scales = torch.empty((*shape[:-1], 1), dtype=torch.float32, device=dev)
+        if mode == 6:
+            azp = torch.empty((*shape[:-1], 1), dtype=torch.int32, device=dev)
+    quant_out = tuple(t for t in (q, scales, azp) if t is not None)
+
+    x2 = _rows(x, hidden)
+    tokens = x2.shape[0]
+    if tokens == 0:
+        return out, quant_out, res_out
+    r2 = _rows(residual, hidden) if residual is not None else x2
+    block_m, ng, g, num_warps = launch_config(hidden, group if mode == 3 else 0)
+    if mode == 3:
+        st, sg = (1, tokens) if column_major else (hidden // group, 1)
+    else:
+        st, sg = 1, 1
+    vsize = hidden if variance_size is None else variance_size
+    args = (
+        x2, r2, x2 if weight is None else weight,
+        x2 if out is None else out, x2 if res_out is None else res_out,
+        x2 if q is None else q, x2 if scales is None else scales, x2 if azp is None else azp,
+        x2 if scale_in is None else scale_in, x2 if aux is None else aux,
+        tokens, hidden,
+        x2.stride(0), r2.stride(0), 1 if weight is None else weight.stride(0),
+        st, sg,
+        float(eps), float(offset), vsize,
+    )
+    grid = (triton.cdiv(tokens, block_m),)
+    kwargs = dict(
+        BLOCK_M=block_m, NG=ng, G=g,
+        HAS_RES=residual is not None, DO_NORM=do_norm, HAS_WEIGHT=weight is not None,
+        W_OFFSET=offset != 0.0, HAS_VSIZE=vsize != hidden,
+        STORE_OUT=store_out, QUANT=mode, HAS_AUX=aux is not None, UE8M0=ue8m0,
+        PRECISE=not INTERPRET, SCALAR_RECIP=not INTERPRET,
+        FP8_RECIP=_FP8_RECIP, INT8_RECIP=_INT8_RECIP, U8_RECIP=_U8_RECIP,
+        num_warps=num_warps,
+    )
+    if not INTERPRET and dev.index is not None and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):
+            K.norm_quant_kernel[grid](*args, **kwargs)
+    else:
+        K.norm_quant_kernel[grid](*args, **kwargs)
+    return out, quant_out, res_out
+
+
+def _single(outputs: tuple) -> Any:
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+# --- provider functions (each has its op's exact signature) ---------------------------------
+
+
+def rms_norm(x, weight, eps, weight_offset=0.0, variance_size=None):
+    return _launch(x, None, weight, eps, weight_offset, variance_size, True, True, _NO_QUANT)[0]
+
+
+def fused_add_rms_norm(x, residual, weight, eps, weight_offset=0.0, variance_size=None):
+    out, _, res_out = _launch(
+        x, residual, weight, eps, weight_offset, variance_size, True, True, _NO_QUANT
+    )
+    return out, res_out
+
+
+def _rms_norm_supports(x, weight, eps, weight_offset=0.0, variance_size=None):
+    return _norm_ok(x, weight, variance_size)
+
+
+def _fused_add_supports(x, residual, weight, eps, weight_offset=0.0, variance_size=None):
+    return _norm_ok(x, weight, variance_size) and _on_device(residual)
+
+
+def _make_scheme_providers(scheme: str) -> dict[str, tuple]:
+    """(fn, supports) for quant_<s>, rms_norm_<s> and fused_add_rms_norm_<s>."""
+    spec_of = SPECS[scheme]
+    split = SCHEMES[scheme].split_args
+
+    def quant(x, *args, **kwargs):
+        spec = spec_of(*args, **kwargs)
+        return _single(_launch(x, None, None, 0.0, 0.0, None, False, False, spec)[1])
+
+    def quant_supports(x, *args, **kwargs):
+        return _x_ok(x) and _spec_ok(spec_of(*args, **kwargs), x)
+
+    def norm(x, weight, eps, *args, **kwargs):
+        qargs, offset, vsize = split(args, kwargs)
+        return _single(_launch(x, None, weight, eps, offset, vsize, True, False, spec_of(*qargs))[1])
+
+    def norm_supports(x, weight, eps, *args, **kwargs):
+        qargs, offset, vsize = split(args, kwargs)
+        return _norm_ok(x, weight, vsize) and _spec_ok(spec_of(*qargs), x)
+
+    def add_norm(x, residual, weight, eps, *args, **kwargs):
+        qargs, offset, vsize = split(args, kwargs)
+        _, quant_out, res_out = _launch(
+            x, residual, weight, eps, offset, vsize, True, False, spec_of(*qargs)
+        )
+        return (*quant_out, res_out)
+
+    def add_norm_supports(x, residual, weight, eps, *args, **kwargs):
+        qargs, offset, vsize = split(args, kwargs)
+        return (
+            _norm_ok(x, weight, vsize)
+            and _on_device(residual)
+            and _spec_ok(spec_of(*qargs), x)
+        )
+
+    return {
+        quant_op_name(scheme): (quant, quant_supports),
+        norm_op_name(scheme): (norm, norm_supports),
+        add_norm_op_name(scheme): (add_norm, add_norm_supports),
+    }
+
+
+def _unavailable(*args, **kwargs):
+    raise RuntimeError(f"compile_norm: the triton provider cannot run here: {REASON}")
+
+
+def provider_functions() -> dict[str, tuple]:
+    """{op name: (fn, supports)} for all 20 ops."""
+    table = {
+        "rms_norm": (rms_norm, _rms_norm_supports),
+        "fused_add_rms_norm": (fused_add_rms_norm, _fused_add_supports),
+    }
+    for scheme in SCHEMES:
+        table.update(_make_scheme_providers(scheme))
+    return table
+
+
+FUNCTIONS = provider_functions()
+
+
+def register() -> None:
+    """Register the "triton" provider of every op (unsupported ones carry the reason)."""
+    for op, (fn, supports) in FUNCTIONS.items():
+        registry.register_provider(
+            op,
+            registry.Provider(
+                name=PROVIDER,
+                fn=fn if SUPPORTED else _unavailable,
+                supported=SUPPORTED,
+                supports=supports,
+                rank=RANK,
+                reason=REASON,
+                source=SOURCE,
+            ),
+        )

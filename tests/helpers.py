@@ -1,0 +1,104 @@
+"""Shared helpers for the operator-layer tests: bitwise comparison, scheme arguments, arg sets."""
+
+from __future__ import annotations
+
+import torch
+
+cn = torch.ops.compile_norm
+
+SCHEME_NAMES = (
+    "fp8_static",
+    "fp8_dynamic",
+    "fp8_group",
+    "int8_static",
+    "int8_dynamic",
+    "int8_dynamic_asym",
+)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of ``t`` (float8 has no torch.equal on CPU; bits also compare -0 vs 0)."""
+    if t.dtype.is_floating_point:
+        return t.view(_INT_OF_SIZE[t.element_size()])
+    return t
+
+
+def assert_bitwise_equal(actual, expected, nan_equal: bool = False) -> None:
+    """Same shape, dtype and bits. ``nan_equal``: NaNs match by position, not payload."""
+    if isinstance(expected, (tuple, list)):
+        assert isinstance(actual, (tuple, list)) and len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            assert_bitwise_equal(a, e, nan_equal)
+        return
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    same = bits(actual) == bits(expected)
+    if nan_equal and actual.dtype.is_floating_point:
+        a_nan, e_nan = actual.float().isnan(), expected.float().isnan()
+        assert torch.equal(a_nan, e_nan), "NaN positions differ"
+        same |= a_nan
+    if not bool(same.all()):
+        bad = (~same).nonzero()[0].tolist()
+        raise AssertionError(
+            f"{int((~same).sum())} of {same.numel()} elements differ; first at {bad}: "
+            f"{actual[tuple(bad)].float().item()} != {expected[tuple(bad)].float().item()}"
+        )
+
+
+def randn(*shape, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape) * scale).to(dtype)
+
+
+def scheme_kwargs(scheme: str, hidden: int, variant: int = 0) -> dict:
+    """Scheme arguments (by keyword) for a hidden size; ``variant`` picks a second setting."""
+    if scheme == "fp8_static":
+        # Small enough that some of a normalized row saturates at 448.
+        return {"scale": torch.tensor(0.006 if variant else 0.02)}
+    if scheme == "fp8_dynamic":
+        return {"scale_ub": torch.tensor(1.5)} if variant else {}
+    if scheme == "fp8_group":
+        group = next(g for g in (128, 64, 32, 16, 8) if hidden % g == 0)
+        return {"group_size": group, "column_major_scales": bool(variant), "use_ue8m0": bool(variant)}
+    if scheme == "int8_static":
+        kw = {"scale": torch.tensor(0.011)}
+        if variant:
+            kw["azp"] = torch.tensor(5, dtype=torch.int32)
+        return kw
+    return {}
+
+
+def op(name: str):
+    return getattr(cn, name)
+
+
+def opcheck_cases(name: str) -> list[tuple[str, tuple, dict]]:
+    """A few (id, args, kwargs) sets per op for torch.library.opcheck: fp32/bf16, 2-D/3-D,
+    with/without weight, offset, variance_size, group options and zero tokens."""
+    h = 64
+    x2 = randn(4, h)
+    x3 = randn(3, 2, h, dtype=torch.bfloat16).transpose(0, 1)  # 3-D and non-contiguous
+    x0 = randn(0, h)
+    w32, w16 = randn(h), randn(h, dtype=torch.bfloat16)
+    if name.startswith("quant_"):
+        scheme = name[len("quant_"):]
+        return [
+            ("fp32_2d", (x2,), scheme_kwargs(scheme, h, 0)),
+            ("bf16_3d", (x3,), scheme_kwargs(scheme, h, 1)),
+            ("zero_tokens", (x0,), scheme_kwargs(scheme, h, 1)),
+        ]
+    fused_add = name.startswith("fused_add_")
+    scheme = name.split("rms_norm_", 1)[1] if "rms_norm_" in name else None
+
+    def args(x, w):
+        return (x, randn(*x.shape, dtype=x.dtype), w, 1e-6) if fused_add else (x, w, 1e-6)
+
+    def kw(variant, **norm):
+        return {**(scheme_kwargs(scheme, h, variant) if scheme else {}), **norm}
+
+    return [
+        ("fp32_2d_weight", args(x2, w32), kw(0)),
+        ("bf16_3d_gemma_varsize", args(x3, w16), kw(1, weight_offset=1.0, variance_size=48)),
+        ("fp32_no_weight_zero_tokens", args(x0, None), kw(1)),
+    ]

@@ -1,0 +1,155 @@
+"""Triton providers: registration, supports rules, and numerics against the reference on CUDA.
+
+Numerics use compile_norm.kernels.checking (tolerances in its docstring: out within 1 ulp of
+x.dtype and <= 1% of elements differing at all, residual_out bit-exact, FP8 codes within one
+FP8 step, INT8 within 1, scales rtol 1e-6 for quant-only ops). The same checks run on CPU
+through the Triton interpreter in test_kernels_interpret.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import compile_norm  # noqa: F401
+from compile_norm.kernels import checking, triton_ops
+from compile_norm.ops import registry
+
+OPS = checking.all_ops()
+
+
+def test_every_op_has_a_triton_provider():
+    assert len(OPS) == 20
+    for op in OPS:
+        p = registry.providers(op)["triton"]
+        assert p.rank == triton_ops.RANK and p.source == triton_ops.SOURCE and len(p.source) == 64
+        assert p.supported == triton_ops.SUPPORTED
+        if not p.supported:
+            assert p.reason and registry.unsupported_reasons(op)["triton"] == p.reason
+
+
+def test_cpu_only_import_does_not_need_triton():
+    code = (
+        "import sys, torch, compile_norm\n"
+        "from compile_norm.kernels import triton_ops\n"
+        "assert torch.cuda.is_available() or 'triton' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_import_without_triton_registers_unsupported_providers():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, compile_norm\n"
+        "from compile_norm import ops\n"
+        "r = ops.unsupported_reasons('rms_norm_fp8_group')['triton']\n"
+        "assert 'triton is not importable' in r, r\n"
+        "x = torch.randn(3, 8)\n"
+        "assert ops.which_provider('rms_norm', x, None, 1e-6) == 'native'\n"
+        "torch.ops.compile_norm.rms_norm(x, None, 1e-6)\n"
+        "print('ok')\n"
+    )
+    # TRITON_INTERPRET makes the import be attempted even without a GPU.
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.skipif(triton_ops.INTERPRET, reason="CPU tensors are accepted when interpreting")
+def test_supports_rejects_cpu_tensors():
+    x = torch.randn(4, 64)
+    fn, supports = triton_ops.FUNCTIONS["rms_norm"]
+    assert not supports(x, None, 1e-6, 0.0, None)
+    assert not triton_ops.FUNCTIONS["quant_int8_dynamic"][1](x)
+
+
+def test_launch_config_heuristic():
+    # several rows per program for small rows, one row (whole row in registers) for big ones
+    assert triton_ops.launch_config(128, 0) == (16, 1, 128, 4)
+    bm, ng, g, warps = triton_ops.launch_config(5376, 0)
+    assert (bm, ng, g) == (1, 1, 8192) and warps == 16
+    assert triton_ops.launch_config(4096, 128) == (1, 32, 128, 8)
+    assert triton_ops.launch_config(65536, 0)[3] == 32
+
+
+# --- CUDA ------------------------------------------------------------------------------------
+
+# Every op on the main shapes; the variants (also run for every op in the interpreter) on
+# one op per family, to keep the number of distinct kernels to compile (~170) small.
+_VARIANT_OPS = ["rms_norm", "fused_add_rms_norm", "quant_fp8_group", "quant_int8_static"] + [
+    f"fused_add_rms_norm_{s}" for s in ("fp8_static", "fp8_dynamic", "fp8_group", "int8_static",
+                                        "int8_dynamic", "int8_dynamic_asym")
+]
+CUDA_CASES = checking.default_cases(
+    dtypes=(torch.bfloat16,), hiddens=(128, 2304, 3000, 5376), tokens=37, variants=False
+) + checking.default_cases(
+    dtypes=(torch.float16, torch.float32), hiddens=(4096,), tokens=37, variants=False
+)
+for _op in _VARIANT_OPS:  # [1:] drops the op's main case (one dtype, one hidden)
+    _h = 2304 if "fp8_group" in _op else 3000
+    CUDA_CASES += checking.default_cases((torch.bfloat16,), (_h,), tokens=37, ops=[_op])[1:]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_CASES, ids=[c.name() for c in CUDA_CASES])
+def test_matches_reference_cuda(case):
+    res = checking.run_case(case, "cuda")
+    assert res.ok, f"{res.name}: {res.problems} errors={res.errors} mismatch={res.mismatch}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", [
+    checking.Case("rms_norm", (4099, 8192), torch.bfloat16),
+    checking.Case("fused_add_rms_norm_fp8_dynamic", (1000, 65536), torch.float32),
+    checking.Case("rms_norm_fp8_group", (513, 7168), torch.bfloat16, column_major=True, ue8m0=True),
+    checking.Case("rms_norm", (5, 64, 128), torch.bfloat16, layout="strided"),  # QK norm
+    checking.Case("fused_add_rms_norm_int8_dynamic_asym", (1, 4096), torch.float16),
+], ids=lambda c: c.name())
+def test_large_and_edge_shapes_cuda(case):
+    res = checking.run_case(case, "cuda")
+    assert res.ok, f"{res.name}: {res.problems} errors={res.errors}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", OPS)
+def test_eager_call_is_one_kernel_launch(op):
+    case = checking.Case(op, (64, 4096), torch.bfloat16)
+    args, kwargs = checking.build_call(case, "cuda")
+    fn = getattr(torch.ops.compile_norm, op)
+    assert registry.which_provider(op, *args, **kwargs) == "triton"
+    fn(*args, **kwargs)  # compile outside the profile
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn(*args, **kwargs)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1, [e.name for e in kernels]
+
+
+@pytest.mark.cuda
+def test_supports_rules_cuda():
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(256, device="cuda", dtype=torch.bfloat16)
+    assert registry.which_provider("rms_norm", x, w, 1e-6) == "triton"
+    assert registry.which_provider("rms_norm", x.double(), w.double(), 1e-6) == "native"
+    assert registry.which_provider("rms_norm", x, w.double(), 1e-6) == "native"
+    assert registry.which_provider("rms_norm", x, w.float(), 1e-6) == "triton"  # exact
+    big = torch.randn(2, 65536 * 2, device="cuda", dtype=torch.bfloat16)
+    assert registry.which_provider("rms_norm", big, None, 1e-6) == "native"
+    assert registry.which_provider("quant_fp8_group", x, group_size=128) == "triton"
+    x96 = torch.randn(4, 288, device="cuda")
+    assert registry.which_provider("quant_fp8_group", x96, group_size=96) == "native"
+    assert registry.which_provider("quant_fp8_group", x96, group_size=32) == "triton"
+    # zero tokens: empty outputs with the fake's layout, no launch needed
+    e = torch.empty(0, 256, device="cuda", dtype=torch.bfloat16)
+    q, s = torch.ops.compile_norm.rms_norm_fp8_group(e, w, 1e-6, column_major_scales=True)
+    assert q.shape == (0, 256) and s.shape == (0, 2)

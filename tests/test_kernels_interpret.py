@@ -1,0 +1,111 @@
+"""The Triton kernels on CPU through the Triton interpreter (no GPU needed).
+
+TRITON_INTERPRET must be set before triton is imported, so the cases run in one child
+process (this file run as a script); the tests here read its report. The child checks that
+every call really launched the kernel (a counting wrapper around it) and that ops called
+through ``torch.ops.compile_norm`` dispatch to "triton" for CPU tensors in this mode.
+
+Interpreter-only differences from the GPU path (see triton_kernel.py): casts to bf16/fp8 are
+done by exact bit arithmetic (the interpreter's own casts truncate) and libdevice calls are
+replaced by exact numpy-backed equivalents; division by a Python number is a true division
+as on CPU torch. Tolerances are those of compile_norm.kernels.checking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _child() -> None:
+    import torch
+
+    import compile_norm  # noqa: F401
+    from compile_norm.kernels import checking, triton_ops
+    from compile_norm.ops import registry
+
+    assert triton_ops.INTERPRET and triton_ops.SUPPORTED, triton_ops.REASON
+    launches = [0]
+    real = triton_ops.K.norm_quant_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launch = real[grid]
+
+            def run(*args, **kwargs):
+                launches[0] += 1
+                return launch(*args, **kwargs)
+
+            return run
+
+    triton_ops.K = type("K", (), {"norm_quant_kernel": Counting()})
+
+    bf16 = torch.bfloat16
+    cases = checking.default_cases(dtypes=(bf16,), hiddens=(128, 300), tokens=5)
+    cases += [
+        c for c in checking.default_cases(dtypes=(torch.float16, torch.float32), hiddens=(384,), tokens=3)
+        if c.dtype != bf16
+    ]
+    results = []
+    for case in cases:
+        before = launches[0]
+        try:
+            res = checking.run_case(case, "cpu")
+            ok, problems = res.ok, res.problems
+        except Exception as e:  # report, don't stop the run
+            ok, problems = False, [f"{type(e).__name__}: {e}"]
+        expected = 0 if 0 in case.shape else 1
+        if launches[0] - before != expected:
+            ok = False
+            problems.append(f"{launches[0] - before} kernel launches, expected {expected}")
+        results.append({"op": case.op, "name": case.name(), "ok": ok, "problems": problems})
+
+    # The full op call dispatches to the kernel for CPU tensors in interpreter mode.
+    x = torch.randn(3, 40, dtype=bf16)
+    w = torch.randn(40, dtype=bf16)
+    before = launches[0]
+    provider = registry.which_provider("fused_add_rms_norm_fp8_dynamic", x, x, w, 1e-6)
+    q, s, h = torch.ops.compile_norm.fused_add_rms_norm_fp8_dynamic(x, x, w, 1e-6)
+    dispatch = {"provider": provider, "launches": launches[0] - before}
+    print("REPORT" + json.dumps({"results": results, "dispatch": dispatch}))
+
+
+@pytest.fixture(scope="module")
+def report():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
+    )
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("REPORT")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    return json.loads(lines[-1][len("REPORT"):])
+
+
+def _ops():
+    from compile_norm.kernels import checking
+
+    return checking.all_ops()
+
+
+@pytest.mark.parametrize("op", _ops())
+def test_interpreter_matches_reference(report, op):
+    mine = [r for r in report["results"] if r["op"] == op]
+    assert len(mine) >= 10
+    bad = [f"{r['name']}: {r['problems']}" for r in mine if not r["ok"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_interpreter_dispatch_runs_the_kernel(report):
+    assert report["dispatch"] == {"provider": "triton", "launches": 1}
+
+
+if __name__ == "__main__":
+    _child()
