@@ -34,11 +34,20 @@ def reference_for(target: Any) -> Callable[..., Any] | None:
 
 
 def register_decompositions() -> None:
-    """Add each op's reference to Inductor's default decomposition table (idempotent)."""
+    """Add each op's reference to Inductor's default decomposition table (idempotent).
+
+    An IR node that still reaches Inductor's lowering (``lowering="kernel"``, or a foreign
+    post-grad pass that creates one) becomes a call of the op, dispatched to its providers at
+    run time; registered explicitly because Inductor refuses an implicit fallback for an op
+    that also has a decomposition.
+    """
     from torch._inductor import decomposition
+    from torch._inductor.lowering import lowerings, make_fallback
 
     for overload, name in op_overloads().items():
         decomposition.decompositions[overload] = registry.ops()[name].reference
+        if overload not in lowerings:
+            make_fallback(overload, warn=False, override_decomp=True)
     _clear_cache()
 
 
