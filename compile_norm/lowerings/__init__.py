@@ -14,6 +14,9 @@ entries out of Inductor's table while the backend compiles.
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
+import sys
 import threading
 from typing import Any, Callable, Iterator
 
@@ -34,21 +37,57 @@ def reference_for(target: Any) -> Callable[..., Any] | None:
 
 
 def register_decompositions() -> None:
-    """Add each op's reference to Inductor's default decomposition table (idempotent).
-
-    An IR node that still reaches Inductor's lowering (``lowering="kernel"``, or a foreign
-    post-grad pass that creates one) becomes a call of the op, dispatched to its providers at
-    run time; registered explicitly because Inductor refuses an implicit fallback for an op
-    that also has a decomposition.
-    """
+    """Add each op's reference to Inductor's default decomposition table (idempotent)."""
     from torch._inductor import decomposition
-    from torch._inductor.lowering import lowerings, make_fallback
 
     for overload, name in op_overloads().items():
         decomposition.decompositions[overload] = registry.ops()[name].reference
+    _clear_cache()
+
+
+def register_fallbacks() -> None:
+    """Lower IR nodes that still reach Inductor (``lowering="kernel"``, or a foreign post-grad
+    pass that creates them) as calls of the op, dispatched to its providers at run time.
+
+    Explicit because Inductor refuses an implicit fallback for an op with a decomposition.
+    """
+    from torch._inductor.lowering import lowerings, make_fallback
+
+    for overload in op_overloads():
         if overload not in lowerings:
             make_fallback(overload, warn=False, override_decomp=True)
-    _clear_cache()
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``callback`` right after module ``name`` is imported: ``import compile_norm``
+    must not import Inductor (and with it triton) itself."""
+
+    def __init__(self, name: str, callback: Callable[[], None]):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            self.callback()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def when_imported(name: str, callback: Callable[[], None]) -> None:
+    """Call ``callback`` now if module ``name`` is loaded, else right after it loads."""
+    if name in sys.modules:
+        callback()
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, callback))
 
 
 def _clear_cache() -> None:
@@ -81,4 +120,5 @@ def keep_ops() -> Iterator[None]:
             _clear_cache()
 
 
-register_decompositions()
+when_imported("torch._inductor.decomposition", register_decompositions)
+when_imported("torch._inductor.lowering", register_fallbacks)
