@@ -2,8 +2,10 @@
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from . import lowerings  # noqa: F401  (plain Inductor inlines our ops' references)
 from . import ops
 from . import kernels  # noqa: F401  (registers the device-kernel providers)
+from .fuse import fuse
 from .ops import (
     fused_add_rms_norm,
     providers_priority,
@@ -11,6 +13,7 @@ from .ops import (
     set_priority,
     which_provider,
 )
+from .options import CompileOptions, parse_options
 
 try:
     __version__ = _version("compile_norm")

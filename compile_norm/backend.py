@@ -1,0 +1,43 @@
+"""The ``compile_norm`` torch.compile backend.
+
+``torch.compile(model, backend="compile_norm", options={...})`` finds this function through
+the ``torch_dynamo_backends`` entry point (no import needed) and calls it with the ``options``
+dict (and ``mode``, if given). It compiles with Inductor, keeping the compile_norm IR ops
+out of Inductor's decomposition table meanwhile so the passes see them, and installs the pass manager as the
+post-grad custom pass. Inductor config names in ``options`` pass through as config patches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from . import lowerings
+from .options import CompileOptions, parse_options
+from .passes.manager import CompileNormPass
+
+
+def config_patches(options: CompileOptions, mode: str | None = None) -> dict[str, Any]:
+    patches: dict[str, Any] = {}
+    if mode is not None and mode != "default":
+        from torch._inductor import list_mode_options
+
+        patches.update(list_mode_options(mode))
+    patches.update(options.inductor_config)
+    patches["post_grad_custom_post_pass"] = CompileNormPass(options)
+    return patches
+
+
+def compile_norm_backend(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: dict[str, Any] | CompileOptions | None = None,
+    mode: str | None = None,
+) -> Any:
+    """Compile ``gm`` with Inductor plus the compile_norm passes."""
+    from torch._inductor.compile_fx import compile_fx
+
+    opts = parse_options(options)
+    with lowerings.keep_ops():  # the passes must see the IR ops (see lowerings.keep_ops)
+        return compile_fx(gm, example_inputs, config_patches=config_patches(opts, mode))

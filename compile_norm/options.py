@@ -1,0 +1,119 @@
+"""Compile options of the ``compile_norm`` backend, parsed from ``torch.compile(options=...)``.
+
+Keys (all optional):
+
+- ``passes``: names of the graph passes to run, a subset of ``PASS_ORDER`` (always run in that
+  order; ``lower`` runs whenever the backend runs, because IR nodes must become code).
+- ``quant_fusion``: fuse norm + quantization (the ``quant`` pass); default True.
+- ``lowering``: ``"generated"`` (default: inline each op's reference so Inductor generates one
+  fused kernel) or ``"kernel"`` (keep the op node as a call to its registered kernel).
+- ``strict``: a pass that fails raises instead of warning and leaving the graph unfused.
+- ``providers``: provider priority (as for ``compile_norm.set_priority``) applied while compiling.
+- every other key that is an Inductor config name (``torch._inductor.config``) is passed through
+  to ``compile_fx`` as a config patch, e.g. ``{"max_autotune": True}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+PASS_ORDER = ("canonicalize", "gemma", "residual", "quant", "lower")
+LOWERING_MODES = ("generated", "kernel")
+_OWN_KEYS = ("passes", "quant_fusion", "lowering", "strict", "providers")
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable, repr-stable copy of an option value (for the pass cache key)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_freeze(v) for v in value]
+        return tuple(sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items)
+    return value
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    passes: tuple[str, ...] = PASS_ORDER
+    quant_fusion: bool = True
+    lowering: str = "generated"
+    strict: bool = False
+    providers: Any = None  # frozen priority spec, or None (leave the current priority)
+    inductor: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+
+    def enabled(self, name: str) -> bool:
+        if name == "quant" and not self.quant_fusion:
+            return False
+        return name == "lower" or name in self.passes
+
+    @property
+    def inductor_config(self) -> dict[str, Any]:
+        return dict(self.inductor)
+
+    def cache_key(self) -> str:
+        return repr(self)
+
+
+def _inductor_config_keys() -> set[str]:
+    from torch._inductor import config
+
+    return set(config._config.keys()) if hasattr(config, "_config") else set(dir(config))
+
+
+def parse_options(options: Mapping[str, Any] | CompileOptions | None) -> CompileOptions:
+    """Validate ``options`` (a dict as given to ``torch.compile``) into ``CompileOptions``."""
+    if options is None:
+        return CompileOptions()
+    if isinstance(options, CompileOptions):
+        return options
+    if not isinstance(options, Mapping):
+        raise ValueError(f"compile_norm: options must be a dict, got {type(options).__name__}")
+    own = {k: v for k, v in options.items() if k in _OWN_KEYS}
+    rest = {k: v for k, v in options.items() if k not in _OWN_KEYS}
+    known = _inductor_config_keys()
+    unknown = sorted(str(k) for k in rest if k not in known)
+    if unknown:
+        raise ValueError(
+            f"compile_norm: unknown option(s) {', '.join(map(repr, unknown))}; compile_norm "
+            f"options are {', '.join(_OWN_KEYS)}, and Inductor config names pass through"
+        )
+    passes = own.get("passes", PASS_ORDER)
+    if isinstance(passes, str) or not all(isinstance(p, str) for p in passes):
+        raise ValueError(f"compile_norm: option 'passes' must be a list of pass names, got {passes!r}")
+    bad = [p for p in passes if p not in PASS_ORDER]
+    if bad:
+        raise ValueError(
+            f"compile_norm: option 'passes' has unknown pass(es) {bad}; known: {list(PASS_ORDER)}"
+        )
+    lowering = own.get("lowering", "generated")
+    if lowering not in LOWERING_MODES:
+        raise ValueError(
+            f"compile_norm: option 'lowering' must be one of {list(LOWERING_MODES)}, got {lowering!r}"
+        )
+    for key in ("quant_fusion", "strict"):
+        if key in own and not isinstance(own[key], bool):
+            raise ValueError(f"compile_norm: option {key!r} must be a bool, got {own[key]!r}")
+    providers = own.get("providers")
+    if providers is not None and not isinstance(providers, (str, Mapping, list, tuple)):
+        raise ValueError(
+            "compile_norm: option 'providers' must be a list of provider names, a {op: [names]} "
+            f"dict or a spec string, got {type(providers).__name__}"
+        )
+    return CompileOptions(
+        passes=tuple(p for p in PASS_ORDER if p in passes),
+        quant_fusion=own.get("quant_fusion", True),
+        lowering=lowering,
+        strict=own.get("strict", False),
+        providers=_freeze(providers),
+        inductor=tuple(sorted(rest.items())),
+    )
+
+
+def thaw_providers(frozen: Any) -> Any:
+    """``CompileOptions.providers`` back into what ``registry.set_priority`` accepts."""
+    if frozen is None or isinstance(frozen, str):
+        return frozen
+    if frozen and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], tuple) for p in frozen):
+        return {op: list(names) for op, names in frozen}
+    return list(frozen)

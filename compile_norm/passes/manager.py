@@ -1,0 +1,133 @@
+"""The pass manager: an Inductor ``CustomGraphPass`` running compile_norm's passes in order.
+
+Installed as ``torch._inductor.config.post_grad_custom_post_pass`` by the backend. Each pass
+runs on the live graph after a snapshot is taken; if it raises, the graph is restored from the
+snapshot (so a failure leaves that pass's rewrites out, never half of them), a warning is
+issued, and compilation goes on: the result is unfused but correct. ``strict`` raises instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import logging
+import pathlib
+import warnings
+from types import ModuleType
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from ..ops import registry
+from ..options import PASS_ORDER, CompileOptions, parse_options, thaw_providers
+from torch._dynamo.utils import counters
+
+from .base import COUNTER_GROUP, PassResult, notify_stage
+
+log = logging.getLogger("compile_norm.passes")
+PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+class PassFailedError(RuntimeError):
+    """A pass raised while ``strict`` was set."""
+
+
+def load_pass(name: str) -> ModuleType | None:
+    """The pass module ``compile_norm.passes.<name>``; None if it is not installed (yet)."""
+    module_name = f"compile_norm.passes.{name}"
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            return None
+        raise
+
+
+def _source_files() -> list[pathlib.Path]:
+    """Every source file of the package: passes, helpers, ops, lowerings, kernels, options."""
+    return sorted(p for p in PACKAGE_ROOT.rglob("*") if p.suffix in (".py", ".c", ".cu", ".cpp") and "__pycache__" not in p.parts)
+
+
+def source_hash() -> str:
+    h = hashlib.sha256()
+    for path in _source_files():
+        h.update(str(path.relative_to(PACKAGE_ROOT)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _snapshot(graph: torch.fx.Graph) -> torch.fx.Graph:
+    copy = torch.fx.Graph()
+    env: dict = {}
+    out = copy.graph_copy(graph, env)
+    copy.output(out)
+    return copy
+
+
+def _restore(graph: torch.fx.Graph, snapshot: torch.fx.Graph) -> None:
+    """Make ``graph`` equal to ``snapshot`` again, keeping its own placeholder nodes."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    rest = [n for n in graph.nodes if n.op != "placeholder"]
+    for node in rest:  # drop every edge first, so erasing order does not matter
+        node.args, node.kwargs = (), {}
+    for node in reversed(rest):
+        graph.erase_node(node)
+    snap_placeholders = [n for n in snapshot.nodes if n.op == "placeholder"]
+    env = dict(zip(snap_placeholders, placeholders))
+    prev = placeholders[-1] if placeholders else None  # None: append at the end
+    for node in snapshot.nodes:
+        if node.op != "placeholder":
+            with graph.inserting_after(prev):
+                prev = env[node] = graph.node_copy(node, lambda n: env[n])
+
+
+class CompileNormPass(CustomGraphPass):
+    """canonicalize, gemma, residual, quant, lower — as enabled by the options."""
+
+    def __init__(self, options: CompileOptions | dict | None = None):
+        self.options = parse_options(options)
+
+    def _priority(self):
+        if self.options.providers is None:
+            return contextlib.nullcontext()
+        return registry.providers_priority(thaw_providers(self.options.providers))
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        with self._priority():
+            notify_stage("input", graph)  # observers (the inspect tool) see every stage
+            for name in PASS_ORDER:
+                if not self.options.enabled(name):
+                    continue
+                module = load_pass(name)
+                if module is None:
+                    log.debug("compile_norm: pass %s is not available; skipped", name)
+                    continue
+                result = self.run_pass(module, graph)
+                result.publish()
+                notify_stage(name, graph, result)
+
+    def run_pass(self, module: ModuleType, graph: torch.fx.Graph) -> PassResult:
+        snapshot = _snapshot(graph)
+        try:
+            result = module.run(graph, self.options)
+            graph.lint()
+            return result
+        except Exception as e:
+            if self.options.strict:
+                raise PassFailedError(f"compile_norm pass {module.NAME!r} failed: {e}") from e
+            _restore(graph, snapshot)
+            message = f"compile_norm pass {module.NAME!r} failed and was skipped (graph left unfused): {type(e).__name__}: {e}"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            log.warning(message)
+            counters[COUNTER_GROUP][f"{module.NAME}_failed"] += 1
+            return PassResult(module.NAME, error=f"{type(e).__name__}: {e}")
+
+    def uuid(self) -> str:
+        with self._priority():
+            state = repr(registry.priority_state())
+        h = hashlib.sha256()
+        for part in (source_hash(), self.options.cache_key(), state, torch.__version__):
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()

@@ -1,0 +1,117 @@
+"""Helpers shared by the passes: which node is which IR op, its arguments, building new nodes."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..ops import registry
+from ..ops.fused import add_norm_op_name, norm_op_name
+from ..ops.quant import SCHEMES
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+NORM = "rms_norm"
+ADD_NORM = "fused_add_rms_norm"
+
+
+def overload(name: str) -> Any:
+    return getattr(torch.ops.compile_norm, name).default
+
+
+def op_name(node: Any) -> str | None:
+    """The compile_norm op a node calls, or None."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    target = node.target
+    if getattr(target, "namespace", None) != registry.NAMESPACE:
+        return None
+    return target._schema.name.split("::")[1]
+
+
+def norm_names() -> list[str]:
+    """Every op that normalizes (plain, fused add, and their quant variants)."""
+    return [NORM, ADD_NORM] + [f(s) for s in SCHEMES for f in (norm_op_name, add_norm_op_name)]
+
+
+def has_residual(name: str) -> bool:
+    return name.startswith(ADD_NORM)
+
+
+def scheme_of(name: str) -> str | None:
+    for prefix in (ADD_NORM + "_", NORM + "_"):
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return None
+
+
+def norm_args(node: torch.fx.Node) -> list[Any]:
+    """All arguments of a compile_norm node, positional, defaults filled in."""
+    args, kwargs = registry.normalize_call(op_name(node), tuple(node.args), dict(node.kwargs))
+    assert not kwargs, "compile_norm schemas have no keyword-only arguments"
+    return list(args)
+
+
+def val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dim() == b.dim() and all(
+        statically_known_true(x == y) for x, y in zip(a.shape, b.shape)
+    )
+
+
+def _fake_mode(args: tuple) -> Any:
+    from torch._guards import detect_fake_mode
+    from torch._inductor.virtualized import NullHandler, V
+
+    mode = detect_fake_mode([val(a) for a in args if isinstance(a, torch.fx.Node)])
+    if mode is None and V.fake_mode is not None and not isinstance(V.fake_mode, NullHandler):
+        mode = V.fake_mode
+    return mode
+
+
+def call(graph: torch.fx.Graph, target: Any, args: tuple) -> torch.fx.Node:
+    """Insert ``target(*args)`` at the graph's insert point, with its fake value in meta."""
+    node = graph.call_function(target, args)
+    fake_args = tuple(val(a) if isinstance(a, torch.fx.Node) else a for a in args)
+    mode = _fake_mode(args)
+    if mode is not None:
+        with mode:
+            node.meta["val"] = target(*fake_args)
+    return node
+
+
+def getitem(graph: torch.fx.Graph, node: torch.fx.Node, index: int) -> torch.fx.Node:
+    item = graph.call_function(operator.getitem, (node, index))
+    if "val" in node.meta:
+        item.meta["val"] = node.meta["val"][index]
+    return item
+
+
+def output_users(node: torch.fx.Node) -> dict[int, list[torch.fx.Node]]:
+    """``{output index: getitem users}`` of a tuple-returning node."""
+    result: dict[int, list[torch.fx.Node]] = {}
+    for user in node.users:
+        if user.target is operator.getitem:
+            result.setdefault(user.args[1], []).append(user)
+    return result
+
+
+def is_multi_output(node: torch.fx.Node) -> bool:
+    return isinstance(val(node), (tuple, list))
+
+
+def site(node: torch.fx.Node) -> str:
+    """A node's name and, where Dynamo recorded it, the model source line."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File")]
+    return f"{node.name} ({lines[-1]})" if lines else node.name
+
+
+def is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,413 @@
+"""Quant pass: a norm followed by activation quantization -> one fused norm-quant op.
+
+Two kinds of site:
+
+1. ``quant_<s>(y, ...)`` of a compile_norm quant op, where ``y`` is ``rms_norm(...)`` or the
+   first output of ``fused_add_rms_norm(...)`` -> ``rms_norm_<s>`` / ``fused_add_rms_norm_<s>``.
+2. Hand-written quantization of ``y`` as it appears in post-grad graphs (``y.float()`` is
+   ``prims.convert_element_type``; ``clamp`` is ``clamp_min`` + ``clamp_max`` or ``clamp``):
+   - FP8 static: ``(y.float() / scale).clamp(-448, 448).to(float8_e4m3fn)``;
+   - FP8 dynamic per token: ``s = (|y|.amax(-1, keepdim) / 448).clamp(min=1/(448*512))``,
+     ``q = (y.float() / s).clamp(-448, 448).to(float8_e4m3fn)``;
+   - INT8 static: ``(y.float() / scale).round() [+ azp]).clamp(-128, 127).to(int8)``;
+   - INT8 dynamic per token: ``s = (amax / 127).clamp(min=1e-10)``,
+     ``q = (y.float() / s).round().clamp(-128, 127).to(int8)``;
+   - FP8 per group (any group size g dividing H, e.g. 128 or 64): ``g = y.float().view(..., H/g, g)``,
+     ``s = (|g|.amax(-1, keepdim) / 448).clamp(min=1/(448*512))``,
+     ``q = (g / s).clamp(-448, 448).to(float8_e4m3fn).view(y.shape)``; the user's ``s``
+     (``[..., H/g, 1]``) becomes a view of the op's row-major ``[..., H/g]`` scales.
+   The constants (448, 127, the clamp bounds, the minimum scale) are matched as arguments and
+   compared with the op's contract; anything else is refused with a reason. Multiplying by a
+   reciprocal scale is refused: ``y * (1 / s)`` is not bit-identical to ``y / s``.
+
+Guard: every user of the norm output ``y`` must be inside the matched quantization; a norm
+whose output is also used elsewhere is left unfused (the fused ops do not return ``y``).
+Hand-written INT8 differs from the op only for NaN input (the op maps NaN to 0; a cast of NaN
+to int8 is undefined behaviour), so those sites fuse.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any
+
+import torch
+from torch._inductor.pattern_matcher import (
+    MULTIPLE,
+    CallFunction,
+    CallFunctionVarArgs,
+    KeywordArg,
+    Match,
+    PatternMatcherPass,
+    register_graph_pattern,
+    stable_topological_sort,
+)
+
+from ..ops import quant as Q
+from ..ops import registry
+from ..ops.fused import add_norm_op_name, norm_op_name
+from ..ops.quant import SCHEMES, quant_op_name
+from . import patterns as P
+from .base import PassResult
+
+NAME = "quant"
+_STATE: dict = {}
+aten, prims = P.aten, P.prims
+F32 = torch.float32
+
+
+# --- the fused rewrite shared by both kinds of site ------------------------------------------
+
+
+def norm_of(y: Any) -> tuple[torch.fx.Node, int | None] | None:
+    """``(norm node, getitem index)`` when ``y`` is a fusable norm output, else None."""
+    if P.op_name(y) == P.NORM:
+        return y, None
+    if isinstance(y, torch.fx.Node) and y.target is operator.getitem and y.args[1] == 0:
+        if P.op_name(y.args[0]) == P.ADD_NORM:
+            return y.args[0], 0
+    return None
+
+
+def _norm_reason(y: Any, inside: set) -> str | None:
+    if norm_of(y) is None:
+        return "quantized value is not a compile_norm norm output"
+    if any(u not in inside for u in y.users):
+        return "norm output has other users"  # the fused ops do not return the norm output
+    return None
+
+
+def fuse(y: torch.fx.Node, scheme: str, qargs: list, outputs: list, before: torch.fx.Node, old: list) -> torch.fx.Node:
+    """Replace norm ``y`` + quantization by one fused op; ``outputs[i]`` becomes its output i.
+
+    ``old`` (the matched nodes) and the norm are erased at once, so the pattern matcher never
+    sees the dead chain again."""
+    norm, _ = norm_of(y)
+    graph = norm.graph
+    args = P.norm_args(norm)
+    residual = P.op_name(norm) == P.ADD_NORM
+    head = args[:4] if residual else args[:3]  # x, [residual], weight, eps
+    tail = args[-2:]  # weight_offset, variance_size
+    name = add_norm_op_name(scheme) if residual else norm_op_name(scheme)
+    with graph.inserting_before(before):
+        fused = P.call(graph, P.overload(name), (*head, *qargs, *tail))
+        multi = P.is_multi_output(fused)
+        for index, output in enumerate(outputs):
+            if output is None:  # the caller replaces this one itself
+                continue
+            output.replace_all_uses_with(P.getitem(graph, fused, index) if multi else fused)
+        if residual:
+            for user in P.output_users(norm).get(1, []):
+                user.args = (fused, len(SCHEMES[scheme].outputs))
+    _erase_unused([*old, y, norm])
+    _STATE["result"].matched += 1
+    return fused
+
+
+def _erase_unused(nodes: list) -> None:
+    pending = {n for n in nodes if isinstance(n, torch.fx.Node)}
+    changed = True
+    while changed:
+        changed = False
+        for node in list(pending):
+            if not node.users:
+                node.graph.erase_node(node)
+                pending.discard(node)
+                changed = True
+
+
+# --- 1. compile_norm quant ops ---------------------------------------------------------------
+
+
+def _op_check(match: Match) -> bool:
+    node = match.output_node()
+    y = node.args[0] if node.args else node.kwargs.get("x")
+    if norm_of(y) is None:
+        return False
+    reason = _norm_reason(y, {node})
+    if reason:
+        _STATE["result"].skip(P.site(node), reason)
+        return False
+    return True
+
+
+def _op_rewrite(match: Match, *args, **kwargs) -> None:
+    node = match.output_node()
+    scheme = P.op_name(node)[len("quant_") :]
+    qargs, _ = registry.normalize_call(quant_op_name(scheme), tuple(node.args), dict(node.kwargs))
+    y = qargs[0]
+    if P.is_multi_output(node):
+        outputs = [None] * len(SCHEMES[scheme].outputs)
+        graph = node.graph
+        with graph.inserting_after(node):  # give every output a node to replace
+            for i in range(len(outputs)):
+                outputs[i] = P.getitem(graph, node, i)
+        for index, users in P.output_users(node).items():
+            for user in users:
+                if user is not outputs[index]:
+                    user.replace_all_uses_with(outputs[index])
+    else:
+        outputs = [node]
+    fuse(y, scheme, list(qargs[1:]), outputs, node, [node, *outputs])
+
+
+# --- 2. hand-written quantization ------------------------------------------------------------
+
+
+def _conv(arg: Any, dtype: Any, users: Any = 1) -> CallFunction:
+    return CallFunction(prims.convert_element_type.default, arg, dtype, _users=users)
+
+
+def _clamps(v: Any, lo: str, hi: str) -> list:
+    lo_arg, hi_arg = KeywordArg(lo), KeywordArg(hi)
+    return [
+        CallFunction(aten.clamp_max.default, CallFunction(aten.clamp_min.default, v, lo_arg), hi_arg),
+        CallFunction(aten.clamp_min.default, CallFunction(aten.clamp_max.default, v, hi_arg), lo_arg),
+        CallFunction(aten.clamp.default, v, lo_arg, hi_arg),
+    ]
+
+
+def _y_pairs() -> list[tuple[Any, Any]]:
+    """The float32 view of ``y`` as read twice (amax and divide): shared, separate, or y itself."""
+    y = KeywordArg("y")
+    shared = _conv(y, F32, MULTIPLE)
+    return [(shared, shared), (_conv(y, F32), _conv(y, F32)), (y, y)]
+
+
+def _static_patterns(kind: str) -> list:
+    out = []
+    for yf in (_conv(KeywordArg("y"), F32), KeywordArg("y")):
+        if kind == "fp8":
+            cores = [CallFunction(aten.div.Tensor, yf, KeywordArg("scale"))]
+        elif kind == "fp8_mul":
+            cores = [CallFunction(aten.mul.Tensor, yf, KeywordArg("scale"))]
+        else:
+            rounded = CallFunction(aten.round.default, CallFunction(aten.div.Tensor, yf, KeywordArg("scale")))
+            cores = [rounded, CallFunction(aten.add.Tensor, rounded, KeywordArg("azp"))]
+        for core in cores:
+            out += [_conv(c, KeywordArg("qdtype")) for c in _clamps(core, "lo", "hi")]
+    return out
+
+
+def _dynamic_patterns(kind: str) -> list[tuple[Any, Any]]:
+    """``(q pattern, scale pattern)`` pairs; the scale is also an output (MULTIPLE users)."""
+    out = []
+    for yf_amax, yf_div in _y_pairs():
+        amax = CallFunction(aten.amax.default, CallFunction(aten.abs.default, yf_amax), KeywordArg("dims"), KeywordArg("keepdim"))
+        scale = CallFunction(
+            aten.clamp_min.default,
+            CallFunction(aten.div.Tensor, amax, KeywordArg("qmax")),
+            KeywordArg("min_scale"),
+            _users=MULTIPLE,
+        )
+        core = CallFunction(aten.div.Tensor, yf_div, scale)
+        if kind == "int8":
+            core = CallFunction(aten.round.default, core)
+        out += [(_conv(c, KeywordArg("qdtype")), scale) for c in _clamps(core, "lo", "hi")]
+    return out
+
+
+def _f32(value: Any) -> float | None:
+    """``value`` as the float32 a clamp/divide with this Python scalar uses, or None."""
+    if not P.is_scalar(value):
+        return None
+    return torch.tensor(value, dtype=F32).item()
+
+
+def _scale_tensor_ok(node: Any, dtype: torch.dtype) -> bool:
+    v = P.val(node)
+    return isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype == dtype
+
+
+def _common_reason(m: Match, kind: str) -> str | None:
+    """Why the constants of a hand-written site differ from the op's contract (None: equal)."""
+    kw = m.kwargs
+    fp8 = kind.startswith("fp8")
+    qdtype, bound = (Q.FP8_DTYPE, Q.FP8_MAX) if fp8 else (torch.int8, None)
+    if kw["qdtype"] != qdtype:
+        return "cast is not to the quantized dtype"
+    lo, hi = _f32(kw["lo"]), _f32(kw["hi"])
+    expected = (-bound, bound) if fp8 else (float(Q.INT8_MIN), float(Q.INT8_MAX))
+    if (lo, hi) != expected:
+        return f"clamp bounds ({kw['lo']}, {kw['hi']}) differ from {expected}"
+    yv = P.val(kw["y"])
+    if yv is None or yv.dtype not in (torch.float16, torch.bfloat16, F32):
+        return "quantized value is not float16/bfloat16/float32"
+    return None
+
+
+def _static_check(kind: str):
+    def check(m: Match) -> bool:
+        if m.kwargs["qdtype"] not in (Q.FP8_DTYPE, torch.int8) or norm_of(m.kwargs["y"]) is None:
+            return False  # not a quantization of a norm: nothing to report
+        reason = _common_reason(m, kind)
+        if reason is None and kind == "fp8_mul":
+            reason = "FP8 quantization multiplies by a reciprocal scale: not bit-identical to y / scale"
+        if reason is None and not _scale_tensor_ok(m.kwargs["scale"], F32):
+            sv = P.val(m.kwargs["scale"])
+            if not isinstance(sv, torch.Tensor) or sv.numel() != 1:
+                return False  # a per-token scale: the dynamic patterns' business
+            reason = "scale is not a float32 tensor"
+        if reason is None and "azp" in m.kwargs and not _scale_tensor_ok(m.kwargs["azp"], torch.int32):
+            reason = "azp is not a one-element int32 tensor"
+        if reason is None:
+            reason = _norm_reason(m.kwargs["y"], set(m.nodes))
+        if reason:
+            _STATE["result"].skip(P.site(m.output_node()), reason)
+            return False
+        return True
+
+    return check
+
+
+def _static_rewrite(kind: str):
+    def rewrite(m: Match, *args, **kwargs) -> None:
+        kw = m.kwargs
+        if kind == "fp8":
+            fuse(kw["y"], "fp8_static", [kw["scale"]], [m.output_node()], m.output_node(), m.nodes)
+        else:
+            fuse(kw["y"], "int8_static", [kw["scale"], kw.get("azp")], [m.output_node()], m.output_node(), m.nodes)
+
+    return rewrite
+
+
+def _dynamic_check(kind: str):
+    qmax, min_scale = (Q.FP8_MAX, Q.FP8_MIN_SCALE) if kind == "fp8" else (float(Q.INT8_MAX), Q.INT8_MIN_SCALE)
+
+    def check(m: Match) -> bool:
+        kw = m.kwargs
+        if kw["qdtype"] not in (Q.FP8_DTYPE, torch.int8) or norm_of(kw["y"]) is None:
+            return False
+        reason = _common_reason(m, kind)
+        yv = P.val(kw["y"])
+        if reason is None:
+            dims = [d % yv.dim() for d in kw["dims"]] if isinstance(kw["dims"], (list, tuple)) else None
+            if dims != [yv.dim() - 1] or kw["keepdim"] is not True:
+                reason = "amax is not over the last dim with keepdim"
+        if reason is None and _f32(kw["qmax"]) != qmax:
+            reason = f"scale divides amax by {kw['qmax']}, not {qmax}"
+        if reason is None and _f32(kw["min_scale"]) != _f32(min_scale):
+            reason = f"minimum scale {kw['min_scale']} differs from the op's {min_scale}"
+        if reason is None:
+            reason = _norm_reason(kw["y"], set(m.nodes))
+        if reason:
+            _STATE["result"].skip(P.site(m.output_node()), reason)
+            return False
+        return True
+
+    return check
+
+
+def _dynamic_rewrite(kind: str, scale_pattern: Any):
+    scheme = "fp8_dynamic" if kind == "fp8" else "int8_dynamic"
+
+    def rewrite(m: Match, *args, **kwargs) -> None:
+        scale = m.ctx.pattern_to_node[scale_pattern]
+        qargs = [None] if kind == "fp8" else []  # fp8_dynamic: scale_ub=None
+        fuse(m.kwargs["y"], scheme, qargs, [m.output_node(), scale], m.output_node(), m.nodes)
+
+    return rewrite
+
+
+_VIEW = [aten.view.default, aten.reshape.default]
+
+
+def _group_patterns() -> list[tuple[Any, Any]]:
+    out = []
+    for yf in (_conv(KeywordArg("y"), F32), KeywordArg("y")):
+        groups = CallFunction(_VIEW, yf, KeywordArg("gshape"), _users=MULTIPLE)
+        amax = CallFunction(aten.amax.default, CallFunction(aten.abs.default, groups), KeywordArg("dims"), KeywordArg("keepdim"))
+        scale = CallFunction(
+            aten.clamp_min.default,
+            CallFunction(aten.div.Tensor, amax, KeywordArg("qmax")),
+            KeywordArg("min_scale"),
+            _users=MULTIPLE,
+        )
+        for c in _clamps(CallFunction(aten.div.Tensor, groups, scale), "lo", "hi"):
+            out.append((CallFunction(_VIEW, _conv(c, KeywordArg("qdtype")), KeywordArg("qshape")), scale))
+    return out
+
+
+def _group_size(m: Match) -> int | None:
+    """The group size when the grouping view splits exactly the last dim of y, else None."""
+    yv, gshape = P.val(m.kwargs["y"]), m.kwargs["gshape"]
+    if not isinstance(gshape, (list, tuple)) or len(gshape) != yv.dim() + 1:
+        return None
+    g = gshape[-1]
+    if not isinstance(g, int) or g <= 0 or yv.shape[-1] % g != 0:
+        return None
+    return g
+
+
+def _group_check(m: Match) -> bool:
+    kw = m.kwargs
+    if kw["qdtype"] != Q.FP8_DTYPE or norm_of(kw["y"]) is None:
+        return False
+    reason = _common_reason(m, "fp8")
+    yv = P.val(kw["y"])
+    g = _group_size(m) if reason is None else None
+    if reason is None and g is None:
+        reason = "grouping view does not split the last dim into whole groups"
+    if reason is None:
+        dims = [d % (yv.dim() + 1) for d in kw["dims"]] if isinstance(kw["dims"], (list, tuple)) else None
+        if dims != [yv.dim()] or kw["keepdim"] is not True:
+            reason = "group amax is not over the group dim with keepdim"
+    if reason is None and _f32(kw["qmax"]) != Q.FP8_MAX:
+        reason = f"scale divides amax by {kw['qmax']}, not {Q.FP8_MAX}"
+    if reason is None and _f32(kw["min_scale"]) != _f32(Q.FP8_MIN_SCALE):
+        reason = f"minimum scale {kw['min_scale']} differs from the op's {Q.FP8_MIN_SCALE}"
+    if reason is None and not P.same_shape(P.val(m.output_node()), yv):
+        reason = "quantized value is not viewed back to the shape of y"
+    if reason is None:
+        reason = _norm_reason(kw["y"], set(m.nodes))
+    if reason:
+        _STATE["result"].skip(P.site(m.output_node()), reason)
+        return False
+    return True
+
+
+def _group_rewrite(scale_pattern: Any):
+    def rewrite(m: Match, *args, **kwargs) -> None:
+        scale, anchor = m.ctx.pattern_to_node[scale_pattern], m.output_node()
+        gshape = list(m.kwargs["gshape"])
+        norm, _ = norm_of(m.kwargs["y"])
+        fused = fuse(m.kwargs["y"], "fp8_group", [gshape[-1], False, False], [anchor, None], anchor, [])
+        graph = fused.graph
+        with graph.inserting_after(fused):
+            scales = P.getitem(graph, fused, 1)
+        with graph.inserting_after(scales):  # [..., H/g] -> the user's [..., H/g, 1]
+            view = P.call(graph, aten.view.default, (scales, [*gshape[:-1], 1]))
+        scale.replace_all_uses_with(view)
+        _erase_unused([*m.nodes, m.kwargs["y"], norm])
+
+    return rewrite
+
+
+@functools.cache
+def _pass() -> PatternMatcherPass:
+    pm = PatternMatcherPass(pass_name="compile_norm_quant")
+    for scheme in SCHEMES:
+        register_graph_pattern(CallFunctionVarArgs(P.overload(quant_op_name(scheme))), extra_check=_op_check, pass_dict=pm)(_op_rewrite)
+    # Dynamic forms first: their divide-by-scale tail also looks like a static site.
+    for kind in ("fp8", "int8"):
+        for q, scale in _dynamic_patterns(kind):
+            register_graph_pattern(q, extra_check=_dynamic_check(kind), pass_dict=pm)(_dynamic_rewrite(kind, scale))
+    for q, scale in _group_patterns():
+        register_graph_pattern(q, extra_check=_group_check, pass_dict=pm)(_group_rewrite(scale))
+    for kind in ("fp8", "fp8_mul", "int8"):
+        for pattern in _static_patterns(kind):
+            register_graph_pattern(pattern, extra_check=_static_check(kind), pass_dict=pm)(_static_rewrite(kind))
+    return pm
+
+
+def run(graph: torch.fx.Graph, options) -> PassResult:
+    result = PassResult(NAME)
+    _STATE["result"] = result
+    try:
+        if _pass().apply(graph):
+            stable_topological_sort(graph)  # residual_out users may sit before the quant
+            graph.eliminate_dead_code()
+    finally:
+        _STATE.clear()
+    return result

@@ -1,0 +1,152 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from compile_helpers import assert_close, assert_close_q, cn, compile_run
+from compile_norm import parse_options
+from compile_norm.ops import registry
+from compile_norm.passes import manager, residual
+from compile_norm.passes.manager import CompileNormPass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def model(x, r, w, s):
+    h = x + r
+    return cn.quant_fp8_static(cn.rms_norm(h, w, 1e-6), s), h
+
+
+def args():
+    x = torch.randn(4, 24, dtype=torch.bfloat16)
+    return x, torch.randn_like(x), torch.randn(24, dtype=torch.bfloat16), torch.tensor(0.02)
+
+
+# --- options ---------------------------------------------------------------------------------
+
+
+def test_options_parse_and_reject_unknown_keys():
+    o = parse_options({"lowering": "kernel", "passes": ["residual", "gemma"], "max_autotune": False})
+    assert o.passes == ("gemma", "residual") and o.lowering == "kernel"
+    assert o.inductor_config == {"max_autotune": False}
+    with pytest.raises(ValueError, match="unknown option.*'fusee'"):
+        parse_options({"fusee": True})
+    with pytest.raises(ValueError, match="'lowering' must be one of"):
+        parse_options({"lowering": "fast"})
+    with pytest.raises(ValueError, match="unknown pass"):
+        parse_options({"passes": ["residual", "nope"]})
+    with pytest.raises(ValueError, match="'strict' must be a bool"):
+        parse_options({"strict": 1})
+
+
+# --- cache key -------------------------------------------------------------------------------
+
+
+def test_uuid_changes_with_everything_that_changes_output():
+    base = CompileNormPass({}).uuid()
+    assert CompileNormPass({}).uuid() == base  # deterministic
+    assert CompileNormPass({"quant_fusion": False}).uuid() != base
+    assert CompileNormPass({"lowering": "kernel"}).uuid() != base
+    assert CompileNormPass({"providers": ["native"]}).uuid() != base
+    with registry.providers_priority({"rms_norm": ["native"]}):
+        assert CompileNormPass({}).uuid() != base
+    files = {str(p.relative_to(manager.PACKAGE_ROOT)) for p in manager._source_files()}
+    for f in ("passes/residual.py", "passes/patterns.py", "ops/norm.py", "lowerings/__init__.py",
+              "kernels/__init__.py", "options.py", "backend.py"):
+        assert f in files
+
+
+def _hits():
+    return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+
+
+def test_stale_graph_never_reused_in_process():
+    from torch._inductor.utils import fresh_cache
+
+    a = args()
+    with fresh_cache(), torch._inductor.config.patch(fx_graph_cache=True):
+        first = compile_run(model, *a, options={}, caches=True)
+        assert first.counts["quant_matched"] == 1 and _hits() == 0
+        again = compile_run(model, *a, options={}, caches=True)
+        assert _hits() >= 1 and "quant_matched" not in again.counts  # reused: no passes ran
+        other = compile_run(model, *a, options={"quant_fusion": False}, caches=True)
+        assert _hits() == 0, "a graph compiled with other options was reused"
+        assert other.ops("lower", "before") == {"fused_add_rms_norm", "quant_fp8_static"}
+        for c in (first, again, other):
+            assert_close_q(c.out[0], model(*a)[0])
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    import compile_norm
+    from torch._dynamo.utils import counters
+    cn = torch.ops.compile_norm
+    def model(x, r, w, s):
+        h = x + r
+        return cn.quant_fp8_static(cn.rms_norm(h, w, 1e-6), s), h
+    torch.manual_seed(0)
+    x = torch.randn(4, 24, dtype=torch.bfloat16)
+    a = (x, torch.randn_like(x), torch.randn(24, dtype=torch.bfloat16), torch.tensor(0.02))
+    with torch._inductor.config.patch(fx_graph_cache=True):
+        out = torch.compile(model, backend="compile_norm", options=json.loads(sys.argv[1]))(*a)
+    print(json.dumps({"hit": counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"],
+                      "cn": dict(counters["compile_norm"])}))
+    """
+)
+
+
+def test_stale_graph_never_reused_across_processes(tmp_path):
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=ROOT)
+
+    def run(options):
+        p = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(options)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    a = run({})
+    assert a["hit"] == 0 and a["cn"]["quant_matched"] == 1
+    assert run({})["hit"] >= 1
+    b = run({"quant_fusion": False})
+    assert b["hit"] == 0 and "quant_matched" not in b["cn"] and b["cn"]["residual_matched"] == 1
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broken_residual(monkeypatch):
+    real = residual.run
+
+    def run(graph, options):
+        real(graph, options)  # rewrite the graph, then fail: the rewrite must be undone
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(residual, "run", run)
+
+
+def test_failing_pass_warns_and_leaves_graph_unfused(broken_residual):
+    a = args()
+    with pytest.warns(RuntimeWarning, match="pass 'residual' failed.*boom"):
+        c = compile_run(model, *a)
+    assert c.counts["residual_failed"] == 1
+    assert c.ops("residual", "after") == {"rms_norm", "quant_fp8_static"}  # restored
+    assert c.counts["quant_matched"] == 1  # later passes still run
+    want = model(*a)
+    assert_close_q(c.out[0], want[0])
+    assert_close(c.out[1], want[1], torch.bfloat16)
+
+
+def test_strict_turns_failure_into_error(broken_residual):
+    with pytest.raises(Exception, match="compile_norm pass 'residual' failed: boom"):
+        compile_run(model, *args(), options={"strict": True})
+
+
+def test_missing_pass_module_is_skipped():
+    assert manager.load_pass("no_such_pass") is None
