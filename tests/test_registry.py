@@ -251,7 +251,8 @@ def test_native_is_fixed():
 def test_unsupported_provider_is_skipped_with_reason(fake):
     fake.add("gpu_only", rank=1, supported=False, reason="needs a CUDA device")
     fake.add("cpu_ok", rank=50)
-    assert registry.unsupported_reasons(OP) == {"gpu_only": "needs a CUDA device"}
+    # Other real providers (e.g. triton without a GPU) may be listed too.
+    assert registry.unsupported_reasons(OP)["gpu_only"] == "needs a CUDA device"
     assert "gpu_only" in registry.providers(OP)
     _run_and_check(fake, "cpu_ok")
     registry.set_priority({OP: ["gpu_only"]})
@@ -259,7 +260,7 @@ def test_unsupported_provider_is_skipped_with_reason(fake):
     with registry.providers_priority(["gpu_only", "native"]):
         _run_and_check(fake, "native")
     assert "gpu_only" not in fake.names()
-    assert registry.unsupported_reasons("fused_add_rms_norm") == {}
+    assert "gpu_only" not in registry.unsupported_reasons("fused_add_rms_norm")
 
 
 def test_priority_state_changes_with_providers_and_priorities(fake):
