@@ -75,11 +75,24 @@ def test_supports_rejects_cpu_tensors():
 
 def test_launch_config_heuristic():
     # several rows per program for small rows, one row (whole row in registers) for big ones
-    assert triton_ops.launch_config(128, 0) == (16, 1, 128, 4)
-    bm, ng, g, warps = triton_ops.launch_config(5376, 0)
-    assert (bm, ng, g) == (1, 1, 8192) and warps == 16
-    assert triton_ops.launch_config(4096, 128) == (1, 32, 128, 8)
-    assert triton_ops.launch_config(65536, 0)[3] == 32
+    assert triton_ops.launch_config(128, 0) == (16, ((1, 128), (0, 1), (0, 1)), 4)
+    # non-power-of-two rows: up to three power-of-two tiles instead of one padded tile
+    assert triton_ops.column_tiles(5376, 0) == (4096, 1024, 256)
+    assert triton_ops.column_tiles(2304, 0) == (2048, 256)
+    assert triton_ops.column_tiles(3000, 0) == (2048, 512, 512)
+    assert triton_ops.column_tiles(4095, 0) == (4096,)  # < 10% padding: one tile
+    assert triton_ops.column_tiles(300, 0) == (512,)  # small rows: one tile
+    cfg = triton_ops.launch_config(5376, 128)
+    assert cfg.block_m == 1 and cfg.tiles == ((32, 128), (8, 128), (2, 128))
+    assert triton_ops.launch_config(4096, 128) == (1, ((32, 128), (0, 1), (0, 1)), 8)
+    assert triton_ops.launch_config(65536, 0).num_warps == 32
+    for h in range(1, 9000, 7):  # tiles cover the row, group-aligned, powers of two
+        for g in (0, 64, 128):
+            if g and h % g:
+                continue
+            t = [w for w in triton_ops.column_tiles(h, g)]
+            assert sum(t) >= h and all(w & (w - 1) == 0 and w % max(g, 1) == 0 for w in t)
+            assert sum(t[:-1]) < h
 
 
 # --- CUDA ------------------------------------------------------------------------------------
