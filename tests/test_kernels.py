@@ -169,3 +169,16 @@ def test_supports_rules_cuda():
     e = torch.empty(0, 256, device="cuda", dtype=torch.bfloat16)
     q, s = torch.ops.compile_norm.rms_norm_fp8_group(e, w, 1e-6, column_major_scales=True)
     assert q.shape == (0, 256) and s.shape == (0, 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["rms_norm", "fused_add_rms_norm_fp8_dynamic", "rms_norm_fp8_group",
+                                "rms_norm_int8_dynamic_asym", "quant_fp8_static"])
+def test_cached_launch_matches_reference_cuda(op):
+    # The second call with the same configuration launches the cached compiled kernel
+    # directly (no JITFunction.run): it must see its new arguments (pointers, sizes).
+    triton_ops._LAUNCHERS.clear()
+    for i, shape in enumerate([(37, 2304), (5, 2304), (64, 2304)]):
+        res = checking.run_case(checking.Case(op, shape, torch.bfloat16), "cuda", seed=i)
+        assert res.ok, f"call {i}: {res.name}: {res.problems}"
+        assert len(triton_ops._LAUNCHERS) == 1
