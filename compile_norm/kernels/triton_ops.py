@@ -22,7 +22,16 @@ float16/bfloat16/float32 on the device (any mix with x.dtype is reproduced exact
 contiguous are copied first (an extra copy, still correct); so are inputs whose leading
 dims cannot be flattened into one row stride (e.g. transposed leading dims).
 Large hidden sizes keep the whole row in registers: up to 16K elements per program without
-spills; 65536 in fp32 spills (correct, slower).
+spills; 65536 in fp32 spills (correct, slower). Non-power-of-two rows are split into up to
+three power-of-two tiles (``column_tiles``) rather than padded.
+
+Launch: the compiled kernel is cached per (constexprs, num_warps, dtypes, Triton's
+specializations) and launched through its ``run`` directly (``_kernel_launch``); misaligned
+pointers always take ``JITFunction.run``. Measured on H100 (torch 2.11, Triton 3.6, bf16,
+CUDA-graph replay, ratio to a copy of the same element count), 8192x5376:
+rms_norm 0.95, add_rms_norm 1.02, add+FP8 dynamic 0.92, rms+FP8 static 0.74, rms+FP8 group
+0.61, rms+INT8 dynamic 0.62 (before the tiles / fast division: 0.96, 1.03, 0.76, 0.46,
+0.39, 0.37); 8192x4096: 0.99, 1.04, 1.01, 0.90, 0.85, 0.76.
 """
 
 from __future__ import annotations
@@ -278,11 +287,14 @@ def _kernel_launch(grid0: int, dev_index: int, args: tuple, consts: tuple, num_w
     ptr_bits = 0
     for t in args[:10]:
         ptr_bits |= t.data_ptr()
-    ints = args[10:17] + args[19:]
-    # Triton specializes pointers on 16-byte alignment and ints on == 1 / % 16 == 0 (and
-    # types ints by size): only the all-aligned case is cached, the rest goes through run.
+    # Triton specializes pointers on 16-byte alignment, ints on == 1 / % 16 == 0 (except
+    # the do_not_specialize T, stride_st, stride_sg) and types every int by its size: only
+    # the all-aligned case is cached, the rest goes through run.
+    t, h, sx, sr, sw, st, sg = args[10:17]
+    v = args[19]
     key = (dev_index, num_warps, consts, args[0].dtype, args[2].dtype, args[8].dtype,
-           args[9].dtype, tuple((v == 1, v % 16 == 0, v >= 2147483648) for v in ints))
+           args[9].dtype, tuple((i == 1, i % 16 == 0) for i in (h, sx, sr, sw, v)),
+           max(t, h, sx, sr, sw, st, sg, v) >= 2147483648)
     if ptr_bits & 15:
         key = None
     kernel = _LAUNCHERS.get(key) if key is not None and _FAST_LAUNCH[0] else None

@@ -1,6 +1,7 @@
 """Op declaration, kernel providers, priorities and eager dispatch.
 
-Every compile_norm op is a ``torch.library`` custom op declared here from its reference
+Every compile_norm op is a ``torch.library`` operator (``Library.define`` + per-device
+``impl``, ``register_fake``, torch's generated autograd) declared here from its reference
 function. Its eager implementation asks the registry for the first provider (in the op's
 priority order) whose static ``supported`` flag and per-call ``supports(*args, **kwargs)``
 both hold. ``native`` (the reference) is registered with every op, sits last, and accepts
