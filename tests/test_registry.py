@@ -61,9 +61,23 @@ class FakeProviders:
 
 @pytest.fixture
 def fake():
+    """Fake providers on an otherwise bare registry: the real device providers (triton on a
+    GPU machine) are set aside for the test and restored after it."""
+    real = {
+        op: [p for name, p in registry.providers(op).items() if name != "native"]
+        for op in registry.ops()
+    }
+    for op, found in real.items():
+        for provider in found:
+            registry.unregister_provider(op, provider.name)
     providers = FakeProviders()
-    yield providers
-    providers.cleanup()
+    try:
+        yield providers
+    finally:
+        providers.cleanup()
+        for op, found in real.items():
+            for provider in found:
+                registry.register_provider(op, provider)
 
 
 def _args():
