@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from compile_norm.options import PASS_ORDER
 from compile_norm.passes import manager
 
 EPS = 1e-6
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def model(x, r, w, g):
@@ -138,6 +140,31 @@ def test_triton_without_gpu_is_skipped_with_reason():
     assert out.count("(unavailable: triton: ") == len(registry.ops())
 
 
+NO_TRITON = """
+import sys
+sys.modules["triton"] = None  # as if triton were not installed: importing it raises
+import compile_norm, torch
+from compile_norm import cli
+from compile_norm.ops import registry
+reason = registry.unsupported_reasons("rms_norm")["triton"]
+assert reason.startswith("triton is not importable (ModuleNotFoundError"), reason
+x = torch.randn(3, 16)
+assert registry.which_provider("rms_norm", x, None, 1e-6) == "native"
+torch.testing.assert_close(torch.ops.compile_norm.rms_norm(x, None, 1e-6), registry.ops()["rms_norm"].reference(x, None, 1e-6))
+cli.main(["providers"])
+"""
+
+
+def test_missing_triton_is_skipped_with_reason():
+    # TRITON_INTERPRET=1 makes compile_norm try to import triton even without a GPU.
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-c", NO_TRITON], env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [l for l in p.stdout.splitlines() if l.strip()]
+    assert len(lines) == len(registry.ops())
+    assert all("(unavailable: triton: triton is not importable (ModuleNotFoundError" in l for l in lines)
+
+
 # --- threads --------------------------------------------------------------------------------
 
 
@@ -162,6 +189,33 @@ def test_compiled_model_from_many_threads():
         t.start()
     for t in threads:
         t.join(timeout=120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    for i, case in enumerate(cases):
+        check_outputs(results[i], model(*case))
+
+
+def test_first_call_from_many_threads_at_once():
+    """Threads race to the first call: one compile (Dynamo serializes it), right results."""
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="compile_norm", dynamic=False)
+    cases = [inputs() for _ in range(4)]
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(cases))
+
+    def work(i):
+        try:
+            barrier.wait(timeout=60)
+            results[i] = f(*cases[i])
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
     assert not errors, errors
     assert not any(t.is_alive() for t in threads)
     for i, case in enumerate(cases):
