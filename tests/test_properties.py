@@ -21,7 +21,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -221,8 +221,23 @@ def assert_close_outputs(name, actual, expected, dtype):
             torch.testing.assert_close(a, e, rtol=TOL[a.dtype], atol=TOL[a.dtype] * 2)
 
 
+def _zero_token_cases():
+    """Always-run compiled examples: zero tokens, non-contiguous, 3-D/4-D, 16-bit, schemes."""
+    x3 = torch.randn(0, 2, 48).to(torch.bfloat16).transpose(0, 1)  # [2, 0, 48], strided
+    x4 = torch.randn(2, 0, 3, 40 + 3)[..., :40].to(torch.float16)  # sliced last dim
+    w = torch.randn(48, dtype=torch.bfloat16)
+    return [
+        ("fused_add_rms_norm_fp8_group", (x3, torch.randn(2, 0, 48).to(torch.bfloat16), w, 1e-6),
+         {"group_size": 16, "column_major_scales": True, "use_ue8m0": True, "weight_offset": 1.0},
+         torch.bfloat16),
+        ("rms_norm_int8_dynamic_asym", (x4, None, 1e-5), {"variance_size": 24}, torch.float16),
+    ]
+
+
 @settings(max_examples=COMPILED_EXAMPLES)
 @given(op_call(OPS, HIDDEN_COMPILED, max_elements=512, max_lead=6))
+@example(_zero_token_cases()[0])
+@example(_zero_token_cases()[1])
 def test_compiled_matches_eager(case):
     name, args, kwargs, dtype = case
     fn = lambda *a: call(name, a, kwargs)  # noqa: E731
