@@ -50,7 +50,9 @@ def value_error_in_chain(exc: BaseException) -> ValueError | None:
 
 def test_table_is_parsed_and_large():
     assert len(ROWS) >= 20
-    assert [int(r[0]) for r in ROWS] == list(range(1, len(ROWS) + 1))  # no row lost by the parser
+    numbered = [l for l in DOC.read_text().splitlines() if re.match(r"^\| \d+ \|", l)]
+    assert len(ROWS) == len(numbered), "a table row does not parse"
+    assert [int(r[0]) for r in ROWS] == list(range(1, len(ROWS) + 1))
     assert {"op", "options", "fuse", "compile"} <= {r[1] for r in ROWS}
 
 
@@ -80,3 +82,18 @@ def test_documented_op_call_raises_when_compiled(num, kind, call, message):
     err = value_error_in_chain(info.value)
     assert err is not None, repr(info.value)[:500]
     assert message in str(err)
+
+
+from test_ops_errors import CASES  # noqa: E402  (the 30 op cases of the eager/backend="eager" test)
+
+
+@pytest.mark.parametrize("call,factories,text", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_op_error_cases_under_compile_norm_backend(call, factories, text):
+    tensors = [make() for make in factories]
+    torch._dynamo.reset()
+    compiled = torch.compile(call, backend="compile_norm", fullgraph=True)
+    with pytest.raises(Exception) as info:
+        compiled(*tensors)
+    err = value_error_in_chain(info.value)
+    assert err is not None, repr(info.value)[:500]
+    assert text in str(err)
