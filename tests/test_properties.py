@@ -30,7 +30,7 @@ from compile_norm.ops import registry
 from helpers import DTYPES, SCHEME_NAMES, assert_bitwise_equal
 
 settings.register_profile(
-    "ci", max_examples=60, deadline=None, derandomize=True, print_blob=True,
+    "ci", max_examples=20, deadline=None, derandomize=True, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
@@ -40,6 +40,7 @@ settings.register_profile(
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
 COMPILED_EXAMPLES = 60 if PROFILE == "long" else 8
+EAGER_PER_OP = 200 if PROFILE == "long" else 8  # eager properties run per op: every scheme
 
 OPS = sorted(registry.ops())
 NORM_OPS = [n for n in OPS if not n.startswith("quant_")]
@@ -156,9 +157,11 @@ def call(name, args, kwargs):
 
 # --- eager: op vs reference and formulas --------------------------------------------------
 
-@given(op_call(OPS, HIDDEN_EAGER, MAX_ELEMENTS, max_lead=64))
-def test_eager_op_equals_reference(case):
-    name, args, kwargs, dtype = case
+@pytest.mark.parametrize("op_name", OPS)
+@settings(max_examples=EAGER_PER_OP)
+@given(data=st.data())
+def test_eager_op_equals_reference(op_name, data):
+    name, args, kwargs, dtype = data.draw(op_call([op_name], HIDDEN_EAGER, MAX_ELEMENTS, max_lead=64))
     out = call(name, args, kwargs)
     ref = registry.ops()[name].reference(*args, **kwargs)
     assert_bitwise_equal(out, ref, nan_equal=True)
@@ -168,13 +171,23 @@ def test_eager_op_equals_reference(case):
         fake_kw = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         fake = call(name, fake_args, fake_kw)
     for f, o in zip(as_tuple(fake), as_tuple(out)):
-        assert (f.shape, f.dtype, f.stride()) == (o.shape, o.dtype, o.stride())
+        assert (f.shape, f.dtype) == (o.shape, o.dtype)
+        assert significant_strides(f) == significant_strides(o)
 
 
-@given(op_call(NORM_OPS, HIDDEN_EAGER, MAX_ELEMENTS, max_lead=64))
-def test_eager_fused_op_is_its_formula(case):
+def significant_strides(t: torch.Tensor) -> tuple:
+    """Strides that address memory: none when empty, and none of size-1 dims."""
+    if t.numel() == 0:
+        return ()
+    return tuple(st for size, st in zip(t.shape, t.stride()) if size > 1)
+
+
+@pytest.mark.parametrize("op_name", NORM_OPS)
+@settings(max_examples=EAGER_PER_OP)
+@given(data=st.data())
+def test_eager_fused_op_is_its_formula(op_name, data):
     """Fused ops equal their parts composed; the norm equals a float64 formula."""
-    name, args, kwargs, dtype = case
+    name, args, kwargs, dtype = data.draw(op_call([op_name], HIDDEN_EAGER, MAX_ELEMENTS, max_lead=64))
     cn = torch.ops.compile_norm
     out = as_tuple(call(name, args, kwargs))
     scheme = scheme_of(name)
@@ -248,7 +261,7 @@ def test_compiled_matches_eager(case):
 
 
 def test_profiles_are_bounded():
-    assert settings.get_profile("ci").max_examples <= 100
+    assert settings.get_profile("ci").max_examples <= 100 and (EAGER_PER_OP <= 10 or PROFILE == "long")
     assert settings.get_profile("ci").derandomize and settings.get_profile("ci").deadline is None
     assert COMPILED_EXAMPLES <= 8 or PROFILE == "long"
     assert all(math.log2(h) % 1 for h in (96, 1000, 65528))  # non-powers of two are drawn
