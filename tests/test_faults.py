@@ -1,0 +1,222 @@
+"""Faults: a pass that breaks, a provider that cannot run, a compiled model used from threads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from compile_helpers import assert_close, assert_close_q, cn, compile_run
+from compile_norm.ops import registry
+from compile_norm.ops.registry import Provider
+from compile_norm.options import PASS_ORDER
+from compile_norm.passes import manager
+
+EPS = 1e-6
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def model(x, r, w, g):
+    """Hand-written Llama norm after a residual add, a Gemma norm, and a quantization:
+    work for every pass (canonicalize, gemma, residual, quant, lower)."""
+    h = x + r
+    hf = h.float()
+    y = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype) * w
+    q, s = cn.quant_int8_dynamic(y)
+    z = cn.rms_norm(h, g.float() + 1.0, EPS)  # Gemma written with the offset in the weight
+    return q, s, h, z
+
+
+def inputs(dtype=torch.float32):
+    return (torch.randn(6, 40, dtype=dtype), torch.randn(6, 40, dtype=dtype),
+            torch.randn(40, dtype=dtype), torch.randn(40, dtype=dtype))
+
+
+def check_outputs(got, want, dtype=torch.float32):
+    assert_close_q(got[0], want[0])
+    for g, w in zip(got[1:], want[1:]):
+        assert_close(g, w, dtype)
+
+
+def sabotage(monkeypatch, name):
+    """Make pass ``name`` rewrite the graph (its real work, plus a wrong output) and then raise."""
+    module = manager.load_pass(name)
+    real = module.run
+
+    def run(graph, options):
+        real(graph, options)
+        out = next(n for n in reversed(graph.nodes) if n.op == "output")
+        first = out.args[0][0]
+        with graph.inserting_before(out):
+            wrong = graph.call_function(torch.ops.aten.neg.default, (first,))
+        out.args = ((wrong, *out.args[0][1:]),)
+        raise RuntimeError(f"injected fault in {name}")
+
+    monkeypatch.setattr(module, "run", run)
+
+
+def test_every_pass_is_tested():
+    assert set(PASS_ORDER) == {"canonicalize", "gemma", "residual", "quant", "lower"}
+
+
+def test_passes_do_work_on_the_model():
+    a = inputs()
+    c = compile_run(model, *a, dynamic=False, options={"strict": True})
+    check_outputs(c.out, model(*a))
+    for name in ("canonicalize", "gemma", "residual", "quant", "lower"):
+        assert c.counts.get(f"{name}_matched", 0) >= 1, (name, c.counts)
+
+
+@pytest.mark.parametrize("name", PASS_ORDER)
+def test_fault_in_any_pass_leaves_correct_unfused_model(monkeypatch, name):
+    sabotage(monkeypatch, name)
+    a = inputs()
+    with pytest.warns(RuntimeWarning, match=f"pass '{name}' failed and was skipped.*injected fault in {name}"):
+        c = compile_run(model, *a, dynamic=False)
+    assert c.counts[f"{name}_failed"] == 1
+    assert c.counts.get(f"{name}_matched", 0) == 0  # its rewrites are gone
+    check_outputs(c.out, model(*a))  # the wrong output node was rolled back too
+    if name != "lower":
+        assert "torch.ops.compile_norm" not in c.code  # later passes still ran (lower inlined)
+    else:
+        assert "torch.ops.compile_norm" in c.code  # IR ops kept: run as extern kernel calls
+
+
+@pytest.mark.parametrize("name", PASS_ORDER)
+def test_fault_with_strict_is_an_error(monkeypatch, name):
+    sabotage(monkeypatch, name)
+    with pytest.raises(Exception, match=f"compile_norm pass '{name}' failed: injected fault in {name}") as info:
+        compile_run(model, *inputs(), dynamic=False, options={"strict": True})
+    chain, e = [], info.value
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    assert any(isinstance(e, manager.PassFailedError) for e in chain)
+
+
+# --- providers whose requirements are missing -----------------------------------------------
+
+
+@pytest.fixture
+def unavailable_provider():
+    p = Provider("needs_fpga", lambda *a, **k: 1 / 0, supported=False, rank=0, reason="no FPGA attached")
+    registry.register_provider("rms_norm", p)
+    yield p
+    registry.unregister_provider("rms_norm", "needs_fpga")
+
+
+def test_unavailable_provider_is_skipped_with_reason(unavailable_provider):
+    x, w = torch.randn(3, 16), torch.randn(16)
+    assert registry.unsupported_reasons("rms_norm")["needs_fpga"] == "no FPGA attached"
+    assert "needs_fpga" not in [p.name for p in registry.chain("rms_norm")]
+    with registry.providers_priority(["needs_fpga"]):  # asked for first: still skipped
+        assert registry.which_provider("rms_norm", x, w, EPS) != "needs_fpga"
+        torch.testing.assert_close(cn.rms_norm(x, w, EPS), registry.ops()["rms_norm"].reference(x, w, EPS))
+    from compile_norm import cli
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["providers"]) == 0
+    line = next(l for l in buf.getvalue().splitlines() if l.split()[0] == "rms_norm")
+    assert "needs_fpga: no FPGA attached" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="triton runs here")
+def test_triton_without_gpu_is_skipped_with_reason():
+    for name in registry.ops():
+        reasons = registry.unsupported_reasons(name)
+        assert "triton" in reasons and reasons["triton"], name
+        assert [p.name for p in registry.chain(name)] == ["native"]
+    x = torch.randn(2, 32)
+    assert registry.which_provider("rms_norm", x, None, EPS) == "native"
+    out = subprocess.run([sys.executable, "-m", "compile_norm.cli", "providers"], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert out.count("(unavailable: triton: ") == len(registry.ops())
+
+
+NO_TRITON = """
+import sys
+sys.modules["triton"] = None  # as if triton were not installed: importing it raises
+import compile_norm, torch
+from compile_norm import cli
+from compile_norm.ops import registry
+reason = registry.unsupported_reasons("rms_norm")["triton"]
+assert reason.startswith("triton is not importable (ModuleNotFoundError"), reason
+x = torch.randn(3, 16)
+assert registry.which_provider("rms_norm", x, None, 1e-6) == "native"
+torch.testing.assert_close(torch.ops.compile_norm.rms_norm(x, None, 1e-6), registry.ops()["rms_norm"].reference(x, None, 1e-6))
+cli.main(["providers"])
+"""
+
+
+def test_missing_triton_is_skipped_with_reason():
+    # TRITON_INTERPRET=1 makes compile_norm try to import triton even without a GPU.
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-c", NO_TRITON], env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [l for l in p.stdout.splitlines() if l.strip()]
+    assert len(lines) == len(registry.ops())
+    assert all("(unavailable: triton: triton is not importable (ModuleNotFoundError" in l for l in lines)
+
+
+# --- threads --------------------------------------------------------------------------------
+
+
+def test_compiled_model_from_many_threads():
+    a = inputs()
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="compile_norm", dynamic=False, options={"strict": True})
+    f(*a)  # compile once; the threads run the compiled code on their own inputs
+    cases = [inputs() for _ in range(8)]
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                results[i] = f(*cases[i])
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    for i, case in enumerate(cases):
+        check_outputs(results[i], model(*case))
+
+
+def test_first_call_from_many_threads_at_once():
+    """Threads race to the first call: one compile (Dynamo serializes it), right results."""
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="compile_norm", dynamic=False)
+    cases = [inputs() for _ in range(4)]
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(cases))
+
+    def work(i):
+        try:
+            barrier.wait(timeout=60)
+            results[i] = f(*cases[i])
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    for i, case in enumerate(cases):
+        check_outputs(results[i], model(*case))
