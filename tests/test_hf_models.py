@@ -85,7 +85,12 @@ def build(model_type: str, attn: str = "eager") -> Logits:
     family = FAMILIES[model_type]
     config = transformers.AutoConfig.for_model(model_type, **TINY, **dict(family.extra))
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    try:
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    except ValueError:  # no SDPA for this architecture (Gemma 2: logit soft-capping)
+        if attn == "eager":
+            raise
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():  # random norm weights: HF starts them at 1 (or 0 for Gemma's 1 + w)
         for name, p in model.named_parameters():
             if "norm" in name:
