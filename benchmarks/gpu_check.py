@@ -230,7 +230,10 @@ def _check_candidate(ref_op, fn) -> str:
     """'ok' or the comparison's problems, against the reference on the same inputs."""
     op, args = ref_op
     pos = checking.positional(op, args, {})
-    res = checking.compare(op, fn(), registry.ops()[op].reference(*pos), torch.bfloat16)
+    # families pass weight_offset (Gemma) as the 4th argument of rms_norm only
+    offset = args[3] if op == "rms_norm" and len(args) > 3 else 0.0
+    res = checking.compare(op, fn(), registry.ops()[op].reference(*pos), torch.bfloat16,
+                           weight_offset=offset)
     return "ok" if res.ok else "; ".join(res.problems)[:120]
 
 

@@ -48,9 +48,10 @@ def _child() -> None:
     triton_ops.K = type("K", (), {"norm_quant_kernel": Counting()})
 
     bf16 = torch.bfloat16
-    cases = checking.default_cases(dtypes=(bf16,), hiddens=(128, 300), tokens=5)
+    # 1400 = 1024 + 256 + 128 (masked) and 1408 (fp8 groups) run the multi-tile path
+    cases = checking.default_cases(dtypes=(bf16,), hiddens=(128, 300, 1400), tokens=5)
     cases += [
-        c for c in checking.default_cases(dtypes=(torch.float16, torch.float32), hiddens=(384,), tokens=3)
+        c for c in checking.default_cases(dtypes=(torch.float16, torch.float32), hiddens=(1408,), tokens=3)
         if c.dtype != bf16
     ]
     results = []

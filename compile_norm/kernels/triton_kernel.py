@@ -6,12 +6,20 @@ fp32 ``w + offset``) -> output rounded to x.dtype -> quantization of that rounde
 Each stage is switched by a ``tl.constexpr`` so every op compiles to a kernel with only its
 own work. The row is loaded once and stays in registers.
 
-The tile is 3-D ``[BLOCK_M, NG, G]``: ``NG`` groups of ``G`` columns. Per-group FP8 uses the
-real group size; every other mode uses ``NG = 1, G = BLOCK_N`` so the same code gives per-row
+A row is covered by up to three power-of-two column tiles ``W0 + W1 + W2 >= H`` (e.g.
+5376 = 4096 + 1024 + 256, 2304 = 2048 + 256) instead of one tile padded to the next power of
+two: padded lanes cost as much ALU work as real ones, and the quantizing modes are ALU bound
+(8192 columns for 5376 did 1.5x the work). Each tile is 3-D ``[BLOCK_M, NG, G]``: ``NG``
+groups of ``G`` columns. Per-group FP8 uses the real group size (every tile width is a
+multiple of it); every other mode uses ``NG = 1, G = W`` so the same code gives per-row
 statistics, and no reshape (layout shuffle) is ever needed.
 
 Numerics copy the reference (compile_norm/ops/norm.py, quant.py) as torch executes it:
-``a / b`` of two tensors is IEEE division (``div_rn``, not Triton's approximate ``/``);
+``a / b`` of two tensors is IEEE division: on the GPU ``a * (1/b)`` corrected by one
+fma-Newton step, which is the correctly rounded quotient for the scales used here (``1/b``
+correctly rounded and no underflow: Markstein's theorem; ``div_rn`` is a per-element
+subroutine with a slow-path branch); a static scale outside the normal range falls back to
+``div_rn``;
 a tensor divided by a Python number is, on CUDA, a multiply by the fp32 reciprocal (ATen's
 ``div_true_kernel_cuda``), on CPU a true division (``SCALAR_RECIP`` picks); max/min
 reductions propagate NaN like ``torch.amax``; INT8 rounds half to even. ``PRECISE`` selects
@@ -108,13 +116,6 @@ def _round_to(v, DT: tl.constexpr, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _div(a, b):
-    """IEEE ``a / b`` (torch's tensor division), broadcasting b."""
-    a, b = tl.broadcast(a, b)
-    return tl.math.div_rn(a, b)
-
-
-@triton.jit
 def _div_scalar(a, C: tl.constexpr, C_RECIP: tl.constexpr, SCALAR_RECIP: tl.constexpr):
     """``tensor / python_number`` as torch computes it on this device."""
     if SCALAR_RECIP:
@@ -154,6 +155,179 @@ def _sat_int8(v):
     return v.to(tl.int8)
 
 
+@triton.jit
+def _recip(b):
+    """Correctly rounded ``1 / b``."""
+    return tl.math.div_rn(tl.full(b.shape, 1.0, tl.float32), b)
+
+
+@triton.jit
+def _fast_div(a, b, rb, FAST: tl.constexpr):
+    """IEEE ``a / b`` given ``rb = _recip(b)``; ``b`` and ``rb`` broadcast to ``a``."""
+    b = tl.broadcast_to(b, a.shape)
+    if FAST:
+        rb = tl.broadcast_to(rb, a.shape)
+        q0 = a * rb
+        q = tl.math.fma(tl.math.fma(-q0, b, a), rb, q0)
+        # b = 0 / inf, a = inf, overflow: the correction is NaN and a * (1/b) is the answer
+        q = tl.where(q == q, q, q0)
+    else:  # div_rn (the interpreter has no true fma: there it is numpy's division)
+        q = tl.math.div_rn(a, b)
+    return q
+
+
+@triton.jit
+def _tile(C0: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, H):
+    """Group index ``[NG]``, columns ``[NG, G]`` and column mask of the tile at column C0."""
+    gidx = tl.arange(0, NG)
+    cols = C0 + gidx[:, None] * G + tl.arange(0, G)[None, :]
+    return gidx, cols, cols < H
+
+
+@triton.jit
+def _load_h(x_ptr, r_ptr, res_out_ptr, rows64, rmask, cols, cmask, H, stride_x, stride_r,
+            HAS_RES: tl.constexpr, PRECISE: tl.constexpr):
+    """The (residual-added) input of one tile in fp32 and its mask; stores residual_out."""
+    mask = rmask[:, None, None] & cmask[None, :, :]
+    row3 = rows64[:, None, None]
+    col3 = cols[None, :, :]
+    x = tl.load(x_ptr + row3 * stride_x + col3, mask=mask, other=0.0,
+                eviction_policy="evict_first")
+    if HAS_RES:
+        r = tl.load(r_ptr + row3 * stride_r + col3, mask=mask, other=0.0,
+                    eviction_policy="evict_first")
+        # x + residual in x.dtype: exact fp32 sum, rounded once (as torch does).
+        xf = _round_to(x.to(tl.float32) + r.to(tl.float32), x_ptr.dtype.element_ty, PRECISE)
+        tl.store(res_out_ptr + row3 * H + col3, xf, mask=mask)
+    else:
+        xf = x.to(tl.float32)
+    return xf, mask
+
+
+@triton.jit
+def _sumsq(xf, cols, V, HAS_VSIZE: tl.constexpr):
+    sq = xf * xf
+    if HAS_VSIZE:
+        sq = tl.where(cols[None, :, :] < V, sq, 0.0)
+    return tl.sum(tl.sum(sq, axis=2), axis=1)
+
+
+@triton.jit
+def _normed(xf, rstd, w_ptr, out_ptr, rows64, cols, cmask, mask, H, stride_w, offset,
+            X_DT: tl.constexpr, HAS_WEIGHT: tl.constexpr, W_OFFSET: tl.constexpr,
+            STORE_OUT: tl.constexpr, PRECISE: tl.constexpr):
+    """The normalized, weighted tile rounded to x.dtype (kept in fp32); stores ``out``."""
+    y = xf * rstd[:, None, None]
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols * stride_w, mask=cmask, other=0.0, eviction_policy="evict_last")
+        if W_OFFSET:
+            y = y * (w.to(tl.float32) + offset)[None, :, :]
+            v = _round_to(y, X_DT, PRECISE)
+        else:
+            # y.to(w.dtype) * w in w.dtype: the fp32 product of two 16-bit values is
+            # exact, so rounding it once equals torch's 16-bit multiply.
+            W_DT: tl.constexpr = w_ptr.dtype.element_ty
+            y = _round_to(y, W_DT, PRECISE) * w.to(tl.float32)[None, :, :]
+            y = _round_to(y, W_DT, PRECISE)
+            if W_DT == X_DT:  # already a value of x.dtype
+                v = y
+            else:
+                v = _round_to(y, X_DT, PRECISE)
+    else:
+        v = _round_to(y, X_DT, PRECISE)
+    if STORE_OUT:
+        tl.store(out_ptr + rows64[:, None, None] * H + cols[None, :, :], v, mask=mask)
+    return v
+
+
+@triton.jit
+def _stats(v, mask, QUANT: tl.constexpr, PRECISE: tl.constexpr):
+    """Per [row, group] statistics: (amax, amax) or, asymmetric INT8, (max, min)."""
+    if QUANT == 6:
+        s1 = _amax(tl.where(mask, v, float("-inf")), 2, PRECISE)
+        s2 = _amin(tl.where(mask, v, float("inf")), 2, PRECISE)
+    else:
+        s1 = _amax(tl.where(mask, tl.abs(v), 0.0), 2, PRECISE)
+        s2 = s1
+    return s1, s2
+
+
+@triton.jit
+def _merge(a1, a2, b1, b2, QUANT: tl.constexpr):
+    """Statistics of two tiles of the same rows (NaN propagates)."""
+    m1 = _max_nan(a1, b1)
+    if QUANT == 6:
+        m2 = _min_nan(a2, b2)
+    else:
+        m2 = m1
+    return m1, m2
+
+
+@triton.jit
+def _dyn_scale(s1, s2, aux_in_ptr, QUANT: tl.constexpr, HAS_AUX: tl.constexpr,
+               UE8M0: tl.constexpr, PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr,
+               FP8_RECIP: tl.constexpr, INT8_RECIP: tl.constexpr, U8_RECIP: tl.constexpr):
+    """(scale, 1 / scale, azp) from the statistics of a dynamic mode."""
+    if QUANT == 2 or QUANT == 3:
+        amax = s1
+        if HAS_AUX:
+            amax = tl.minimum(amax, tl.load(aux_in_ptr), propagate_nan=tl.PropagateNan.ALL)
+        scale = _div_scalar(amax, 448.0, FP8_RECIP, SCALAR_RECIP)
+        scale = tl.maximum(scale, 1.0 / (448.0 * 512.0), propagate_nan=tl.PropagateNan.ALL)
+        if UE8M0:
+            if PRECISE:
+                scale = libdevice.exp2(libdevice.ceil(libdevice.log2(scale)))
+            else:
+                scale = tl.math.exp2(tl.math.ceil(tl.math.log2(scale)))
+        azp = scale
+    elif QUANT == 5:
+        scale = _div_scalar(s1, 127.0, INT8_RECIP, SCALAR_RECIP)
+        scale = tl.maximum(scale, 1e-10, propagate_nan=tl.PropagateNan.ALL)
+        azp = scale
+    else:  # 6
+        scale = _div_scalar(s1 - s2, 255.0, U8_RECIP, SCALAR_RECIP)
+        scale = tl.maximum(scale, 1e-10, propagate_nan=tl.PropagateNan.ALL)
+        azp = _rint(-128.0 - tl.math.div_rn(s2, scale), PRECISE)
+        azp = tl.where(azp != azp, 0.0, azp)
+    return scale, _recip(scale), azp
+
+
+@triton.jit
+def _quantize(v, mask, q_ptr, rows64, cols, H, scale, rscale, azp, aux_in_ptr,
+              QUANT: tl.constexpr, HAS_AUX: tl.constexpr, PRECISE: tl.constexpr,
+              FAST: tl.constexpr):
+    """Quantize one tile and store it. ``scale`` / ``rscale`` / ``azp`` broadcast to v."""
+    qoffs = q_ptr + rows64[:, None, None] * H + cols[None, :, :]
+    t = _fast_div(v, scale, rscale, FAST)
+    if QUANT <= 3:  # fp8
+        q = _sat_fp8(t, PRECISE)
+    else:
+        t = _rint(t, PRECISE)
+        if QUANT == 4:
+            if HAS_AUX:
+                t = t + tl.load(aux_in_ptr).to(tl.float32)
+        elif QUANT == 6:
+            t = t + azp
+        q = _sat_int8(t)
+    tl.store(qoffs, q, mask=mask)
+
+
+@triton.jit
+def _group_tile(v, mask, rmask, rows64, gidx, cols, C0: tl.constexpr, G: tl.constexpr, H,
+                q_ptr, s_ptr, aux_in_ptr, stride_st, stride_sg,
+                UE8M0: tl.constexpr, PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr,
+                FP8_RECIP: tl.constexpr):
+    """Per-group FP8 of one tile: its groups' scales are its own."""
+    s1, s2 = _stats(v, mask, 3, PRECISE)
+    scale, rscale, azp = _dyn_scale(s1, s2, aux_in_ptr, 3, False, UE8M0, PRECISE, SCALAR_RECIP,
+                                    FP8_RECIP, 1.0, 1.0)
+    g = C0 // G + gidx
+    smask = rmask[:, None] & (g * G < H)[None, :]
+    tl.store(s_ptr + rows64[:, None] * stride_st + g[None, :] * stride_sg, scale, mask=smask)
+    _quantize(v, mask, q_ptr, rows64, cols, H, scale[:, :, None], rscale[:, :, None], azp,
+              aux_in_ptr, 3, False, PRECISE, PRECISE)
+
+
 @triton.jit(do_not_specialize=["T", "stride_st", "stride_sg"])
 def norm_quant_kernel(
     x_ptr, r_ptr, w_ptr,  # inputs: x [T, H], residual [T, H], weight [H]
@@ -164,7 +338,10 @@ def norm_quant_kernel(
     stride_x, stride_r, stride_w,
     stride_st, stride_sg,  # scale strides: per token, per group
     eps, offset, V,  # V: number of columns in the variance (variance_size)
-    BLOCK_M: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NG0: tl.constexpr, G0: tl.constexpr,  # tile 0: columns [0, NG0 * G0)
+    NG1: tl.constexpr, G1: tl.constexpr,  # tile 1 (NG1 = 0: none): the next NG1 * G1
+    NG2: tl.constexpr, G2: tl.constexpr,  # tile 2 (NG2 = 0: none), masked at H
     HAS_RES: tl.constexpr, DO_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     W_OFFSET: tl.constexpr,  # weight_offset != 0: fp32 (w + offset)
     HAS_VSIZE: tl.constexpr,  # variance over the first V columns only
@@ -176,100 +353,95 @@ def norm_quant_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < T
     rows64 = rows.to(tl.int64)
-    gidx = tl.arange(0, NG)
-    cols = gidx[:, None] * G + tl.arange(0, G)[None, :]  # [NG, G]
-    cmask = cols < H
-    mask = rmask[:, None, None] & cmask[None, :, :]
-    row3 = rows64[:, None, None]
-    col3 = cols[None, :, :]
-
-    x = tl.load(x_ptr + row3 * stride_x + col3, mask=mask, other=0.0,
-                eviction_policy="evict_first")
     X_DT: tl.constexpr = x_ptr.dtype.element_ty
-    if HAS_RES:
-        r = tl.load(r_ptr + row3 * stride_r + col3, mask=mask, other=0.0,
-                    eviction_policy="evict_first")
-        # x + residual in x.dtype: exact fp32 sum, rounded once (as torch does).
-        xf = _round_to(x.to(tl.float32) + r.to(tl.float32), X_DT, PRECISE)
-        tl.store(res_out_ptr + row3 * H + col3, xf, mask=mask)
-    else:
-        xf = x.to(tl.float32)
+    C1: tl.constexpr = NG0 * G0
+    C2: tl.constexpr = C1 + NG1 * G1
+
+    gi0, cols0, cm0 = _tile(0, NG0, G0, H)
+    v0, m0 = _load_h(x_ptr, r_ptr, res_out_ptr, rows64, rmask, cols0, cm0, H, stride_x,
+                     stride_r, HAS_RES, PRECISE)
+    if NG1 > 0:
+        gi1, cols1, cm1 = _tile(C1, NG1, G1, H)
+        v1, m1 = _load_h(x_ptr, r_ptr, res_out_ptr, rows64, rmask, cols1, cm1, H, stride_x,
+                         stride_r, HAS_RES, PRECISE)
+    if NG2 > 0:
+        gi2, cols2, cm2 = _tile(C2, NG2, G2, H)
+        v2, m2 = _load_h(x_ptr, r_ptr, res_out_ptr, rows64, rmask, cols2, cm2, H, stride_x,
+                         stride_r, HAS_RES, PRECISE)
 
     if DO_NORM:
-        sq = xf * xf
-        if HAS_VSIZE:
-            sq = tl.where(col3 < V, sq, 0.0)
-        var = tl.sum(tl.sum(sq, axis=2), axis=1) / V
+        ss = _sumsq(v0, cols0, V, HAS_VSIZE)
+        if NG1 > 0:
+            ss += _sumsq(v1, cols1, V, HAS_VSIZE)
+        if NG2 > 0:
+            ss += _sumsq(v2, cols2, V, HAS_VSIZE)
+        var = ss / V
         if PRECISE:
             rstd = libdevice.rsqrt(var + eps)
         else:
             rstd = tl.math.rsqrt(var + eps)
-        y = xf * rstd[:, None, None]
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + cols * stride_w, mask=cmask, other=0.0,
-                        eviction_policy="evict_last")
-            if W_OFFSET:
-                y = y * (w.to(tl.float32) + offset)[None, :, :]
-            else:
-                # y.to(w.dtype) * w in w.dtype: the fp32 product of two 16-bit values is
-                # exact, so rounding it once equals torch's 16-bit multiply.
-                W_DT: tl.constexpr = w_ptr.dtype.element_ty
-                y = _round_to(y, W_DT, PRECISE) * w.to(tl.float32)[None, :, :]
-                y = _round_to(y, W_DT, PRECISE)
-        v = _round_to(y, X_DT, PRECISE)  # the output as the model sees it, in fp32
-        if STORE_OUT:
-            tl.store(out_ptr + row3 * H + col3, v, mask=mask)
-    else:
-        v = xf
+        v0 = _normed(v0, rstd, w_ptr, out_ptr, rows64, cols0, cm0, m0, H, stride_w, offset,
+                     X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE)
+        if NG1 > 0:
+            v1 = _normed(v1, rstd, w_ptr, out_ptr, rows64, cols1, cm1, m1, H, stride_w, offset,
+                         X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE)
+        if NG2 > 0:
+            v2 = _normed(v2, rstd, w_ptr, out_ptr, rows64, cols2, cm2, m2, H, stride_w, offset,
+                         X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE)
 
-    if QUANT != 0:
-        qoffs = q_ptr + row3 * H + col3
-        smask = rmask[:, None] & (gidx * G < H)[None, :]  # [BLOCK_M, NG]
-        soffs = s_ptr + rows64[:, None] * stride_st + gidx[None, :] * stride_sg
-
-    if QUANT == 1:  # fp8 static
+    if QUANT == 1 or QUANT == 4:  # static scale (a scalar)
         s = tl.load(scale_in_ptr)
-        q = _sat_fp8(_div(v, s), PRECISE)
-        tl.store(qoffs, q, mask=mask)
-    elif QUANT == 2 or QUANT == 3:  # fp8 dynamic per token / per group
-        a = tl.where(mask, tl.abs(v), 0.0)
-        amax = _amax(a, 2, PRECISE)  # [BLOCK_M, NG]
-        if HAS_AUX:
-            ub = tl.load(aux_in_ptr)
-            amax = tl.minimum(amax, ub, propagate_nan=tl.PropagateNan.ALL)
-        scale = _div_scalar(amax, 448.0, FP8_RECIP, SCALAR_RECIP)
-        scale = tl.maximum(scale, 1.0 / (448.0 * 512.0), propagate_nan=tl.PropagateNan.ALL)
-        if UE8M0:
-            if PRECISE:
-                scale = libdevice.exp2(libdevice.ceil(libdevice.log2(scale)))
-            else:
-                scale = tl.math.exp2(tl.math.ceil(tl.math.log2(scale)))
-        q = _sat_fp8(_div(v, scale[:, :, None]), PRECISE)
-        tl.store(qoffs, q, mask=mask)
-        tl.store(soffs, scale, mask=smask)
-    elif QUANT == 4:  # int8 static
-        s = tl.load(scale_in_ptr)
-        t = _rint(_div(v, s), PRECISE)
-        if HAS_AUX:
-            t = t + tl.load(aux_in_ptr).to(tl.float32)
-        tl.store(qoffs, _sat_int8(t), mask=mask)
-    elif QUANT == 5:  # int8 dynamic symmetric
-        a = tl.where(mask, tl.abs(v), 0.0)
-        amax = _amax(a, 2, PRECISE)
-        scale = _div_scalar(amax, 127.0, INT8_RECIP, SCALAR_RECIP)
-        scale = tl.maximum(scale, 1e-10, propagate_nan=tl.PropagateNan.ALL)
-        t = _rint(_div(v, scale[:, :, None]), PRECISE)
-        tl.store(qoffs, _sat_int8(t), mask=mask)
-        tl.store(soffs, scale, mask=smask)
-    elif QUANT == 6:  # int8 dynamic asymmetric
-        vmax = _amax(tl.where(mask, v, float("-inf")), 2, PRECISE)
-        vmin = _amin(tl.where(mask, v, float("inf")), 2, PRECISE)
-        scale = _div_scalar(vmax - vmin, 255.0, U8_RECIP, SCALAR_RECIP)
-        scale = tl.maximum(scale, 1e-10, propagate_nan=tl.PropagateNan.ALL)
-        azp = _rint(-128.0 - _div(vmin, scale), PRECISE)
-        azp = tl.where(azp != azp, 0.0, azp)
-        t = _rint(_div(v, scale[:, :, None]), PRECISE)
-        tl.store(qoffs, _sat_int8(t + azp[:, :, None]), mask=mask)
-        tl.store(soffs, scale, mask=smask)
-        tl.store(azp_ptr + rows64[:, None] * stride_st + gidx[None, :] * stride_sg,
-                 azp.to(tl.int32), mask=smask)
+        # the fast division needs a normal scale with a normal reciprocal
+        fast = (tl.abs(s) >= 1.1754943508222875e-38) & (tl.abs(s) <= 8.507059173023462e37)
+        if fast:
+            rs = _recip(s)
+            _quantize(v0, m0, q_ptr, rows64, cols0, H, s, rs, s, aux_in_ptr, QUANT, HAS_AUX,
+                      PRECISE, PRECISE)
+            if NG1 > 0:
+                _quantize(v1, m1, q_ptr, rows64, cols1, H, s, rs, s, aux_in_ptr, QUANT, HAS_AUX,
+                          PRECISE, PRECISE)
+            if NG2 > 0:
+                _quantize(v2, m2, q_ptr, rows64, cols2, H, s, rs, s, aux_in_ptr, QUANT, HAS_AUX,
+                          PRECISE, PRECISE)
+        else:
+            _quantize(v0, m0, q_ptr, rows64, cols0, H, s, s, s, aux_in_ptr, QUANT, HAS_AUX,
+                      PRECISE, False)
+            if NG1 > 0:
+                _quantize(v1, m1, q_ptr, rows64, cols1, H, s, s, s, aux_in_ptr, QUANT, HAS_AUX,
+                          PRECISE, False)
+            if NG2 > 0:
+                _quantize(v2, m2, q_ptr, rows64, cols2, H, s, s, s, aux_in_ptr, QUANT, HAS_AUX,
+                          PRECISE, False)
+    elif QUANT == 3:  # fp8 per group: groups never straddle tiles
+        _group_tile(v0, m0, rmask, rows64, gi0, cols0, 0, G0, H, q_ptr, s_ptr, aux_in_ptr,
+                    stride_st, stride_sg, UE8M0, PRECISE, SCALAR_RECIP, FP8_RECIP)
+        if NG1 > 0:
+            _group_tile(v1, m1, rmask, rows64, gi1, cols1, C1, G1, H, q_ptr, s_ptr, aux_in_ptr,
+                        stride_st, stride_sg, UE8M0, PRECISE, SCALAR_RECIP, FP8_RECIP)
+        if NG2 > 0:
+            _group_tile(v2, m2, rmask, rows64, gi2, cols2, C2, G2, H, q_ptr, s_ptr, aux_in_ptr,
+                        stride_st, stride_sg, UE8M0, PRECISE, SCALAR_RECIP, FP8_RECIP)
+    elif QUANT != 0:  # dynamic per token: statistics over all tiles
+        s1, s2 = _stats(v0, m0, QUANT, PRECISE)
+        if NG1 > 0:
+            t1, t2 = _stats(v1, m1, QUANT, PRECISE)
+            s1, s2 = _merge(s1, s2, t1, t2, QUANT)
+        if NG2 > 0:
+            t1, t2 = _stats(v2, m2, QUANT, PRECISE)
+            s1, s2 = _merge(s1, s2, t1, t2, QUANT)
+        scale, rscale, azp = _dyn_scale(s1, s2, aux_in_ptr, QUANT, HAS_AUX, UE8M0, PRECISE,
+                                        SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP)
+        smask = rmask[:, None]  # [BLOCK_M, 1]
+        soffs = rows64[:, None] * stride_st
+        tl.store(s_ptr + soffs, scale, mask=smask)
+        if QUANT == 6:
+            tl.store(azp_ptr + soffs, azp.to(tl.int32), mask=smask)
+        scale, rscale, azp = scale[:, :, None], rscale[:, :, None], azp[:, :, None]
+        _quantize(v0, m0, q_ptr, rows64, cols0, H, scale, rscale, azp, aux_in_ptr, QUANT,
+                  HAS_AUX, PRECISE, PRECISE)
+        if NG1 > 0:
+            _quantize(v1, m1, q_ptr, rows64, cols1, H, scale, rscale, azp, aux_in_ptr, QUANT,
+                      HAS_AUX, PRECISE, PRECISE)
+        if NG2 > 0:
+            _quantize(v2, m2, q_ptr, rows64, cols2, H, scale, rscale, azp, aux_in_ptr, QUANT,
+                      HAS_AUX, PRECISE, PRECISE)
