@@ -80,13 +80,13 @@ def prepare_launch(x, residual, weight, eps, offset, variance_size, do_norm, sto
     if tokens == 0:  # static shapes only: a symbolic token count takes the launch path
         return out, quant_out, res_out, None
     r2 = T._rows(residual, hidden) if residual is not None else x2
-    block_m, ng, g, num_warps = T.launch_config(hidden, group if mode == 3 else 0)
+    cfg = T.launch_config(hidden, group if mode == 3 else 0)
     if mode == 3:
         st, sg = (1, tokens) if column_major else (hidden // group, 1)
     else:
         st, sg = 1, 1
     vsize = hidden if variance_size is None else variance_size
-    # Unused pointer arguments get x2 (never read: their constexpr switches are off).
+    # Unused pointer arguments get x2 (never read or written: their constexpr switches are off).
     args = (
         x2, r2, x2 if weight is None else weight,
         x2 if out is None else out, x2 if res_out is None else res_out,
@@ -97,17 +97,21 @@ def prepare_launch(x, residual, weight, eps, offset, variance_size, do_norm, sto
         st, sg,
         float(eps), float(offset), vsize,
     )
-    grid = ((tokens + block_m - 1) // block_m,)
-    kwargs = dict(
-        BLOCK_M=block_m, NG=ng, G=g,
-        HAS_RES=residual is not None, DO_NORM=do_norm, HAS_WEIGHT=weight is not None,
-        W_OFFSET=offset != 0.0, HAS_VSIZE=vsize != hidden,
-        STORE_OUT=store_out, QUANT=mode, HAS_AUX=aux is not None, UE8M0=ue8m0,
-        PRECISE=not T.INTERPRET, SCALAR_RECIP=not T.INTERPRET,
-        FP8_RECIP=T._FP8_RECIP, INT8_RECIP=T._INT8_RECIP, U8_RECIP=T._U8_RECIP,
-        num_warps=num_warps,
+    (ng0, g0), (ng1, g1), (ng2, g2) = cfg.tiles
+    consts = (
+        cfg.block_m, ng0, g0, ng1, g1, ng2, g2,
+        residual is not None, do_norm, weight is not None, offset != 0.0, vsize != hidden,
+        store_out, mode, aux is not None, ue8m0,
+        not T.INTERPRET, not T.INTERPRET, T._FP8_RECIP, T._INT8_RECIP, T._U8_RECIP,
     )
+    kwargs = dict(zip(_arg_names()[len(args):], consts), num_warps=cfg.num_warps)
+    grid = ((tokens + cfg.block_m - 1) // cfg.block_m,)
     return out, quant_out, res_out, (grid, args, kwargs)
+
+
+@functools.cache
+def _arg_names() -> tuple:
+    return tuple(K.norm_quant_kernel.arg_names)
 
 
 def _run(x, residual, weight, eps, offset, vsize, do_norm, store_out, spec):
