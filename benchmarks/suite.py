@@ -42,6 +42,7 @@ import os
 import pathlib
 import sys
 import time
+import types
 from typing import Any, Callable
 
 import torch
@@ -121,6 +122,14 @@ def liger():
     return LigerRMSNormFunction, LigerFusedAddRMSNormFunction
 
 
+def fresh(fn: Callable) -> Callable:
+    """A copy of ``fn`` with its own code object: Dynamo keeps its compiled entries per code
+    object, so each (candidate, shape) compile gets its own cache (no guard walk over the
+    whole run's entries in the eager-call timing, no recompile limit)."""
+    code = fn.__code__.replace(co_name=fn.__code__.co_name)
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 def compile_counters() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
@@ -184,8 +193,8 @@ def candidates(fam: str, t: int, h: int, dev: str, a) -> tuple[list[tuple], dict
             return check_grads(fn(), ref)
 
         if compile_ok and not a.no_compile:
-            cands.append(("compile_norm", lambda: spec["step"](torch.compile(spec["hf"], backend="compile_norm", dynamic=False)), chk, True))
-            cands.append(("stock compile", lambda: spec["step"](torch.compile(spec["hf"], dynamic=False)), chk, True))
+            cands.append(("compile_norm", lambda: spec["step"](torch.compile(fresh(spec["hf"]), backend="compile_norm", dynamic=False)), chk, True))
+            cands.append(("stock compile", lambda: spec["step"](torch.compile(fresh(spec["hf"]), dynamic=False)), chk, True))
         cands.append(("compile_norm eager", lambda: spec["step"](spec["op"]), chk, False))
         cands.append(("F.rms_norm eager", lambda: spec["step"](spec["f_rms"]), chk, False))
         if lig is not None:
@@ -200,7 +209,7 @@ def candidates(fam: str, t: int, h: int, dev: str, a) -> tuple[list[tuple], dict
         return G._check_candidate(spec["ref_op"], fn)
 
     def compiled(**kw):
-        return lambda: (lambda c: (lambda: c(*args)))(torch.compile(hf, dynamic=False, **kw))
+        return lambda: (lambda c: (lambda: c(*args)))(torch.compile(fresh(hf), dynamic=False, **kw))
 
     if compile_ok and not a.no_compile:
         cands.append(("compile_norm", compiled(backend="compile_norm"), chk, True))
