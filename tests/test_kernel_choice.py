@@ -274,3 +274,19 @@ def test_imports_and_chooses_generated_without_triton():
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
+
+
+def test_auto_on_cpu_compiles_generated_code():
+    from compile_helpers import assert_close, assert_close_q, compile_run
+
+    def f(x, r, w):
+        return cn.fused_add_rms_norm_fp8_dynamic(x, r, w, 1e-6)
+
+    x = torch.randn(3, 5, 1024, dtype=BF16)
+    r, w = torch.randn_like(x), torch.randn(1024, dtype=BF16)
+    c = compile_run(f, x, r, w, options={"lowering": "auto", "passes": [], "strict": True})
+    assert c.counts["lower_matched"] == 1 and not c.counts.get("lower_triton_kernel")
+    assert "compile_norm" not in c.code
+    ref = f(x, r, w)
+    assert_close(c.out[2], ref[2], BF16)  # residual_out
+    assert_close_q(c.out[0], ref[0], c.out[1])

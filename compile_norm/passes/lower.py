@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 
 import torch
 from torch._dynamo.utils import counters
@@ -29,6 +30,7 @@ from . import patterns as P
 from .base import COUNTER_GROUP, PassResult
 
 NAME = "lower"
+log = logging.getLogger("compile_norm.passes")
 TRITON = "triton"  # the provider whose kernel library_ops exposes
 KERNEL_COUNTER = "lower_triton_kernel"
 
@@ -59,18 +61,23 @@ def _check(match: Match) -> bool:
     provider = kernel_for(node)
     if provider is None:
         return True
+    if options.lowering == "auto":
+        if provider != TRITON:  # the table knows only the Triton kernel
+            return True
+        choice, why = lowering_choice.explain(P.op_name(node), _fake_args(node))
+        log.debug("compile_norm lower (auto): %s -> %s (%s)", P.site(node), choice, why)
+        if choice == lowering_choice.GENERATED:
+            return True
+    why = ""
     if provider == TRITON:
-        if options.lowering == "auto":
-            choice, why = lowering_choice.explain(P.op_name(node), _fake_args(node))
-            if choice == lowering_choice.GENERATED:
-                return True
         traced, why = _trace_kernel(node)
         if traced is not None:
             _STATE["traced"][node] = traced
             return True  # _inline puts the traced kernel graph in
-        if options.lowering == "auto":
+        if options.lowering == "auto":  # inline rather than an opaque call
+            log.info("compile_norm lower: %s inlined, kernel unusable: %s", P.site(node), why)
             return True
-    result.skip(P.site(node), f"kept as a call to kernel {provider!r}")
+    result.skip(P.site(node), f"kept as a call to kernel {provider!r}" + (f" ({why})" if why else ""))
     return False
 
 
