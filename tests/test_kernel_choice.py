@@ -290,3 +290,25 @@ def test_auto_on_cpu_compiles_generated_code():
     ref = f(x, r, w)
     assert_close(c.out[2], ref[2], BF16)  # residual_out
     assert_close_q(c.out[0], ref[0], c.out[1])
+
+
+def test_tune_needs_cuda_tensors():
+    from compile_norm.lowerings import measure
+
+    x, w = torch.randn(4, 256), torch.randn(256)
+    with pytest.raises(ValueError, match="CUDA"):
+        measure.tune("rms_norm", x, w, 1e-6)
+
+
+@pytest.mark.cuda
+def test_tune_measures_once_and_auto_follows_it():
+    from compile_norm.lowerings import measure
+
+    x = torch.randn(2048, 4096, device="cuda", dtype=BF16)
+    w = torch.randn(4096, device="cuda", dtype=BF16)
+    picked = measure.tune("rms_norm_fp8_group", x, w, 1e-6, 128)
+    entry = choice._load()[choice.measured_key("rms_norm_fp8_group", BF16, 4096, 2048)]
+    assert entry["choice"] == picked and entry["generated_us"] > 0 and entry["kernel_us"] > 0
+    assert choice.explain("rms_norm_fp8_group", [x, w, 1e-6, 128, False, False, 0.0, None])[1].startswith("measured")
+    choice.reset_measured()  # a fresh process reads it back and does not measure again
+    assert measure.tune("rms_norm_fp8_group", x, w, 1e-6, 128) == picked
