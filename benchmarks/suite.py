@@ -235,7 +235,7 @@ def candidates(fam: str, t: int, h: int, dev: str, a) -> tuple[list[tuple], dict
 
 
 def run(a) -> list[dict]:
-    dev = "cpu" if a.dry_run else "cuda"
+    dev = getattr(a, "device", None) or ("cpu" if a.dry_run else "cuda")  # (tests: cpu + fake timers)
     timing = not a.dry_run
     raise_recompile_limits()
     ensure_backend()
