@@ -176,7 +176,7 @@ _ANNOTATION = {
 
 def _signature(name: str) -> inspect.Signature:
     """The Python signature of ``compile_norm::<name>``'s schema (for schema inference)."""
-    schema = registry.ops()[name].custom_op._opoverload._schema
+    schema = getattr(getattr(torch.ops, registry.NAMESPACE), name).default._schema
     params = []
     for a in schema.arguments:
         ann = _annotation(a.type)
