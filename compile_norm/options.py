@@ -6,7 +6,9 @@ Keys (all optional):
   order; ``lower`` runs whenever the backend runs, because IR nodes must become code).
 - ``quant_fusion``: fuse norm + quantization (the ``quant`` pass); default True.
 - ``lowering``: ``"generated"`` (default: inline each op's reference so Inductor generates one
-  fused kernel) or ``"kernel"`` (keep the op node as a call to its registered kernel).
+  fused kernel), ``"kernel"`` (the op's registered kernel wherever one accepts the node: the
+  Triton kernel as a user-defined kernel, others as a call) or ``"auto"`` (per node, the
+  table / measurements of ``compile_norm.lowerings.choice``; always generated off CUDA).
 - ``strict``: a pass that fails raises instead of warning and leaving the graph unfused.
 - ``providers``: provider priority (as for ``compile_norm.set_priority``) applied while compiling.
 - every other key that is an Inductor config name (``torch._inductor.config``) is passed through
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 PASS_ORDER = ("canonicalize", "gemma", "residual", "quant", "lower")
-LOWERING_MODES = ("generated", "kernel")
+LOWERING_MODES = ("generated", "kernel", "auto")
 _OWN_KEYS = ("passes", "quant_fusion", "lowering", "strict", "providers")
 
 

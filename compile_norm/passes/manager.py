@@ -126,6 +126,10 @@ class CompileNormPass(CustomGraphPass):
     def uuid(self) -> str:
         with self._priority():
             state = repr(registry.priority_state())
+        if self.options.lowering == "auto":  # measured kernel choices change the lowering
+            from ..lowerings import choice
+
+            state += "|choice:" + choice.state_key()
         h = hashlib.sha256()
         for part in (source_hash(), self.options.cache_key(), state, torch.__version__):
             h.update(part.encode())

@@ -1,0 +1,240 @@
+"""Which implementation the ``lower`` pass gives an op under ``lowering="auto"``.
+
+``choose(op_name, fake_args)`` returns ``"generated"`` (inline the reference: Inductor
+generates the fused code) or ``"kernel"`` (the Triton kernel, as a user-defined kernel through
+``compile_norm.kernels.library_ops``). Order of evidence:
+
+1. Hard rules: not CUDA, kernel library unavailable, or the kernel rejects the arguments ->
+   generated. Symbolic token count -> generated (the table is per token bucket).
+2. Measured entries (``record`` / ``benchmarks/suite.py --tune``), exact (op, dtype, H, T),
+   in memory and in ``<inductor cache dir>/compile_norm/choice.json``.
+3. The seed table ``KERNEL_WINS`` (H100 run 1, benchmarks/RESULTS.md, and the split-tile
+   kernel's numbers in triton_ops' docstring): kernel where it beat
+   stock Inductor code clearly (>= 5%), generated everywhere else (ties go to generated: it
+   can fuse with neighbours, a kernel cannot).
+
+The pass manager's cache key includes ``state_key()`` (the measured entries), and the sources
+of this file are hashed with the package, so a change of either recompiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import threading
+from typing import Any, Sequence
+
+import torch
+
+GENERATED, KERNEL = "generated", "kernel"
+DECODE_TOKENS = 256  # at or below: launch-latency bound (BENCHMARKS.md reports microseconds)
+
+# Families: "norm", "add_norm", "norm_<scheme>", "add_norm_<scheme>", "quant_<scheme>".
+# Hidden classes: "pow2" (power of two >= 1024), "npow2" (other >= 1024), "small" (< 1024,
+# e.g. per-head QK norm). Token classes: "decode" (T <= 256), "bulk".
+# Entries are (family, hidden class, token class); dtype class "16bit" (bf16 / fp16) only:
+# fp32 activations were not measured and stay generated.
+#
+# Measured (run 1, bf16, ratio to copy kernel vs stock compile of the same HF code):
+#   norm_fp8_static     pow2 bulk:   0.88 vs 0.77 (8192x4096), 0.93 vs 0.82, 0.73 vs 0.69
+#                       npow2 bulk:  0.47 vs 0.69, 0.44 vs 0.62  -> generated
+#                       decode:      6.6 vs 6.1 us, 8.1 vs 6.8 us -> generated
+#   norm_fp8_group      pow2 bulk:   0.83 vs 0.51, 0.86 vs 0.53, 0.74 vs 0.48
+#                       pow2 decode: 6.5 vs 7.8 us, 7.3 vs 13.7 us
+#                       npow2 bulk:  0.39 vs 0.58, 0.40 vs 0.51  -> generated
+#   norm_int8_dynamic   pow2 bulk:   0.72 vs 0.57, 0.75 vs 0.57, 0.63 vs 0.55
+#                       decode:      7.2 vs 6.5 us, 8.9 vs 7.6 us -> generated
+#                       npow2 bulk:  0.38 vs 0.46, 0.38 vs 0.45 -> generated
+#   add_norm_fp8_dynamic pow2 bulk:  0.99 vs 0.95, 1.00 vs 0.95, 1.06 vs 1.00
+#                       npow2 bulk:  0.77 vs 0.94, 0.76 vs 0.83 -> generated; decode: tie
+#   norm, add_norm, Gemma: ties everywhere (0.96-1.03 both) -> generated
+# Re-measured after the split-tile kernel (branch kperf, H100, 8192x5376, kernel vs run-1
+# stock): fp8_static 0.74 vs 0.69, fp8_group 0.61 vs 0.58, int8_dynamic 0.62 vs 0.46 -> kernel
+# at npow2 bulk too; add + fp8 dynamic 0.92 vs 0.94 -> still generated. (8192x4096: 0.90,
+# 0.85, 0.76, 1.01.) Only one non-power-of-two size was re-measured: 2304 follows 5376.
+# Extrapolated (same kernel path, not measured; marked so a tuning run replaces them):
+#   add_norm_<s> like norm_<s> (one more input read, same quantization code);
+#   int8_static like fp8_static; int8_dynamic_asym / fp8_dynamic like int8_dynamic;
+#   quant_fp8_group like norm_fp8_group (Inductor's per-group reshape is the slow part).
+MEASURED = "run1"
+EXTRAPOLATED = "extrapolated"
+KPERF = "kperf 8192x5376"
+KERNEL_WINS: dict[tuple[str, str, str], str] = {
+    ("norm_fp8_static", "pow2", "bulk"): MEASURED,
+    ("norm_fp8_group", "pow2", "bulk"): MEASURED,
+    ("norm_fp8_group", "pow2", "decode"): MEASURED,
+    ("norm_int8_dynamic", "pow2", "bulk"): MEASURED,
+    ("add_norm_fp8_dynamic", "pow2", "bulk"): MEASURED,
+    ("add_norm_fp8_static", "pow2", "bulk"): EXTRAPOLATED,
+    ("add_norm_fp8_group", "pow2", "bulk"): EXTRAPOLATED,
+    ("add_norm_fp8_group", "pow2", "decode"): EXTRAPOLATED,
+    ("add_norm_int8_dynamic", "pow2", "bulk"): EXTRAPOLATED,
+    ("norm_int8_static", "pow2", "bulk"): EXTRAPOLATED,
+    ("add_norm_int8_static", "pow2", "bulk"): EXTRAPOLATED,
+    ("norm_int8_dynamic_asym", "pow2", "bulk"): EXTRAPOLATED,
+    ("add_norm_int8_dynamic_asym", "pow2", "bulk"): EXTRAPOLATED,
+    ("norm_fp8_dynamic", "pow2", "bulk"): EXTRAPOLATED,
+    ("norm_fp8_static", "npow2", "bulk"): KPERF,
+    ("norm_fp8_group", "npow2", "bulk"): KPERF,
+    ("norm_int8_dynamic", "npow2", "bulk"): KPERF,
+    ("add_norm_int8_dynamic", "npow2", "bulk"): EXTRAPOLATED,
+    ("norm_int8_dynamic_asym", "npow2", "bulk"): EXTRAPOLATED,
+    ("quant_fp8_group", "pow2", "bulk"): EXTRAPOLATED,
+    ("quant_fp8_group", "pow2", "decode"): EXTRAPOLATED,
+}
+
+
+def family(op_name: str) -> str:
+    from ..ops.fused import add_norm_op_name, norm_op_name
+    from ..ops.quant import SCHEMES, quant_op_name
+
+    if op_name == "rms_norm":
+        return "norm"
+    if op_name == "fused_add_rms_norm":
+        return "add_norm"
+    for s in SCHEMES:
+        if op_name == norm_op_name(s):
+            return f"norm_{s}"
+        if op_name == add_norm_op_name(s):
+            return f"add_norm_{s}"
+        if op_name == quant_op_name(s):
+            return f"quant_{s}"
+    raise ValueError(f"compile_norm: op_name {op_name!r} is not a compile_norm op")
+
+
+def hidden_class(hidden: int) -> str:
+    if hidden < 1024:
+        return "small"
+    return "pow2" if hidden & (hidden - 1) == 0 else "npow2"
+
+
+def token_class(tokens: int) -> str:
+    return "decode" if tokens <= DECODE_TOKENS else "bulk"
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    return "16bit" if dtype in (torch.bfloat16, torch.float16) else str(dtype).replace("torch.", "")
+
+
+def _static_int(v: Any) -> int | None:
+    if isinstance(v, int):
+        return v
+    if isinstance(v, torch.SymInt):
+        node = v.node
+        return int(node.maybe_as_int()) if node.maybe_as_int() is not None else None
+    return None
+
+
+def _tokens(x: torch.Tensor) -> int | None:
+    n = 1
+    for d in x.shape[:-1]:
+        d = _static_int(d)
+        if d is None:
+            return None
+        n *= d
+    return n
+
+
+# --- measured entries (memory + disk) -------------------------------------------------------
+
+_LOCK = threading.Lock()
+_MEASURED: dict[str, dict] | None = None
+
+
+def cache_path() -> pathlib.Path:
+    """``<inductor cache dir>/compile_norm/choice.json`` (COMPILE_NORM_CHOICE_CACHE overrides)."""
+    override = os.environ.get("COMPILE_NORM_CHOICE_CACHE")
+    if override:
+        return pathlib.Path(override)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return pathlib.Path(cache_dir()) / "compile_norm" / "choice.json"
+
+
+def measured_key(op_name: str, dtype: torch.dtype, hidden: int, tokens: int) -> str:
+    return f"{op_name}|{str(dtype).replace('torch.', '')}|{hidden}|{tokens}"
+
+
+def _load() -> dict[str, dict]:
+    global _MEASURED
+    with _LOCK:
+        if _MEASURED is None:
+            try:
+                data = json.loads(cache_path().read_text())
+                _MEASURED = {k: v for k, v in data.items() if isinstance(v, dict) and v.get("choice") in (GENERATED, KERNEL)}
+            except (OSError, ValueError):
+                _MEASURED = {}
+        return _MEASURED
+
+
+def record(op_name: str, dtype: torch.dtype, hidden: int, tokens: int, generated_us: float, kernel_us: float) -> str:
+    """Store a measurement (both candidates' kernel time); the faster one wins, ties (< 3%)
+    go to generated. Written through to the disk cache. Returns the choice."""
+    choice = KERNEL if kernel_us < 0.97 * generated_us else GENERATED
+    entry = dict(choice=choice, generated_us=round(generated_us, 3), kernel_us=round(kernel_us, 3))
+    table = _load()
+    with _LOCK:
+        table[measured_key(op_name, dtype, hidden, tokens)] = entry
+        path = cache_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    return choice
+
+
+def reset_measured(forget_disk: bool = False) -> None:
+    """Drop the in-memory entries (re-read from disk next time); optionally delete the file."""
+    global _MEASURED
+    with _LOCK:
+        _MEASURED = None
+        if forget_disk:
+            try:
+                cache_path().unlink()
+            except OSError:
+                pass
+
+
+def state_key() -> str:
+    """Hash of the measured entries: part of the pass manager's cache key."""
+    return hashlib.sha256(json.dumps(_load(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- the choice ---------------------------------------------------------------------------------
+
+
+def explain(op_name: str, fake_args: Sequence[Any]) -> tuple[str, str]:
+    """(choice, why) for ``op_name`` called with positional ``fake_args`` (fake or real)."""
+    fam = family(op_name)
+    x = fake_args[0] if fake_args else None
+    if not isinstance(x, torch.Tensor):
+        return GENERATED, "x is not a tensor"
+    if x.device.type != "cuda":
+        return GENERATED, f"x is on {x.device.type}, the kernels run on CUDA"
+    from ..kernels import library_ops
+
+    if not library_ops.AVAILABLE:
+        return GENERATED, library_ops.REASON
+    if not library_ops.supports(op_name, *fake_args):
+        return GENERATED, "the Triton kernel does not accept these arguments"
+    hidden = _static_int(x.shape[-1])
+    tokens = _tokens(x)
+    if hidden is None or tokens is None:
+        return GENERATED, "symbolic shape: the table is per token and hidden size"
+    entry = _load().get(measured_key(op_name, x.dtype, hidden, tokens))
+    if entry is not None:
+        return entry["choice"], f"measured: generated {entry['generated_us']} us, kernel {entry['kernel_us']} us"
+    if dtype_class(x.dtype) != "16bit":
+        return GENERATED, f"{x.dtype} activations: not in the table"
+    key = (fam, hidden_class(hidden), token_class(tokens))
+    source = KERNEL_WINS.get(key)
+    if source is not None:
+        return KERNEL, f"table {key} ({source})"
+    return GENERATED, f"table {key}: generated code wins or ties"
+
+
+def choose(op_name: str, fake_args: Sequence[Any]) -> str:
+    """``"generated"`` or ``"kernel"`` for ``op_name`` on these (fake) arguments."""
+    return explain(op_name, fake_args)[0]

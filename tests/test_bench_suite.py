@@ -1,0 +1,64 @@
+"""The benchmark suite's CPU dry run: every candidate is built, run and checked (no timing)."""
+
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_dry_run_two_families(tmp_path):
+    import suite
+
+    rc = suite.main(["--dry-run", "--families", "rms_norm,rms_fp8_group128", "--shapes", "3x256",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "suite.json").read_text())
+    rows = {(r["family"], r["candidate"]): r for r in data["rows"]}
+    assert set(rows) == {
+        ("rms_norm", "compile_norm"), ("rms_norm", "stock compile"), ("rms_norm", "compile_norm eager"),
+        ("rms_norm", "F.rms_norm eager"), ("rms_fp8_group128", "compile_norm"),
+        ("rms_fp8_group128", "stock compile"), ("rms_fp8_group128", "compile_norm eager"),
+    }
+    # eager dispatch (native provider on CPU) matches the reference within the op tolerance
+    assert rows[("rms_fp8_group128", "compile_norm eager")]["check"] == "ok"
+    # the compile_norm passes found the hand-written HF norm + group quantization and fused it
+    fusion = rows[("rms_fp8_group128", "compile_norm")]["fusion"]
+    assert fusion.get("canonicalize_matched", 0) == 1 and fusion.get("lower_matched", 0) == 1, fusion
+    assert rows[("rms_norm", "stock compile")]["fusion"] == {}
+    md = (tmp_path / "suite.md").read_text()
+    assert "| 3x256 | rms_fp8_group128 |" in md and "compile_norm eager" in md
+
+
+def test_timing_rows_and_tables_with_stand_in_timers(monkeypatch):
+    """The timing path on CPU with stand-in timers: bandwidth ratios above 256 tokens,
+    microseconds with the copy as the floor at or below."""
+    import argparse
+
+    import suite
+
+    times = {}
+
+    def fake_graph_time(fn):
+        fn()
+        return times.setdefault(len(times), 10.0 + len(times))
+
+    monkeypatch.setattr(suite.G, "graph_time_us", fake_graph_time)
+    monkeypatch.setattr(suite.G, "eager_time_us", lambda fn: 50.0)
+    a = argparse.Namespace(device="cpu", dry_run=False, quick=False, no_compile=True, kernel_mode="kernel",
+                           budget_s=None, tune=False, family_list=["rms_fp8_static", "rms_bwd"],
+                           shape_list=[(300, 1024), (2, 1024)])
+    rows = suite.run(a)
+    big = [r for r in rows if r["shape"] == "300x1024"]
+    copy = next(r for r in big if r["family"] == "copy")
+    assert copy["graph_us"] == 10.0 and copy["ratio"] == 1.0
+    eager = next(r for r in big if r["family"] == "rms_fp8_static" and r["candidate"] == "compile_norm eager")
+    want = (3 * 300 * 1024 + 2 * 1024) / eager["graph_us"] / (4 * 300 * 1024 / 10.0)
+    assert abs(eager["ratio"] - want) < 1e-9 and eager["check"] == "ok"
+    bwd = next(r for r in big if r["family"] == "rms_bwd" and r["candidate"] == "compile_norm eager")
+    assert abs(bwd["gbps"] - (10 * 300 * 1024 + 4 * 1024) / bwd["graph_us"] / 1e3) < 1e-9
+    small = [r for r in rows if r["shape"] == "2x1024" and r["family"] != "copy"]
+    assert small and all("ratio" not in r and r["graph_us"] > 0 and r["copy_us"] > 0 for r in small)
+    md = suite.markdown({"torch": "t", "date": "d", "kernel_source": "k", "liger": "no"}, rows)
+    assert "| 300x1024 | rms_fp8_static | 10.0 us |" in md and " us |" in md.split("| 2x1024 |")[1]

@@ -1,0 +1,314 @@
+"""Kernel choice (lowerings/choice.py) and the lower pass's Triton-kernel lowering, on CPU.
+
+The kernels cannot run here: graphs are traced with fake CUDA tensors and only their
+structure is checked (what the lower pass would hand to Inductor)."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import compile_norm  # noqa: F401
+from compile_norm.kernels import library_ops, triton_ops
+from compile_norm.lowerings import choice
+from compile_norm.ops import registry
+from compile_norm.options import parse_options
+from compile_norm.passes import lower
+
+cn = torch.ops.compile_norm
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def empty_measurements(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPILE_NORM_CHOICE_CACHE", str(tmp_path / "choice.json"))
+    choice.reset_measured()
+    yield
+    choice.reset_measured()
+
+
+def fake_cuda(*shapes, dtype=BF16):
+    mode = FakeTensorMode()
+    with mode:
+        return mode, [torch.empty(s, dtype=dtype, device="cuda") for s in shapes]
+
+
+def group_args(t, h, dtype=BF16):
+    _, (x, w) = fake_cuda((t, h), (h,), dtype=dtype)
+    return [x, w, 1e-6, 128, False, False, 0.0, None]
+
+
+def test_cpu_is_always_generated():
+    x, w = torch.randn(8192, 4096, dtype=BF16), torch.randn(4096, dtype=BF16)
+    for op in ("rms_norm_fp8_group", "rms_norm_fp8_static", "rms_norm"):
+        assert choice.choose(op, [x, w, 1e-6]) == "generated"
+    assert "cpu" in choice.explain("rms_norm_fp8_group", [x, w, 1e-6])[1]
+
+
+@pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
+def test_table_on_fake_cuda():
+    assert choice.choose("rms_norm_fp8_group", group_args(8192, 4096)) == "kernel"
+    assert choice.choose("rms_norm_fp8_group", group_args(1, 4096)) == "kernel"
+    # non-power-of-two hidden: the split-tile kernel wins for group FP8 ...
+    assert choice.choose("rms_norm_fp8_group", group_args(8192, 5376)) == "kernel"
+    # ... but not for add + norm + dynamic FP8 (0.92 vs 0.94 of copy)
+    _, (x5, r5, w5) = fake_cuda((8192, 5376), (8192, 5376), (5376,))
+    assert choice.choose("fused_add_rms_norm_fp8_dynamic", [x5, r5, w5, 1e-6, None, 0.0, None]) == "generated"
+    # QK-norm rows (hidden 128) are not in the table
+    assert choice.choose("rms_norm_fp8_group", group_args(32768, 128)) == "generated"
+    # fp32 activations are not in the table
+    assert choice.choose("rms_norm_fp8_group", group_args(8192, 4096, torch.float32)) == "generated"
+    _, (x, w, r) = fake_cuda((2048, 4096), (4096,), (2048, 4096))
+    assert choice.choose("rms_norm", [x, w, 1e-6, 0.0, None]) == "generated"  # ties
+    assert choice.choose("fused_add_rms_norm_fp8_dynamic", [x, r, w, 1e-6, None, 0.0, None]) == "kernel"
+    _, (x1, w1) = fake_cuda((1, 4096), (4096,))
+    assert choice.choose("rms_norm_int8_dynamic", [x1, w1, 1e-6, 0.0, None]) == "generated"  # decode
+    assert choice.choose("rms_norm_int8_dynamic", [x, w, 1e-6, 0.0, None]) == "kernel"
+    # group size the kernel does not take (not a power of two): generated
+    bad = group_args(8192, 4096)
+    bad[3] = 96
+    assert choice.choose("rms_norm_fp8_group", bad) == "generated"
+    with pytest.raises(ValueError, match="op_name"):
+        choice.choose("layer_norm", bad)
+
+
+@pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
+def test_measurements_override_the_table_and_persist():
+    args = group_args(8192, 4096)
+    key_before = choice.state_key()
+    assert choice.record("rms_norm_fp8_group", BF16, 4096, 8192, generated_us=40.0, kernel_us=45.0) == "generated"
+    assert choice.choose("rms_norm_fp8_group", args) == "generated"
+    assert choice.state_key() != key_before
+    choice.reset_measured()  # a new process: read back from disk
+    assert choice.explain("rms_norm_fp8_group", args)[1].startswith("measured")
+    # another shape still follows the table
+    assert choice.choose("rms_norm_fp8_group", group_args(2048, 4096)) == "kernel"
+
+
+def test_auto_option_and_uuid_follow_measurements():
+    from compile_norm.passes.manager import CompileNormPass
+
+    assert parse_options({"lowering": "auto"}).lowering == "auto"
+    with pytest.raises(ValueError, match="lowering"):
+        parse_options({"lowering": "fastest"})
+    p = CompileNormPass({"lowering": "auto"})
+    before = p.uuid()
+    choice.record("rms_norm", BF16, 4096, 8192, generated_us=1.0, kernel_us=2.0)
+    assert p.uuid() != before
+    g = CompileNormPass({"lowering": "generated"})
+    assert g.uuid() == g.uuid()
+
+
+@pytest.fixture
+def triton_as_if_on_gpu(monkeypatch):
+    """The triton provider registered as supported (it is unsupported without a GPU), and
+    Triton's mutation analysis (needs a GPU driver) answered from the kernel's constexprs."""
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    if not hasattr(tkw, "get_mutated_tensors"):
+        pytest.skip("this torch has another mutation-analysis entry point")
+    saved = {op: registry.providers(op).get("triton") for op in registry.ops()}
+    for op, (fn, supports) in triton_ops.FUNCTIONS.items():
+        registry.register_provider(op, registry.Provider(name="triton", fn=fn, supported=True, supports=supports, rank=10))
+
+    def mutated(kernel_idx, constant_args_idx, kwargs, tma):
+        consts = tkw.kernel_side_table.get_constant_args(constant_args_idx)
+        return library_ops.written_args({**kwargs, **consts})
+
+    monkeypatch.setattr(tkw, "get_mutated_tensors", mutated)
+    yield
+    for op, prov in saved.items():
+        if prov is not None:
+            registry.register_provider(op, prov)
+
+
+def traced_graph(fn, *shapes):
+    mode, fakes = fake_cuda(*shapes)
+    with mode:
+        return make_fx(fn)(*fakes).graph
+
+
+def kernel_nodes(graph):
+    hop = torch.ops.higher_order.triton_kernel_wrapper_functional
+    return [n for n in graph.nodes if n.target is hop]
+
+
+def cn_nodes(graph):
+    return [n for n in graph.nodes if getattr(n.target, "namespace", "") == "compile_norm"]
+
+
+@pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
+@pytest.mark.parametrize("mode", ["kernel", "auto"])
+def test_lower_pass_puts_in_the_triton_kernel(triton_as_if_on_gpu, mode):
+    def f(x, w):
+        q, s = cn.rms_norm_fp8_group(x, w, 1e-6, 128)
+        return q, s
+
+    graph = traced_graph(f, (8192, 4096), (4096,))
+    result = lower.run(graph, parse_options({"lowering": mode}))
+    graph.lint()
+    assert result.matched == 1 and not cn_nodes(graph)
+    (k,) = kernel_nodes(graph)
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    kernel = kernel_side_table.get_kernel(k.kwargs["kernel_idx"])  # an Autotuner holding num_warps
+    assert getattr(kernel, "fn", kernel) is library_ops.K.norm_quant_kernel
+    # only the freshly allocated outputs are written (cloned, later re-inplaced by Inductor)
+    assert sorted(k.kwargs["tensors_to_clone"]) == ["q_ptr", "s_ptr"]
+    assert not [n for n in graph.nodes if n.target is torch.ops.aten.copy_.default]
+    out = [n for n in graph.nodes if n.op == "output"][0]
+    q, s = out.args[0]
+    assert q.meta["val"].dtype == torch.float8_e4m3fn and tuple(q.meta["val"].shape) == (8192, 4096)
+    assert tuple(s.meta["val"].shape) == (8192, 32)
+
+
+@pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
+def test_auto_keeps_generated_code_where_the_table_says(triton_as_if_on_gpu):
+    def f(x, r, w):
+        return cn.fused_add_rms_norm(x, r, w, 1e-6)
+
+    graph = traced_graph(f, (2048, 4096), (2048, 4096), (4096,))
+    result = lower.run(graph, parse_options({"lowering": "auto"}))
+    assert result.matched == 1 and not cn_nodes(graph) and not kernel_nodes(graph)
+    graph = traced_graph(f, (2048, 4096), (2048, 4096), (4096,))
+    lower.run(graph, parse_options({"lowering": "kernel"}))
+    (k,) = kernel_nodes(graph)
+    assert sorted(k.kwargs["tensors_to_clone"]) == ["out_ptr", "res_out_ptr"]
+
+
+@pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
+def test_library_ops_have_the_ops_schemas():
+    ops = library_ops.register()
+    assert set(ops) == set(registry.ops())
+    for name, overload in ops.items():
+        ours = getattr(cn, name).default._schema
+        theirs = overload._schema
+        assert theirs.name == f"compile_norm_kernels::{name}"
+        assert [a.name for a in theirs.arguments] == [a.name for a in ours.arguments]
+        assert [str(a.type).replace("SymInt", "int") for a in theirs.arguments] == \
+            [str(a.type).replace("SymInt", "int") for a in ours.arguments]
+        assert len(theirs.returns) == len(ours.returns)
+
+
+@pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
+def test_library_op_fake_shapes_match_the_op():
+    mode, (x, r, w) = fake_cuda((3, 5, 4096), (3, 5, 4096), (4096,))
+    ops = library_ops.register()
+    with mode:
+        got = ops["fused_add_rms_norm_int8_dynamic_asym"](x, r, w, 1e-6)
+        want = cn.fused_add_rms_norm_int8_dynamic_asym(x, r, w, 1e-6)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
+        got = ops["rms_norm_fp8_group"](x, w, 1e-6, 128, True, True)
+        want = cn.rms_norm_fp8_group(x, w, 1e-6, 128, True, True)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
+
+
+@pytest.mark.cuda
+def test_library_ops_run_and_match_the_provider():
+    torch.manual_seed(0)
+    ops = library_ops.register()
+    x = torch.randn(67, 5376, device="cuda", dtype=BF16)
+    r, w = torch.randn_like(x), torch.randn(5376, device="cuda", dtype=BF16)
+    for a, b in zip(ops["fused_add_rms_norm_fp8_group"](x, r, w, 1e-6, 128),
+                    triton_ops.FUNCTIONS["fused_add_rms_norm_fp8_group"][0](x, r, w, 1e-6, 128)):
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+
+
+@pytest.mark.cuda
+def test_triton_mutation_analysis_agrees_with_written_args():
+    """On the GPU Triton's own analysis runs: it must find exactly the kernel's outputs."""
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    mode, fakes = fake_cuda((256, 4096), (256, 4096), (4096,))
+    for name, args in (("fused_add_rms_norm", lambda x, r, w: [x, r, w, 1e-6, 0.0, None]),
+                       ("rms_norm_int8_dynamic_asym", lambda x, r, w: [x, w, 1e-6, 0.0, None])):
+        with mode:
+            gm = library_ops.functional_trace(library_ops.functions()[name], args(*fakes))
+        (k,) = kernel_nodes(gm.graph)
+        consts = tkw.kernel_side_table.get_constant_args(k.kwargs["constant_args_idx"])
+        assert sorted(k.kwargs["tensors_to_clone"]) == sorted(library_ops.written_args({**k.kwargs["kwargs"], **consts}))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lowering", ["kernel", "auto"])
+def test_compiled_kernel_lowering_is_a_user_defined_kernel(lowering):
+    from compile_helpers import compile_run
+
+    def f(x, w):
+        return cn.rms_norm_fp8_group(x, w, 1e-6, 128)
+
+    x = torch.randn(4096, 4096, device="cuda", dtype=BF16)
+    w = torch.randn(4096, device="cuda", dtype=BF16)
+    c = compile_run(f, x, w, options={"lowering": lowering, "passes": [], "strict": True})
+    assert c.counts["lower_triton_kernel"] == 1
+    assert "norm_quant_kernel" in c.code and "compile_norm." not in c.code.replace("compile_norm.kernels", "")
+    want = triton_ops.FUNCTIONS["rms_norm_fp8_group"][0](x, w, 1e-6, 128)
+    assert torch.equal(c.out[0].view(torch.uint8), want[0].view(torch.uint8))
+    assert torch.equal(c.out[1], want[1])
+
+
+def test_imports_and_chooses_generated_without_triton():
+    """library_ops and choice import without triton; the choice then is always generated."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["triton"] = None  # import triton -> ImportError
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        import compile_norm
+        from compile_norm.kernels import library_ops
+        from compile_norm.lowerings import choice
+        assert not library_ops.AVAILABLE and "triton" in library_ops.REASON, library_ops.REASON
+        with FakeTensorMode():
+            x = torch.empty(8192, 4096, dtype=torch.bfloat16, device="cuda")
+            w = torch.empty(4096, dtype=torch.bfloat16, device="cuda")
+        c, why = choice.explain("rms_norm_fp8_group", [x, w, 1e-6, 128, False, False, 0.0, None])
+        assert c == "generated" and "triton" in why, why
+        print("OK")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
+
+
+def test_auto_on_cpu_compiles_generated_code():
+    from compile_helpers import assert_close, assert_close_q, compile_run
+
+    def f(x, r, w):
+        return cn.fused_add_rms_norm_fp8_dynamic(x, r, w, 1e-6)
+
+    x = torch.randn(3, 5, 1024, dtype=BF16)
+    r, w = torch.randn_like(x), torch.randn(1024, dtype=BF16)
+    c = compile_run(f, x, r, w, options={"lowering": "auto", "passes": [], "strict": True})
+    assert c.counts["lower_matched"] == 1 and not c.counts.get("lower_triton_kernel")
+    assert "compile_norm" not in c.code
+    ref = f(x, r, w)
+    assert_close(c.out[2], ref[2], BF16)  # residual_out
+    assert_close_q(c.out[0], ref[0], c.out[1])
+
+
+def test_tune_needs_cuda_tensors():
+    from compile_norm.lowerings import measure
+
+    x, w = torch.randn(4, 256), torch.randn(256)
+    with pytest.raises(ValueError, match="CUDA"):
+        measure.tune("rms_norm", x, w, 1e-6)
+
+
+@pytest.mark.cuda
+def test_tune_measures_once_and_auto_follows_it():
+    from compile_norm.lowerings import measure
+
+    x = torch.randn(2048, 4096, device="cuda", dtype=BF16)
+    w = torch.randn(4096, device="cuda", dtype=BF16)
+    picked = measure.tune("rms_norm_fp8_group", x, w, 1e-6, 128)
+    entry = choice._load()[choice.measured_key("rms_norm_fp8_group", BF16, 4096, 2048)]
+    assert entry["choice"] == picked and entry["generated_us"] > 0 and entry["kernel_us"] > 0
+    assert choice.explain("rms_norm_fp8_group", [x, w, 1e-6, 128, False, False, 0.0, None])[1].startswith("measured")
+    choice.reset_measured()  # a fresh process reads it back and does not measure again
+    assert measure.tune("rms_norm_fp8_group", x, w, 1e-6, 128) == picked
