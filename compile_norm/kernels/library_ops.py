@@ -27,7 +27,7 @@ import torch
 
 from ..ops import registry
 from ..ops.fused import add_norm_op_name, norm_op_name
-from ..ops.quant import FP8_DTYPE, SCHEMES, group_scales_empty, quant_op_name
+from ..ops.quant import SCHEMES, quant_op_name
 from . import triton_ops as T
 
 NAMESPACE = "compile_norm_kernels"
@@ -38,7 +38,7 @@ wrap_triton = None
 triton_op = None
 REASON = ""
 try:  # triton is importable without a GPU; launching needs one (or the interpreter)
-    import triton
+    import triton  # noqa: F401  (importable: the availability check)
 
     from torch.library import triton_op, wrap_triton
 
@@ -48,79 +48,21 @@ except Exception as e:  # ImportError, old torch, broken triton
 AVAILABLE = not REASON
 
 
-# --- launch preparation ------------------------------------------------------------------------
-# Adapter: the same argument preparation as ``triton_ops._launch``, split into "allocate and
-# prepare" and "launch" so the launch can go through ``wrap_triton``. Built from triton_ops'
-# helpers (launch_config, _rows, SPECS, reciprocals); the lead may move it into triton_ops and
-# make ``_launch`` use it.
-
-
-def prepare_launch(x, residual, weight, eps, offset, variance_size, do_norm, store_out, spec):
-    """-> (out | None, quant outputs tuple, residual_out | None, launch | None) where
-    ``launch`` is (grid, args, kwargs) of ``norm_quant_kernel`` (None for zero tokens)."""
-    mode, scale_in, aux, group, column_major, ue8m0 = spec
-    shape = x.shape
-    hidden = shape[-1]
-    dev = x.device
-    out = torch.empty(shape, dtype=x.dtype, device=dev) if store_out else None
-    res_out = torch.empty(shape, dtype=x.dtype, device=dev) if residual is not None else None
-    q = scales = azp = None
-    if mode:
-        q = torch.empty(shape, dtype=FP8_DTYPE if mode <= 3 else torch.int8, device=dev)
-        if mode == 3:
-            scales = group_scales_empty(x, group, column_major)
-        elif mode in (2, 5, 6):
-            scales = torch.empty((*shape[:-1], 1), dtype=torch.float32, device=dev)
-        if mode == 6:
-            azp = torch.empty((*shape[:-1], 1), dtype=torch.int32, device=dev)
-    quant_out = tuple(t for t in (q, scales, azp) if t is not None)
-
-    x2 = T._rows(x, hidden)
-    tokens = x2.shape[0]
-    if tokens == 0:  # static shapes only: a symbolic token count takes the launch path
-        return out, quant_out, res_out, None
-    r2 = T._rows(residual, hidden) if residual is not None else x2
-    cfg = T.launch_config(hidden, group if mode == 3 else 0)
-    if mode == 3:
-        st, sg = (1, tokens) if column_major else (hidden // group, 1)
-    else:
-        st, sg = 1, 1
-    vsize = hidden if variance_size is None else variance_size
-    # Unused pointer arguments get x2 (never read or written: their constexpr switches are off).
-    args = (
-        x2, r2, x2 if weight is None else weight,
-        x2 if out is None else out, x2 if res_out is None else res_out,
-        x2 if q is None else q, x2 if scales is None else scales, x2 if azp is None else azp,
-        x2 if scale_in is None else scale_in, x2 if aux is None else aux,
-        tokens, hidden,
-        x2.stride(0), r2.stride(0), 1 if weight is None else weight.stride(0),
-        st, sg,
-        float(eps), float(offset), vsize,
-    )
-    (ng0, g0), (ng1, g1), (ng2, g2) = cfg.tiles
-    consts = (
-        cfg.block_m, ng0, g0, ng1, g1, ng2, g2,
-        residual is not None, do_norm, weight is not None, offset != 0.0, vsize != hidden,
-        store_out, mode, aux is not None, ue8m0,
-        not T.INTERPRET, not T.INTERPRET, T._FP8_RECIP, T._INT8_RECIP, T._U8_RECIP,
-    )
-    kwargs = dict(zip(_arg_names()[len(args):], consts), num_warps=cfg.num_warps)
-    grid = ((tokens + cfg.block_m - 1) // cfg.block_m,)
-    return out, quant_out, res_out, (grid, args, kwargs)
-
-
 @functools.cache
 def _arg_names() -> tuple:
     return tuple(K.norm_quant_kernel.arg_names)
 
 
 def _run(x, residual, weight, eps, offset, vsize, do_norm, store_out, spec):
-    out, quant_out, res_out, launch = prepare_launch(
+    # The same outputs and arguments as the eager provider; the launch goes through
+    # wrap_triton so Inductor sees a user-defined Triton kernel.
+    out, quant_out, res_out, launch = T.prepare_launch(
         x, residual, weight, eps, offset, vsize, do_norm, store_out, spec
     )
     if launch is not None:
-        grid, args, kwargs = launch
-        wrap_triton(K.norm_quant_kernel)[grid](*args, **kwargs)
+        grid0, args, consts, num_warps = launch
+        kwargs = dict(zip(_arg_names()[len(args):], consts), num_warps=num_warps)
+        wrap_triton(K.norm_quant_kernel)[(grid0,)](*args, **kwargs)
     return out, quant_out, res_out
 
 

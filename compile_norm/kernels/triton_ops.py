@@ -314,8 +314,13 @@ def _kernel_launch(grid0: int, dev_index: int, args: tuple, consts: tuple, num_w
                rt.launch_exit_hook, *args, *consts)
 
 
-def _launch(x, residual, weight, eps, offset, variance_size, do_norm, store_out, spec):
-    """Run the kernel; returns (out | None, quant outputs tuple, residual_out | None)."""
+def prepare_launch(x, residual, weight, eps, offset, variance_size, do_norm, store_out, spec):
+    """Allocate the outputs and the kernel's arguments for one call.
+
+    Returns ``(out | None, quant outputs tuple, residual_out | None, launch)`` where ``launch``
+    is ``(grid0, args, consts, num_warps)``, or None when there are no tokens. Shared by the
+    eager launch below and the Inductor-visible ``library_ops`` (triton_op) wrappers.
+    """
     mode, scale_in, aux, group, column_major, ue8m0 = spec
     shape = x.shape
     hidden = shape[-1]
@@ -335,8 +340,8 @@ def _launch(x, residual, weight, eps, offset, variance_size, do_norm, store_out,
 
     x2 = _rows(x, hidden)
     tokens = x2.shape[0]
-    if tokens == 0:
-        return out, quant_out, res_out
+    if tokens == 0:  # static shapes only: a symbolic token count takes the launch path
+        return out, quant_out, res_out, None
     r2 = _rows(residual, hidden) if residual is not None else x2
     cfg = launch_config(hidden, group if mode == 3 else 0)
     if mode == 3:
@@ -344,6 +349,7 @@ def _launch(x, residual, weight, eps, offset, variance_size, do_norm, store_out,
     else:
         st, sg = 1, 1
     vsize = hidden if variance_size is None else variance_size
+    # Unused pointer arguments get x2 (never read or written: their constexpr switches are off).
     args = (
         x2, r2, x2 if weight is None else weight,
         x2 if out is None else out, x2 if res_out is None else res_out,
@@ -361,16 +367,28 @@ def _launch(x, residual, weight, eps, offset, variance_size, do_norm, store_out,
         store_out, mode, aux is not None, ue8m0,
         not INTERPRET, not INTERPRET, _FP8_RECIP, _INT8_RECIP, _U8_RECIP,
     )
-    grid0 = triton.cdiv(tokens, cfg.block_m)
+    grid0 = (tokens + cfg.block_m - 1) // cfg.block_m
+    return out, quant_out, res_out, (grid0, args, consts, cfg.num_warps)
+
+
+def _launch(x, residual, weight, eps, offset, variance_size, do_norm, store_out, spec):
+    """Run the kernel; returns (out | None, quant outputs tuple, residual_out | None)."""
+    out, quant_out, res_out, launch = prepare_launch(
+        x, residual, weight, eps, offset, variance_size, do_norm, store_out, spec
+    )
+    if launch is None:
+        return out, quant_out, res_out
+    grid0, args, consts, num_warps = launch
+    dev = x.device
     if INTERPRET:
         kwargs = dict(zip(_ARG_NAMES[len(args):], consts))
-        K.norm_quant_kernel[(grid0,)](*args, **kwargs, num_warps=cfg.num_warps)
+        K.norm_quant_kernel[(grid0,)](*args, **kwargs, num_warps=num_warps)
     elif dev.index is not None and dev.index != torch.cuda.current_device():
         with torch.cuda.device(dev):
-            _kernel_launch(grid0, dev.index, args, consts, cfg.num_warps)
+            _kernel_launch(grid0, dev.index, args, consts, num_warps)
     else:
         _kernel_launch(grid0, torch.cuda.current_device() if dev.index is None else dev.index,
-                       args, consts, cfg.num_warps)
+                       args, consts, num_warps)
     return out, quant_out, res_out
 
 
