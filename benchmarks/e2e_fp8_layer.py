@@ -46,6 +46,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import compile_norm  # noqa: E402,F401  (registers the ops and the backend's passes)
+from compile_norm.lowerings.measure import graph_time_us  # noqa: E402  (BENCHMARKS.md timer)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -221,25 +222,6 @@ def compile_one(layer, args, backend: str):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
-
-
-def graph_time_us(fn) -> float:
-    """Median time of ``fn`` replayed from a CUDA graph (do_bench on graph.replay)."""
-    import triton
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    ms = triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median")
-    del graph
-    return ms * 1e3
 
 
 # Expected fusion per layer: two norms, each with its residual add and its FP8 quantization.

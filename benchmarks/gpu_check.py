@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import compile_norm  # noqa: E402
 from compile_norm.kernels import checking, triton_ops  # noqa: E402
+from compile_norm.lowerings.measure import graph_time_us  # noqa: E402,F401 (BENCHMARKS.md timer)
 from compile_norm.ops import registry  # noqa: E402
 
 DEFAULT_SHAPES = "8192x4096,8192x5376,2048x4096,2048x2304,16384x4096,1x4096,256x4096"
@@ -98,25 +99,6 @@ def run_checks(full: bool) -> list[dict]:
 
 
 # --- 2./3. timing ------------------------------------------------------------------------------
-
-
-def graph_time_us(fn: Callable[[], Any]) -> float:
-    """Median kernel time of ``fn`` replayed from a CUDA graph, L2 flushed (do_bench)."""
-    import triton
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    ms = triton.testing.do_bench(g.replay, warmup=10, rep=40, return_mode="median")
-    del g
-    return ms * 1e3
 
 
 def eager_time_us(fn: Callable[[], Any]) -> float:
