@@ -4,16 +4,7 @@
 # Usage: bash benchmarks/run_gpu.sh [pytest paths...]   (BENCH_ARGS=... for gpu_check.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
-# Install the package itself (offline, no dependencies) so the torch_dynamo_backends entry point
-# that makes backend="compile_norm" work without an import is registered.
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
-  || echo "warning: editable install failed; backend='compile_norm' needs an import" >&2
+. benchmarks/gpu_env.sh
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then

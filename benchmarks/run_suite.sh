@@ -5,10 +5,5 @@
 # Usage: bash benchmarks/run_suite.sh [suite.py args...]   e.g. --full, --tune, --families ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+. benchmarks/gpu_env.sh
 python3 benchmarks/suite.py --out "$OUT" "$@" 2>&1 | tee "$OUT/suite.log" | tail -150
