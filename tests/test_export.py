@@ -73,7 +73,7 @@ def run_export(tmp_path, device, dtype, hidden):
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the fresh process cannot import compile_norm
     p = subprocess.run(
-        [sys.executable, "-c", LOADER, str(path), str(tmp_path / "args.pt"), str(tmp_path / "out.pt")],
+        [sys.executable, "-X", "faulthandler", "-c", LOADER, str(path), str(tmp_path / "args.pt"), str(tmp_path / "out.pt")],
         capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path),
     )
     assert p.returncode == 0, p.stderr[-3000:]

@@ -244,10 +244,32 @@ def test_compiled_kernel_lowering_is_a_user_defined_kernel(lowering):
     w = torch.randn(4096, device="cuda", dtype=BF16)
     c = compile_run(f, x, w, options={"lowering": lowering, "passes": [], "strict": True})
     assert c.counts["lower_triton_kernel"] == 1
-    assert "norm_quant_kernel" in c.code and "compile_norm." not in c.code.replace("compile_norm.kernels", "")
+    # (comments in the code name the original op: look for calls of it)
+    assert "norm_quant_kernel" in c.code and "torch.ops.compile_norm." not in c.code
     want = triton_ops.FUNCTIONS["rms_norm_fp8_group"][0](x, w, 1e-6, 128)
     assert torch.equal(c.out[0].view(torch.uint8), want[0].view(torch.uint8))
     assert torch.equal(c.out[1], want[1])
+
+
+@pytest.mark.cuda
+def test_compiled_kernel_lowering_computes_what_the_eager_kernel_does():
+    """Inductor passes eps / weight_offset as fp64 to a user-defined kernel (eager Triton: fp32);
+    the kernel converts them, so rstd and (w + offset) stay fp32: bit-identical to eager."""
+    from compile_helpers import compile_run
+
+    def f(x, r, w, s):
+        return cn.fused_add_rms_norm_fp8_static(x, r, w, 1e-5, s, weight_offset=1.0)
+
+    x = torch.randn(1000, 5376, device="cuda", dtype=BF16)
+    r = torch.randn_like(x)
+    w = 0.1 * torch.randn(5376, device="cuda", dtype=BF16)
+    s = torch.tensor(0.02, device="cuda")
+    c = compile_run(f, x, r, w, s, options={"lowering": "kernel", "passes": [], "strict": True})
+    assert c.counts["lower_triton_kernel"] == 1
+    assert "'eps': 'fp64'" in c.code  # what makes the conversion necessary (Inductor's typing)
+    want = f(x, r, w, s)  # eager: the Triton provider
+    assert torch.equal(c.out[0].view(torch.uint8), want[0].view(torch.uint8))  # q
+    assert torch.equal(c.out[1], want[1])  # residual_out
 
 
 def test_imports_and_chooses_generated_without_triton():
