@@ -197,3 +197,14 @@ def test_look_alikes_stay_unfused_and_correct(fn, g, reason, dtype):
     assert c.ops("quant", "after") == {"rms_norm"}
     assert amax, "the unfused quantization must keep its own reduction"
     check_outputs(c.out, fn(x, None, w, g, "unsqueeze"), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(64, 256), (3, 5, 384)])
+def test_cuda_gpu_check_hf_fp8_group128_fuses(shape):
+    x = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(shape[-1], dtype=torch.bfloat16, device="cuda")
+    c, amax = run(gpu_check.hf_fp8_group128, x, w, options={"strict": True})
+    assert c.counts["quant_matched"] == 1, c.counts
+    assert c.ops("quant", "after") == {"rms_norm_fp8_group"} and not amax
+    check_outputs(c.out, gpu_check.hf_fp8_group128(x, w), torch.bfloat16)
