@@ -26,6 +26,7 @@ def test_dry_run_two_families(tmp_path):
     # the compile_norm passes found the hand-written HF norm + group quantization and fused it
     fusion = rows[("rms_fp8_group128", "compile_norm")]["fusion"]
     assert fusion.get("canonicalize_matched", 0) == 1 and fusion.get("lower_matched", 0) == 1, fusion
+    assert fusion.get("quant_matched", 0) == 1, fusion  # no-keepdim amax + unsqueeze(-1) form
     assert rows[("rms_norm", "stock compile")]["fusion"] == {}
     md = (tmp_path / "suite.md").read_text()
     assert "| 3x256 | rms_fp8_group128 |" in md and "compile_norm eager" in md

@@ -15,7 +15,10 @@ Two kinds of site:
    - FP8 per group (any group size g dividing H, e.g. 128 or 64): ``g = y.float().view(..., H/g, g)``,
      ``s = (|g|.amax(-1, keepdim) / 448).clamp(min=1/(448*512))``,
      ``q = (g / s).clamp(-448, 448).to(float8_e4m3fn).view(y.shape)``; the user's ``s``
-     (``[..., H/g, 1]``) becomes a view of the op's row-major ``[..., H/g]`` scales.
+     (``[..., H/g, 1]``) becomes a view of the op's row-major ``[..., H/g]`` scales. Also the
+     DeepSeek/vLLM reference spelling ``s = (|g|.amax(-1) / 448).clamp(...)`` (no keepdim,
+     ``s`` is ``[..., H/g]``) with ``g / s.unsqueeze(-1)`` (or ``s[..., None]``, or a view to
+     ``[..., H/g, 1]``): that ``s`` is the op's scales as they are.
    The constants (448, 127, the clamp bounds, the minimum scale) are matched as arguments and
    compared with the op's contract; anything else is refused with a reason. Multiplying by a
    reciprocal scale is refused: ``y * (1 / s)`` is not bit-identical to ``y / s``.
@@ -33,6 +36,7 @@ import operator
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch._inductor.pattern_matcher import (
     MULTIPLE,
     CallFunction,
@@ -313,19 +317,33 @@ def _dynamic_rewrite(kind: str, scale_pattern: Any):
 _VIEW = [aten.view.default, aten.reshape.default]
 
 
-def _group_patterns() -> list[tuple[Any, Any]]:
+def _group_patterns() -> list[tuple[Any, Any, Any]]:
+    """``(q pattern, scale pattern, divisor pattern)`` triples. The divisor is the scale as
+    broadcast over each group: the ``amax(-1, keepdim=True)`` scale itself, or a no-keepdim
+    scale put back as ``[..., H/g, 1]`` by ``unsqueeze(-1)`` (also ``s[..., None]``) or a view.
+    ``_group_check`` decides from shapes which combinations are per-group quantization."""
     out = []
     for yf in (_conv(KeywordArg("y"), F32), KeywordArg("y")):
         groups = CallFunction(_VIEW, yf, KeywordArg("gshape"), _users=MULTIPLE)
-        amax = CallFunction(aten.amax.default, CallFunction(aten.abs.default, groups), KeywordArg("dims"), KeywordArg("keepdim"))
-        scale = CallFunction(
-            aten.clamp_min.default,
-            CallFunction(aten.div.Tensor, amax, KeywordArg("qmax")),
-            KeywordArg("min_scale"),
-            _users=MULTIPLE,
-        )
-        for c in _clamps(CallFunction(aten.div.Tensor, groups, scale), "lo", "hi"):
-            out.append((CallFunction(_VIEW, _conv(c, KeywordArg("qdtype")), KeywordArg("qshape")), scale))
+        magnitude = CallFunction(aten.abs.default, groups)
+        for amax in (
+            CallFunction(aten.amax.default, magnitude, KeywordArg("dims"), KeywordArg("keepdim")),
+            CallFunction(aten.amax.default, magnitude, KeywordArg("dims")),  # keepdim=False is dropped
+        ):
+            scale = CallFunction(
+                aten.clamp_min.default,
+                CallFunction(aten.div.Tensor, amax, KeywordArg("qmax")),
+                KeywordArg("min_scale"),
+                _users=MULTIPLE,
+            )
+            for divisor in (
+                scale,
+                CallFunction(aten.unsqueeze.default, scale, KeywordArg("bdim"), _users=MULTIPLE),
+                CallFunction(_VIEW, scale, KeywordArg("bshape"), _users=MULTIPLE),
+            ):
+                for c in _clamps(CallFunction(aten.div.Tensor, groups, divisor), "lo", "hi"):
+                    q = CallFunction(_VIEW, _conv(c, KeywordArg("qdtype")), KeywordArg("qshape"))
+                    out.append((q, scale, divisor))
     return out
 
 
@@ -340,31 +358,58 @@ def _group_size(m: Match) -> int | None:
     return g
 
 
-def _group_check(m: Match) -> bool:
-    kw = m.kwargs
-    if kw["qdtype"] != Q.FP8_DTYPE or norm_of(kw["y"]) is None:
-        return False
-    reason = _common_reason(m, "fp8")
-    yv = P.val(kw["y"])
-    g = _group_size(m) if reason is None else None
-    if reason is None and g is None:
-        reason = "grouping view does not split the last dim into whole groups"
-    if reason is None:
-        dims = [d % (yv.dim() + 1) for d in kw["dims"]] if isinstance(kw["dims"], (list, tuple)) else None
-        if dims != [yv.dim()] or kw["keepdim"] is not True:
-            reason = "group amax is not over the group dim with keepdim"
-    if reason is None and _f32(kw["qmax"]) != Q.FP8_MAX:
-        reason = f"scale divides amax by {kw['qmax']}, not {Q.FP8_MAX}"
-    if reason is None and _f32(kw["min_scale"]) != _f32(Q.FP8_MIN_SCALE):
-        reason = f"minimum scale {kw['min_scale']} differs from the op's {Q.FP8_MIN_SCALE}"
-    if reason is None and not P.same_shape(P.val(m.output_node()), yv):
-        reason = "quantized value is not viewed back to the shape of y"
-    if reason is None:
-        reason = _norm_reason(kw["y"], set(m.nodes))
-    if reason:
-        _STATE["result"].skip(P.site(m.output_node()), reason)
-        return False
-    return True
+def _divides_groups(divisor: Any, yv: torch.Tensor, g: int) -> bool:
+    """Whether ``divisor`` has shape ``[..., H/g, 1]``: one scale per group of ``y``."""
+    want = (*yv.shape[:-1], yv.shape[-1] // g, 1)
+    return (
+        isinstance(divisor, torch.Tensor)
+        and divisor.dim() == len(want)
+        and all(statically_known_true(a == b) for a, b in zip(divisor.shape, want))
+    )
+
+
+def _group_check(scale_pattern: Any, divisor_pattern: Any):
+    def check(m: Match) -> bool:
+        kw = m.kwargs
+        if kw["qdtype"] != Q.FP8_DTYPE or norm_of(kw["y"]) is None:
+            return False
+        reason = _common_reason(m, "fp8")
+        yv = P.val(kw["y"])
+        scale, divisor = (m.ctx.pattern_to_node[p] for p in (scale_pattern, divisor_pattern))
+        g = _group_size(m) if reason is None else None
+        if reason is None and g is None:
+            reason = "grouping view does not split the last dim into whole groups"
+        if reason is None:
+            dims = [d % (yv.dim() + 1) for d in kw["dims"]] if isinstance(kw["dims"], (list, tuple)) else None
+            if dims != [yv.dim()]:
+                reason = "group amax is not over the group dim"
+        if reason is None:
+            # Whatever the spelling (keepdim, unsqueeze, view), the scale must divide each
+            # group as [..., H/g, 1]; unsqueeze/view keep the order, so the shape decides.
+            if not _divides_groups(P.val(divisor), yv, g):
+                reason = "group scale does not divide its group as [..., H/g, 1] (keepdim or unsqueeze(-1))"
+            elif P.val(scale).dtype != F32:
+                reason = "group scale is not float32"
+        if reason is None and _f32(kw["qmax"]) != Q.FP8_MAX:
+            reason = f"scale divides amax by {kw['qmax']}, not {Q.FP8_MAX}"
+        if reason is None and _f32(kw["min_scale"]) != _f32(Q.FP8_MIN_SCALE):
+            reason = f"minimum scale {kw['min_scale']} differs from the op's {Q.FP8_MIN_SCALE}"
+        if reason is None and not P.same_shape(P.val(m.output_node()), yv):
+            reason = "quantized value is not viewed back to the shape of y"
+        if reason is None:
+            reason = _norm_reason(kw["y"], set(m.nodes))
+        if reason is None:
+            # Only the scale (and its broadcast) may be read outside: a grouped value used
+            # elsewhere would keep the unfused norm alive next to the fused op.
+            inside, shared = set(m.nodes), {m.output_node(), scale, divisor}
+            if any(u not in inside for n in inside - shared for u in n.users):
+                reason = "an intermediate of the group quantization has other users"
+        if reason:
+            _STATE["result"].skip(P.site(m.output_node()), reason)
+            return False
+        return True
+
+    return check
 
 
 def _group_rewrite(scale_pattern: Any):
@@ -375,10 +420,12 @@ def _group_rewrite(scale_pattern: Any):
         fused = fuse(m.kwargs["y"], "fp8_group", [gshape[-1], False, False], [anchor, None], anchor, [])
         graph = fused.graph
         with graph.inserting_after(fused):
-            scales = P.getitem(graph, fused, 1)
-        with graph.inserting_after(scales):  # [..., H/g] -> the user's [..., H/g, 1]
-            view = P.call(graph, aten.view.default, (scales, [*gshape[:-1], 1]))
-        scale.replace_all_uses_with(view)
+            scales = P.getitem(graph, fused, 1)  # row-major [..., H/g], as the user's math gives
+        if P.val(scale).dim() == len(gshape):  # amax keepdim: the user's scale is [..., H/g, 1]
+            with graph.inserting_after(scales):
+                scales = P.call(graph, aten.view.default, (scales, [*gshape[:-1], 1]))
+        # An unsqueeze/view of the scale used outside the match now reads the op's scales.
+        scale.replace_all_uses_with(scales)
         _erase_unused([*m.nodes, m.kwargs["y"], norm])
 
     return rewrite
@@ -393,8 +440,8 @@ def _pass() -> PatternMatcherPass:
     for kind in ("fp8", "int8"):
         for q, scale in _dynamic_patterns(kind):
             register_graph_pattern(q, extra_check=_dynamic_check(kind), pass_dict=pm)(_dynamic_rewrite(kind, scale))
-    for q, scale in _group_patterns():
-        register_graph_pattern(q, extra_check=_group_check, pass_dict=pm)(_group_rewrite(scale))
+    for q, scale, divisor in _group_patterns():
+        register_graph_pattern(q, extra_check=_group_check(scale, divisor), pass_dict=pm)(_group_rewrite(scale))
     for kind in ("fp8", "fp8_mul", "int8"):
         for pattern in _static_patterns(kind):
             register_graph_pattern(pattern, extra_check=_static_check(kind), pass_dict=pm)(_static_rewrite(kind))
