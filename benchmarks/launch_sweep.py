@@ -77,8 +77,13 @@ def main(argv=None) -> int:
             best = None
             for i, cfg in enumerate(configs(h, group)):
                 triton_ops.launch_config = lambda hidden, g, cfg=cfg: cfg
+                regs = spills = None
                 try:
+                    n_before = len(triton_ops._LAUNCHERS)
                     check = G._check_candidate(spec["ref_op"], spec["op"])
+                    if len(triton_ops._LAUNCHERS) > n_before:  # this config's compiled kernel
+                        kernel = list(triton_ops._LAUNCHERS.values())[-1]
+                        regs, spills = kernel.n_regs, kernel.n_spills
                     us = G.graph_time_us(spec["op"])
                 except Exception as e:  # a config that does not compile (registers, ...)
                     check, us = f"{type(e).__name__}: {str(e)[:80]}", float("nan")
@@ -86,11 +91,12 @@ def main(argv=None) -> int:
                     triton_ops.launch_config = real
                 ratio = spec["bytes"] / us / 1e3 / copy_bw
                 row = dict(shape=shape, family=fam, config=label(cfg), default=i == 0, us=us,
-                           ratio=ratio, check=check)
+                           ratio=ratio, check=check, regs=regs, spills=spills)
                 rows.append(row)
                 if check == "ok" and (best is None or us < best["us"]):
                     best = row
                 print(f"{shape} {fam:<20} {row['config']:<26} {us:8.1f} us {ratio:5.2f}"
+                      f" regs {regs} spills {spills}"
                       f"{' (default)' if i == 0 else ''} {check if check != 'ok' else ''}", flush=True)
             if best is not None:
                 print(f"   best {best['config']} {best['ratio']:.2f}", flush=True)
