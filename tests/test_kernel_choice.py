@@ -10,6 +10,11 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import compile_norm  # noqa: F401
 from compile_norm.kernels import library_ops, triton_ops
+
+try:
+    from compile_norm.kernels import triton_kernel as K
+except ImportError:  # no triton
+    K = None
 from compile_norm.lowerings import choice
 from compile_norm.ops import registry
 from compile_norm.options import parse_options
@@ -334,3 +339,48 @@ def test_tune_measures_once_and_auto_follows_it():
     assert choice.explain("rms_norm_fp8_group", [x, w, 1e-6, 128, False, False, 0.0, None])[1].startswith("measured")
     choice.reset_measured()  # a fresh process reads it back and does not measure again
     assert measure.tune("rms_norm_fp8_group", x, w, 1e-6, 128) == picked
+
+
+@pytest.fixture
+def cuda_target_for_triton_frontend():
+    """Triton's front end (source -> TTIR) needs only a target, not a GPU: give it an H100's."""
+    if not library_ops.AVAILABLE:
+        pytest.skip("triton not importable")
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class TargetOnly:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    driver.set_active(TargetOnly())
+    yield
+    driver._active = None
+
+
+@pytest.mark.parametrize("op,spec", [
+    ("rms_norm_fp8_group", ("fp8_group", 128)),
+    ("fused_add_rms_norm_fp8_dynamic", ("fp8_dynamic",)),
+    ("rms_norm_int8_dynamic_asym", ("int8_dynamic_asym",)),
+    ("fused_add_rms_norm", None),
+])
+def test_inductor_mutation_analysis_of_the_kernel(cuda_target_for_triton_frontend, op, spec):
+    """Inductor's own analysis of which pointers the kernel stores to (it hands scalars in as
+    Python floats; an exception there makes Inductor clone every input) finds exactly the
+    kernel's outputs, for the launch arguments library_ops builds."""
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    x, r = torch.randn(8, 5376, dtype=BF16), torch.randn(8, 5376, dtype=BF16)
+    w = torch.randn(5376, dtype=BF16)
+    residual = r if op.startswith("fused_add") else None
+    quant = triton_ops._NO_QUANT if spec is None else triton_ops.SPECS[spec[0]](*spec[1:])
+    _, _, _, launch = triton_ops.prepare_launch(x, residual, w, 1e-6, 0.0, None, True, spec is None, quant)
+    _, args, consts, _ = launch
+    names = library_ops._arg_names()
+    kwargs = dict(zip(names, args + consts))
+    if hasattr(tkw, "identify_accessed_tensors"):  # torch >= 2.12
+        access = tkw.identify_accessed_tensors(K.norm_quant_kernel, kwargs, {})
+        written = sorted(dep.name for dep in access.read_writes.writes)
+    else:
+        written = sorted(tkw.identify_mutated_tensors(K.norm_quant_kernel, kwargs, {}))
+    assert written == sorted(library_ops.written_args(kwargs))

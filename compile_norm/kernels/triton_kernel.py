@@ -349,11 +349,11 @@ def norm_quant_kernel(
     UE8M0: tl.constexpr, PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr,
     FP8_RECIP: tl.constexpr, INT8_RECIP: tl.constexpr, U8_RECIP: tl.constexpr,
 ):
-    if PRECISE:  # compiled (the interpreter passes Python floats)
-        # Inductor passes Python floats as fp64 (eager Triton: fp32): fp64 would make rstd
-        # and every product with it fp64 (slower, and not the reference's fp32 arithmetic).
-        eps = eps.to(tl.float32)
-        offset = offset.to(tl.float32)
+    # Inductor passes Python floats as fp64 (eager Triton: fp32): fp64 would make rstd and
+    # every product with it fp64 (slower, and not the reference's fp32 arithmetic). tl.cast,
+    # not .to: Inductor's mutation analysis and the interpreter hand in Python floats.
+    eps = tl.cast(eps, tl.float32)
+    offset = tl.cast(offset, tl.float32)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < T
