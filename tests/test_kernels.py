@@ -182,3 +182,32 @@ def test_cached_launch_matches_reference_cuda(op):
         res = checking.run_case(checking.Case(op, shape, torch.bfloat16), "cuda", seed=i)
         assert res.ok, f"call {i}: {res.name}: {res.problems}"
         assert len(triton_ops._LAUNCHERS) == 1
+
+
+@pytest.mark.cuda
+def test_saturation_nan_and_ties_are_the_references_cuda():
+    """Out-of-range values (inf included), NaN and exact .5 ties through each quantizer, where
+    the GPU path relies on the conversion instruction (satfinite FP8, cvt.rni.s32 INT8) rather
+    than explicit clamps: bit for bit with the reference (quant-only ops)."""
+    specials = torch.tensor([1e6, -1e6, float("inf"), float("-inf"), float("nan"), 0.5, 1.5, 2.5,
+                             -0.5, -2.5, 126.5, 127.5, -128.5, 447.0, 460.0, -470.0, 0.0, -0.0])
+    x = torch.randn(64, 256, dtype=torch.float32)
+    x[:, :specials.numel()] = specials
+    x = x.cuda()
+    one = torch.tensor(1.0, device="cuda")
+    finite = torch.nan_to_num(x, nan=0.0, posinf=3e5, neginf=-3e5)  # per-row scales stay finite
+    calls = [("quant_fp8_static", (x, one)), ("quant_int8_static", (x, one)),
+             ("quant_int8_static", (x, one, torch.tensor(3, dtype=torch.int32, device="cuda"))),
+             ("quant_int8_dynamic", (finite,)), ("quant_fp8_dynamic", (finite,)),
+             ("quant_int8_dynamic", (x,))]
+    for op, args in calls:
+        got = triton_ops.FUNCTIONS[op][0](*args)
+        want = registry.ops()[op].reference(*args)
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        for g, w in zip(got, want):
+            if g.dtype == torch.float8_e4m3fn:
+                g, w = g.view(torch.uint8), w.view(torch.uint8)
+            assert torch.equal(g.cpu().isnan() if g.is_floating_point() else g.cpu(),
+                               w.cpu().isnan() if w.is_floating_point() else w.cpu()), op
+            if g.is_floating_point():
+                assert torch.equal(torch.nan_to_num(g), torch.nan_to_num(w)), op

@@ -128,11 +128,13 @@ def _div_scalar(a, C: tl.constexpr, C_RECIP: tl.constexpr, SCALAR_RECIP: tl.cons
 @triton.jit
 def _sat_fp8(v, PRECISE: tl.constexpr):
     """Reference ``clamp(-448, 448).to(float8_e4m3fn)``: NaN stays NaN."""
-    v = tl.minimum(tl.maximum(v, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0,
-                   propagate_nan=tl.PropagateNan.ALL)
     if PRECISE:
+        # Triton converts with cvt.rn.satfinite.e4m3x2.f32: beyond +-448 (inf included)
+        # saturates to +-448 and NaN stays NaN, which is the clamp (2 instructions saved).
         q = v.to(tl.float8e4nv)
     else:
+        v = tl.minimum(tl.maximum(v, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0,
+                       propagate_nan=tl.PropagateNan.ALL)
         # The interpreter's fp8 cast rounds half up without carry: round to the e4m3 grid
         # here (step 2**(e - 3), subnormal step 2**-9), so its cast is exact.
         e = ((tl.abs(v).to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 127
@@ -247,7 +249,8 @@ def _stats(v, mask, QUANT: tl.constexpr, PRECISE: tl.constexpr):
         s1 = _amax(tl.where(mask, v, float("-inf")), 2, PRECISE)
         s2 = _amin(tl.where(mask, v, float("inf")), 2, PRECISE)
     else:
-        s1 = _amax(tl.where(mask, tl.abs(v), 0.0), 2, PRECISE)
+        # masked lanes hold 0 (loaded as 0, and every stage maps 0 to 0): no select needed
+        s1 = _amax(tl.abs(v), 2, PRECISE)
         s2 = s1
     return s1, s2
 
@@ -301,6 +304,11 @@ def _quantize(v, mask, q_ptr, rows64, cols, H, scale, rscale, azp, aux_in_ptr,
     t = _fast_div(v, scale, rscale, FAST)
     if QUANT <= 3:  # fp8
         q = _sat_fp8(t, PRECISE)
+    elif PRECISE and (QUANT == 5 or (QUANT == 4 and not HAS_AUX)):
+        # cvt.rni.s32.f32 rounds half to even, saturates and maps NaN to 0: with an int
+        # clamp it is the reference's round / NaN -> 0 / clamp in 3 instructions, not 6.
+        i = libdevice.float2int_rn(t)
+        q = tl.minimum(tl.maximum(i, -128), 127).to(tl.int8)
     else:
         t = _rint(t, PRECISE)
         if QUANT == 4:
