@@ -7,6 +7,8 @@ agree with the reference within compile_norm.kernels.checking's tolerances. The 
 process (this file run as a script, TRITON_INTERPRET=1) also records every launch's grid
 and PERSISTENT flag, so the tests see that the loop really ran with fewer programs than
 row blocks. Under the interpreter the "SM count" is ``triton_ops._INTERPRET_SMS`` (4).
+The sm_90 code-generation tests (CPU, ptxas only) check the loop itself: it carries only
+the raw tiles that exist, and the next block's loads precede the current block's stores.
 """
 
 from __future__ import annotations
@@ -199,6 +201,78 @@ def test_persistent_matches_one_shot_cuda(op, hidden, programs_per_sm):
     case = Case(op, (8192, hidden), torch.bfloat16)
     problems, _ = run_pair(case, "cuda", programs_per_sm, block_m=1)
     assert not problems, problems
+
+
+# --- sm_90 code generation (CPU, no GPU: like tests/test_kernels_compile.py) -----------------
+
+_SM90 = {  # (QUANT, hidden, group, HAS_RES)
+    "rms_norm_4096": (0, 4096, 0, False),
+    "add_fp8_dynamic_4096": (2, 4096, 0, True),
+    "fp8_static_5376": (1, 5376, 0, False),  # three tiles
+    "add_int8_asym_2304": (6, 2304, 0, True),  # two tiles
+    "fp8_group_2304": (3, 2304, 128, False),
+}
+
+
+def _compile_sm90(mode, hidden, group, res, persistent):
+    triton = pytest.importorskip("triton")
+    if getattr(getattr(triton, "knobs", None), "runtime", None) and triton.knobs.runtime.interpret:
+        pytest.skip("TRITON_INTERPRET is set")
+    from triton.backends.compiler import GPUTarget
+
+    from compile_norm.kernels import triton_kernel as K
+    from compile_norm.kernels import triton_ops as O
+
+    cfg = O.launch_config(hidden, group)
+    (ng0, g0), (ng1, g1), (ng2, g2) = cfg.tiles
+    qdt = "fp8e4nv" if mode in (1, 2, 3) else "i8"
+    sig = {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+           "res_out_ptr": "*bf16", "q_ptr": f"*{qdt}", "s_ptr": "*fp32", "azp_ptr": "*i32",
+           "scale_in_ptr": "*fp32", "aux_in_ptr": "*fp32"}
+    sig.update({n: "i32" for n in ("T", "H", "stride_x", "stride_r", "stride_st", "stride_sg", "V")})
+    sig.update(eps="fp32", offset="fp32")
+    const = dict(stride_w=1,  # a contiguous weight (Triton specializes ints == 1)
+                 BLOCK_M=1, NG0=ng0, G0=g0, NG1=ng1, G1=g1, NG2=ng2, G2=g2, HAS_RES=res,
+                 DO_NORM=True, HAS_WEIGHT=True, W_OFFSET=False, HAS_VSIZE=False,
+                 STORE_OUT=mode == 0, QUANT=mode, HAS_AUX=False, UE8M0=False, PRECISE=True,
+                 SCALAR_RECIP=True, FP8_RECIP=O._FP8_RECIP, INT8_RECIP=O._INT8_RECIP,
+                 U8_RECIP=O._U8_RECIP, PERSISTENT=persistent)
+    sig.update({k: "constexpr" for k in const})
+    names = K.norm_quant_kernel.arg_names
+    aligned = [n for n in names if n.endswith("_ptr")] + ["H", "stride_x", "stride_r"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = triton.compiler.ASTSource(K.norm_quant_kernel, sig, const, attrs)
+    try:
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps}), cfg
+    except Exception as e:  # a missing ptxas is an environment problem, not a bug
+        if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+            pytest.skip(f"no ptxas: {e}")
+        raise
+
+
+@pytest.mark.parametrize("name", list(_SM90))
+def test_persistent_code_for_sm90(name):
+    import re
+
+    mode, hidden, group, res = _SM90[name]
+    one, cfg = _compile_sm90(mode, hidden, group, res, False)
+    pers, _ = _compile_sm90(mode, hidden, group, res, True)
+    tiles = sum(1 for ng, _ in cfg.tiles if ng)
+    ttgir = pers.asm["ttgir"]
+    # the loop carries the block index and the raw tiles that exist, nothing else (the
+    # placeholders of absent tiles / residual are dropped)
+    loops = re.findall(r"scf\.while \((.*?)\) :", ttgir)
+    assert len(loops) == 1 and len(loops[0].split(", ")) == 1 + tiles * (2 if res else 1), loops
+    assert "scf.while" not in one.asm["ttgir"]
+    # in the loop body, the next block's loads (x / residual: evict_first; the weight is
+    # evict_last) come before this block's first store
+    body = ttgir[ttgir.index("scf.while"):]
+    assert body.index("evictionPolicy = evict_first") < body.index("tt.store")
+    # the same 16-byte vector loads as the one-shot kernel, twice (prologue + prefetch)
+    vec = r"ld\.global\.L1::evict_first[^ ]*\.v4"
+    n_one = len(re.findall(vec, one.asm["ptx"]))
+    assert n_one > 0 and len(re.findall(vec, pers.asm["ptx"])) == 2 * n_one
 
 
 if __name__ == "__main__":
