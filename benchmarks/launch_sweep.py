@@ -1,7 +1,8 @@
 """Sweep the eager Triton kernel's launch configuration per family and shape (GPU).
 
 For each family of ``gpu_check.families`` and each T x H, every candidate launch config
-(rows per program x num_warps x column tiling) replaces ``triton_ops.launch_config`` for one
+(rows per program x num_warps x column tiling, and the persistent prefetching variant with
+1 / 2 / 4 / 8 programs per SM) replaces ``triton_ops.launch_config`` for one
 op call; the result is checked against the reference, then timed by CUDA-graph replay (L2
 flushed, median) next to a copy of the same element count. The table says which config wins
 and by how much over the default one: what ``launch_config`` should pick.
@@ -34,7 +35,9 @@ SHAPES = "8192x4096,8192x5376,2048x2304"
 
 
 def configs(hidden: int, group: int) -> list[triton_ops.LaunchConfig]:
-    """The default config first, then block_m x num_warps x (split | one padded tile)."""
+    """The default config first, then block_m x num_warps x (split | one padded tile), then
+    the persistent prefetching variant (p1 / p2 / p4 / p8: programs per SM; programs beyond
+    what fits on an SM at once wait for a whole earlier program, see triton_ops)."""
     default = triton_ops.launch_config(hidden, group)
     out = [default]
     split = triton_ops.column_tiles(hidden, group)
@@ -47,12 +50,18 @@ def configs(hidden: int, group: int) -> list[triton_ops.LaunchConfig]:
         cfg = triton_ops.LaunchConfig(block_m, tiles, warps)
         if cfg != default:
             out.append(cfg)
+    # persistent, prefetching variant: one row per block, the default tiles and warps
+    for pps in (1, 2, 4, 8):
+        cfg = default._replace(block_m=1, programs_per_sm=pps)
+        if cfg != default:
+            out.append(cfg)
     return out
 
 
 def label(cfg: triton_ops.LaunchConfig) -> str:
     widths = "+".join(str(ng * g) for ng, g in cfg.tiles if ng)
-    return f"m{cfg.block_m} w{cfg.num_warps} [{widths}]"
+    persistent = f" p{cfg.programs_per_sm}" if cfg.programs_per_sm else ""
+    return f"m{cfg.block_m} w{cfg.num_warps} [{widths}]{persistent}"
 
 
 def main(argv=None) -> int:

@@ -74,19 +74,20 @@ def test_supports_rejects_cpu_tensors():
 
 
 def test_launch_config_heuristic():
-    # several rows per program for small rows, one row (whole row in registers) for big ones
-    assert triton_ops.launch_config(128, 0) == (16, ((1, 128), (0, 1), (0, 1)), 4)
+    # several rows per program for small rows, one row (whole row in registers) for big ones;
+    # the last field (programs_per_sm) is 0: one-shot grid, the persistent variant is off
+    assert triton_ops.launch_config(128, 0) == (16, ((1, 128), (0, 1), (0, 1)), 4, 0)
     # non-power-of-two rows: up to three power-of-two tiles instead of one padded tile
     assert triton_ops.column_tiles(5376, 0) == (4096, 1024, 256)
     assert triton_ops.column_tiles(2304, 0) == (2048, 256)
     assert triton_ops.column_tiles(3000, 0) == (2048, 512, 512)
     assert triton_ops.column_tiles(4095, 0) == (4096,)  # < 10% padding: one tile
     assert triton_ops.column_tiles(300, 0) == (512,)  # small rows: one tile
-    assert triton_ops.launch_config(5376, 0) == (1, ((1, 4096), (1, 1024), (1, 256)), 4)
+    assert triton_ops.launch_config(5376, 0) == (1, ((1, 4096), (1, 1024), (1, 256)), 4, 0)
     # per-group FP8: split in two tiles, or one padded tile
     assert triton_ops.launch_config(2304, 128).tiles == ((16, 128), (2, 128), (0, 1))
-    assert triton_ops.launch_config(5376, 128) == (1, ((64, 128), (0, 1), (0, 1)), 16)
-    assert triton_ops.launch_config(4096, 128) == (1, ((32, 128), (0, 1), (0, 1)), 8)
+    assert triton_ops.launch_config(5376, 128) == (1, ((64, 128), (0, 1), (0, 1)), 16, 0)
+    assert triton_ops.launch_config(4096, 128) == (1, ((32, 128), (0, 1), (0, 1)), 8, 0)
     assert triton_ops.launch_config(65536, 0).num_warps == 32
     for h in range(1, 9000, 7):  # tiles cover the row, group-aligned, powers of two
         for g in (0, 64, 128):

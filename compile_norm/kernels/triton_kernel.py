@@ -6,6 +6,12 @@ fp32 ``w + offset``) -> output rounded to x.dtype -> quantization of that rounde
 Each stage is switched by a ``tl.constexpr`` so every op compiles to a kernel with only its
 own work. The row is loaded once and stays in registers.
 
+The raw loads (``_load_rows``) are separate from the work on them (``_process``). With
+``PERSISTENT`` each program loops over row blocks pid, pid + nprog, ... and issues the loads
+of its next block before processing the current one (software prefetch: a load is
+asynchronous until its value is used, so the next rows' reads are in flight during this
+block's math and stores). This keeps two blocks' raw tiles in registers at once.
+
 A row is covered by up to three power-of-two column tiles ``W0 + W1 + W2 >= H`` (e.g.
 5376 = 4096 + 1024 + 256, 2304 = 2048 + 256) instead of one tile padded to the next power of
 two: padded lanes cost as much ALU work as real ones, and the quantizing modes are ALU bound
@@ -187,23 +193,70 @@ def _tile(C0: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, H):
 
 
 @triton.jit
-def _load_h(x_ptr, r_ptr, res_out_ptr, rows64, rmask, cols, cmask, H, stride_x, stride_r,
-            HAS_RES: tl.constexpr, PRECISE: tl.constexpr):
-    """The (residual-added) input of one tile in fp32 and its mask; stores residual_out."""
-    mask = rmask[:, None, None] & cmask[None, :, :]
-    row3 = rows64[:, None, None]
-    col3 = cols[None, :, :]
-    x = tl.load(x_ptr + row3 * stride_x + col3, mask=mask, other=0.0,
-                eviction_policy="evict_first")
+def _tile_mask(rmask, cmask):
+    return rmask[:, None, None] & cmask[None, :, :]
+
+
+@triton.jit
+def _load_raw(ptr, rows64, stride, cols, mask):
+    """One tile as stored, not converted: nothing here uses the values, so the load stays
+    in flight until the caller does (what the persistent loop's prefetch relies on)."""
+    return tl.load(ptr + rows64[:, None, None] * stride + cols[None, :, :], mask=mask,
+                   other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
+               NG0: tl.constexpr, G0: tl.constexpr, NG1: tl.constexpr, G1: tl.constexpr,
+               NG2: tl.constexpr, G2: tl.constexpr, HAS_RES: tl.constexpr):
+    """Raw tiles (x0, r0, x1, r1, x2, r2) of rows ``rows`` (masked at T and H).
+
+    Absent tensors (no residual, NG1 / NG2 = 0) are placeholders (an earlier tile, never
+    read by ``_process``), so every call site has the same six names and the persistent
+    loop carries only loads that exist (unused loop values are dropped by the compiler).
+    """
+    rmask = rows < T
+    rows64 = rows.to(tl.int64)
+    C1: tl.constexpr = NG0 * G0
+    C2: tl.constexpr = C1 + NG1 * G1
+    _, cols0, cm0 = _tile(0, NG0, G0, H)
+    m0 = _tile_mask(rmask, cm0)
+    x0 = _load_raw(x_ptr, rows64, stride_x, cols0, m0)
+    r0 = x0
     if HAS_RES:
-        r = tl.load(r_ptr + row3 * stride_r + col3, mask=mask, other=0.0,
-                    eviction_policy="evict_first")
+        r0 = _load_raw(r_ptr, rows64, stride_r, cols0, m0)
+    x1 = x0
+    r1 = r0
+    if NG1 > 0:
+        _, cols1, cm1 = _tile(C1, NG1, G1, H)
+        m1 = _tile_mask(rmask, cm1)
+        x1 = _load_raw(x_ptr, rows64, stride_x, cols1, m1)
+        r1 = x1
+        if HAS_RES:
+            r1 = _load_raw(r_ptr, rows64, stride_r, cols1, m1)
+    x2 = x0
+    r2 = r0
+    if NG2 > 0:
+        _, cols2, cm2 = _tile(C2, NG2, G2, H)
+        m2 = _tile_mask(rmask, cm2)
+        x2 = _load_raw(x_ptr, rows64, stride_x, cols2, m2)
+        r2 = x2
+        if HAS_RES:
+            r2 = _load_raw(r_ptr, rows64, stride_r, cols2, m2)
+    return x0, r0, x1, r1, x2, r2
+
+
+@triton.jit
+def _add_res(x, r, res_out_ptr, rows64, cols, mask, H, X_DT: tl.constexpr,
+             HAS_RES: tl.constexpr, PRECISE: tl.constexpr):
+    """The (residual-added) input of one tile in fp32; stores residual_out."""
+    if HAS_RES:
         # x + residual in x.dtype: exact fp32 sum, rounded once (as torch does).
-        xf = _round_to(x.to(tl.float32) + r.to(tl.float32), x_ptr.dtype.element_ty, PRECISE)
-        tl.store(res_out_ptr + row3 * H + col3, xf, mask=mask)
+        xf = _round_to(x.to(tl.float32) + r.to(tl.float32), X_DT, PRECISE)
+        tl.store(res_out_ptr + rows64[:, None, None] * H + cols[None, :, :], xf, mask=mask)
     else:
         xf = x.to(tl.float32)
-    return xf, mask
+    return xf
 
 
 @triton.jit
@@ -336,34 +389,19 @@ def _group_tile(v, mask, rmask, rows64, gidx, cols, C0: tl.constexpr, G: tl.cons
               aux_in_ptr, 3, False, PRECISE, PRECISE)
 
 
-@triton.jit(do_not_specialize=["T", "stride_st", "stride_sg"])
-def norm_quant_kernel(
-    x_ptr, r_ptr, w_ptr,  # inputs: x [T, H], residual [T, H], weight [H]
-    out_ptr, res_out_ptr,  # outputs [T, H] (contiguous)
-    q_ptr, s_ptr, azp_ptr,  # quantized [T, H] (contiguous), scales, int32 zero points
-    scale_in_ptr, aux_in_ptr,  # static scale; scale_ub (fp8 dynamic) or azp (int8 static)
-    T, H,
-    stride_x, stride_r, stride_w,
-    stride_st, stride_sg,  # scale strides: per token, per group
-    eps, offset, V,  # V: number of columns in the variance (variance_size)
-    BLOCK_M: tl.constexpr,
-    NG0: tl.constexpr, G0: tl.constexpr,  # tile 0: columns [0, NG0 * G0)
-    NG1: tl.constexpr, G1: tl.constexpr,  # tile 1 (NG1 = 0: none): the next NG1 * G1
-    NG2: tl.constexpr, G2: tl.constexpr,  # tile 2 (NG2 = 0: none), masked at H
-    HAS_RES: tl.constexpr, DO_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    W_OFFSET: tl.constexpr,  # weight_offset != 0: fp32 (w + offset)
-    HAS_VSIZE: tl.constexpr,  # variance over the first V columns only
-    STORE_OUT: tl.constexpr, QUANT: tl.constexpr, HAS_AUX: tl.constexpr,
-    UE8M0: tl.constexpr, PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr,
-    FP8_RECIP: tl.constexpr, INT8_RECIP: tl.constexpr, U8_RECIP: tl.constexpr,
-):
-    # Inductor passes Python floats as fp64 (eager Triton: fp32): fp64 would make rstd and
-    # every product with it fp64 (slower, and not the reference's fp32 arithmetic). tl.cast,
-    # not .to: Inductor's mutation analysis and the interpreter hand in Python floats.
-    eps = tl.cast(eps, tl.float32)
-    offset = tl.cast(offset, tl.float32)
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+@triton.jit
+def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_ptr, q_ptr,
+             s_ptr, azp_ptr, scale_in_ptr, aux_in_ptr, stride_w, stride_st, stride_sg, eps,
+             offset, V,
+             NG0: tl.constexpr, G0: tl.constexpr, NG1: tl.constexpr, G1: tl.constexpr,
+             NG2: tl.constexpr, G2: tl.constexpr,
+             HAS_RES: tl.constexpr, DO_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+             W_OFFSET: tl.constexpr, HAS_VSIZE: tl.constexpr, STORE_OUT: tl.constexpr,
+             QUANT: tl.constexpr, HAS_AUX: tl.constexpr, UE8M0: tl.constexpr,
+             PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr, FP8_RECIP: tl.constexpr,
+             INT8_RECIP: tl.constexpr, U8_RECIP: tl.constexpr):
+    """Everything after the loads for one block of rows, given its raw tiles
+    (``_load_rows``): residual add -> norm -> weight -> quantize, and every store."""
     rmask = rows < T
     rows64 = rows.to(tl.int64)
     X_DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -371,16 +409,16 @@ def norm_quant_kernel(
     C2: tl.constexpr = C1 + NG1 * G1
 
     gi0, cols0, cm0 = _tile(0, NG0, G0, H)
-    v0, m0 = _load_h(x_ptr, r_ptr, res_out_ptr, rows64, rmask, cols0, cm0, H, stride_x,
-                     stride_r, HAS_RES, PRECISE)
+    m0 = _tile_mask(rmask, cm0)
+    v0 = _add_res(x0, r0, res_out_ptr, rows64, cols0, m0, H, X_DT, HAS_RES, PRECISE)
     if NG1 > 0:
         gi1, cols1, cm1 = _tile(C1, NG1, G1, H)
-        v1, m1 = _load_h(x_ptr, r_ptr, res_out_ptr, rows64, rmask, cols1, cm1, H, stride_x,
-                         stride_r, HAS_RES, PRECISE)
+        m1 = _tile_mask(rmask, cm1)
+        v1 = _add_res(x1, r1, res_out_ptr, rows64, cols1, m1, H, X_DT, HAS_RES, PRECISE)
     if NG2 > 0:
         gi2, cols2, cm2 = _tile(C2, NG2, G2, H)
-        v2, m2 = _load_h(x_ptr, r_ptr, res_out_ptr, rows64, rmask, cols2, cm2, H, stride_x,
-                         stride_r, HAS_RES, PRECISE)
+        m2 = _tile_mask(rmask, cm2)
+        v2 = _add_res(x2, r2, res_out_ptr, rows64, cols2, m2, H, X_DT, HAS_RES, PRECISE)
 
     if DO_NORM:
         ss = _sumsq(v0, cols0, V, HAS_VSIZE)
@@ -458,3 +496,63 @@ def norm_quant_kernel(
         if NG2 > 0:
             _quantize(v2, m2, q_ptr, rows64, cols2, H, scale, rscale, azp, aux_in_ptr, QUANT,
                       HAS_AUX, PRECISE, PRECISE)
+
+
+@triton.jit(do_not_specialize=["T", "stride_st", "stride_sg"])
+def norm_quant_kernel(
+    x_ptr, r_ptr, w_ptr,  # inputs: x [T, H], residual [T, H], weight [H]
+    out_ptr, res_out_ptr,  # outputs [T, H] (contiguous)
+    q_ptr, s_ptr, azp_ptr,  # quantized [T, H] (contiguous), scales, int32 zero points
+    scale_in_ptr, aux_in_ptr,  # static scale; scale_ub (fp8 dynamic) or azp (int8 static)
+    T, H,
+    stride_x, stride_r, stride_w,
+    stride_st, stride_sg,  # scale strides: per token, per group
+    eps, offset, V,  # V: number of columns in the variance (variance_size)
+    BLOCK_M: tl.constexpr,
+    NG0: tl.constexpr, G0: tl.constexpr,  # tile 0: columns [0, NG0 * G0)
+    NG1: tl.constexpr, G1: tl.constexpr,  # tile 1 (NG1 = 0: none): the next NG1 * G1
+    NG2: tl.constexpr, G2: tl.constexpr,  # tile 2 (NG2 = 0: none), masked at H
+    HAS_RES: tl.constexpr, DO_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    W_OFFSET: tl.constexpr,  # weight_offset != 0: fp32 (w + offset)
+    HAS_VSIZE: tl.constexpr,  # variance over the first V columns only
+    STORE_OUT: tl.constexpr, QUANT: tl.constexpr, HAS_AUX: tl.constexpr,
+    UE8M0: tl.constexpr, PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr,
+    FP8_RECIP: tl.constexpr, INT8_RECIP: tl.constexpr, U8_RECIP: tl.constexpr,
+    PERSISTENT: tl.constexpr = False,  # loop over row blocks, prefetching the next one
+):
+    # Inductor passes Python floats as fp64 (eager Triton: fp32): fp64 would make rstd and
+    # every product with it fp64 (slower, and not the reference's fp32 arithmetic). tl.cast,
+    # not .to: Inductor's mutation analysis and the interpreter hand in Python floats.
+    eps = tl.cast(eps, tl.float32)
+    offset = tl.cast(offset, tl.float32)
+    pid = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK_M)
+    rows = pid * BLOCK_M + lanes
+    x0, r0, x1, r1, x2, r2 = _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
+                                        NG0, G0, NG1, G1, NG2, G2, HAS_RES)
+    if PERSISTENT:
+        # Row blocks pid, pid + nprog, ...: the next block's loads are issued before this
+        # block's math and stores (their values are first used in the next iteration),
+        # so its reads are in flight meanwhile. The last prefetch is masked (rows >= T).
+        # (A while loop: the interpreter cannot take tensors as range() bounds.)
+        nprog = tl.num_programs(0)
+        nblk = tl.cdiv(T, BLOCK_M)
+        blk = pid
+        while blk < nblk:
+            cur = blk * BLOCK_M + lanes
+            n0, nr0, n1, nr1, n2, nr2 = _load_rows(
+                x_ptr, r_ptr, cur + nprog * BLOCK_M, T, H, stride_x, stride_r,
+                NG0, G0, NG1, G1, NG2, G2, HAS_RES)
+            _process(x0, r0, x1, r1, x2, r2, cur, T, H, x_ptr, w_ptr, out_ptr, res_out_ptr,
+                     q_ptr, s_ptr, azp_ptr, scale_in_ptr, aux_in_ptr, stride_w, stride_st,
+                     stride_sg, eps, offset, V, NG0, G0, NG1, G1, NG2, G2, HAS_RES, DO_NORM,
+                     HAS_WEIGHT, W_OFFSET, HAS_VSIZE, STORE_OUT, QUANT, HAS_AUX, UE8M0,
+                     PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP)
+            x0, r0, x1, r1, x2, r2 = n0, nr0, n1, nr1, n2, nr2
+            blk += nprog
+    else:
+        _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_ptr,
+                 q_ptr, s_ptr, azp_ptr, scale_in_ptr, aux_in_ptr, stride_w, stride_st,
+                 stride_sg, eps, offset, V, NG0, G0, NG1, G1, NG2, G2, HAS_RES, DO_NORM,
+                 HAS_WEIGHT, W_OFFSET, HAS_VSIZE, STORE_OUT, QUANT, HAS_AUX, UE8M0,
+                 PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP)

@@ -25,7 +25,13 @@ Large hidden sizes keep the whole row in registers: up to 16K elements per progr
 spills; 65536 in fp32 spills (correct, slower). Non-power-of-two rows are split into up to
 three power-of-two tiles (``column_tiles``) rather than padded.
 
-Launch: the compiled kernel is cached per (constexprs, num_warps, dtypes, Triton's
+Launch: one program per block of ``block_m`` rows, or, with ``LaunchConfig.programs_per_sm
+> 0`` (off by default; ``launch_config`` returns 0 until it is measured), a persistent grid
+of at most SM count * programs_per_sm programs that loop over row blocks and prefetch the
+next one (same numerics, bit for bit). Such programs should all be resident at once: the
+prefetch holds two row blocks in registers (sm_90 ptxas: 4096 bf16 / 8 warps 48-64
+registers instead of 34-48; 5376 split / 4 warps 128-179 instead of 80-96), so 8 programs
+per SM do not fit there. The compiled kernel is cached per (constexprs, num_warps, dtypes, Triton's
 specializations) and launched through its ``run`` directly (``_kernel_launch``); misaligned
 pointers always take ``JITFunction.run``. Measured on H100 (torch 2.11, Triton 3.6, bf16,
 CUDA-graph replay, ratio to a copy of the same element count), 8192x5376:
@@ -213,6 +219,31 @@ class LaunchConfig(NamedTuple):
     block_m: int  # rows per program
     tiles: tuple  # ((NG0, G0), (NG1, G1), (NG2, G2)): column tiles, NG = 0 for none
     num_warps: int
+    # 0: one program per row block. > 0: persistent, at most SM count * programs_per_sm
+    # programs, each looping over row blocks and prefetching the next one (PERSISTENT).
+    programs_per_sm: int = 0
+
+
+# Programs per "SM" under the interpreter: few, so that the persistent loop runs.
+_INTERPRET_SMS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(dev_index: int) -> int:
+    return torch.cuda.get_device_properties(dev_index).multi_processor_count
+
+
+def _grid(tokens, cfg: LaunchConfig, dev: torch.device):
+    """Number of programs: one per row block, or (persistent) at most SMs * programs_per_sm.
+    ``tokens`` may be a SymInt (Inductor's launch path), hence sym_min."""
+    blocks = (tokens + cfg.block_m - 1) // cfg.block_m
+    if cfg.programs_per_sm <= 0:
+        return blocks
+    if INTERPRET:
+        sms = _INTERPRET_SMS
+    else:
+        sms = _sm_count(torch.cuda.current_device() if dev.index is None else dev.index)
+    return torch.sym_min(blocks, sms * cfg.programs_per_sm)
 
 
 def column_tiles(hidden: int, group: int) -> tuple[int, ...]:
@@ -260,7 +291,8 @@ def launch_config(hidden: int, group: int) -> LaunchConfig:
         num_warps = min(16, max(4, 1 << ((elems // 512).bit_length() - 1) if elems >= 512 else 4))
     tiles = tuple((w // group, group) if group else (1, w) for w in widths)
     tiles += ((0, 1),) * (3 - len(tiles))
-    return LaunchConfig(block_m, tiles, num_warps)
+    # The persistent prefetching variant (programs_per_sm > 0) is off until measured.
+    return LaunchConfig(block_m, tiles, num_warps, programs_per_sm=0)
 
 
 def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -366,8 +398,9 @@ def prepare_launch(x, residual, weight, eps, offset, variance_size, do_norm, sto
         residual is not None, do_norm, weight is not None, offset != 0.0, vsize != hidden,
         store_out, mode, aux is not None, ue8m0,
         not INTERPRET, not INTERPRET, _FP8_RECIP, _INT8_RECIP, _U8_RECIP,
+        cfg.programs_per_sm > 0,
     )
-    grid0 = (tokens + cfg.block_m - 1) // cfg.block_m
+    grid0 = _grid(tokens, cfg, dev)
     return out, quant_out, res_out, (grid0, args, consts, cfg.num_warps)
 
 
