@@ -200,7 +200,12 @@ def test_saturation_nan_and_ties_are_the_references_cuda():
     calls = [("quant_fp8_static", (x, one)), ("quant_int8_static", (x, one)),
              ("quant_int8_static", (x, one, torch.tensor(3, dtype=torch.int32, device="cuda"))),
              ("quant_int8_dynamic", (finite,)), ("quant_fp8_dynamic", (finite,)),
-             ("quant_int8_dynamic", (x,))]
+             ("quant_fp8_group", (finite, 64))]
+    # non-finite rows / groups: NaN scales, and inf scales (a / inf = 0, inf / inf = NaN)
+    with_inf = torch.nan_to_num(x, nan=1.0, posinf=float("inf"), neginf=float("-inf"))
+    for xs in (x, with_inf):
+        calls += [("quant_int8_dynamic", (xs,)), ("quant_fp8_dynamic", (xs,)),
+                  ("quant_fp8_group", (xs, 64)), ("quant_int8_dynamic_asym", (xs,))]
     for op, args in calls:
         got = triton_ops.FUNCTIONS[op][0](*args)
         want = registry.ops()[op].reference(*args)

@@ -170,26 +170,51 @@ def _recip(b):
 
 
 @triton.jit
-def _fast_div(a, b, rb, FAST: tl.constexpr):
-    """IEEE ``a / b`` given ``rb = _recip(b)``; ``b`` and ``rb`` broadcast to ``a``."""
-    b = tl.broadcast_to(b, a.shape)
+def _fast_div(a, b, rb, FAST: tl.constexpr, GUARD: tl.constexpr):
+    """IEEE ``a / b`` given ``rb = _recip(b)``; ``b`` and ``rb`` broadcast to ``a``.
+
+    GUARD False: the caller's scale bounds every quotient (a dynamic scale is at least
+    amax / 448, or / 127), so only a non-finite scale can make the correction NaN; with b
+    replaced by 0 there (once per row or group, not per element) the correction is exactly
+    ``a * (1/b)``, which is then the answer (a / inf = 0, inf / inf = NaN, x / NaN = NaN).
+    """
     if FAST:
+        if not GUARD:
+            b = tl.where(tl.abs(b) < float("inf"), b, 0.0)
+        b = tl.broadcast_to(b, a.shape)
         rb = tl.broadcast_to(rb, a.shape)
         q0 = a * rb
         q = tl.math.fma(tl.math.fma(-q0, b, a), rb, q0)
-        # b = 0 / inf, a = inf, overflow: the correction is NaN and a * (1/b) is the answer
-        q = tl.where(q == q, q, q0)
+        if GUARD:
+            # b = 0 / inf, a = inf, overflow: the correction is NaN; a * (1/b) is the answer
+            q = tl.where(q == q, q, q0)
     else:  # div_rn (the interpreter has no true fma: there it is numpy's division)
-        q = tl.math.div_rn(a, b)
+        q = tl.math.div_rn(a, tl.broadcast_to(b, a.shape))
     return q
 
 
 @triton.jit
-def _tile(C0: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, H):
-    """Group index ``[NG]``, columns ``[NG, G]`` and column mask of the tile at column C0."""
+def _tile(C0: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, H, EVEN_COLS: tl.constexpr):
+    """Group index ``[NG]``, columns ``[NG, G]`` and column mask of the tile at column C0.
+    EVEN_COLS (the tiles cover exactly H): a constant mask, which the compiler folds away
+    (no per-element compares, unpredicated vector loads and stores)."""
     gidx = tl.arange(0, NG)
     cols = C0 + gidx[:, None] * G + tl.arange(0, G)[None, :]
-    return gidx, cols, cols < H
+    if EVEN_COLS:
+        cmask = tl.full(cols.shape, 1, tl.int1)
+    else:
+        cmask = cols < H
+    return gidx, cols, cmask
+
+
+@triton.jit
+def _row_mask(rows, T, EVEN_ROWS: tl.constexpr):
+    """``rows < T``; constant when every block is full (EVEN_ROWS)."""
+    if EVEN_ROWS:
+        rmask = tl.full(rows.shape, 1, tl.int1)
+    else:
+        rmask = rows < T
+    return rmask
 
 
 @triton.jit
@@ -208,18 +233,19 @@ def _load_raw(ptr, rows64, stride, cols, mask):
 @triton.jit
 def _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
                NG0: tl.constexpr, G0: tl.constexpr, NG1: tl.constexpr, G1: tl.constexpr,
-               NG2: tl.constexpr, G2: tl.constexpr, HAS_RES: tl.constexpr):
+               NG2: tl.constexpr, G2: tl.constexpr, HAS_RES: tl.constexpr,
+               EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
     """Raw tiles (x0, r0, x1, r1, x2, r2) of rows ``rows`` (masked at T and H).
 
     Absent tensors (no residual, NG1 / NG2 = 0) are placeholders (an earlier tile, never
     read by ``_process``), so every call site has the same six names and the persistent
     loop carries only loads that exist (unused loop values are dropped by the compiler).
     """
-    rmask = rows < T
+    rmask = _row_mask(rows, T, EVEN_ROWS)
     rows64 = rows.to(tl.int64)
     C1: tl.constexpr = NG0 * G0
     C2: tl.constexpr = C1 + NG1 * G1
-    _, cols0, cm0 = _tile(0, NG0, G0, H)
+    _, cols0, cm0 = _tile(0, NG0, G0, H, EVEN_COLS)
     m0 = _tile_mask(rmask, cm0)
     x0 = _load_raw(x_ptr, rows64, stride_x, cols0, m0)
     r0 = x0
@@ -228,7 +254,7 @@ def _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
     x1 = x0
     r1 = r0
     if NG1 > 0:
-        _, cols1, cm1 = _tile(C1, NG1, G1, H)
+        _, cols1, cm1 = _tile(C1, NG1, G1, H, EVEN_COLS)
         m1 = _tile_mask(rmask, cm1)
         x1 = _load_raw(x_ptr, rows64, stride_x, cols1, m1)
         r1 = x1
@@ -237,7 +263,7 @@ def _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
     x2 = x0
     r2 = r0
     if NG2 > 0:
-        _, cols2, cm2 = _tile(C2, NG2, G2, H)
+        _, cols2, cm2 = _tile(C2, NG2, G2, H, EVEN_COLS)
         m2 = _tile_mask(rmask, cm2)
         x2 = _load_raw(x_ptr, rows64, stride_x, cols2, m2)
         r2 = x2
@@ -354,7 +380,10 @@ def _quantize(v, mask, q_ptr, rows64, cols, H, scale, rscale, azp, aux_in_ptr,
               FAST: tl.constexpr):
     """Quantize one tile and store it. ``scale`` / ``rscale`` / ``azp`` broadcast to v."""
     qoffs = q_ptr + rows64[:, None, None] * H + cols[None, :, :]
-    t = _fast_div(v, scale, rscale, FAST)
+    # Dynamic scales bound the quotient, except with scale_ub (fp8 dynamic) or an
+    # asymmetric range (int8 asym: min and max far from 0): those keep the per-element guard.
+    GUARD: tl.constexpr = QUANT == 1 or QUANT == 4 or QUANT == 6 or HAS_AUX
+    t = _fast_div(v, scale, rscale, FAST, GUARD)
     if QUANT <= 3:  # fp8
         q = _sat_fp8(t, PRECISE)
     elif PRECISE and (QUANT == 5 or (QUANT == 4 and not HAS_AUX)):
@@ -399,24 +428,25 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
              W_OFFSET: tl.constexpr, HAS_VSIZE: tl.constexpr, STORE_OUT: tl.constexpr,
              QUANT: tl.constexpr, HAS_AUX: tl.constexpr, UE8M0: tl.constexpr,
              PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr, FP8_RECIP: tl.constexpr,
-             INT8_RECIP: tl.constexpr, U8_RECIP: tl.constexpr):
+             INT8_RECIP: tl.constexpr, U8_RECIP: tl.constexpr, EVEN_ROWS: tl.constexpr,
+             EVEN_COLS: tl.constexpr):
     """Everything after the loads for one block of rows, given its raw tiles
     (``_load_rows``): residual add -> norm -> weight -> quantize, and every store."""
-    rmask = rows < T
+    rmask = _row_mask(rows, T, EVEN_ROWS)
     rows64 = rows.to(tl.int64)
     X_DT: tl.constexpr = x_ptr.dtype.element_ty
     C1: tl.constexpr = NG0 * G0
     C2: tl.constexpr = C1 + NG1 * G1
 
-    gi0, cols0, cm0 = _tile(0, NG0, G0, H)
+    gi0, cols0, cm0 = _tile(0, NG0, G0, H, EVEN_COLS)
     m0 = _tile_mask(rmask, cm0)
     v0 = _add_res(x0, r0, res_out_ptr, rows64, cols0, m0, H, X_DT, HAS_RES, PRECISE)
     if NG1 > 0:
-        gi1, cols1, cm1 = _tile(C1, NG1, G1, H)
+        gi1, cols1, cm1 = _tile(C1, NG1, G1, H, EVEN_COLS)
         m1 = _tile_mask(rmask, cm1)
         v1 = _add_res(x1, r1, res_out_ptr, rows64, cols1, m1, H, X_DT, HAS_RES, PRECISE)
     if NG2 > 0:
-        gi2, cols2, cm2 = _tile(C2, NG2, G2, H)
+        gi2, cols2, cm2 = _tile(C2, NG2, G2, H, EVEN_COLS)
         m2 = _tile_mask(rmask, cm2)
         v2 = _add_res(x2, r2, res_out_ptr, rows64, cols2, m2, H, X_DT, HAS_RES, PRECISE)
 
@@ -519,6 +549,8 @@ def norm_quant_kernel(
     UE8M0: tl.constexpr, PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr,
     FP8_RECIP: tl.constexpr, INT8_RECIP: tl.constexpr, U8_RECIP: tl.constexpr,
     PERSISTENT: tl.constexpr = False,  # loop over row blocks, prefetching the next one
+    EVEN_ROWS: tl.constexpr = False,  # every row block full (T % BLOCK_M == 0; not PERSISTENT)
+    EVEN_COLS: tl.constexpr = False,  # the column tiles cover exactly H
 ):
     # Inductor passes Python floats as fp64 (eager Triton: fp32): fp64 would make rstd and
     # every product with it fp64 (slower, and not the reference's fp32 arithmetic). tl.cast,
@@ -529,7 +561,7 @@ def norm_quant_kernel(
     lanes = tl.arange(0, BLOCK_M)
     rows = pid * BLOCK_M + lanes
     x0, r0, x1, r1, x2, r2 = _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
-                                        NG0, G0, NG1, G1, NG2, G2, HAS_RES)
+                                        NG0, G0, NG1, G1, NG2, G2, HAS_RES, EVEN_ROWS, EVEN_COLS)
     if PERSISTENT:
         # Row blocks pid, pid + nprog, ...: the next block's loads are issued before this
         # block's math and stores (their values are first used in the next iteration),
@@ -542,12 +574,13 @@ def norm_quant_kernel(
             cur = blk * BLOCK_M + lanes
             n0, nr0, n1, nr1, n2, nr2 = _load_rows(
                 x_ptr, r_ptr, cur + nprog * BLOCK_M, T, H, stride_x, stride_r,
-                NG0, G0, NG1, G1, NG2, G2, HAS_RES)
+                NG0, G0, NG1, G1, NG2, G2, HAS_RES, EVEN_ROWS, EVEN_COLS)
             _process(x0, r0, x1, r1, x2, r2, cur, T, H, x_ptr, w_ptr, out_ptr, res_out_ptr,
                      q_ptr, s_ptr, azp_ptr, scale_in_ptr, aux_in_ptr, stride_w, stride_st,
                      stride_sg, eps, offset, V, NG0, G0, NG1, G1, NG2, G2, HAS_RES, DO_NORM,
                      HAS_WEIGHT, W_OFFSET, HAS_VSIZE, STORE_OUT, QUANT, HAS_AUX, UE8M0,
-                     PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP)
+                     PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, EVEN_ROWS,
+                 EVEN_COLS)
             x0, r0, x1, r1, x2, r2 = n0, nr0, n1, nr1, n2, nr2
             blk += nprog
     else:
@@ -555,4 +588,5 @@ def norm_quant_kernel(
                  q_ptr, s_ptr, azp_ptr, scale_in_ptr, aux_in_ptr, stride_w, stride_st,
                  stride_sg, eps, offset, V, NG0, G0, NG1, G1, NG2, G2, HAS_RES, DO_NORM,
                  HAS_WEIGHT, W_OFFSET, HAS_VSIZE, STORE_OUT, QUANT, HAS_AUX, UE8M0,
-                 PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP)
+                 PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, EVEN_ROWS,
+                 EVEN_COLS)

@@ -393,12 +393,17 @@ def prepare_launch(x, residual, weight, eps, offset, variance_size, do_norm, sto
         float(eps), float(offset), vsize,
     )
     (ng0, g0), (ng1, g1), (ng2, g2) = cfg.tiles
+    persistent = cfg.programs_per_sm > 0
+    # Masks the kernel can drop: every row block full (the persistent prefetch reads past
+    # the last block, so it keeps the row mask), tiles exactly as wide as the row.
+    even_rows = not persistent and (cfg.block_m == 1 or (isinstance(tokens, int) and tokens % cfg.block_m == 0))
+    even_cols = ng0 * g0 + ng1 * g1 + ng2 * g2 == hidden
     consts = (
         cfg.block_m, ng0, g0, ng1, g1, ng2, g2,
         residual is not None, do_norm, weight is not None, offset != 0.0, vsize != hidden,
         store_out, mode, aux is not None, ue8m0,
         not INTERPRET, not INTERPRET, _FP8_RECIP, _INT8_RECIP, _U8_RECIP,
-        cfg.programs_per_sm > 0,
+        persistent, even_rows, even_cols,
     )
     grid0 = _grid(tokens, cfg, dev)
     return out, quant_out, res_out, (grid0, args, consts, cfg.num_warps)
