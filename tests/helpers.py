@@ -103,8 +103,11 @@ def opcheck_cases(name: str) -> list[tuple[str, tuple, dict]]:
     def kw(variant, **norm):
         return {**(scheme_kwargs(scheme, h, variant) if scheme else {}), **norm}
 
-    return [
+    cases = [
         ("fp32_2d_weight", args(x2, w32), kw(0)),
         ("bf16_3d_gemma_varsize", args(x3, w16), kw(1, weight_offset=1.0, variance_size=48)),
         ("fp32_no_weight_zero_tokens", args(x0, None), kw(1)),
     ]
+    if name == "rms_norm_backward":  # fused add's backward: + the grad of residual_out
+        cases.append(("bf16_3d_grad_residual", args(x3, w16), {"grad_residual": randn(*x3.shape, dtype=x3.dtype)}))
+    return cases

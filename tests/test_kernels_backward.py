@@ -1,5 +1,7 @@
 """The rms_norm backward: the ``rms_norm_backward`` op, its Triton kernel, and the autograd
-formulas of rms_norm / fused_add_rms_norm that dispatch to it in eager.
+formulas of rms_norm / fused_add_rms_norm that dispatch to it in eager (fused add passes the
+gradient of residual_out as ``grad_residual``: added to dx in the kernel, bit for bit as
+torch adds it).
 
 The kernel runs on CPU through the Triton interpreter in one child process (this file run as
 a script; TRITON_INTERPRET must be set before triton is imported), as in
@@ -200,6 +202,25 @@ def _child() -> None:
             problems.append("grad of x is not rms_norm_backward's dx + grad of residual_out")
         return problems + backward_problems(grad, (x + r), w, eps, offset, vsize, dh, wr.grad)
 
+    # fused add's grad_residual: added in the kernel exactly as torch adds it afterwards
+    def with_grad_residual(tokens, hidden, dtype, **kw):
+        case = make_case(tokens, hidden, dtype, **kw)
+        gr = torch.randn(case[1].shape).to(dtype)
+        if kw.get("layout") == "3d_nc":
+            gr = gr.transpose(0, 1).contiguous().transpose(0, 1)
+        assert registry.which_provider("rms_norm_backward", *case, gr) == "triton"
+        dx, dw = cn.rms_norm_backward(*case)
+        dx_r, dw_r = cn.rms_norm_backward(*case, grad_residual=gr)
+        problems = [] if torch.equal(dx_r, dx + gr) else ["dx(grad_residual) != dx + grad_residual"]
+        if dw is not None and not torch.equal(dw_r, dw):
+            problems.append("dweight depends on grad_residual")
+        return problems + backward_problems(*case, dx, dw)
+
+    record("grad_residual_bf16", lambda: with_grad_residual(37, 1000, torch.bfloat16), 4)
+    record("grad_residual_fp32_3d_nc_no_weight", lambda: with_grad_residual(
+        19, 384, torch.float32, weight=None, layout="3d_nc"), 2)
+    record("grad_residual_zero_tokens", lambda: with_grad_residual(0, 64, torch.bfloat16), 0)
+
     record("autograd_rms_norm_bf16", lambda: rms_autograd(37, 1000, torch.bfloat16), 2)
     record("autograd_rms_norm_gemma_vsize", lambda: rms_autograd(
         11, 384, torch.float32, weight="fp32", offset=1.0, vsize=200), 2)
@@ -243,6 +264,7 @@ def report():
 
 def _names():
     return [f"op_{n}" for n, _ in interpreter_cases()] + [
+        "grad_residual_bf16", "grad_residual_fp32_3d_nc_no_weight", "grad_residual_zero_tokens",
         "autograd_rms_norm_bf16", "autograd_rms_norm_gemma_vsize",
         "autograd_rms_norm_no_weight_3d", "autograd_fused_add_bf16",
         "fp64_gradcheck", "double_backward_uses_reference",
@@ -305,9 +327,14 @@ def test_autograd_matches_reference_cpu():
     ("grad_shape", "grad must have the shape of x"),
     ("grad_dtype", "grad must have the dtype of x"),
     ("weight_shape", "weight must have shape"),
+    ("grad_residual", "grad_residual must have the dtype of x"),
 ])
 def test_bad_arguments_raise(bad, match):
     grad, x, w = torch.randn(3, 16), torch.randn(3, 16), torch.randn(16)
+    if bad == "grad_residual":
+        with pytest.raises(ValueError, match=f"compile_norm.rms_norm_backward: {match}"):
+            cn.rms_norm_backward(grad, x, w, EPS, grad_residual=grad.half())
+        return
     if bad == "grad_shape":
         grad = torch.randn(3, 8)
     elif bad == "grad_dtype":
@@ -400,14 +427,15 @@ def test_cuda_autograd_uses_the_kernel():
     triton_backward._launch = counting
     try:
         grad, x, w, eps, offset, vsize = _cuda_case(8192, 4096)
+        g_res = torch.randn_like(grad)
         xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
         y, h = cn.fused_add_rms_norm(xr, torch.zeros_like(x), wr, eps)
-        torch.autograd.backward((y, h), (grad, torch.zeros_like(grad)))
+        torch.autograd.backward((y, h), (grad, g_res))
     finally:
         triton_backward._launch = real
-    assert len(launches) == 2
+    assert len(launches) == 2  # the backward kernel (grad_residual added in it) + dweight sum
     dx, dw = cn.rms_norm_backward(grad, x, w, eps)
-    assert torch.equal(xr.grad, dx) and torch.equal(wr.grad, dw)
+    assert torch.equal(xr.grad, dx + g_res) and torch.equal(wr.grad, dw)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Triton provider ("triton") of ``rms_norm_backward``: the eager backward of rms_norm and
 fused_add_rms_norm (kernels in ``triton_backward_kernel``).
 
-One launch of ``rms_norm_backward_kernel`` (dx, fp32 dweight partials per program) and, with
+One launch of ``rms_norm_backward_kernel`` (dx, plus ``grad_residual`` for fused add; fp32
+dweight partials per program) and, with
 a weight, one of ``dweight_reduce_kernel`` (the partials' column sums, rounded to the weight's
 dtype). The grid is persistent: ``sm_count * programs_per_sm`` programs at most, each looping
 over row blocks, so the partials are ``[n_programs, H]`` fp32, a few MB, whatever the token
@@ -45,13 +46,15 @@ SOURCE = hashlib.sha256(
 ).hexdigest()
 
 
-def supports(grad, x, weight, eps, weight_offset=0.0, variance_size=None) -> bool:
+def _like_x(t, x) -> bool:
+    return isinstance(t, torch.Tensor) and T._on_device(t) and t.dtype == x.dtype and t.shape == x.shape
+
+
+def supports(grad, x, weight, eps, weight_offset=0.0, variance_size=None, grad_residual=None) -> bool:
     return (
         T._norm_ok(x, weight, variance_size)
-        and isinstance(grad, torch.Tensor)
-        and T._on_device(grad)
-        and grad.dtype == x.dtype
-        and grad.shape == x.shape
+        and _like_x(grad, x)
+        and (grad_residual is None or _like_x(grad_residual, x))
     )
 
 
@@ -103,13 +106,15 @@ def _launch(grid, kernel, args, kwargs, x: torch.Tensor) -> None:
         kernel[grid](*args, **kwargs)
 
 
-def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=None):
+def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=None,
+                      grad_residual=None):
     """The provider: ``(dx, dweight)`` as ``rms_norm_backward_ref`` computes them."""
     hidden = x.shape[-1]
     dev = x.device
     dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
     x2 = T._rows(x, hidden)
     g2 = T._rows(grad, hidden)
+    gr2 = g2 if grad_residual is None else T._rows(grad_residual, hidden)
     tokens = x2.shape[0]
     if tokens == 0:
         dweight = None if weight is None else torch.zeros_like(weight, memory_format=torch.contiguous_format)
@@ -122,13 +127,15 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
         partials = torch.empty((programs, hidden), dtype=torch.float32, device=dev)
     vsize = hidden if variance_size is None else variance_size
     args = (
-        g2, x2, x2 if weight is None else weight,
+        g2, x2, x2 if weight is None else weight, gr2,
         dx, x2 if partials is None else partials,
         tokens, hidden, g2.stride(0), x2.stride(0), 1 if weight is None else weight.stride(0),
+        gr2.stride(0),
         float(eps), float(weight_offset), vsize,
     )
     kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, HAS_WEIGHT=weight is not None,
-                  HAS_VSIZE=vsize != hidden, PRECISE=not T.INTERPRET, num_warps=cfg.num_warps)
+                  HAS_VSIZE=vsize != hidden, HAS_GRES=grad_residual is not None,
+                  PRECISE=not T.INTERPRET, num_warps=cfg.num_warps)
     _launch((programs,), K.rms_norm_backward_kernel, args, kwargs, x)
     if weight is None:
         return dx, None

@@ -8,7 +8,9 @@ rows (block ``pid``, ``pid + n_programs``, ...). Per row, in fp32, with the row 
 a weight). ``dweight`` partial sums ``sum_rows g * (x * rstd)`` stay in fp32 registers for all
 the rows a program handles and are written once per program to ``[n_programs, H]``;
 ``dweight_reduce_kernel`` sums those columns in fp32 and rounds once to the weight's dtype.
-This is ``rms_norm_backward_ref``'s arithmetic, with its sums taken in another order.
+With ``grad_residual`` (fused add), dx rounded to x.dtype gets it added as torch adds two
+tensors of x.dtype. This is ``rms_norm_backward_ref``'s arithmetic, with its sums taken in
+another order.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ except ImportError:  # pragma: no cover - older layouts
 
 
 @triton.jit
-def _row_block(block, acc, w, g_ptr, x_ptr, dx_ptr, T, H, stride_g, stride_x, eps, V, cols,
-               cmask, in_var, BLOCK_M: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-               HAS_VSIZE: tl.constexpr, PRECISE: tl.constexpr):
+def _row_block(block, acc, w, g_ptr, x_ptr, gr_ptr, dx_ptr, T, H, stride_g, stride_x, stride_gr,
+               eps, V, cols, cmask, in_var, BLOCK_M: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+               HAS_VSIZE: tl.constexpr, HAS_GRES: tl.constexpr, PRECISE: tl.constexpr):
     """dx of rows ``[block * BLOCK_M, ...)``; returns ``acc`` plus their dweight terms."""
     X_DT: tl.constexpr = x_ptr.dtype.element_ty
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,6 +59,10 @@ def _row_block(block, acc, w, g_ptr, x_ptr, dx_ptr, T, H, stride_g, stride_x, ep
         xv = tl.where(in_var[None, :], x, 0.0)
     dx = g * rstd[:, None] - xv * coef[:, None]
     dx = _round_to(dx, X_DT, PRECISE)  # exact store: the interpreter's bf16 cast truncates
+    if HAS_GRES:  # + grad of residual_out in x.dtype: torch's add (fp32 sum, one rounding)
+        gr = tl.load(gr_ptr + rows64[:, None] * stride_gr + cols[None, :], mask=mask, other=0.0,
+                     eviction_policy="evict_first")
+        dx = _round_to(dx + gr.to(tl.float32), X_DT, PRECISE)
     tl.store(dx_ptr + rows64[:, None] * H + cols[None, :], dx, mask=mask)
     return acc
 
@@ -64,11 +70,13 @@ def _row_block(block, acc, w, g_ptr, x_ptr, dx_ptr, T, H, stride_g, stride_x, ep
 @triton.jit(do_not_specialize=["T"])
 def rms_norm_backward_kernel(
     g_ptr, x_ptr, w_ptr,  # inputs: grad [T, H], x [T, H] (unit column stride), weight [H]
+    gr_ptr,  # grad_residual [T, H] (fused add: added to dx)
     dx_ptr, dw_ptr,  # outputs: dx [T, H] contiguous, fp32 dweight partials [n_programs, H]
-    T, H, stride_g, stride_x, stride_w,
+    T, H, stride_g, stride_x, stride_w, stride_gr,
     eps, offset, V,  # V: number of columns in the variance (variance_size)
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_VSIZE: tl.constexpr, PRECISE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_VSIZE: tl.constexpr, HAS_GRES: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     if PRECISE:  # compiled: Python floats may arrive as fp64; the reference works in fp32
         eps = eps.to(tl.float32)
@@ -85,13 +93,15 @@ def rms_norm_backward_kernel(
     n_blocks = tl.cdiv(T, BLOCK_M)
     if PRECISE:
         for block in range(pid, n_blocks, n_programs):
-            acc = _row_block(block, acc, w, g_ptr, x_ptr, dx_ptr, T, H, stride_g, stride_x, eps,
-                             V, cols, cmask, in_var, BLOCK_M, HAS_WEIGHT, HAS_VSIZE, PRECISE)
+            acc = _row_block(block, acc, w, g_ptr, x_ptr, gr_ptr, dx_ptr, T, H, stride_g, stride_x,
+                             stride_gr, eps, V, cols, cmask, in_var, BLOCK_M, HAS_WEIGHT,
+                             HAS_VSIZE, HAS_GRES, PRECISE)
     else:  # the interpreter cannot take a runtime bound in range() (numpy >= 2): same loop
         block = pid
         while block < n_blocks:
-            acc = _row_block(block, acc, w, g_ptr, x_ptr, dx_ptr, T, H, stride_g, stride_x, eps,
-                             V, cols, cmask, in_var, BLOCK_M, HAS_WEIGHT, HAS_VSIZE, PRECISE)
+            acc = _row_block(block, acc, w, g_ptr, x_ptr, gr_ptr, dx_ptr, T, H, stride_g, stride_x,
+                             stride_gr, eps, V, cols, cmask, in_var, BLOCK_M, HAS_WEIGHT,
+                             HAS_VSIZE, HAS_GRES, PRECISE)
             block += n_programs
     if HAS_WEIGHT:
         tl.store(dw_ptr + pid.to(tl.int64) * H + cols, tl.sum(acc, axis=0), mask=cmask)
