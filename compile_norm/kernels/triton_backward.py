@@ -2,23 +2,26 @@
 fused_add_rms_norm (kernels in ``triton_backward_kernel``).
 
 One launch of ``rms_norm_backward_kernel`` (dx, plus ``grad_residual`` for fused add; fp32
-dweight partials per program) and, with
-a weight, one of ``dweight_reduce_kernel`` (the partials' column sums, rounded to the weight's
-dtype). The grid is persistent: ``sm_count * programs_per_sm`` programs at most, each looping
-over row blocks, so the partials are ``[n_programs, H]`` fp32, a few MB, whatever the token
-count.
+dweight partials per program) and, with a weight, one of ``dweight_reduce_kernel`` (the
+partials' column sums, rounded to the weight's dtype). The grid is persistent:
+``sm_count * programs_per_sm`` programs at most, each looping over row blocks, so the partials
+are ``[n_programs, H]`` fp32, a few MB, whatever the token count. Launches go through
+``JITFunction.run`` (~20-30 us of host time each; nothing under CUDA-graph replay).
 
-Tolerances against ``rms_norm_backward_ref`` (what tests/test_kernels_backward*.py assert):
-dx within 1 ulp of x.dtype of the float64 reference plus the fp32 rounding of its two terms
-(``|g w rstd| + |x coef|`` times a few fp32 eps: dx is a difference and may cancel);
-dweight within 1 ulp of the weight's dtype plus ``(8 + 2 sqrt(T) + 2 sqrt(H))`` fp32 eps times
-``sum_rows |g x rstd|`` (an fp32 sum over T rows in another order than torch's).
+Tolerances against ``rms_norm_backward_ref`` (what tests/test_kernels_backward.py asserts,
+against the reference evaluated in float64): dx within ``finfo(x.dtype).eps * |dx|`` plus
+``(8 + 2 sqrt(H))`` fp32 eps times ``|g w rstd| + |x coef|`` (dx is a difference of those two
+terms and may cancel); dweight within ``finfo(w.dtype).eps * |dw|`` plus
+``(8 + 2 sqrt(T) + 2 sqrt(H))`` fp32 eps times ``sum_rows |g x rstd|`` (an fp32 sum over T
+rows in another order than torch's). With ``grad_residual``, dx equals the kernel's dx without
+it plus ``grad_residual`` in x.dtype, bit for bit.
 
-supports: grad and x on CUDA (on CPU only under TRITON_INTERPRET=1), x float16 / bfloat16 /
-float32 (float64 goes to native: gradcheck), grad of x's dtype, 1 <= hidden <= 65536, weight
-(if any) float16 / bfloat16 / float32 on the device. Inputs whose last dim is not contiguous
-are copied first. The whole row (padded to a power of two) is held in registers: fast up to
-16K columns, correct (spilling) up to 65536.
+supports: grad, x (and grad_residual) on CUDA (on CPU only under TRITON_INTERPRET=1), x
+float16 / bfloat16 / float32 (float64 goes to native: gradcheck), grad and grad_residual of
+x's dtype and shape, 1 <= hidden <= 65536, weight (if any) float16 / bfloat16 / float32 on the
+device. Inputs whose last dim is not contiguous are copied first. The whole row (padded to a
+power of two) is held in registers: no spills up to 8K columns (a few bytes at 2K-4K), some
+at 16K, many at 64K (correct, slower).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import pathlib
+from typing import NamedTuple
 
 import torch
 
@@ -58,32 +62,37 @@ def supports(grad, x, weight, eps, weight_offset=0.0, variance_size=None, grad_r
     )
 
 
-class BackwardConfig:
-    __slots__ = ("block_m", "block_h", "num_warps", "programs_per_sm")
+class BackwardConfig(NamedTuple):
+    block_m: int  # rows per block (one loop iteration)
+    block_h: int  # the row padded to a power of two
+    num_warps: int
+    programs_per_sm: int
+    maxnreg: int  # register cap per thread (ptxas)
 
-    def __init__(self, block_m: int, block_h: int, num_warps: int, programs_per_sm: int):
-        self.block_m, self.block_h = block_m, block_h
-        self.num_warps, self.programs_per_sm = num_warps, programs_per_sm
+
+WARPS_PER_SM = 32
 
 
 @functools.lru_cache(maxsize=None)
 def launch_config(hidden: int) -> BackwardConfig:
-    """Rows per block, padded row width, warps and programs per SM for a hidden size.
+    """Rows per block, padded row width, warps, programs per SM and register cap.
 
-    Each element holds x, g and the dweight accumulator in fp32 registers (plus w per
-    column): about 16 elements per thread keeps that near 64 registers, so warps grow with
-    the block (4 to 16; 32 at 32K elements and up, which spills but stays correct). Small rows
-    take several rows per block (~2K elements). Programs per SM keep ~16 warps resident per SM
-    (2 programs of 8 warps at hidden 4096) while the fp32 partials stay a few % of the traffic.
+    Small rows take several rows per block (~2K elements: QK norm's 128 gets 16 rows). Warps
+    give each thread 8 elements of the block (8 to 32 warps). Compiled for sm_90 (ptxas -v),
+    the kernel needs ~10 registers per element per thread: 157 at 16 elements, 85 at 8;
+    capped at 64 (a few spilled bytes at 8 elements, none at 8192 x 32 warps) so that
+    ``WARPS_PER_SM`` warps stay resident per SM: 2 programs of 16 warps at hidden 4096, 4 of
+    8 up to 2048. The persistent grid is that many programs per SM, so the fp32 dweight
+    partials (written and read once) cost ~4% of the traffic at 8192 x 4096. Rows of 16K
+    columns and more spill (correct, slower). Not measured on a GPU yet: a sweep may
+    monkeypatch this function.
     """
     block_h = T._next_pow2(hidden)
     block_m = max(1, 2048 // block_h)
     elems = block_m * block_h
-    if elems >= 32768:
-        num_warps = 32
-    else:
-        num_warps = min(16, max(4, 1 << ((elems // 512).bit_length() - 1) if elems >= 512 else 4))
-    return BackwardConfig(block_m, block_h, num_warps, max(1, 16 // num_warps))
+    num_warps = min(32, max(4, elems // 256))
+    per_sm = max(1, WARPS_PER_SM // num_warps)
+    return BackwardConfig(block_m, block_h, num_warps, per_sm, 65536 // (32 * num_warps * per_sm))
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,7 +144,7 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
     )
     kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, HAS_WEIGHT=weight is not None,
                   HAS_VSIZE=vsize != hidden, HAS_GRES=grad_residual is not None,
-                  PRECISE=not T.INTERPRET, num_warps=cfg.num_warps)
+                  PRECISE=not T.INTERPRET, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
     _launch((programs,), K.rms_norm_backward_kernel, args, kwargs, x)
     if weight is None:
         return dx, None
