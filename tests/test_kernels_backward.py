@@ -228,6 +228,16 @@ def _child() -> None:
         7, 64, torch.bfloat16, weight=None, layout="3d_nc"), 1)
     record("autograd_fused_add_bf16", lambda: add_autograd(37, 384, torch.bfloat16), 4)
 
+    def parameter_weight():  # model weights are nn.Parameter: the kernel still runs
+        grad, x, w, eps, offset, vsize = make_case(9, 384, torch.bfloat16)
+        norm = torch.nn.Module()
+        norm.weight = torch.nn.Parameter(w.clone())
+        xr = x.clone().requires_grad_()
+        cn.rms_norm(xr, norm.weight, eps).backward(grad)
+        return backward_problems(grad, x, w, eps, offset, vsize, xr.grad, norm.weight.grad)
+
+    record("autograd_parameter_weight", parameter_weight, 2)
+
     # fp64 and double backward take the reference (no launch)
     def fp64_gradcheck():
         x = torch.randn(3, 24, dtype=torch.float64, requires_grad=True)
@@ -266,7 +276,7 @@ def _names():
     return [f"op_{n}" for n, _ in interpreter_cases()] + [
         "grad_residual_bf16", "grad_residual_fp32_3d_nc_no_weight", "grad_residual_zero_tokens",
         "autograd_rms_norm_bf16", "autograd_rms_norm_gemma_vsize",
-        "autograd_rms_norm_no_weight_3d", "autograd_fused_add_bf16",
+        "autograd_rms_norm_no_weight_3d", "autograd_fused_add_bf16", "autograd_parameter_weight",
         "fp64_gradcheck", "double_backward_uses_reference",
     ]
 
