@@ -32,6 +32,9 @@ def assert_bitwise_equal(actual, expected, nan_equal: bool = False) -> None:
         for a, e in zip(actual, expected):
             assert_bitwise_equal(a, e, nan_equal)
         return
+    if expected is None:  # an optional output (rms_norm_backward's dweight without weight)
+        assert actual is None, actual
+        return
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     same = bits(actual) == bits(expected)
@@ -88,8 +91,11 @@ def opcheck_cases(name: str) -> list[tuple[str, tuple, dict]]:
             ("bf16_3d", (x3,), scheme_kwargs(scheme, h, 1)),
             ("zero_tokens", (x0,), scheme_kwargs(scheme, h, 1)),
         ]
-    fused_add = name.startswith("fused_add_")
+    # rms_norm_backward(grad, x, ...) takes a second activation-shaped tensor like fused add
+    fused_add = name.startswith("fused_add_") or name == "rms_norm_backward"
     scheme = name.split("rms_norm_", 1)[1] if "rms_norm_" in name else None
+    if name == "rms_norm_backward":
+        scheme = None
 
     def args(x, w):
         return (x, randn(*x.shape, dtype=x.dtype), w, 1e-6) if fused_add else (x, w, 1e-6)
@@ -97,8 +103,11 @@ def opcheck_cases(name: str) -> list[tuple[str, tuple, dict]]:
     def kw(variant, **norm):
         return {**(scheme_kwargs(scheme, h, variant) if scheme else {}), **norm}
 
-    return [
+    cases = [
         ("fp32_2d_weight", args(x2, w32), kw(0)),
         ("bf16_3d_gemma_varsize", args(x3, w16), kw(1, weight_offset=1.0, variance_size=48)),
         ("fp32_no_weight_zero_tokens", args(x0, None), kw(1)),
     ]
+    if name == "rms_norm_backward":  # fused add's backward: + the grad of residual_out
+        cases.append(("bf16_3d_grad_residual", args(x3, w16), {"grad_residual": randn(*x3.shape, dtype=x3.dtype)}))
+    return cases

@@ -184,7 +184,9 @@ def test_auto_keeps_generated_code_where_the_table_says(triton_as_if_on_gpu):
 @pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
 def test_library_ops_have_the_ops_schemas():
     ops = library_ops.register()
-    assert set(ops) == set(registry.ops())
+    # every forward op; rms_norm_backward's kernel is eager only (traced, the backward is the
+    # reference's ATen ops: generated code)
+    assert set(ops) == set(registry.ops()) - {"rms_norm_backward"}
     for name, overload in ops.items():
         ours = getattr(cn, name).default._schema
         theirs = overload._schema

@@ -43,7 +43,7 @@ COMPILED_EXAMPLES = 60 if PROFILE == "long" else 8
 EAGER_PER_OP = 200 if PROFILE == "long" else 8  # eager properties run per op: every scheme
 
 OPS = sorted(registry.ops())
-NORM_OPS = [n for n in OPS if not n.startswith("quant_")]
+NORM_OPS = [n for n in OPS if not n.startswith("quant_") and n != "rms_norm_backward"]
 MAX_ELEMENTS = 1 << 17  # tokens * hidden per eager example: big hidden sizes, few tokens
 
 
@@ -143,7 +143,9 @@ def op_call(draw, names, hidden_st, max_elements: int, max_lead: int):
         norm_kw["weight_offset"] = draw(st.sampled_from([1.0, 0.5, -1.0]))
     if draw(st.booleans()):
         norm_kw["variance_size"] = draw(st.integers(1, hidden))
-    args = (x, draw(tensor(shape, dtype)), weight, eps) if name.startswith("fused_add_") else (x, weight, eps)
+    # fused add: (x, residual, ...); the backward: (grad, x, ...)
+    two = name.startswith("fused_add_") or name == "rms_norm_backward"
+    args = (x, draw(tensor(shape, dtype)), weight, eps) if two else (x, weight, eps)
     return name, args, {**skw, **norm_kw}, dtype
 
 
@@ -171,6 +173,9 @@ def test_eager_op_equals_reference(op_name, data):
         fake_kw = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         fake = call(name, fake_args, fake_kw)
     for f, o in zip(as_tuple(fake), as_tuple(out)):
+        if o is None:  # rms_norm_backward's dweight without a weight
+            assert f is None
+            continue
         assert (f.shape, f.dtype) == (o.shape, o.dtype)
         assert significant_strides(f) == significant_strides(o)
 
@@ -220,6 +225,9 @@ def test_eager_fused_op_is_its_formula(op_name, data):
 
 def assert_close_outputs(name, actual, expected, dtype):
     for i, (a, e) in enumerate(zip(as_tuple(actual), as_tuple(expected))):
+        if e is None:  # rms_norm_backward's dweight without a weight
+            assert a is None, i
+            continue
         assert a.shape == e.shape and a.dtype == e.dtype, (i, a.shape, e.shape, a.dtype, e.dtype)
         if a.numel() == 0:
             continue

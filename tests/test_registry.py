@@ -18,6 +18,7 @@ EPS = 1e-6
 EXPECTED_OPS = {
     "rms_norm",
     "fused_add_rms_norm",
+    "rms_norm_backward",
     *(
         f"{kind}{scheme}"
         for kind in ("quant_", "rms_norm_", "fused_add_rms_norm_")

@@ -67,8 +67,13 @@ def rms_norm_backward_ref(
     eps: float,
     weight_offset: float = 0.0,
     variance_size: int | None = None,
+    grad_residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gradients ``(dx, dweight)`` of rms_norm_ref, with the roundings taken as identity."""
+    """Gradients ``(dx, dweight)`` of rms_norm_ref, with the roundings taken as identity.
+
+    ``grad_residual`` (fused_add_rms_norm's gradient of ``residual_out``), if given, is added
+    to dx in x.dtype: then dx is the gradient of x and of residual.
+    """
     hidden = x.shape[-1]
     n_var = hidden if variance_size is None else variance_size
     xf = x.to(compute_dtype(x.dtype))
@@ -85,7 +90,11 @@ def rms_norm_backward_ref(
     if n_var != hidden:
         xv = F.pad(xv, (0, hidden - n_var))
     dx = g * rstd - xv * coef
-    return dx.to(x.dtype), dweight
+    dx = dx.to(x.dtype)
+    if grad_residual is not None:
+        dx = dx + grad_residual
+    # contiguous whatever the input strides, as the op's fake (and the kernel) promise
+    return dx.contiguous(), dweight
 
 
 def _check_rms_norm(x, weight, eps, weight_offset=0.0, variance_size=None):
@@ -95,6 +104,13 @@ def _check_rms_norm(x, weight, eps, weight_offset=0.0, variance_size=None):
 def _check_fused_add(x, residual, weight, eps, weight_offset=0.0, variance_size=None):
     checks.check_norm_args("fused_add_rms_norm", x, weight, eps, weight_offset, variance_size)
     checks.check_like("fused_add_rms_norm", "residual", residual, x)
+
+
+def _check_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=None, grad_residual=None):
+    checks.check_norm_args("rms_norm_backward", x, weight, eps, weight_offset, variance_size)
+    checks.check_like("rms_norm_backward", "grad", grad, x)
+    if grad_residual is not None:
+        checks.check_like("rms_norm_backward", "grad_residual", grad_residual, x)
 
 
 rms_norm = registry.declare_op(
@@ -116,6 +132,33 @@ fused_add_rms_norm = registry.declare_op(
     check=_check_fused_add,
 )
 
+# The backward as an op of its own, so eager training dispatches it to a kernel like every
+# other op (the autograd formulas below call it; under tracing they use the reference).
+rms_norm_backward = registry.declare_op(
+    "rms_norm_backward",
+    rms_norm_backward_ref,
+    schema=f"(Tensor grad, Tensor x, {NORM_ARGS_SCHEMA}, Tensor? grad_residual=None) -> (Tensor, Tensor?)",
+    fake=lambda grad, x, weight, *args, **kwargs: (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        None if weight is None else torch.empty_like(weight, memory_format=torch.contiguous_format),
+    ),
+    check=_check_backward,
+)
+
+
+def _norm_backward(grad, x, weight, eps, weight_offset, variance_size, grad_residual=None):
+    """``(dx [+ grad_residual], dweight)`` of rms_norm: the registry's provider (a kernel on CUDA) for eager
+    calls on plain tensors; the reference's ATen ops when traced (AOTAutograd traces the
+    backward: Inductor fuses those ops into generated kernels) or when the backward itself is
+    differentiated (``create_graph=True``: the kernel has no autograd formula)."""
+    args = (grad, x, weight, eps, weight_offset, variance_size, grad_residual)
+    tensors = (grad, x, weight, grad_residual)
+    if registry._plain_tensors(tensors) and not (
+        torch.is_grad_enabled() and registry._any_requires_grad(tensors)
+    ):
+        return registry.dispatch("rms_norm_backward", *args)
+    return rms_norm_backward_ref(*args)
+
 
 def _setup_rms_norm(ctx, inputs, output):
     x, weight, eps, weight_offset, variance_size = inputs
@@ -125,7 +168,7 @@ def _setup_rms_norm(ctx, inputs, output):
 
 def _backward_rms_norm(ctx, grad):
     x, weight = ctx.saved_tensors
-    dx, dweight = rms_norm_backward_ref(grad, x, weight, *ctx.norm_args)
+    dx, dweight = _norm_backward(grad, x, weight, *ctx.norm_args)
     return dx, dweight, None, None, None
 
 
@@ -137,9 +180,8 @@ def _setup_fused_add(ctx, inputs, output):
 
 def _backward_fused_add(ctx, grad_out, grad_residual_out):
     h, weight = ctx.saved_tensors
-    dh, dweight = rms_norm_backward_ref(grad_out, h, weight, *ctx.norm_args)
-    if grad_residual_out is not None:
-        dh = dh + grad_residual_out
+    # the residual's gradient is added inside the backward (one pass over the rows in eager)
+    dh, dweight = _norm_backward(grad_out, h, weight, *ctx.norm_args, grad_residual_out)
     return dh, dh, dweight, None, None, None
 
 

@@ -275,13 +275,17 @@ def _any_requires_grad(args: tuple) -> bool:
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
+# nn.Parameter (model weights) is a subclass without dispatch behaviour: plain for the dispatcher
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain_tensors(args: tuple) -> bool:
-    """Only ordinary CPU / CUDA tensors and no dispatch mode (no fake / proxy tracing):
-    the dispatcher would take these straight to the CPU / CUDA kernel."""
+    """Only ordinary CPU / CUDA tensors (or Parameters) and no dispatch mode (no fake / proxy
+    tracing): the dispatcher would take these straight to the CPU / CUDA kernel."""
     if torch._C._len_torch_dispatch_stack():
         return False
     for a in args:
-        if isinstance(a, torch.Tensor) and not (type(a) is torch.Tensor and (a.is_cuda or a.is_cpu)):
+        if isinstance(a, torch.Tensor) and not (type(a) in _PLAIN_TYPES and (a.is_cuda or a.is_cpu)):
             return False
     return True
 

@@ -1,0 +1,177 @@
+"""Triton provider ("triton") of ``rms_norm_backward``: the eager backward of rms_norm and
+fused_add_rms_norm (kernels in ``triton_backward_kernel``).
+
+One launch of ``rms_norm_backward_kernel`` (dx, plus ``grad_residual`` for fused add; fp32
+dweight partials per program) and, with a weight, one of ``dweight_reduce_kernel`` (the
+partials' column sums, rounded to the weight's dtype). The grid is persistent:
+``sm_count * programs_per_sm`` programs at most, each looping over row blocks, so the partials
+are ``[n_programs, H]`` fp32, a few MB, whatever the token count. Launches go through
+``JITFunction.run`` (~20-30 us of host time each; nothing under CUDA-graph replay).
+
+Tolerances against ``rms_norm_backward_ref`` (what tests/test_kernels_backward.py asserts,
+against the reference evaluated in float64): dx within ``finfo(x.dtype).eps * |dx|`` plus
+``(8 + 2 sqrt(H))`` fp32 eps times ``|g w rstd| + |x coef|`` (dx is a difference of those two
+terms and may cancel); dweight within ``finfo(w.dtype).eps * |dw|`` plus
+``(8 + 2 sqrt(T) + 2 sqrt(H))`` fp32 eps times ``sum_rows |g x rstd|`` (an fp32 sum over T
+rows in another order than torch's). With ``grad_residual``, dx equals the kernel's dx without
+it plus ``grad_residual`` in x.dtype, bit for bit.
+
+supports: grad, x (and grad_residual) on CUDA (on CPU only under TRITON_INTERPRET=1), x
+float16 / bfloat16 / float32 (float64 goes to native: gradcheck), grad and grad_residual of
+x's dtype and shape, 1 <= hidden <= 65536, weight (if any) float16 / bfloat16 / float32 on the
+device. Inputs whose last dim is not contiguous are copied first. The whole row (padded to a
+power of two) is held in registers: no spills up to 8K columns (a few bytes at 2K-4K), some
+at 16K, many at 64K (correct, slower).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import pathlib
+from typing import NamedTuple
+
+import torch
+
+from ..ops import registry
+from . import triton_ops as T
+
+OP = "rms_norm_backward"
+PROVIDER = T.PROVIDER
+K = None
+if T.K is not None:  # triton imported (GPU, or the interpreter)
+    from . import triton_backward_kernel as K
+
+SUPPORTED, REASON = T.SUPPORTED, T.REASON
+_HERE = pathlib.Path(__file__).parent
+SOURCE = hashlib.sha256(
+    b"".join((_HERE / f).read_bytes()
+             for f in ("triton_backward.py", "triton_backward_kernel.py", "triton_kernel.py"))
+).hexdigest()
+
+
+def _like_x(t, x) -> bool:
+    return isinstance(t, torch.Tensor) and T._on_device(t) and t.dtype == x.dtype and t.shape == x.shape
+
+
+def supports(grad, x, weight, eps, weight_offset=0.0, variance_size=None, grad_residual=None) -> bool:
+    return (
+        T._norm_ok(x, weight, variance_size)
+        and _like_x(grad, x)
+        and (grad_residual is None or _like_x(grad_residual, x))
+    )
+
+
+class BackwardConfig(NamedTuple):
+    block_m: int  # rows per block (one loop iteration)
+    block_h: int  # the row padded to a power of two
+    num_warps: int
+    programs_per_sm: int
+    maxnreg: int  # register cap per thread (ptxas)
+
+
+WARPS_PER_SM = 32
+
+
+@functools.lru_cache(maxsize=None)
+def launch_config(hidden: int) -> BackwardConfig:
+    """Rows per block, padded row width, warps, programs per SM and register cap.
+
+    Small rows take several rows per block (~2K elements: QK norm's 128 gets 16 rows). Warps
+    give each thread 8 elements of the block (8 to 32 warps). Compiled for sm_90 (ptxas -v),
+    the kernel needs ~10 registers per element per thread: 157 at 16 elements, 85 at 8;
+    capped at 64 (a few spilled bytes at 8 elements, none at 8192 x 32 warps) so that
+    ``WARPS_PER_SM`` warps stay resident per SM: 2 programs of 16 warps at hidden 4096, 4 of
+    8 up to 2048. The persistent grid is that many programs per SM, so the fp32 dweight
+    partials (written and read once) cost ~4% of the traffic at 8192 x 4096. Rows of 16K
+    columns and more spill (correct, slower). Not measured on a GPU yet: a sweep may
+    monkeypatch this function.
+    """
+    block_h = T._next_pow2(hidden)
+    block_m = max(1, 2048 // block_h)
+    elems = block_m * block_h
+    num_warps = min(32, max(4, elems // 256))
+    per_sm = max(1, WARPS_PER_SM // num_warps)
+    return BackwardConfig(block_m, block_h, num_warps, per_sm, 65536 // (32 * num_warps * per_sm))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _device_programs(x: torch.Tensor, per_sm: int) -> int:
+    if T.INTERPRET:
+        return 4  # a few programs, so the interpreter tests run the row loop and the reduction
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _sm_count(index) * per_sm
+
+
+def _launch(grid, kernel, args, kwargs, x: torch.Tensor) -> None:
+    if not T.INTERPRET and x.device.index is not None and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=None,
+                      grad_residual=None):
+    """The provider: ``(dx, dweight)`` as ``rms_norm_backward_ref`` computes them."""
+    hidden = x.shape[-1]
+    dev = x.device
+    dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    x2 = T._rows(x, hidden)
+    g2 = T._rows(grad, hidden)
+    gr2 = g2 if grad_residual is None else T._rows(grad_residual, hidden)
+    tokens = x2.shape[0]
+    if tokens == 0:
+        dweight = None if weight is None else torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        return dx, dweight
+    cfg = launch_config(hidden)
+    n_blocks = -(-tokens // cfg.block_m)
+    programs = min(n_blocks, _device_programs(x, cfg.programs_per_sm))
+    partials = None
+    if weight is not None:
+        partials = torch.empty((programs, hidden), dtype=torch.float32, device=dev)
+    vsize = hidden if variance_size is None else variance_size
+    args = (
+        g2, x2, x2 if weight is None else weight, gr2,
+        dx, x2 if partials is None else partials,
+        tokens, hidden, g2.stride(0), x2.stride(0), 1 if weight is None else weight.stride(0),
+        gr2.stride(0),
+        float(eps), float(weight_offset), vsize,
+    )
+    kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, HAS_WEIGHT=weight is not None,
+                  HAS_VSIZE=vsize != hidden, HAS_GRES=grad_residual is not None,
+                  PRECISE=not T.INTERPRET, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
+    _launch((programs,), K.rms_norm_backward_kernel, args, kwargs, x)
+    if weight is None:
+        return dx, None
+    dweight = torch.empty((hidden,), dtype=weight.dtype, device=dev)
+    block_c = 256
+    block_p = max(1, min(32, T._next_pow2(programs)))
+    _launch((-(-hidden // block_c),), K.dweight_reduce_kernel,
+            (partials, dweight, programs, hidden),
+            dict(BLOCK_P=block_p, BLOCK_C=block_c, PRECISE=not T.INTERPRET, num_warps=4), x)
+    return dx, dweight
+
+
+def _unavailable(*args, **kwargs):
+    raise RuntimeError(f"compile_norm: the triton provider cannot run here: {REASON}")
+
+
+def register() -> None:
+    """Register the "triton" provider of ``rms_norm_backward`` (unsupported: with the reason)."""
+    registry.register_provider(
+        OP,
+        registry.Provider(
+            name=PROVIDER,
+            fn=rms_norm_backward if SUPPORTED else _unavailable,
+            supported=SUPPORTED,
+            supports=supports,
+            rank=T.RANK,
+            reason=REASON,
+            source=SOURCE,
+        ),
+    )
