@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import pathlib
+import re
 import sys
 
 import torch
@@ -68,6 +69,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default=SHAPES)
     p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--only", default="", help="regex: sweep only the configs whose label matches "
+                   "(the default config always runs)")
     p.add_argument("--out", default=os.environ.get("OUT") or "out")
     a = p.parse_args(argv)
     out = pathlib.Path(a.out)
@@ -85,6 +88,8 @@ def main(argv=None) -> int:
             group = 128 if fam == "rms_fp8_group128" else 0
             best = None
             for i, cfg in enumerate(configs(h, group)):
+                if i and a.only and not re.search(a.only, label(cfg)):
+                    continue
                 triton_ops.launch_config = lambda hidden, g, cfg=cfg: cfg
                 regs = spills = None
                 try:
