@@ -76,12 +76,32 @@ def run_export(tmp_path, device, dtype, hidden):
         [sys.executable, "-X", "faulthandler", "-c", LOADER, str(path), str(tmp_path / "args.pt"), str(tmp_path / "out.pt")],
         capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path),
     )
+    if p.returncode < 0 and device == "cuda":
+        why = plain_package_crashes(tmp_path, device)
+        if why:
+            pytest.skip(why)
     assert p.returncode == 0, p.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
     want = tuple(t.cpu() for t in model(*fresh))
     assert_close_q(got[0], want[0])
     assert_close(got[1], want[1], dtype)
     assert_close(got[2], want[2], dtype)
+
+
+def plain_package_crashes(tmp_path, device) -> str:
+    """Whether a package without compile_norm (Linear + LayerNorm) also dies loading in a fresh
+    process here: then the crash is AOTInductor's on this machine, not ours (H100 run 7: torch
+    2.11 segfaults in ``_load_aoti`` for such a package too)."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64)).to(device)
+    x = torch.randn(4, 64, device=device)
+    path = torch._inductor.aoti_compile_and_package(torch.export.export(model, (x,)),
+                                                    package_path=str(tmp_path / "plain.pt2"))
+    code = "import sys, torch\ntorch._inductor.aoti_load_package(sys.argv[1])\n"
+    p = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=300)
+    if p.returncode < 0:
+        return (f"AOTInductor {device} packages crash on load in a fresh process on this machine "
+                f"(signal {-p.returncode}), also without compile_norm")
+    return ""
 
 
 def test_aoti_package_runs_in_fresh_process_cpu(tmp_path):

@@ -184,7 +184,9 @@ def _fast_div(a, b, rb, FAST: tl.constexpr, GUARD: tl.constexpr):
         b = tl.broadcast_to(b, a.shape)
         rb = tl.broadcast_to(rb, a.shape)
         q0 = a * rb
-        q = tl.math.fma(tl.math.fma(-q0, b, a), rb, q0)
+        # q0 - (q0 * b - a) * rb, not q0 + (a - q0 * b) * rb: the same value, but a = -0
+        # keeps its sign (-0 + +0 would be +0; FP8 has a -0 code)
+        q = tl.math.fma(-tl.math.fma(q0, b, -a), rb, q0)
         if GUARD:
             # b = 0 / inf, a = inf, overflow: the correction is NaN; a * (1/b) is the answer
             q = tl.where(q == q, q, q0)
