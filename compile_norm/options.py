@@ -5,10 +5,11 @@ Keys (all optional):
 - ``passes``: names of the graph passes to run, a subset of ``PASS_ORDER`` (always run in that
   order; ``lower`` runs whenever the backend runs, because IR nodes must become code).
 - ``quant_fusion``: fuse norm + quantization (the ``quant`` pass); default True.
-- ``lowering``: ``"generated"`` (default: inline each op's reference so Inductor generates one
-  fused kernel), ``"kernel"`` (the op's registered kernel wherever one accepts the node: the
-  Triton kernel as a user-defined kernel, others as a call) or ``"auto"`` (per node, the
-  table / measurements of ``compile_norm.lowerings.choice``; always generated off CUDA).
+- ``lowering``: ``"auto"`` (default: per node, the Triton kernel where the measured table of
+  ``compile_norm.lowerings.choice`` says it is faster than generated code, generated code
+  everywhere else and always off CUDA), ``"generated"`` (inline each op's reference so
+  Inductor generates one fused kernel) or ``"kernel"`` (the op's registered kernel wherever
+  one accepts the node: the Triton kernel as a user-defined kernel, others as a call).
 - ``strict``: a pass that fails raises instead of warning and leaving the graph unfused.
 - ``providers``: provider priority (as for ``compile_norm.set_priority``) applied while compiling.
 - every other key that is an Inductor config name (``torch._inductor.config``) is passed through
@@ -39,7 +40,7 @@ def _freeze(value: Any) -> Any:
 class CompileOptions:
     passes: tuple[str, ...] = PASS_ORDER
     quant_fusion: bool = True
-    lowering: str = "generated"
+    lowering: str = "auto"
     strict: bool = False
     providers: Any = None  # frozen priority spec, or None (leave the current priority)
     inductor: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
@@ -88,7 +89,7 @@ def parse_options(options: Mapping[str, Any] | CompileOptions | None) -> Compile
         raise ValueError(
             f"compile_norm: option 'passes' has unknown pass(es) {bad}; known: {list(PASS_ORDER)}"
         )
-    lowering = own.get("lowering", "generated")
+    lowering = own.get("lowering", "auto")
     if lowering not in LOWERING_MODES:
         raise ValueError(
             f"compile_norm: option 'lowering' must be one of {list(LOWERING_MODES)}, got {lowering!r}"

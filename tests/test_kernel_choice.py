@@ -56,16 +56,17 @@ def test_table_on_fake_cuda():
     assert choice.choose("rms_norm_fp8_group", group_args(1, 4096)) == "kernel"
     # non-power-of-two hidden: the split-tile kernel wins for group FP8 ...
     assert choice.choose("rms_norm_fp8_group", group_args(8192, 5376)) == "kernel"
-    # ... but not for add + norm + dynamic FP8 (0.92 vs 0.94 of copy)
+    # ... and for add + norm + dynamic FP8 there (0.98 vs 0.93 of copy)
     _, (x5, r5, w5) = fake_cuda((8192, 5376), (8192, 5376), (5376,))
-    assert choice.choose("fused_add_rms_norm_fp8_dynamic", [x5, r5, w5, 1e-6, None, 0.0, None]) == "generated"
+    assert choice.choose("fused_add_rms_norm_fp8_dynamic", [x5, r5, w5, 1e-6, None, 0.0, None]) == "kernel"
     # QK-norm rows (hidden 128) are not in the table
     assert choice.choose("rms_norm_fp8_group", group_args(32768, 128)) == "generated"
     # fp32 activations are not in the table
     assert choice.choose("rms_norm_fp8_group", group_args(8192, 4096, torch.float32)) == "generated"
     _, (x, w, r) = fake_cuda((2048, 4096), (4096,), (2048, 4096))
     assert choice.choose("rms_norm", [x, w, 1e-6, 0.0, None]) == "generated"  # ties
-    assert choice.choose("fused_add_rms_norm_fp8_dynamic", [x, r, w, 1e-6, None, 0.0, None]) == "kernel"
+    # at a power-of-two hidden size it ties with generated code (0.99 vs 1.00): generated
+    assert choice.choose("fused_add_rms_norm_fp8_dynamic", [x, r, w, 1e-6, None, 0.0, None]) == "generated"
     _, (x1, w1) = fake_cuda((1, 4096), (4096,))
     assert choice.choose("rms_norm_int8_dynamic", [x1, w1, 1e-6, 0.0, None]) == "generated"  # decode
     assert choice.choose("rms_norm_int8_dynamic", [x, w, 1e-6, 0.0, None]) == "kernel"
