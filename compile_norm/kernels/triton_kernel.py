@@ -170,26 +170,29 @@ def _recip(b):
 
 
 @triton.jit
-def _fast_div(a, b, rb, FAST: tl.constexpr, GUARD: tl.constexpr):
+def _fast_div(a, b, rb, FAST: tl.constexpr, GUARD: tl.constexpr, SIGNED_ZERO: tl.constexpr):
     """IEEE ``a / b`` given ``rb = _recip(b)``; ``b`` and ``rb`` broadcast to ``a``.
 
+    ``q0 = a * rb`` corrected by one fma-Newton step with ``-b`` negated once per row or group
+    (Triton negates as ``0 - x``: per element that is an instruction, and it loses -0).
     GUARD False: the caller's scale bounds every quotient (a dynamic scale is at least
     amax / 448, or / 127), so only a non-finite scale can make the correction NaN; with b
-    replaced by 0 there (once per row or group, not per element) the correction is exactly
-    ``a * (1/b)``, which is then the answer (a / inf = 0, inf / inf = NaN, x / NaN = NaN).
+    replaced by 0 there the result is ``q0 + a * rb``: q0 when b = inf (rb = 0: a / inf = 0,
+    inf / inf = NaN), NaN when b is NaN, as the division gives. SIGNED_ZERO (FP8, which has
+    a -0 code): the sign of q0, since ``q0 + r * rb`` with q0 = -0, r = +0 is +0.
     """
     if FAST:
         if not GUARD:
             b = tl.where(tl.abs(b) < float("inf"), b, 0.0)
-        b = tl.broadcast_to(b, a.shape)
+        nb = tl.broadcast_to(-b, a.shape)
         rb = tl.broadcast_to(rb, a.shape)
         q0 = a * rb
-        # q0 - (q0 * b - a) * rb, not q0 + (a - q0 * b) * rb: the same value, but a = -0
-        # keeps its sign (-0 + +0 would be +0; FP8 has a -0 code)
-        q = tl.math.fma(-tl.math.fma(q0, b, -a), rb, q0)
+        q = tl.math.fma(tl.math.fma(q0, nb, a), rb, q0)
         if GUARD:
             # b = 0 / inf, a = inf, overflow: the correction is NaN; a * (1/b) is the answer
             q = tl.where(q == q, q, q0)
+        if SIGNED_ZERO:
+            q = libdevice.copysign(q, q0)
     else:  # div_rn (the interpreter has no true fma: there it is numpy's division)
         q = tl.math.div_rn(a, tl.broadcast_to(b, a.shape))
     return q
@@ -385,7 +388,7 @@ def _quantize(v, mask, q_ptr, rows64, cols, H, scale, rscale, azp, aux_in_ptr,
     # Dynamic scales bound the quotient, except with scale_ub (fp8 dynamic) or an
     # asymmetric range (int8 asym: min and max far from 0): those keep the per-element guard.
     GUARD: tl.constexpr = QUANT == 1 or QUANT == 4 or QUANT == 6 or HAS_AUX
-    t = _fast_div(v, scale, rscale, FAST, GUARD)
+    t = _fast_div(v, scale, rscale, FAST, GUARD, QUANT <= 3)
     if QUANT <= 3:  # fp8
         q = _sat_fp8(t, PRECISE)
     elif PRECISE and (QUANT == 5 or (QUANT == 4 and not HAS_AUX)):
