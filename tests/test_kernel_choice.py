@@ -386,3 +386,17 @@ def test_inductor_mutation_analysis_of_the_kernel(cuda_target_for_triton_fronten
     else:
         written = sorted(tkw.identify_mutated_tensors(K.norm_quant_kernel, kwargs, {}))
     assert written == sorted(library_ops.written_args(kwargs))
+
+
+def test_mid_token_counts():
+    """(256, 4096] tokens: the plain norms take the kernel at non-power-of-two H (run 9), the
+    quantizing families follow their bulk entries, power-of-two plain norms stay generated."""
+    _, (x, r, w) = fake_cuda((2048, 2304), (2048, 2304), (2304,))
+    assert choice.token_class(2048) == "mid" and choice.token_class(8192) == "bulk"
+    assert choice.choose("rms_norm", [x, w, 1e-6, 1.0, None]) == "kernel"
+    assert choice.choose("fused_add_rms_norm", [x, r, w, 1e-6, 0.0, None]) == "kernel"
+    assert choice.choose("rms_norm_int8_dynamic", [x, w, 1e-6, 0.0, None]) == "kernel"
+    _, (x4, w4) = fake_cuda((2048, 4096), (4096,))
+    assert choice.choose("rms_norm", [x4, w4, 1e-6, 0.0, None]) == "generated"
+    _, (x8, w8) = fake_cuda((8192, 2304), (2304,))
+    assert choice.choose("rms_norm", [x8, w8, 1e-6, 0.0, None]) == "generated"
