@@ -26,18 +26,17 @@ spills; 65536 in fp32 spills (correct, slower). Non-power-of-two rows are split 
 three power-of-two tiles (``column_tiles``) rather than padded.
 
 Launch: one program per block of ``block_m`` rows, or, with ``LaunchConfig.programs_per_sm
-> 0`` (off by default; ``launch_config`` returns 0 until it is measured), a persistent grid
-of at most SM count * programs_per_sm programs that loop over row blocks and prefetch the
-next one (same numerics, bit for bit). Such programs should all be resident at once: the
-prefetch holds two row blocks in registers (sm_90 ptxas: 4096 bf16 / 8 warps 48-64
-registers instead of 34-48; 5376 split / 4 warps 128-179 instead of 80-96), so 8 programs
-per SM do not fit there. The compiled kernel is cached per (constexprs, num_warps, dtypes, Triton's
-specializations) and launched through its ``run`` directly (``_kernel_launch``); misaligned
-pointers always take ``JITFunction.run``. Measured on H100 (torch 2.11, Triton 3.6, bf16,
-CUDA-graph replay, ratio to a copy of the same element count), 8192x5376:
-rms_norm 0.95, add_rms_norm 1.02, add+FP8 dynamic 0.92, rms+FP8 static 0.74, rms+FP8 group
-0.61, rms+INT8 dynamic 0.62 (before the tiles / fast division: 0.96, 1.03, 0.76, 0.46,
-0.39, 0.37); 8192x4096: 0.99, 1.04, 1.01, 0.90, 0.85, 0.76.
+> 0``, a persistent grid of at most SM count * programs_per_sm programs that loop over row
+blocks and prefetch the next one (same numerics, bit for bit). It is off
+(``launch_config`` returns 0): on the H100 it lost everywhere (run 7 in
+benchmarks/RESULTS.md: two row blocks in registers cost more occupancy than the prefetch
+hides); ``benchmarks/launch_sweep.py`` keeps trying it. The compiled kernel is cached per
+(constexprs, num_warps, dtypes, Triton's specializations) and launched through its ``run``
+directly (``_kernel_launch``); misaligned pointers always take ``JITFunction.run``.
+Measured on H100 (torch 2.11, Triton 3.6, bf16, CUDA-graph replay, ratio to a copy of the
+same element count; RESULTS.md run 9), 8192x5376: rms_norm 0.98, add_rms_norm 1.03,
+add+FP8 dynamic 1.00, rms+FP8 static 0.88, rms+FP8 group 0.77, rms+INT8 dynamic 0.87;
+8192x4096: 0.98, 1.04, 1.02, 0.90, 0.91, 0.90; 16384x4096: 0.99, 1.02, 1.01, 0.94, 0.95, 0.95.
 """
 
 from __future__ import annotations
