@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
 import torch
 
 cn = torch.ops.compile_norm
@@ -111,3 +118,16 @@ def opcheck_cases(name: str) -> list[tuple[str, tuple, dict]]:
     if name == "rms_norm_backward":  # fused add's backward: + the grad of residual_out
         cases.append(("bf16_3d_grad_residual", args(x3, w16), {"grad_residual": randn(*x3.shape, dtype=x3.dtype)}))
     return cases
+
+
+def interpreter_report(script: str, timeout: int) -> dict:
+    """Run a test file as a script under TRITON_INTERPRET=1 (a fresh process: Triton picks the
+    interpreter at import) and return the JSON it prints after ``REPORT``."""
+    pytest.importorskip("triton")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env,
+                         timeout=timeout, cwd=root)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("REPORT")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    return json.loads(lines[-1][len("REPORT"):])

@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
+
+from helpers import interpreter_report
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 EPS = 1e-6
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -262,14 +259,8 @@ def _child() -> None:
 
 @pytest.fixture(scope="module")
 def report():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run(
-        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT
-    )
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("REPORT")]
-    assert out.returncode == 0 and lines, out.stderr[-3000:]
-    return {r["name"]: r["problems"] for r in json.loads(lines[-1][len("REPORT"):])["results"]}
+    report = interpreter_report(__file__, timeout=900)
+    return {r["name"]: r["problems"] for r in report["results"]}
 
 
 def _names():

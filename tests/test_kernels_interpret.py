@@ -14,15 +14,10 @@ as on CPU torch. Tolerances are those of compile_norm.kernels.checking.
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
+from helpers import interpreter_report
 
 def _child() -> None:
     import torch
@@ -80,14 +75,7 @@ def _child() -> None:
 
 @pytest.fixture(scope="module")
 def report():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run(
-        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
-    )
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("REPORT")]
-    assert out.returncode == 0 and lines, out.stderr[-3000:]
-    return json.loads(lines[-1][len("REPORT"):])
+    return interpreter_report(__file__, timeout=600)
 
 
 def _ops():

@@ -14,15 +14,10 @@ the raw tiles that exist, and the next block's loads precede the current block's
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
+from helpers import interpreter_report
 
 def _bits(t):
     """A tensor's bit pattern (NaN == NaN), as an integer tensor."""
@@ -146,14 +141,7 @@ def _child() -> None:
 
 @pytest.fixture(scope="module")
 def report():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run(
-        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT
-    )
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("REPORT")]
-    assert out.returncode == 0 and lines, out.stderr[-3000:]
-    return json.loads(lines[-1][len("REPORT"):])
+    return interpreter_report(__file__, timeout=900)
 
 
 @pytest.mark.parametrize("index", range(len(_cases())))

@@ -236,6 +236,19 @@ def _load_raw(ptr, rows64, stride, cols, mask):
 
 
 @triton.jit
+def _load_tile(x_ptr, r_ptr, rows64, rmask, C0: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
+               H, stride_x, stride_r, HAS_RES: tl.constexpr, EVEN_COLS: tl.constexpr):
+    """Raw x and residual of one tile (the residual is x's placeholder without HAS_RES)."""
+    _, cols, cmask = _tile(C0, NG, G, H, EVEN_COLS)
+    mask = _tile_mask(rmask, cmask)
+    x = _load_raw(x_ptr, rows64, stride_x, cols, mask)
+    r = x
+    if HAS_RES:
+        r = _load_raw(r_ptr, rows64, stride_r, cols, mask)
+    return x, r
+
+
+@triton.jit
 def _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
                NG0: tl.constexpr, G0: tl.constexpr, NG1: tl.constexpr, G1: tl.constexpr,
                NG2: tl.constexpr, G2: tl.constexpr, HAS_RES: tl.constexpr,
@@ -250,30 +263,16 @@ def _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
     rows64 = rows.to(tl.int64)
     C1: tl.constexpr = NG0 * G0
     C2: tl.constexpr = C1 + NG1 * G1
-    _, cols0, cm0 = _tile(0, NG0, G0, H, EVEN_COLS)
-    m0 = _tile_mask(rmask, cm0)
-    x0 = _load_raw(x_ptr, rows64, stride_x, cols0, m0)
-    r0 = x0
-    if HAS_RES:
-        r0 = _load_raw(r_ptr, rows64, stride_r, cols0, m0)
-    x1 = x0
-    r1 = r0
+    x0, r0 = _load_tile(x_ptr, r_ptr, rows64, rmask, 0, NG0, G0, H, stride_x, stride_r,
+                        HAS_RES, EVEN_COLS)
+    x1, r1 = x0, r0
     if NG1 > 0:
-        _, cols1, cm1 = _tile(C1, NG1, G1, H, EVEN_COLS)
-        m1 = _tile_mask(rmask, cm1)
-        x1 = _load_raw(x_ptr, rows64, stride_x, cols1, m1)
-        r1 = x1
-        if HAS_RES:
-            r1 = _load_raw(r_ptr, rows64, stride_r, cols1, m1)
-    x2 = x0
-    r2 = r0
+        x1, r1 = _load_tile(x_ptr, r_ptr, rows64, rmask, C1, NG1, G1, H, stride_x, stride_r,
+                            HAS_RES, EVEN_COLS)
+    x2, r2 = x0, r0
     if NG2 > 0:
-        _, cols2, cm2 = _tile(C2, NG2, G2, H, EVEN_COLS)
-        m2 = _tile_mask(rmask, cm2)
-        x2 = _load_raw(x_ptr, rows64, stride_x, cols2, m2)
-        r2 = x2
-        if HAS_RES:
-            r2 = _load_raw(r_ptr, rows64, stride_r, cols2, m2)
+        x2, r2 = _load_tile(x_ptr, r_ptr, rows64, rmask, C2, NG2, G2, H, stride_x, stride_r,
+                            HAS_RES, EVEN_COLS)
     return x0, r0, x1, r1, x2, r2
 
 
