@@ -220,3 +220,38 @@ def test_first_call_from_many_threads_at_once():
     assert not any(t.is_alive() for t in threads)
     for i, case in enumerate(cases):
         check_outputs(results[i], model(*case))
+
+
+def test_pass_runs_in_two_threads_keep_their_own_state():
+    """The passes' per-run state (what their pattern checks and rewrites read) is a
+    contextvar: a run in one thread never sees another thread's run, nor a finished one."""
+    from compile_norm.passes.patterns import PassState
+
+    state = PassState("test")
+    barrier = threading.Barrier(2)
+    seen: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def work(i):
+        try:
+            with state.running(result=i):
+                barrier.wait(timeout=30)  # both runs are active now
+                seen[i] = [state["result"]]
+                barrier.wait(timeout=30)
+                seen[i].append(state["result"])
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert seen == {0: [0, 0], 1: [1, 1]}
+    with pytest.raises(LookupError):
+        state["result"]  # no run active in this thread
+    with state.running(result="outer"):
+        with state.running(result="inner"):
+            assert state["result"] == "inner"
+        assert state["result"] == "outer"

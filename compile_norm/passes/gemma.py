@@ -21,7 +21,7 @@ from . import patterns as P
 from .base import PassResult
 
 NAME = "gemma"
-_STATE: dict = {}
+_STATE = P.PassState("gemma")
 
 
 def _weight_index(name: str) -> int:
@@ -96,10 +96,7 @@ def _pass() -> PatternMatcherPass:
 
 def run(graph: torch.fx.Graph, options) -> PassResult:
     result = PassResult(NAME)
-    _STATE["result"] = result
-    try:
+    with _STATE.running(result=result):
         _pass().apply(graph)
-    finally:
-        _STATE.clear()
     graph.eliminate_dead_code()
     return result

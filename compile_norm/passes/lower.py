@@ -50,7 +50,7 @@ def kernel_for(node: torch.fx.Node) -> str | None:
     return None
 
 
-_STATE: dict = {}
+_STATE = P.PassState("lower")
 
 
 def _check(match: Match) -> bool:
@@ -125,10 +125,7 @@ def _pass() -> PatternMatcherPass:
 
 def run(graph: torch.fx.Graph, options) -> PassResult:
     result = PassResult(NAME)
-    _STATE.update(result=result, options=options, traced={})
-    try:
+    with _STATE.running(result=result, options=options, traced={}):
         _pass().apply(graph)
-    finally:
-        _STATE.clear()
     graph.eliminate_dead_code()
     return result

@@ -56,7 +56,7 @@ from . import patterns as P
 from .base import PassResult
 
 NAME = "quant"
-_STATE: dict = {}
+_STATE = P.PassState("quant")
 aten, prims = P.aten, P.prims
 F32 = torch.float32
 
@@ -450,11 +450,8 @@ def _pass() -> PatternMatcherPass:
 
 def run(graph: torch.fx.Graph, options) -> PassResult:
     result = PassResult(NAME)
-    _STATE["result"] = result
-    try:
+    with _STATE.running(result=result):
         if _pass().apply(graph):
             stable_topological_sort(graph)  # residual_out users may sit before the quant
             graph.eliminate_dead_code()
-    finally:
-        _STATE.clear()
     return result

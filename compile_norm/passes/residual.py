@@ -24,7 +24,7 @@ from . import patterns as P
 from .base import PassResult
 
 NAME = "residual"
-_STATE: dict = {}
+_STATE = P.PassState("residual")
 
 
 def _fused_name(name: str) -> str:
@@ -96,10 +96,7 @@ def _pass() -> PatternMatcherPass:
 
 def run(graph: torch.fx.Graph, options) -> PassResult:
     result = PassResult(NAME)
-    _STATE["result"] = result
-    try:
+    with _STATE.running(result=result):
         if _pass().apply(graph):
             stable_topological_sort(graph)  # h's other users may sit before the norm
-    finally:
-        _STATE.clear()
     return result
