@@ -374,12 +374,12 @@ def test_inductor_mutation_analysis_of_the_kernel(cuda_target_for_triton_fronten
 
     x, r = torch.randn(8, 5376, dtype=BF16), torch.randn(8, 5376, dtype=BF16)
     w = torch.randn(5376, dtype=BF16)
-    residual = r if op.startswith("fused_add") else None
-    quant = triton_ops._NO_QUANT if spec is None else triton_ops.SPECS[spec[0]](*spec[1:])
-    _, _, _, launch = triton_ops.prepare_launch(x, residual, w, 1e-6, 0.0, None, True, spec is None, quant)
-    _, args, consts, _ = launch
+    op_spec = registry.spec(op)
+    qargs = spec[1:] if spec is not None else ()
+    head = (x, r, w) if op_spec.residual else (x, w)
+    launch = triton_ops.prepare(op_spec, op_spec.bind((*head, 1e-6, *qargs), {}))
     names = library_ops._arg_names()
-    kwargs = dict(zip(names, args + consts))
+    kwargs = dict(zip(names, launch.args + launch.consts))
     if hasattr(tkw, "identify_accessed_tensors"):  # torch >= 2.12
         access = tkw.identify_accessed_tensors(K.norm_quant_kernel, kwargs, {})
         written = sorted(dep.name for dep in access.read_writes.writes)

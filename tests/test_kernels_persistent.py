@@ -61,9 +61,7 @@ def run_pair(case, device, programs_per_sm, block_m=None, tiles=None, seed=0):
         elif not torch.equal(_bits(a), _bits(b)):
             n = int((_bits(a) != _bits(b)).sum())
             problems.append(f"{name}: {n} elements differ from the one-shot kernel")
-    kind = checking.op_kind(case.op)[0]
-    w_dtype = None if case.weight == "none" or kind == "quant" else (
-        case.dtype if case.weight == "same" else getattr(torch, case.weight))
+    w_dtype = checking.weight_dtype(case)
     ref = registry.ops()[case.op].reference(*pos)
     res = checking.compare(case.op, persistent, ref, case.dtype,
                            checking.fake_outputs(case.op, pos), w_dtype, case.offset)

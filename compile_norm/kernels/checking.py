@@ -47,8 +47,7 @@ from typing import Any, Callable
 import torch
 
 from ..ops import registry
-from ..ops.fused import add_norm_op_name, norm_op_name
-from ..ops.quant import SCHEMES, quant_op_name
+from ..ops.spec import Kind
 
 MISMATCH_FRACTION = 0.01
 SUBNORMAL_ULPS = 8
@@ -58,56 +57,44 @@ EPS = 1e-6
 
 
 def all_ops() -> list[str]:
-    names = ["rms_norm", "fused_add_rms_norm"]
-    for s in SCHEMES:
-        names += [quant_op_name(s), norm_op_name(s), add_norm_op_name(s)]
-    return names
-
-
-def op_kind(op: str) -> tuple[str, str | None]:
-    """(kind, scheme): kind is "norm", "add", "quant", "norm_q" or "add_q"."""
-    if op == "rms_norm":
-        return "norm", None
-    if op == "fused_add_rms_norm":
-        return "add", None
-    for s in SCHEMES:
-        if op == quant_op_name(s):
-            return "quant", s
-        if op == norm_op_name(s):
-            return "norm_q", s
-        if op == add_norm_op_name(s):
-            return "add_q", s
-    raise ValueError(f"unknown op {op!r}")
+    """Every op the forward kernel implements (the backward has its own checks)."""
+    return [s.name for s in registry.specs() if s.kind != Kind.BACKWARD]
 
 
 def output_names(op: str) -> tuple[str, ...]:
-    kind, s = op_kind(op)
-    if kind == "norm":
-        return ("out",)
-    if kind == "add":
-        return ("out", "residual_out")
-    outs = SCHEMES[s].outputs
-    return (*outs, "residual_out") if kind == "add_q" else outs
+    return registry.spec(op).outputs
 
 
-@dataclass
+_NORM_DEFAULTS = dict(weight="same", offset=0.0, variance_size=None, layout="contiguous",
+                      nan=False)
+
+
 class Case:
-    """One call: ``op`` on ``x`` of ``shape``; options pick the variant."""
+    """One call: ``op`` on ``x`` of ``shape``; options pick the variant.
 
-    op: str
-    shape: tuple
-    dtype: torch.dtype
-    weight: str = "same"  # "same", "none", or a dtype name ("float32") for a mixed weight
-    offset: float = 0.0
-    variance_size: int | None = None
-    layout: str = "contiguous"  # "contiguous", "strided" (row stride > H), "transposed"
-    group_size: int = 128
-    column_major: bool = False
-    ue8m0: bool = False
-    scale_ub: bool = False
-    azp: bool = False
-    nan: bool = False
-    label: str = ""
+    Norm options: ``weight`` ("same", "none", or a dtype name such as "float32" for a mixed
+    weight), ``offset``, ``variance_size``, ``layout`` ("contiguous", "strided": row stride
+    > H, "transposed"), ``nan``. Any other keyword is an option of the op's scheme
+    (``QuantScheme.options``: ``group_size``, ``column_major``, ``scale_ub``, ...).
+    """
+
+    def __init__(self, op: str, shape: tuple, dtype: torch.dtype, label: str = "", **options):
+        self.op, self.shape, self.dtype, self.label = op, tuple(shape), dtype, label
+        scheme = registry.spec(op).scheme
+        self.scheme_options = dict(scheme.options) if scheme else {}
+        for key in options:
+            if key not in _NORM_DEFAULTS and key not in self.scheme_options:
+                known = sorted([*_NORM_DEFAULTS, *self.scheme_options])
+                raise TypeError(f"Case({op!r}): unknown option {key!r}; known: {known}")
+        for key, default in _NORM_DEFAULTS.items():
+            setattr(self, key, options.get(key, default))
+        self.scheme_options.update((k, v) for k, v in options.items() if k in self.scheme_options)
+
+    def __getattr__(self, key: str) -> Any:  # scheme options read as attributes
+        options = self.__dict__.get("scheme_options", {})
+        if key in options:
+            return options[key]
+        raise AttributeError(key)
 
     def name(self) -> str:
         opts = [f"{k}={v}" for k, v in self.options().items()]
@@ -115,15 +102,15 @@ class Case:
         return f"{self.op}[{'x'.join(map(str, self.shape))} {dt}{' ' if opts else ''}{','.join(opts)}]"
 
     def options(self) -> dict:
-        d = {}
-        for k, default in (("weight", "same"), ("offset", 0.0), ("variance_size", None),
-                           ("layout", "contiguous"), ("column_major", False), ("ue8m0", False),
-                           ("scale_ub", False), ("azp", False), ("nan", False)):
-            if getattr(self, k) != default:
-                d[k] = getattr(self, k)
-        if op_kind(self.op)[1] == "fp8_group":
-            d["group"] = self.group_size
+        d = {k: getattr(self, k) for k, v in _NORM_DEFAULTS.items() if getattr(self, k) != v}
+        scheme = registry.spec(self.op).scheme
+        if scheme:
+            d.update((k, v) for k, v in self.scheme_options.items() if v != scheme.options[k]
+                     or k == "group_size")
         return d
+
+    def __repr__(self) -> str:
+        return f"Case({self.name()})"
 
 
 def _make(shape, dtype, device, layout, gen, scale=1.0, shift=0.0) -> torch.Tensor:
@@ -144,16 +131,16 @@ def _make(shape, dtype, device, layout, gen, scale=1.0, shift=0.0) -> torch.Tens
 def build_call(case: Case, device: str | torch.device, seed: int = 0) -> tuple[tuple, dict]:
     """Positional args and kwargs of ``torch.ops.compile_norm.<case.op>`` for this case."""
     gen = torch.Generator().manual_seed(seed)
-    kind, scheme = op_kind(case.op)
+    spec = registry.spec(case.op)
     shape, dtype, hidden = case.shape, case.dtype, case.shape[-1]
-    shift = 0.7 if scheme == "int8_dynamic_asym" else 0.0  # make min / max asymmetric
+    shift = spec.scheme.input_shift if spec.scheme else 0.0
     x = _make(shape, dtype, device, case.layout, gen, shift=shift)
     if case.nan:  # one NaN in row 1: the reference makes the row's outputs / scale NaN
         x[min(1, shape[0] - 1), hidden // 3] = float("nan")
     args: list[Any] = [x]
-    if kind in ("add", "add_q"):
+    if spec.residual:
         args.append(_make(shape, dtype, device, case.layout, gen, scale=0.5))
-    if kind != "quant":
+    if spec.normalizes:
         if case.weight == "none":
             w = None
         else:
@@ -162,18 +149,9 @@ def build_call(case: Case, device: str | torch.device, seed: int = 0) -> tuple[t
             w = (base if case.offset else 1.0 + base).to(device=device, dtype=wdt)
         args += [w, EPS]
     kwargs: dict[str, Any] = {}
-    f32 = dict(dtype=torch.float32, device=device)
-    if scheme == "fp8_static":
-        kwargs["scale"] = torch.tensor(3.5 / 448.0, **f32)
-    elif scheme == "fp8_dynamic":
-        kwargs["scale_ub"] = torch.tensor(3.0, **f32) if case.scale_ub else None
-    elif scheme == "fp8_group":
-        kwargs.update(group_size=case.group_size, column_major_scales=case.column_major,
-                      use_ue8m0=case.ue8m0)
-    elif scheme == "int8_static":
-        kwargs["scale"] = torch.tensor(3.5 / 127.0, **f32)
-        kwargs["azp"] = torch.tensor(3, dtype=torch.int32, device=device) if case.azp else None
-    if kind != "quant":
+    if spec.scheme:
+        kwargs.update(spec.scheme.example_args(case.scheme_options, device))
+    if spec.normalizes:
         kwargs["weight_offset"] = case.offset
         kwargs["variance_size"] = case.variance_size
     return tuple(args), kwargs
@@ -291,10 +269,10 @@ def compare(op: str, got: Any, ref: Any, x_dtype: torch.dtype, fakes: tuple | No
         res.ok = False
         res.problems.append(f"expected {len(names)} outputs, got {len(got)}")
         return res
-    kind, scheme = op_kind(op)
+    quant_only = registry.spec(op).kind == Kind.QUANT
     ulp_dtype, k = out_tolerance(x_dtype, w_dtype, weight_offset)
     # relative error bound of an ``out`` value (what scales and q inherit)
-    eps_out = 0.0 if kind == "quant" else (
+    eps_out = 0.0 if quant_only else (
         k * 2.0 ** -_MANT[ulp_dtype] if ulp_dtype is not None else 2.0 ** -20)
     by_name_got, by_name_ref = dict(zip(names, got)), dict(zip(names, ref))
     for i, n in enumerate(names):
@@ -325,16 +303,16 @@ def compare(op: str, got: Any, ref: Any, x_dtype: torch.dtype, fakes: tuple | No
             if mism > MISMATCH_FRACTION and x_dtype in _MANT:
                 res.problems.append(f"{n}: {mism:.2%} of elements differ")
         elif n in ("scale", "scales"):
-            rtol = 1e-6 if kind == "quant" else eps_out * (1 + 2.0 ** -20) + 2.0 ** -23
+            rtol = 1e-6 if quant_only else eps_out * (1 + 2.0 ** -20) + 2.0 ** -23
             within, err, mism = _rel_close(g, r, rtol)
-            if not within and scheme == "fp8_group":
+            if not within and n == "scales":
                 # UE8M0 may jump a power of two when the amax sits on one; count those.
                 within = mism <= MISMATCH_FRACTION and bool(
                     ((g.double() / r.double()).nan_to_num(1.0) - 1).abs().le(1.0).all())
             res.errors[n], res.mismatch[n] = err, mism
             if not within:
                 res.problems.append(f"{n}: beyond rtol {rtol:.3g} (max err {err:.3g})")
-            if mism > MISMATCH_FRACTION and kind == "quant":
+            if mism > MISMATCH_FRACTION and quant_only:
                 res.problems.append(f"{n}: {mism:.2%} of elements differ")
         elif n == "azp":
             d = (g.long() - r.long()).abs()
@@ -363,29 +341,29 @@ def compare(op: str, got: Any, ref: Any, x_dtype: torch.dtype, fakes: tuple | No
                     res.problems.append(f"{n}: more than one FP8 step apart (max {int(d.max())})")
             mism = float((d != 0).double().mean())
             res.mismatch[n] = mism
-            res.errors[n] = _dequant_error(scheme, by_name_got, by_name_ref, g, r)
-            if mism > MISMATCH_FRACTION and (x_dtype in _MANT or kind == "quant"):
+            res.errors[n] = _dequant_error(by_name_got, by_name_ref, g, r)
+            if mism > MISMATCH_FRACTION and (x_dtype in _MANT or quant_only):
                 res.problems.append(f"{n}: {mism:.2%} of elements differ")
     res.ok = not res.problems
     return res
 
 
-def _dequant(scheme, outs, q, static_scale):
+def _dequant(outs, q, static_scale):
+    """``q`` times its scale (per tensor, per row, or per group), zero point removed."""
     qf = q.float()
-    if scheme in ("fp8_static", "int8_static"):
+    if "scale" not in outs and "scales" not in outs:
         return qf * static_scale
     scale = outs["scale"] if "scale" in outs else outs["scales"]
-    if scheme == "fp8_group":
-        scale = scale.repeat_interleave(q.shape[-1] // scale.shape[-1], dim=-1)
-    if scheme == "int8_dynamic_asym":
+    scale = scale.repeat_interleave(q.shape[-1] // scale.shape[-1], dim=-1)
+    if "azp" in outs:
         qf = qf - outs["azp"].float()
     return qf * scale
 
 
-def _dequant_error(scheme, got_outs, ref_outs, g, r) -> float:
+def _dequant_error(got_outs, ref_outs, g, r) -> float:
     """Max |dequant(got) - dequant(ref)| over elements where the reference is finite."""
     one = torch.ones((), device=g.device)
-    a, b = _dequant(scheme, got_outs, g, one), _dequant(scheme, ref_outs, r, one)
+    a, b = _dequant(got_outs, g, one), _dequant(ref_outs, r, one)
     d = torch.where(b.isfinite() & a.isfinite(), (a - b).abs(), 0.0)
     return float(d.max()) if d.numel() else 0.0
 
@@ -405,9 +383,8 @@ def default_cases(
     ops = ops or all_ops()
     cases = []
     for op in ops:
-        kind, scheme = op_kind(op)
-        # fp8_group needs hidden % group == 0
-        hs = [h for h in hiddens if scheme != "fp8_group" or h % 128 == 0] or [128]
+        spec = registry.spec(op)
+        hs = [h for h in hiddens if _valid(Case(op, (tokens, h), torch.bfloat16))] or [128]
         for dt in dtypes:
             for h in hs:
                 cases.append(Case(op, (tokens, h), dt))
@@ -422,7 +399,7 @@ def default_cases(
             dict(shape=(h,)),  # 1-D (one token)
             dict(shape=(tokens, h), nan=True),
         ]
-        if kind != "quant":
+        if spec.normalizes:
             v += [
                 dict(shape=(tokens, h), offset=1.0),  # Gemma
                 dict(shape=(tokens, h), offset=1.0, dtype=torch.float16),
@@ -431,22 +408,31 @@ def default_cases(
                 dict(shape=(tokens, h), dtype=torch.float32, weight="bfloat16"),
                 dict(shape=(tokens, h), variance_size=h // 2),
             ]
-        if scheme == "fp8_group":
-            v += [
-                dict(shape=(tokens, h), group_size=64),
-                dict(shape=(tokens, h), column_major=True),
-                dict(shape=(2, 3, h), column_major=True),
-                dict(shape=(tokens, h), ue8m0=True),
-                dict(shape=(tokens, 128), group_size=128, column_major=True, ue8m0=True),
-            ]
-        if scheme == "fp8_dynamic":
-            v.append(dict(shape=(tokens, h), scale_ub=True))
-        if scheme == "int8_static":
-            v.append(dict(shape=(tokens, h), azp=True))
+        for options in spec.scheme.variants if spec.scheme else ():
+            options = dict(options)
+            shape = options.pop("shape", lambda tokens, h: (tokens, h))(tokens, h)
+            v.append(dict(shape=shape, **options))
         for opts in v:
             opts = dict(opts)
             cases.append(Case(op, opts.pop("shape"), opts.pop("dtype", dt), **opts))
     return cases
+
+
+def weight_dtype(case: Case) -> torch.dtype | None:
+    """The dtype of the case's weight (None: no weight), as ``compare`` takes it."""
+    if case.weight == "none" or not registry.spec(case.op).normalizes:
+        return None
+    return case.dtype if case.weight == "same" else getattr(torch, case.weight)
+
+
+def _valid(case: Case) -> bool:
+    """Whether the op accepts this case's arguments (e.g. the group divides the hidden size)."""
+    args, kwargs = build_call(case, "meta")
+    try:
+        registry.spec(case.op).check(*positional(case.op, args, kwargs))
+    except ValueError:
+        return False
+    return True
 
 
 def run_case(case: Case, device, fn: Callable | None = None, seed: int = 0) -> Result:
@@ -457,9 +443,7 @@ def run_case(case: Case, device, fn: Callable | None = None, seed: int = 0) -> R
     fn = fn or registry.providers(case.op)["triton"].fn
     ref = entry.reference(*pos)
     got = fn(*pos)
-    kind = op_kind(case.op)[0]
-    w_dtype = None if case.weight == "none" or kind == "quant" else (
-        case.dtype if case.weight == "same" else getattr(torch, case.weight))
-    res = compare(case.op, got, ref, case.dtype, fake_outputs(case.op, pos), w_dtype, case.offset)
+    res = compare(case.op, got, ref, case.dtype, fake_outputs(case.op, pos), weight_dtype(case),
+                  case.offset)
     res.name = case.name()
     return res

@@ -1,8 +1,9 @@
 """The Triton kernel of every compile_norm op as a ``torch.library.triton_op``.
 
-``torch.ops.compile_norm_kernels.<op>`` has the schema of ``torch.ops.compile_norm.<op>``
-(``int`` appears as ``SymInt``) and is implemented by one ``wrap_triton`` launch of
-``triton_kernel.norm_quant_kernel``. Because the implementation is traceable, Inductor sees a
+``torch.ops.compile_norm_kernels.<op>`` has the schema of ``torch.ops.compile_norm.<op>`` (both
+inferred from the op's reference) and is implemented by one ``wrap_triton`` launch of
+``triton_kernel.norm_quant_kernel``, prepared exactly as the eager provider prepares it
+(``triton_ops.prepare``). Because the implementation is traceable, Inductor sees a
 user-defined Triton kernel, not an opaque extern call: it works under CUDA graphs and
 AOTInductor, and Inductor plans the outputs' memory.
 
@@ -20,14 +21,12 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-import typing
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
 from ..ops import registry
-from ..ops.fused import add_norm_op_name, norm_op_name
-from ..ops.quant import SCHEMES, quant_op_name
+from ..ops.spec import OpSpec
 from . import triton_ops as T
 
 NAMESPACE = "compile_norm_kernels"
@@ -48,111 +47,25 @@ except Exception as e:  # ImportError, old torch, broken triton
 AVAILABLE = not REASON
 
 
-@functools.cache
-def _arg_names() -> tuple:
-    return tuple(K.norm_quant_kernel.arg_names)
+def _launch_wrapped(spec: OpSpec, args: tuple) -> Any:
+    # The eager provider's launch (triton_ops.prepare), through wrap_triton so Inductor sees
+    # a user-defined Triton kernel.
+    launch = T.prepare(spec, args)
+    if not (isinstance(launch.grid0, int) and launch.grid0 == 0):  # a SymInt may be 0: launch
+        wrap_triton(K.norm_quant_kernel)[(launch.grid0,)](
+            *launch.args, **launch.const_kwargs(), num_warps=launch.num_warps)
+    return launch.outputs
 
 
-def _run(x, residual, weight, eps, offset, vsize, do_norm, store_out, spec):
-    # The same outputs and arguments as the eager provider; the launch goes through
-    # wrap_triton so Inductor sees a user-defined Triton kernel.
-    out, quant_out, res_out, launch = T.prepare_launch(
-        x, residual, weight, eps, offset, vsize, do_norm, store_out, spec
-    )
-    if launch is not None:
-        grid0, args, consts, num_warps = launch
-        kwargs = dict(zip(_arg_names()[len(args):], consts), num_warps=num_warps)
-        wrap_triton(K.norm_quant_kernel)[(grid0,)](*args, **kwargs)
-    return out, quant_out, res_out
+def _implementation(spec: OpSpec) -> Callable[..., Any]:
+    """A function with the op's signature (triton_op infers the schema from it)."""
 
+    def implementation(*args, **kwargs):
+        return _launch_wrapped(spec, spec.bind(args, kwargs))
 
-def _single(outputs: tuple) -> Any:
-    return outputs[0] if len(outputs) == 1 else outputs
-
-
-# --- one implementation per op (positional arguments in schema order) ---------------------------
-
-
-def _rms_norm(x, w, eps, off, vs):
-    return _run(x, None, w, eps, off, vs, True, True, T._NO_QUANT)[0]
-
-
-def _fused_add_rms_norm(x, r, w, eps, off, vs):
-    out, _, res_out = _run(x, r, w, eps, off, vs, True, True, T._NO_QUANT)
-    return out, res_out
-
-
-def _implementations() -> dict[str, Callable[..., Any]]:
-    # (no lambdas: triton_op parses the implementation's source to find its kernels)
-    impls: dict[str, Callable[..., Any]] = {
-        "rms_norm": _rms_norm,
-        "fused_add_rms_norm": _fused_add_rms_norm,
-    }
-    for scheme in SCHEMES:
-        spec_of = T.SPECS[scheme]
-
-        def quant(x, *qargs, spec_of=spec_of):
-            return _single(_run(x, None, None, 0.0, 0.0, None, False, False, spec_of(*qargs))[1])
-
-        def norm(x, w, eps, *rest, spec_of=spec_of):
-            *qargs, off, vs = rest
-            return _single(_run(x, None, w, eps, off, vs, True, False, spec_of(*qargs))[1])
-
-        def add_norm(x, r, w, eps, *rest, spec_of=spec_of):
-            *qargs, off, vs = rest
-            _, quant_out, res_out = _run(x, r, w, eps, off, vs, True, False, spec_of(*qargs))
-            return (*quant_out, res_out)
-
-        impls[quant_op_name(scheme)] = quant
-        impls[norm_op_name(scheme)] = norm
-        impls[add_norm_op_name(scheme)] = add_norm
-    return impls
-
-
-_ANNOTATION = {
-    "Tensor": torch.Tensor, "Tensor?": Optional[torch.Tensor], "float": float,
-    "float?": Optional[float], "int": int, "SymInt": int, "int?": Optional[int],
-    "SymInt?": Optional[int], "bool": bool,
-}
-
-
-def _signature(name: str) -> inspect.Signature:
-    """The Python signature of ``compile_norm::<name>``'s schema (for schema inference)."""
-    schema = getattr(getattr(torch.ops, registry.NAMESPACE), name).default._schema
-    params = []
-    for a in schema.arguments:
-        ann = _annotation(a.type)
-        default = a.default_value if a.has_default_value() else inspect.Parameter.empty
-        params.append(inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                        default=default, annotation=ann))
-    n = len(schema.returns)
-    ret = torch.Tensor if n == 1 else typing.Tuple[tuple(torch.Tensor for _ in range(n))]
-    return inspect.Signature(params, return_annotation=ret)
-
-
-def _annotation(jit_type: Any) -> Any:
-    text = str(jit_type)
-    if text.endswith("?"):
-        return _ANNOTATION[text]
-    if text.startswith("Optional["):
-        return _ANNOTATION[text[len("Optional["):-1] + "?"]
-    return _ANNOTATION[text]
-
-
-def _make_fn(name: str, impl: Callable[..., Any]) -> Callable[..., Any]:
-    sig = _signature(name)
-
-    def fn(*args, **kwargs):
-        bound = sig.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return impl(*bound.arguments.values())
-
-    fn.__name__ = name
-    fn.__qualname__ = name
-    fn.__signature__ = sig
-    fn.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()}
-    fn.__annotations__["return"] = sig.return_annotation
-    return fn
+    implementation.__name__ = implementation.__qualname__ = spec.name
+    implementation.__signature__ = inspect.signature(spec.reference, eval_str=True)
+    return implementation
 
 
 @functools.cache
@@ -160,7 +73,11 @@ def functions() -> dict[str, Callable[..., Any]]:
     """{op name: traceable implementation with the op's signature} (no registration)."""
     if not AVAILABLE:
         raise RuntimeError(f"compile_norm: kernel library ops unavailable: {REASON}")
-    return {name: _make_fn(name, impl) for name, impl in _implementations().items()}
+    return {spec.name: _implementation(spec) for spec in T.kernel_specs()}
+
+
+def _arg_names() -> tuple:
+    return tuple(K.norm_quant_kernel.arg_names)
 
 
 _LOCK = threading.Lock()
@@ -185,7 +102,7 @@ def supports(name: str, *args: Any) -> bool:
     """Whether the Triton kernel accepts these (fake or real) arguments."""
     try:
         return bool(T.FUNCTIONS[name][1](*args))
-    except Exception:
+    except Exception:  # a check that cannot judge these (symbolic) arguments: no kernel
         return False
 
 

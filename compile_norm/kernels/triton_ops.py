@@ -50,8 +50,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..ops import registry
-from ..ops.fused import add_norm_op_name, norm_op_name
-from ..ops.quant import FP8_DTYPE, SCHEMES, group_scales_empty, quant_op_name
+from ..ops.quant import KernelQuant
+from ..ops.spec import Kind, OpSpec
 
 PROVIDER = "triton"
 RANK = 10
@@ -98,13 +98,6 @@ def _availability() -> tuple[bool, str]:
 
 
 SUPPORTED, REASON = _availability()
-_ARG_NAMES: tuple = ()
-if K is not None:
-    _ARG_NAMES = tuple(K.norm_quant_kernel.arg_names)
-    from triton.runtime import driver as _driver
-
-    def _get_stream(index: int) -> int:
-        return _driver.active.get_current_stream(index)
 # Kernel sources: their change must change every cache key that depends on provider choice.
 _HERE = pathlib.Path(__file__).parent
 SOURCE = hashlib.sha256(
@@ -154,57 +147,6 @@ def _norm_ok(x: Any, weight: Any, variance_size: Any) -> bool:
     if weight is not None and not (_on_device(weight) and weight.dtype in _DTYPES):
         return False
     return variance_size is None or 1 <= variance_size <= x.shape[-1]
-
-
-# --- scheme arguments -> kernel configuration ------------------------------------------------
-# (quant mode, static scale, aux tensor (scale_ub / azp), group size, column major, ue8m0)
-
-
-def _spec_fp8_static(scale):
-    return (1, scale, None, 0, False, False)
-
-
-def _spec_fp8_dynamic(scale_ub=None):
-    return (2, None, scale_ub, 0, False, False)
-
-
-def _spec_fp8_group(group_size=128, column_major_scales=False, use_ue8m0=False):
-    return (3, None, None, group_size, bool(column_major_scales), bool(use_ue8m0))
-
-
-def _spec_int8_static(scale, azp=None):
-    return (4, scale, azp, 0, False, False)
-
-
-def _spec_int8_dynamic():
-    return (5, None, None, 0, False, False)
-
-
-def _spec_int8_dynamic_asym():
-    return (6, None, None, 0, False, False)
-
-
-SPECS = {
-    "fp8_static": _spec_fp8_static,
-    "fp8_dynamic": _spec_fp8_dynamic,
-    "fp8_group": _spec_fp8_group,
-    "int8_static": _spec_int8_static,
-    "int8_dynamic": _spec_int8_dynamic,
-    "int8_dynamic_asym": _spec_int8_dynamic_asym,
-}
-_NO_QUANT = (0, None, None, 0, False, False)
-
-
-def _spec_ok(spec: tuple, x: torch.Tensor) -> bool:
-    group = spec[3]
-    if spec[0] == 3:
-        return (
-            isinstance(group, int)
-            and 0 < group
-            and group & (group - 1) == 0
-            and x.shape[-1] % group == 0
-        )
-    return True
 
 
 # --- launch ---------------------------------------------------------------------------------
@@ -303,218 +245,233 @@ def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
     return t.reshape(-1, hidden)
 
 
-# --- kernel launch with a cached compiled kernel ---------------------------------------------
-# ``JITFunction.run`` binds and specializes ~40 arguments on every call (~30 us of Python on
-# an H100 host). The compiled kernel depends only on the constexprs, num_warps, the
-# argument dtypes and Triton's specializations (16-byte alignment of pointers; integers
-# equal to 1, divisible by 16, or 64-bit), so those form our key; a miss goes through
-# ``run`` (which compiles) and caches its CompiledKernel, a hit calls its launcher directly.
-
-_LAUNCHERS: dict = {}
-_FAST_LAUNCH = [True]
 
 
-def _kernel_launch(grid0: int, dev_index: int, args: tuple, consts: tuple, num_warps: int):
-    """Launch ``norm_quant_kernel`` (args: the runtime arguments, consts: the constexprs in
-    signature order)."""
-    ptr_bits = 0
-    for t in args[:10]:
-        ptr_bits |= t.data_ptr()
-    # Triton specializes pointers on 16-byte alignment, ints on == 1 / % 16 == 0 (except
-    # the do_not_specialize T, stride_st, stride_sg) and types every int by its size: only
-    # the all-aligned case is cached, the rest goes through run.
-    t, h, sx, sr, sw, st, sg = args[10:17]
-    v = args[19]
-    key = (dev_index, num_warps, consts, args[0].dtype, args[2].dtype, args[8].dtype,
-           args[9].dtype, tuple((i == 1, i % 16 == 0) for i in (h, sx, sr, sw, v)),
-           max(t, h, sx, sr, sw, st, sg, v) >= 2147483648)
-    if ptr_bits & 15:
-        key = None
-    kernel = _LAUNCHERS.get(key) if key is not None and _FAST_LAUNCH[0] else None
-    if kernel is None:
-        kwargs = dict(zip(_ARG_NAMES[len(args):], consts))
-        kernel = K.norm_quant_kernel[(grid0,)](*args, **kwargs, num_warps=num_warps)
-        if hasattr(kernel, "result"):
-            kernel = kernel.result()
-        if key is not None and _FAST_LAUNCH[0] and hasattr(kernel, "packed_metadata"):
-            _LAUNCHERS[key] = kernel
-        return
-    stream = _get_stream(dev_index)
-    rt = triton.knobs.runtime
-    enter = rt.launch_enter_hook
-    meta = kernel.launch_metadata((grid0, 1, 1), stream, *args, *consts) if enter else None
-    kernel.run(grid0, 1, 1, stream, kernel.function, kernel.packed_metadata, meta, enter,
-               rt.launch_exit_hook, *args, *consts)
+# --- one launch: what a call needs, derived from its op's spec ------------------------------
+
+_NUM_RUNTIME_ARGS = 20  # norm_quant_kernel's arguments before the constexprs
+_NO_QUANT = KernelQuant()
 
 
-def prepare_launch(x, residual, weight, eps, offset, variance_size, do_norm, store_out, spec):
-    """Allocate the outputs and the kernel's arguments for one call.
+class Launch(NamedTuple):
+    """One call of ``norm_quant_kernel``: outputs, grid, arguments, constexprs, warps."""
 
-    Returns ``(out | None, quant outputs tuple, residual_out | None, launch)`` where ``launch``
-    is ``(grid0, args, consts, num_warps)``, or None when there are no tokens. Shared by the
-    eager launch below and the Inductor-visible ``library_ops`` (triton_op) wrappers.
-    """
-    mode, scale_in, aux, group, column_major, ue8m0 = spec
-    shape = x.shape
-    hidden = shape[-1]
-    dev = x.device
-    out = torch.empty(shape, dtype=x.dtype, device=dev) if store_out else None
-    res_out = torch.empty(shape, dtype=x.dtype, device=dev) if residual is not None else None
-    q = scales = azp = None
-    if mode:
-        q = torch.empty(shape, dtype=FP8_DTYPE if mode <= 3 else torch.int8, device=dev)
-        if mode == 3:
-            scales = group_scales_empty(x, group, column_major)
-        elif mode in (2, 5, 6):
-            scales = torch.empty((*shape[:-1], 1), dtype=torch.float32, device=dev)
-        if mode == 6:
-            azp = torch.empty((*shape[:-1], 1), dtype=torch.int32, device=dev)
-    quant_out = tuple(t for t in (q, scales, azp) if t is not None)
+    outputs: Any  # what the op returns (a tensor or a tuple), allocated by the op's fake
+    grid0: Any  # int, or a SymInt under tracing
+    args: tuple  # runtime arguments (None for pointers the constexprs switch off)
+    consts: tuple  # constexprs, in signature order
+    num_warps: int
 
-    x2 = _rows(x, hidden)
-    tokens = x2.shape[0]
-    if tokens == 0:  # static shapes only: a symbolic token count takes the launch path
-        return out, quant_out, res_out, None
-    r2 = _rows(residual, hidden) if residual is not None else x2
-    cfg = launch_config(hidden, group if mode == 3 else 0)
-    if mode == 3:
-        st, sg = (1, tokens) if column_major else (hidden // group, 1)
-    else:
-        st, sg = 1, 1
-    vsize = hidden if variance_size is None else variance_size
-    # Unused pointer arguments get x2 (never read or written: their constexpr switches are off).
-    args = (
-        x2, r2, x2 if weight is None else weight,
-        x2 if out is None else out, x2 if res_out is None else res_out,
-        x2 if q is None else q, x2 if scales is None else scales, x2 if azp is None else azp,
-        x2 if scale_in is None else scale_in, x2 if aux is None else aux,
-        tokens, hidden,
-        x2.stride(0), r2.stride(0), 1 if weight is None else weight.stride(0),
-        st, sg,
-        float(eps), float(offset), vsize,
-    )
+    def const_kwargs(self) -> dict[str, Any]:
+        return dict(zip(kernel_module().norm_quant_kernel.arg_names[_NUM_RUNTIME_ARGS:],
+                        self.consts))
+
+
+@functools.cache
+def kernel_module():
+    """``triton_kernel`` (imports triton): also where no GPU runs it, for fake-tensor tracing."""
+    from . import triton_kernel
+
+    return triton_kernel
+
+
+@functools.cache
+def _quant_modes() -> dict[str, int]:
+    try:
+        return kernel_module().QUANT_MODES
+    except Exception:  # no (working) triton: the kernel takes nothing
+        return {}
+
+
+def kernel_quant(spec: OpSpec, x: Any, qargs: tuple) -> KernelQuant | None:
+    """The kernel's view of a call's scheme arguments; None where it cannot take them."""
+    if spec.scheme is None:
+        return _NO_QUANT
+    if spec.scheme.kernel is None or spec.scheme.name not in _quant_modes():
+        return None
+    return spec.scheme.kernel(x, *qargs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight: bool,
+                w_offset: bool, vsize: bool, has_aux: bool, ue8m0: bool, full_blocks: bool):
+    """The kernel's constexprs for one op, launch config and argument configuration (cached:
+    the eager hot path computes them once per configuration)."""
+    spec = registry.spec(name)
     (ng0, g0), (ng1, g1), (ng2, g2) = cfg.tiles
     persistent = cfg.programs_per_sm > 0
     # Masks the kernel can drop: every row block full (the persistent prefetch reads past
     # the last block, so it keeps the row mask), tiles exactly as wide as the row.
-    even_rows = not persistent and (cfg.block_m == 1 or (isinstance(tokens, int) and tokens % cfg.block_m == 0))
+    even_rows = not persistent and (cfg.block_m == 1 or full_blocks)
     even_cols = ng0 * g0 + ng1 * g1 + ng2 * g2 == hidden
-    consts = (
+    store_out = spec.kind in (Kind.NORM, Kind.ADD_NORM)
+    return (
         cfg.block_m, ng0, g0, ng1, g1, ng2, g2,
-        residual is not None, do_norm, weight is not None, offset != 0.0, vsize != hidden,
-        store_out, mode, aux is not None, ue8m0,
+        spec.residual, spec.normalizes, has_weight, w_offset, vsize,
+        store_out, mode, has_aux, ue8m0,
         not INTERPRET, not INTERPRET, _FP8_RECIP, _INT8_RECIP, _U8_RECIP,
         persistent, even_rows, even_cols,
     )
-    grid0 = _grid(tokens, cfg, dev)
-    return out, quant_out, res_out, (grid0, args, consts, cfg.num_warps)
 
 
-def _launch(x, residual, weight, eps, offset, variance_size, do_norm, store_out, spec):
-    """Run the kernel; returns (out | None, quant outputs tuple, residual_out | None)."""
-    out, quant_out, res_out, launch = prepare_launch(
-        x, residual, weight, eps, offset, variance_size, do_norm, store_out, spec
+@functools.lru_cache(maxsize=None)
+def _outputs_layout(spec: OpSpec) -> tuple[bool, int, int]:
+    """(stores ``out``, number of quantized outputs, kernel quant mode) of an op."""
+    n_quant = len(spec.scheme.outputs) if spec.scheme is not None else 0
+    mode = _quant_modes()[spec.scheme.name] if spec.scheme is not None else 0
+    return spec.kind in (Kind.NORM, Kind.ADD_NORM), n_quant, mode
+
+
+def prepare(spec: OpSpec, args: tuple) -> Launch:
+    """The launch of ``spec`` on ``args`` (positional, complete; the kernel must accept
+    them). Zero tokens give grid 0: nothing to launch. On the eager hot path: keep it lean."""
+    call = spec.split(args)
+    x = call.x
+    kq = kernel_quant(spec, x, call.qargs)
+    outputs = spec.fake(*args)  # empty outputs with the op's exact layout
+    outs = outputs if isinstance(outputs, tuple) else (outputs,)
+    store_out, n_quant, mode = _outputs_layout(spec)
+    hidden = x.shape[-1]
+    x2 = x if x.dim() == 2 and x.stride(1) == 1 else _rows(x, hidden)
+    tokens = x2.shape[0]
+    residual = call.residual
+    r2 = None if residual is None else (
+        residual if residual.dim() == 2 and residual.stride(1) == 1 else _rows(residual, hidden))
+    q, scales, azp = (*outs[:n_quant], None, None, None)[:3]
+    weight, vsize = call.weight, call.variance_size
+    cfg = launch_config(hidden, kq.group)
+    consts = _constexprs(
+        spec.name, cfg, hidden, mode, weight is not None, call.weight_offset != 0.0,
+        vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0,
+        isinstance(tokens, int) and tokens % cfg.block_m == 0,
     )
-    if launch is None:
-        return out, quant_out, res_out
-    grid0, args, consts, num_warps = launch
-    dev = x.device
-    if INTERPRET:
-        kwargs = dict(zip(_ARG_NAMES[len(args):], consts))
-        K.norm_quant_kernel[(grid0,)](*args, **kwargs, num_warps=num_warps)
-    elif dev.index is not None and dev.index != torch.cuda.current_device():
-        with torch.cuda.device(dev):
-            _kernel_launch(grid0, dev.index, args, consts, num_warps)
+    if kq.group:
+        st, sg = (1, tokens) if kq.column_major else (hidden // kq.group, 1)
     else:
-        _kernel_launch(grid0, torch.cuda.current_device() if dev.index is None else dev.index,
-                       args, consts, num_warps)
-    return out, quant_out, res_out
-
-
-def _single(outputs: tuple) -> Any:
-    return outputs[0] if len(outputs) == 1 else outputs
-
-
-# --- provider functions (each has its op's exact signature) ---------------------------------
-
-
-def rms_norm(x, weight, eps, weight_offset=0.0, variance_size=None):
-    return _launch(x, None, weight, eps, weight_offset, variance_size, True, True, _NO_QUANT)[0]
-
-
-def fused_add_rms_norm(x, residual, weight, eps, weight_offset=0.0, variance_size=None):
-    out, _, res_out = _launch(
-        x, residual, weight, eps, weight_offset, variance_size, True, True, _NO_QUANT
+        st, sg = 1, 1
+    sx = x2.stride(0)
+    runtime = (
+        x2, r2, weight, outs[0] if store_out else None, outs[-1] if r2 is not None else None,
+        q, scales, azp, kq.scale, kq.aux,
+        tokens, hidden, sx, sx if r2 is None else r2.stride(0),
+        1 if weight is None else weight.stride(0), st, sg,
+        float(call.eps), float(call.weight_offset), hidden if vsize is None else vsize,
     )
-    return out, res_out
+    grid0 = (tokens + cfg.block_m - 1) // cfg.block_m if cfg.programs_per_sm <= 0 else \
+        _grid(tokens, cfg, x.device)
+    return Launch(outputs, grid0, runtime, consts, cfg.num_warps)
 
 
-def _rms_norm_supports(x, weight, eps, weight_offset=0.0, variance_size=None):
-    return _norm_ok(x, weight, variance_size)
+# --- eager launch --------------------------------------------------------------------------
+# ``JITFunction[grid](...)`` (Triton's public launch) binds and specializes ~40 arguments per
+# call: 36-46 us of host time on the H200 host, 4x an ATen call (benchmarks/RESULTS.md, the
+# launch probe). A kernel compiled once by ``JITFunction.warmup`` and launched through
+# ``CompiledKernel[grid]`` (the route Triton's fused-softmax tutorial shows) costs 16 us. The
+# compiled kernel depends on our constexprs, num_warps and Triton's specialization of the
+# runtime arguments (pointer dtypes and 16-byte alignment; integers equal to 1, divisible by
+# 16, or 64-bit), so that is its cache key here. That key copies Triton's rule, so the route
+# runs only on the Triton versions it was checked on (``FAST_LAUNCH``);
+# tests/test_kernels.py checks the key against Triton's own cache on the GPU.
+
+_FAST_LAUNCH_TRITON = ((3, 6),)
+FAST_LAUNCH = bool(
+    triton is not None and not INTERPRET
+    and tuple(int(p) for p in triton.__version__.split(".")[:2]) in _FAST_LAUNCH_TRITON
+)
+_LAUNCHERS: dict = {}
 
 
-def _fused_add_supports(x, residual, weight, eps, weight_offset=0.0, variance_size=None):
-    return _norm_ok(x, weight, variance_size) and _on_device(residual)
+def specialization_key(args: tuple) -> tuple | None:
+    """What Triton specializes the runtime arguments on; None for a misaligned pointer (those
+    take the public launch, which handles every case)."""
+    ptr_bits = 0
+    dtypes = []
+    for t in args[:10]:
+        if t is None:
+            dtypes.append(None)
+        else:
+            ptr_bits |= t.data_ptr()
+            dtypes.append(t.dtype)
+    if ptr_bits & 15:
+        return None
+    h, sx, sr, sw, v = args[11], args[12], args[13], args[14], args[19]
+    return (*dtypes, h == 1, h % 16, sx == 1, sx % 16, sr == 1, sr % 16, sw == 1, sw % 16,
+            v == 1, v % 16, max(args[10], sx, sr, args[15], args[16]) >= 2 ** 31)
 
 
-def _make_scheme_providers(scheme: str) -> dict[str, tuple]:
-    """(fn, supports) for quant_<s>, rms_norm_<s> and fused_add_rms_norm_<s>."""
-    spec_of = SPECS[scheme]
-    split = SCHEMES[scheme].split_args
+def _jit_launch(launch: Launch) -> None:
+    K.norm_quant_kernel[(launch.grid0,)](*launch.args, **launch.const_kwargs(),
+                                         num_warps=launch.num_warps)
 
-    def quant(x, *args, **kwargs):
-        spec = spec_of(*args, **kwargs)
-        return _single(_launch(x, None, None, 0.0, 0.0, None, False, False, spec)[1])
 
-    def quant_supports(x, *args, **kwargs):
-        return _x_ok(x) and _spec_ok(spec_of(*args, **kwargs), x)
+def _eager_launch(launch: Launch, device: int) -> None:
+    if not FAST_LAUNCH:
+        return _jit_launch(launch)
+    spec_key = specialization_key(launch.args)
+    if spec_key is None:
+        return _jit_launch(launch)
+    key = (device, launch.consts, launch.num_warps, spec_key)
+    kernel = _LAUNCHERS.get(key)
+    if kernel is None:
+        kernel = K.norm_quant_kernel.warmup(*launch.args, **launch.const_kwargs(),
+                                            num_warps=launch.num_warps, grid=(launch.grid0,))
+        _LAUNCHERS[key] = kernel
+    kernel[(launch.grid0, 1, 1)](*launch.args, *launch.consts)
 
-    def norm(x, weight, eps, *args, **kwargs):
-        qargs, offset, vsize = split(args, kwargs)
-        return _single(_launch(x, None, weight, eps, offset, vsize, True, False, spec_of(*qargs))[1])
 
-    def norm_supports(x, weight, eps, *args, **kwargs):
-        qargs, offset, vsize = split(args, kwargs)
-        return _norm_ok(x, weight, vsize) and _spec_ok(spec_of(*qargs), x)
+def run(spec: OpSpec, args: tuple) -> Any:
+    """The triton provider of ``spec``: one kernel launch (none for zero tokens)."""
+    launch = prepare(spec, args)
+    if not launch.grid0:
+        return launch.outputs
+    if INTERPRET:
+        _jit_launch(launch)
+        return launch.outputs
+    index, current = launch.args[0].device.index, torch.cuda.current_device()
+    if index is None or index == current:
+        _eager_launch(launch, current)
+    else:
+        with torch.cuda.device(index):
+            _eager_launch(launch, index)
+    return launch.outputs
 
-    def add_norm(x, residual, weight, eps, *args, **kwargs):
-        qargs, offset, vsize = split(args, kwargs)
-        _, quant_out, res_out = _launch(
-            x, residual, weight, eps, offset, vsize, True, False, spec_of(*qargs)
-        )
-        return (*quant_out, res_out)
 
-    def add_norm_supports(x, residual, weight, eps, *args, **kwargs):
-        qargs, offset, vsize = split(args, kwargs)
-        return (
-            _norm_ok(x, weight, vsize)
-            and _on_device(residual)
-            and _spec_ok(spec_of(*qargs), x)
-        )
+# --- per-call checks and the provider table ---------------------------------------------------
 
-    return {
-        quant_op_name(scheme): (quant, quant_supports),
-        norm_op_name(scheme): (norm, norm_supports),
-        add_norm_op_name(scheme): (add_norm, add_norm_supports),
-    }
+
+def accepts(spec: OpSpec, args: tuple) -> bool:
+    """Whether the kernel reproduces the reference on these (fake or real) arguments."""
+    call = spec.split(args)
+    if not _x_ok(call.x):
+        return False
+    if spec.normalizes and not _norm_ok(call.x, call.weight, call.variance_size):
+        return False
+    if spec.residual and not _on_device(call.residual):
+        return False
+    return kernel_quant(spec, call.x, call.qargs) is not None
+
+
+def _provider_functions(spec: OpSpec) -> tuple:
+    def fn(*args, **kwargs):
+        return run(spec, spec.bind(args, kwargs))
+
+    def supports(*args, **kwargs):
+        return accepts(spec, spec.bind(args, kwargs))
+
+    fn.__name__ = supports.__name__ = spec.name
+    return fn, supports
+
+
+def kernel_specs() -> list[OpSpec]:
+    """The ops this kernel implements (every forward op; the backward has its own)."""
+    return [s for s in registry.specs() if s.kind != Kind.BACKWARD]
+
+
+FUNCTIONS = {spec.name: _provider_functions(spec) for spec in kernel_specs()}
 
 
 def _unavailable(*args, **kwargs):
     raise RuntimeError(f"compile_norm: the triton provider cannot run here: {REASON}")
-
-
-def provider_functions() -> dict[str, tuple]:
-    """{op name: (fn, supports)} for all 20 ops."""
-    table = {
-        "rms_norm": (rms_norm, _rms_norm_supports),
-        "fused_add_rms_norm": (fused_add_rms_norm, _fused_add_supports),
-    }
-    for scheme in SCHEMES:
-        table.update(_make_scheme_providers(scheme))
-    return table
-
-
-FUNCTIONS = provider_functions()
 
 
 def register() -> None:

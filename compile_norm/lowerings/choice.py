@@ -92,21 +92,13 @@ KERNEL_WINS: dict[tuple[str, str, str], str] = {
 
 
 def family(op_name: str) -> str:
-    from ..ops.fused import add_norm_op_name, norm_op_name
-    from ..ops.quant import SCHEMES, quant_op_name
+    """The op's family in the table (``OpSpec.family``)."""
+    from ..ops import registry
 
-    if op_name == "rms_norm":
-        return "norm"
-    if op_name == "fused_add_rms_norm":
-        return "add_norm"
-    for s in SCHEMES:
-        if op_name == norm_op_name(s):
-            return f"norm_{s}"
-        if op_name == add_norm_op_name(s):
-            return f"add_norm_{s}"
-        if op_name == quant_op_name(s):
-            return f"quant_{s}"
-    raise ValueError(f"compile_norm: op_name {op_name!r} is not a compile_norm op")
+    if op_name not in registry.ops():
+        raise ValueError(f"compile_norm: op_name {op_name!r} is not a compile_norm op; known: "
+                         f"{', '.join(sorted(registry.ops()))}")
+    return registry.spec(op_name).family
 
 
 def hidden_class(hidden: int) -> str:

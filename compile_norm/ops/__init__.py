@@ -1,8 +1,13 @@
-"""The compile_norm IR ops (``torch.ops.compile_norm.*``), their references and dispatch."""
+"""The compile_norm IR ops (``torch.ops.compile_norm.*``), their references and dispatch.
+
+Each op's public callable is here by name (``ops.rms_norm``, ``ops.rms_norm_fp8_group``, ...):
+eager calls on plain tensors go straight to the chosen provider; traced calls record the
+torch op.
+"""
 
 from . import registry
 from .fused import *  # noqa: F401,F403
-from .fused import FUSED_OPS, add_norm_op_name, norm_op_name
+from .fused import FUSED_OPS
 from .norm import (
     fused_add_rms_norm,
     fused_add_rms_norm_ref,
@@ -12,7 +17,7 @@ from .norm import (
     rms_norm_ref,
 )
 from .quant import *  # noqa: F401,F403
-from .quant import QUANT_OPS, SCHEMES, quant_op_name
+from .quant import QUANT_OPS, SCHEMES
 from .registry import (
     dispatch,
     providers,
@@ -22,3 +27,4 @@ from .registry import (
     unsupported_reasons,
     which_provider,
 )
+from .spec import Kind, OpSpec

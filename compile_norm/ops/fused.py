@@ -9,107 +9,84 @@ For each scheme ``s`` of ``quant.SCHEMES``:
 
 The scheme arguments come right after ``eps`` (custom ops allow no keyword-only Tensor), so
 pass them, and the optional norm arguments, by keyword for readable call sites.
-The references are literal compositions of the parts: fused equals composed, bit for bit.
+The references are literal compositions of the parts: fused equals composed, bit for bit. Their
+signatures are composed the same way (the norm's parameters around the scheme's), so the
+schemas that ``torch.library.infer_schema`` derives from them are too.
 """
 
 from __future__ import annotations
 
+import inspect
+import typing
 from typing import Any
 
 import torch
 
 from . import checks, registry
-from .norm import fused_add_rms_norm_ref, rms_norm_ref
+from .norm import empty_out, fused_add_rms_norm_ref, rms_norm_ref
 from .quant import SCHEMES, QuantScheme
-
-
-def norm_op_name(scheme: str) -> str:
-    return f"rms_norm_{scheme}"
-
-
-def add_norm_op_name(scheme: str) -> str:
-    return f"fused_add_rms_norm_{scheme}"
+from .spec import Kind, OpSpec, op_name
 
 
 def _as_tuple(outputs: Any) -> tuple:
     return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
-def _declare_pair(scheme: QuantScheme) -> tuple[Any, Any]:
-    norm_name, add_name = norm_op_name(scheme.name), add_norm_op_name(scheme.name)
-    quant_args = f"{scheme.args_schema}, " if scheme.args_schema else ""
-    norm_args = f"Tensor? weight, float eps, {quant_args}float weight_offset=0.0, SymInt? variance_size=None"
+def _signature(norm_ref, scheme: QuantScheme, extra_output: bool) -> inspect.Signature:
+    """``norm_ref``'s parameters with the scheme's inserted after ``eps``; the scheme's
+    outputs (plus ``residual_out``) as the return annotation."""
+    norm = list(inspect.signature(norm_ref, eval_str=True).parameters.values())
+    at = [p.name for p in norm].index("eps") + 1
+    scheme_params = list(inspect.signature(scheme.reference, eval_str=True).parameters.values())[1:]
+    returns = inspect.signature(scheme.reference, eval_str=True).return_annotation
+    outs = list(typing.get_args(returns)) if typing.get_origin(returns) is tuple else [returns]
+    if extra_output:
+        outs.append(torch.Tensor)
+    ret = outs[0] if len(outs) == 1 else tuple[tuple(outs)]
+    return inspect.Signature(norm[:at] + scheme_params + norm[at:], return_annotation=ret)
 
-    # Positional calls carry the scheme's arguments between eps and weight_offset.
-    split = scheme.split_args
 
-    def norm_ref(x, weight, eps, *args, **kwargs):
-        quant_args, offset, variance_size = split(args, kwargs)
-        y = rms_norm_ref(x, weight, eps, offset, variance_size)
-        return scheme.reference(y, *quant_args)
+def _fused_spec(scheme: QuantScheme, residual: bool) -> OpSpec:
+    kind = Kind.ADD_NORM_QUANT if residual else Kind.NORM_QUANT
+    name = op_name(kind, scheme.name)
+    spec: OpSpec
 
-    def add_ref(x, residual, weight, eps, *args, **kwargs):
-        quant_args, offset, variance_size = split(args, kwargs)
-        y, residual_out = fused_add_rms_norm_ref(x, residual, weight, eps, offset, variance_size)
-        return (*_as_tuple(scheme.reference(y, *quant_args)), residual_out)
+    def reference(*args, **kwargs):
+        call = spec.split(spec.bind(args, kwargs))
+        norm_args = (call.weight, call.eps, call.weight_offset, call.variance_size)
+        if not residual:
+            return scheme.reference(rms_norm_ref(call.x, *norm_args), *call.qargs)
+        y, residual_out = fused_add_rms_norm_ref(call.x, call.residual, *norm_args)
+        return (*_as_tuple(scheme.reference(y, *call.qargs)), residual_out)
 
-    def norm_check(x, weight, eps, *args, **kwargs):
-        quant_args, offset, variance_size = split(args, kwargs)
-        checks.check_norm_args(norm_name, x, weight, eps, offset, variance_size)
-        scheme.check(norm_name, x, *quant_args)
+    def check(*args):
+        call = spec.split(args)
+        checks.check_norm_args(name, call.x, call.weight, call.eps, call.weight_offset,
+                               call.variance_size)
+        if residual:
+            checks.check_like(name, "residual", call.residual, call.x)
+        scheme.check(name, call.x, *call.qargs)
 
-    def add_check(x, residual, weight, eps, *args, **kwargs):
-        quant_args, offset, variance_size = split(args, kwargs)
-        checks.check_norm_args(add_name, x, weight, eps, offset, variance_size)
-        checks.check_like(add_name, "residual", residual, x)
-        scheme.check(add_name, x, *quant_args)
+    def fake(*args):
+        call = spec.split(args)
+        out = scheme.fake(call.x, *call.qargs)
+        return (*_as_tuple(out), empty_out(call.x)) if residual else out
 
-    def norm_fake(x, weight, eps, *args, **kwargs):
-        quant_args, _, _ = split(args, kwargs)
-        return scheme.fake(x, *quant_args)
-
-    def add_fake(x, residual, weight, eps, *args, **kwargs):
-        quant_args, _, _ = split(args, kwargs)
-        out = _as_tuple(scheme.fake(x, *quant_args))
-        return (*out, torch.empty_like(x, memory_format=torch.contiguous_format))
-
-    norm_ref.__name__ = f"{norm_name}_ref"
-    add_ref.__name__ = f"{add_name}_ref"
-    norm_ref.__doc__ = f"quant_{scheme.name}(rms_norm(x, ...), ...)"
-    add_ref.__doc__ = f"(*quant_{scheme.name}(rms_norm(x + residual, ...), ...), x + residual)"
-    add_returns = "(" + ", ".join(["Tensor"] * (len(scheme.outputs) + 1)) + ")"
-    norm_op = registry.declare_op(
-        norm_name,
-        norm_ref,
-        schema=f"(Tensor x, {norm_args}) -> {scheme.returns_schema}",
-        fake=norm_fake,
-        check=norm_check,
-    )
-    add_op = registry.declare_op(
-        add_name,
-        add_ref,
-        schema=f"(Tensor x, Tensor residual, {norm_args}) -> {add_returns}",
-        fake=add_fake,
-        check=add_check,
-    )
-    return norm_op, add_op
+    reference.__name__ = f"{name}_ref"
+    reference.__qualname__ = reference.__name__
+    reference.__doc__ = (f"(*quant_{scheme.name}(rms_norm(x + residual, ...), ...), x + residual)"
+                         if residual else f"quant_{scheme.name}(rms_norm(x, ...), ...)")
+    reference.__signature__ = _signature(
+        fused_add_rms_norm_ref if residual else rms_norm_ref, scheme, residual)
+    outputs = (*scheme.outputs, "residual_out") if residual else scheme.outputs
+    spec = OpSpec(kind, reference, check, fake, outputs, scheme)
+    return spec
 
 
 FUSED_OPS: dict[str, Any] = {}
 for _scheme in SCHEMES.values():
-    FUSED_OPS[norm_op_name(_scheme.name)], FUSED_OPS[add_norm_op_name(_scheme.name)] = (
-        _declare_pair(_scheme)
-    )
-
-rms_norm_fp8_static = FUSED_OPS["rms_norm_fp8_static"]
-rms_norm_fp8_dynamic = FUSED_OPS["rms_norm_fp8_dynamic"]
-rms_norm_fp8_group = FUSED_OPS["rms_norm_fp8_group"]
-rms_norm_int8_static = FUSED_OPS["rms_norm_int8_static"]
-rms_norm_int8_dynamic = FUSED_OPS["rms_norm_int8_dynamic"]
-rms_norm_int8_dynamic_asym = FUSED_OPS["rms_norm_int8_dynamic_asym"]
-fused_add_rms_norm_fp8_static = FUSED_OPS["fused_add_rms_norm_fp8_static"]
-fused_add_rms_norm_fp8_dynamic = FUSED_OPS["fused_add_rms_norm_fp8_dynamic"]
-fused_add_rms_norm_fp8_group = FUSED_OPS["fused_add_rms_norm_fp8_group"]
-fused_add_rms_norm_int8_static = FUSED_OPS["fused_add_rms_norm_int8_static"]
-fused_add_rms_norm_int8_dynamic = FUSED_OPS["fused_add_rms_norm_int8_dynamic"]
-fused_add_rms_norm_int8_dynamic_asym = FUSED_OPS["fused_add_rms_norm_int8_dynamic_asym"]
+    for _residual in (False, True):
+        _op = registry.declare(_fused_spec(_scheme, _residual))
+        FUSED_OPS[_op.name] = _op
+globals().update(FUSED_OPS)
+__all__ = list(FUSED_OPS)

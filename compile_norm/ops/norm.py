@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checks, registry
-
-NORM_ARGS_SCHEMA = "Tensor? weight, float eps, float weight_offset=0.0, SymInt? variance_size=None"
+from .spec import Kind, OpSpec
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -113,37 +112,9 @@ def _check_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=None,
         checks.check_like("rms_norm_backward", "grad_residual", grad_residual, x)
 
 
-rms_norm = registry.declare_op(
-    "rms_norm",
-    rms_norm_ref,
-    schema=f"(Tensor x, {NORM_ARGS_SCHEMA}) -> Tensor",
-    fake=lambda x, *args, **kwargs: torch.empty_like(x, memory_format=torch.contiguous_format),
-    check=_check_rms_norm,
-)
-
-fused_add_rms_norm = registry.declare_op(
-    "fused_add_rms_norm",
-    fused_add_rms_norm_ref,
-    schema=f"(Tensor x, Tensor residual, {NORM_ARGS_SCHEMA}) -> (Tensor, Tensor)",
-    fake=lambda x, *args, **kwargs: (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-    ),
-    check=_check_fused_add,
-)
-
-# The backward as an op of its own, so eager training dispatches it to a kernel like every
-# other op (the autograd formulas below call it; under tracing they use the reference).
-rms_norm_backward = registry.declare_op(
-    "rms_norm_backward",
-    rms_norm_backward_ref,
-    schema=f"(Tensor grad, Tensor x, {NORM_ARGS_SCHEMA}, Tensor? grad_residual=None) -> (Tensor, Tensor?)",
-    fake=lambda grad, x, weight, *args, **kwargs: (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        None if weight is None else torch.empty_like(weight, memory_format=torch.contiguous_format),
-    ),
-    check=_check_backward,
-)
+def empty_out(x: torch.Tensor) -> torch.Tensor:
+    """An output like ``x``, contiguous whatever x's strides (what every kernel writes)."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _norm_backward(grad, x, weight, eps, weight_offset, variance_size, grad_residual=None):
@@ -152,10 +123,7 @@ def _norm_backward(grad, x, weight, eps, weight_offset, variance_size, grad_resi
     backward: Inductor fuses those ops into generated kernels) or when the backward itself is
     differentiated (``create_graph=True``: the kernel has no autograd formula)."""
     args = (grad, x, weight, eps, weight_offset, variance_size, grad_residual)
-    tensors = (grad, x, weight, grad_residual)
-    if registry._plain_tensors(tensors) and not (
-        torch.is_grad_enabled() and registry._any_requires_grad(tensors)
-    ):
+    if registry.eager_ready(args) and not registry.needs_grad(args):
         return registry.dispatch("rms_norm_backward", *args)
     return rms_norm_backward_ref(*args)
 
@@ -185,5 +153,23 @@ def _backward_fused_add(ctx, grad_out, grad_residual_out):
     return dh, dh, dweight, None, None, None
 
 
-rms_norm.register_autograd(_backward_rms_norm, setup_context=_setup_rms_norm)
-fused_add_rms_norm.register_autograd(_backward_fused_add, setup_context=_setup_fused_add)
+rms_norm = registry.declare(OpSpec(
+    Kind.NORM, rms_norm_ref, _check_rms_norm,
+    fake=lambda x, *args: empty_out(x),
+    outputs=("out",),
+    autograd=(_setup_rms_norm, _backward_rms_norm),
+))
+fused_add_rms_norm = registry.declare(OpSpec(
+    Kind.ADD_NORM, fused_add_rms_norm_ref, _check_fused_add,
+    fake=lambda x, *args: (empty_out(x), empty_out(x)),
+    outputs=("out", "residual_out"),
+    autograd=(_setup_fused_add, _backward_fused_add),
+))
+# The backward as an op of its own, so eager training dispatches it to a kernel like every
+# other op (the autograd formulas above call it; under tracing they use the reference).
+rms_norm_backward = registry.declare(OpSpec(
+    Kind.BACKWARD, rms_norm_backward_ref, _check_backward,
+    fake=lambda grad, x, weight, *args: (
+        empty_out(x), None if weight is None else empty_out(weight)),
+    outputs=("dx", "dweight"),
+))

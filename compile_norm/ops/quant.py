@@ -1,25 +1,30 @@
-"""Activation quantization: FP8 e4m3 and INT8 schemes, their reference functions and ops.
+"""Activation quantization: the ``QuantScheme`` record, shared math, and the ``quant_<s>`` ops.
 
-Each scheme is declared once as a ``QuantScheme``: its extra arguments, outputs, reference,
-argument check and fake. ``quant_<scheme>(x, ...)`` is declared here; ``fused.py`` builds the
-norm + quantization ops from the same schemes, so the fused ops are by construction the
-composition of their parts.
+Each scheme lives in its own file under ``ops/schemes/`` and declares one ``SCHEME``: its
+annotated reference ``(x, <scheme args>) -> outputs``, argument check, fake, the Triton
+kernel's configuration for a call, and its test cases. Schemes are found by listing that
+folder: adding one touches its own file, the kernel code and its tests, nothing else.
+``quant_<s>`` is declared here; ``fused.py`` builds the norm + quantization ops from the same
+schemes, so the fused ops are by construction the composition of their parts.
 
 All math is in float32 on the value as the model sees it (``x`` already in its own dtype).
-Outputs are contiguous (and the column-major group scales column-major) whatever the strides
-of ``x``, as the fake implementations promise.
+Outputs are contiguous (and column-major group scales column-major) whatever the strides of
+``x``, as the fake implementations promise.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
-from dataclasses import dataclass
-from typing import Any, Callable
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from . import checks, registry
+from .spec import Kind, OpSpec
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -31,15 +36,18 @@ INT8_MAX = 127
 INT8_MIN_SCALE = 1e-10
 
 
-def _f32(x: torch.Tensor) -> torch.Tensor:
+# --- math shared by the schemes ---------------------------------------------------------------
+
+
+def f32(x: torch.Tensor) -> torch.Tensor:
     return x.float().contiguous()
 
 
-def _saturate_fp8(v: torch.Tensor) -> torch.Tensor:
+def saturate_fp8(v: torch.Tensor) -> torch.Tensor:
     return v.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def _saturate_int8(v: torch.Tensor) -> torch.Tensor:
+def saturate_int8(v: torch.Tensor) -> torch.Tensor:
     # INT8 has no NaN: a NaN maps to 0 (explicitly, so every backend agrees).
     v = torch.where(torch.isnan(v), torch.zeros_like(v), v)
     return v.clamp(INT8_MIN, INT8_MAX).to(torch.int8)
@@ -58,234 +66,85 @@ def group_scales_empty(x: torch.Tensor, group_size: int, column_major: bool) -> 
     return t.permute(*range(1, len(lead) + 1), 0)
 
 
-# --- reference functions ---------------------------------------------------------------
-
-
-def fp8_static_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``q = sat(x / scale)``, per-tensor ``scale``."""
-    return _saturate_fp8(_f32(x) / scale.reshape(()))
-
-
-def fp8_dynamic_ref(
-    x: torch.Tensor, scale_ub: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token: ``scale = max(min(amax, scale_ub) / 448, 1 / (448 * 512))``."""
-    y = _f32(x)
-    amax = y.abs().amax(-1, keepdim=True)
-    if scale_ub is not None:
-        amax = torch.minimum(amax, scale_ub.reshape(()))
-    scale = torch.clamp(amax / FP8_MAX, min=FP8_MIN_SCALE)
-    return _saturate_fp8(y / scale), scale
-
-
-def fp8_group_ref(
-    x: torch.Tensor,
-    group_size: int = 128,
-    column_major_scales: bool = False,
-    use_ue8m0: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group of ``group_size`` along the last dim; UE8M0 rounds scales up to a power of 2."""
-    y = _f32(x)
-    groups = y.reshape(*y.shape[:-1], y.shape[-1] // group_size, group_size)
-    amax = groups.abs().amax(-1)
-    scale = torch.clamp(amax / FP8_MAX, min=FP8_MIN_SCALE)
-    if use_ue8m0:
-        pow2 = torch.exp2(torch.ceil(torch.log2(scale)))
-        # log2 rounds to an integer just above a power of two (2^k * (1 + 2^-23) -> k):
-        # double that case so the scale is never rounded down (q would saturate).
-        scale = torch.where(pow2 < scale, pow2 * 2.0, pow2)
-    q = _saturate_fp8(groups / scale.unsqueeze(-1)).reshape(y.shape)
-    if column_major_scales:  # same strides as group_scales_empty(..., column_major=True)
-        nd = scale.dim()
-        scale = scale.permute(nd - 1, *range(nd - 1)).contiguous().permute(*range(1, nd), 0)
-    return q, scale
-
-
-def int8_static_ref(
-    x: torch.Tensor, scale: torch.Tensor, azp: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``q = clamp(round_half_even(x / scale) + azp, -128, 127)``."""
-    v = torch.round(_f32(x) / scale.reshape(()))
-    if azp is not None:
-        v = v + azp.reshape(()).float()
-    return _saturate_int8(v)
-
-
-def int8_dynamic_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric: ``scale = amax / 127``."""
-    y = _f32(x)
-    amax = y.abs().amax(-1, keepdim=True)
-    scale = torch.clamp(amax / INT8_MAX, min=INT8_MIN_SCALE)
-    return _saturate_int8(torch.round(y / scale)), scale
-
-
-def int8_dynamic_asym_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token asymmetric: ``scale = (max - min) / 255``, ``azp = round(-128 - min / scale)``."""
-    y = _f32(x)
-    ymax = y.amax(-1, keepdim=True)
-    ymin = y.amin(-1, keepdim=True)
-    scale = torch.clamp((ymax - ymin) / 255.0, min=INT8_MIN_SCALE)
-    azp_f = torch.round(INT8_MIN - ymin / scale)
-    azp_f = torch.where(torch.isnan(azp_f), torch.zeros_like(azp_f), azp_f)
-    q = _saturate_int8(torch.round(y / scale) + azp_f)
-    return q, scale, azp_f.to(torch.int32)
-
-
-# --- argument checks and fakes ------------------------------------------------------------
-
-
-def _check_fp8_static(op, x, scale):
-    checks.check_scalar_tensor(op, "scale", scale, x, torch.float32)
-
-
-def _check_fp8_dynamic(op, x, scale_ub=None):
-    if scale_ub is not None:
-        checks.check_scalar_tensor(op, "scale_ub", scale_ub, x, torch.float32)
-
-
-def _check_fp8_group(op, x, group_size=128, column_major_scales=False, use_ue8m0=False):
-    checks.check_group_size(op, x, group_size)
-
-
-def _check_int8_static(op, x, scale, azp=None):
-    checks.check_scalar_tensor(op, "scale", scale, x, torch.float32)
-    if azp is not None:
-        checks.check_scalar_tensor(op, "azp", azp, x, torch.int32)
-
-
-def _check_none(op, x):
-    pass
-
-
-def _q(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def empty_q(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(x.shape, dtype=dtype, device=x.device)
 
 
-def _row(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def empty_rows(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(row_scale_shape(x), dtype=dtype, device=x.device)
+
+
+def no_check(op: str, x: torch.Tensor, *args: Any) -> None:
+    pass
+
+
+# --- the scheme record ------------------------------------------------------------------------
+
+
+class KernelQuant(NamedTuple):
+    """What the Triton kernel needs of one call's scheme arguments (besides the scheme)."""
+
+    scale: torch.Tensor | None = None  # static per-tensor scale
+    aux: torch.Tensor | None = None  # scale_ub (FP8 dynamic) or azp (INT8 static)
+    group: int = 0  # per-group: group size
+    column_major: bool = False
+    ue8m0: bool = False
 
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """One quantization scheme: its arguments after ``x``, outputs, math, checks and fake."""
+    """One quantization scheme.
+
+    ``reference(x, *args)`` is annotated (its parameters after ``x`` become every op's scheme
+    arguments); ``check(op, x, *args)`` raises naming the argument; ``fake(x, *args)``;
+    ``kernel(x, *args)`` returns the Triton kernel's ``KernelQuant`` or None where the kernel
+    cannot reproduce the call (None as the field: no kernel for the scheme).
+    ``options`` / ``example_args(options, device)`` / ``variants``: the test cases of
+    ``kernels/checking.py`` (options with defaults; the scheme arguments they give; extra
+    option sets worth a case each; a ``"shape"`` entry maps (tokens, hidden) to the case's
+    shape).
+    """
 
     name: str
-    args_schema: str  # extra arguments, schema syntax
-    outputs: tuple[str, ...]  # names of the outputs, in order
     reference: Callable[..., Any]
-    check: Callable[..., None]  # check(op_name, x, *args, **kwargs)
-    fake: Callable[..., Any]  # fake(x, *args, **kwargs) -> outputs
+    outputs: tuple[str, ...]
+    fake: Callable[..., Any]
+    check: Callable[..., None] = no_check
+    kernel: Callable[..., KernelQuant | None] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    example_args: Callable[[dict, Any], dict] = lambda options, device: {}
+    variants: tuple[dict, ...] = ()
+    input_shift: float = 0.0  # test inputs are randn + this
 
     @functools.cached_property
-    def _fused_signature(self) -> inspect.Signature:
-        params = list(inspect.signature(self.reference).parameters.values())[1:]
-        extra = [
-            inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
-            for n, d in (("weight_offset", 0.0), ("variance_size", None))
-        ]
-        return inspect.Signature(params + extra)
-
-    def split_args(self, args: tuple, kwargs: dict) -> tuple[tuple, float, int | None]:
-        """Split a fused op's arguments after ``eps`` into (scheme args, weight_offset,
-        variance_size). The dispatcher passes them all positionally (the fast path)."""
-        n = len(self._fused_signature.parameters) - 2
-        if not kwargs and len(args) == n + 2:
-            return args[:n], args[n], args[n + 1]
-        bound = self._fused_signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        values = tuple(bound.arguments.values())
-        return values[:n], values[n], values[n + 1]
-
-    @property
-    def returns_schema(self) -> str:
-        if len(self.outputs) == 1:
-            return "Tensor"
-        return "(" + ", ".join("Tensor" for _ in self.outputs) + ")"
+    def parameters(self) -> tuple[inspect.Parameter, ...]:
+        return tuple(inspect.signature(self.reference).parameters.values())[1:]
 
 
-SCHEMES: dict[str, QuantScheme] = {
-    s.name: s
-    for s in (
-        QuantScheme(
-            "fp8_static",
-            "Tensor scale",
-            ("q",),
-            fp8_static_ref,
-            _check_fp8_static,
-            lambda x, scale: _q(x, FP8_DTYPE),
-        ),
-        QuantScheme(
-            "fp8_dynamic",
-            "Tensor? scale_ub=None",
-            ("q", "scale"),
-            fp8_dynamic_ref,
-            _check_fp8_dynamic,
-            lambda x, scale_ub=None: (_q(x, FP8_DTYPE), _row(x)),
-        ),
-        QuantScheme(
-            "fp8_group",
-            "int group_size=128, bool column_major_scales=False, bool use_ue8m0=False",
-            ("q", "scales"),
-            fp8_group_ref,
-            _check_fp8_group,
-            lambda x, group_size=128, column_major_scales=False, use_ue8m0=False: (
-                _q(x, FP8_DTYPE),
-                group_scales_empty(x, group_size, column_major_scales),
-            ),
-        ),
-        QuantScheme(
-            "int8_static",
-            "Tensor scale, Tensor? azp=None",
-            ("q",),
-            int8_static_ref,
-            _check_int8_static,
-            lambda x, scale, azp=None: _q(x, torch.int8),
-        ),
-        QuantScheme(
-            "int8_dynamic",
-            "",
-            ("q", "scale"),
-            int8_dynamic_ref,
-            _check_none,
-            lambda x: (_q(x, torch.int8), _row(x)),
-        ),
-        QuantScheme(
-            "int8_dynamic_asym",
-            "",
-            ("q", "scale", "azp"),
-            int8_dynamic_asym_ref,
-            _check_none,
-            lambda x: (_q(x, torch.int8), _row(x), _row(x, torch.int32)),
-        ),
-    )
-}
+def _load_schemes() -> dict[str, QuantScheme]:
+    from . import schemes
+
+    found = {}
+    for info in sorted(pkgutil.iter_modules(schemes.__path__), key=lambda m: m.name):
+        scheme = importlib.import_module(f"{schemes.__name__}.{info.name}").SCHEME
+        if scheme.name != info.name:
+            raise ValueError(f"compile_norm: scheme file {info.name}.py declares {scheme.name!r}")
+        found[scheme.name] = scheme
+    return found
 
 
-def quant_op_name(scheme: str) -> str:
-    return f"quant_{scheme}"
+SCHEMES: dict[str, QuantScheme] = _load_schemes()
 
 
-def _declare_quant(scheme: QuantScheme) -> Any:
-    name = quant_op_name(scheme.name)
+def _quant_spec(scheme: QuantScheme) -> OpSpec:
+    def check(x, *args):
+        op = f"quant_{scheme.name}"
+        checks.check_input(op, x)
+        scheme.check(op, x, *args)
 
-    def check(x, *args, **kwargs):
-        checks.check_input(name, x)
-        scheme.check(name, x, *args, **kwargs)
-
-    args = f", {scheme.args_schema}" if scheme.args_schema else ""
-    return registry.declare_op(
-        name,
-        scheme.reference,
-        schema=f"(Tensor x{args}) -> {scheme.returns_schema}",
-        fake=scheme.fake,
-        check=check,
-    )
+    return OpSpec(Kind.QUANT, scheme.reference, check, scheme.fake, scheme.outputs, scheme)
 
 
-QUANT_OPS: dict[str, Any] = {s: _declare_quant(scheme) for s, scheme in SCHEMES.items()}
-quant_fp8_static = QUANT_OPS["fp8_static"]
-quant_fp8_dynamic = QUANT_OPS["fp8_dynamic"]
-quant_fp8_group = QUANT_OPS["fp8_group"]
-quant_int8_static = QUANT_OPS["int8_static"]
-quant_int8_dynamic = QUANT_OPS["int8_dynamic"]
-quant_int8_dynamic_asym = QUANT_OPS["int8_dynamic_asym"]
+QUANT_OPS: dict[str, Any] = {s: registry.declare(_quant_spec(scheme)) for s, scheme in SCHEMES.items()}
+globals().update({op.name: op for op in QUANT_OPS.values()})
+__all__ = [op.name for op in QUANT_OPS.values()]

@@ -1,13 +1,17 @@
 """Op declaration, kernel providers, priorities and eager dispatch.
 
-Every compile_norm op is a ``torch.library`` operator (``Library.define`` + per-device
-``impl``, ``register_fake``, torch's generated autograd) declared here from its reference
-function. Its eager implementation asks the registry for the first provider (in the op's
-priority order) whose static ``supported`` flag and per-call ``supports(*args, **kwargs)``
-both hold. ``native`` (the reference) is registered with every op, sits last, and accepts
-everything.
+``declare(spec)`` makes one ``torch.library`` operator ``compile_norm::<name>`` from an
+``OpSpec`` (``ops/spec.py``) through torch's public custom-op API: ``Library.define`` with the
+schema ``torch.library.infer_schema`` derives from the reference, a CPU and a CUDA
+implementation that dispatch to providers, ``torch.library.register_fake`` and, for the float
+ops, ``torch.library.register_autograd``. It returns the op's public callable (``Op``), which
+on plain eager tensors skips torch's dispatcher and Python custom-op layers and calls the
+chosen provider directly (with the same autograd formula through ``torch.autograd.Function``
+when a gradient is needed), and calls the torch op whenever something traces.
 
-Priority order, most specific first:
+A provider runs a call when its static ``supported`` flag and per-call
+``supports(*args)`` both hold; ``native`` (the reference) is registered with every op, sits
+last, and accepts everything. Priority order, most specific first:
   1. a scoped override (``with providers_priority(...)``), private to the thread/task;
   2. a process-wide setting (``set_priority``);
   3. the ``COMPILE_NORM_PROVIDERS`` environment variable, read at import:
@@ -22,11 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from .spec import Kind, OpSpec, op_name
 
 NAMESPACE = "compile_norm"
 NATIVE = "native"
@@ -57,11 +66,18 @@ class Provider:
 
 @dataclass
 class OpEntry:
-    name: str
-    reference: Callable[..., Any]
-    custom_op: Any = None
+    spec: OpSpec
+    op: Any = None  # the public callable (``Op``)
     providers: dict[str, Provider] = field(default_factory=dict)
     chain: tuple[Provider, ...] = ()  # supported providers in default priority order
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def reference(self) -> Callable[..., Any]:
+        return self.spec.reference
 
 
 _OPS: dict[str, OpEntry] = {}
@@ -69,9 +85,6 @@ _GLOBAL_PRIORITY: dict[str, tuple[str, ...]] = {}
 _SCOPED_PRIORITY: contextvars.ContextVar[Mapping[str, tuple[str, ...]] | None] = (
     contextvars.ContextVar("compile_norm_scoped_priority", default=None)
 )
-# Bumped on every change of providers or priorities: cached chains and graph-pass cache keys
-# depend on it.
-_VERSION = [0]
 
 
 def _parse_priority_spec(spec: str) -> dict[str, tuple[str, ...]]:
@@ -114,8 +127,7 @@ def _rebuild(entry: OpEntry) -> None:
     entry.chain = _order(entry, names)
 
 
-def _bump() -> None:
-    _VERSION[0] += 1
+def _rebuild_all() -> None:
     for entry in _OPS.values():
         _rebuild(entry)
 
@@ -140,11 +152,11 @@ def chain(op: str) -> tuple[Provider, ...]:
     return entry.chain
 
 
-def _run(entry: OpEntry, args: tuple, kwargs: dict) -> Any:
+def _run(entry: OpEntry, args: tuple) -> Any:
     providers = entry.chain if _SCOPED_PRIORITY.get() is None else chain(entry.name)
     for provider in providers:
-        if provider.supports(*args, **kwargs):
-            return provider.fn(*args, **kwargs)
+        if provider.supports(*args):
+            return provider.fn(*args)
     raise AssertionError("unreachable: native accepts every call")  # pragma: no cover
 
 
@@ -153,27 +165,13 @@ def dispatch(op: str, *args: Any, **kwargs: Any) -> Any:
 
     Arguments are not validated here; the op itself (``torch.ops.compile_norm.*``) does that.
     """
-    return _run(_OPS[op], args, kwargs)
+    entry = _OPS[op]
+    return _run(entry, entry.spec.bind(args, kwargs))
 
 
 def normalize_call(op: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Arguments as the dispatcher hands them to providers: positional, defaults filled in."""
-    schema = _entry(op).custom_op._opoverload._schema
-    given = dict(zip((a.name for a in schema.arguments), args))
-    given.update(kwargs)
-    positional, keyword = [], {}
-    for arg in schema.arguments:
-        if arg.name in given:
-            value = given[arg.name]
-        elif arg.has_default_value():
-            value = arg.default_value
-        else:
-            raise TypeError(f"compile_norm.{op}: missing argument {arg.name!r}")
-        if arg.kwarg_only:
-            keyword[arg.name] = value
-        else:
-            positional.append(value)
-    return tuple(positional), keyword
+    """Arguments as providers receive them: positional, defaults filled in (no keywords)."""
+    return _entry(op).spec.bind(tuple(args), dict(kwargs)), {}
 
 
 def which_provider(op: str, *args: Any, **kwargs: Any) -> str:
@@ -191,7 +189,7 @@ def register_provider(op: str, provider: Provider) -> None:
     if provider.name == NATIVE:
         raise ValueError("compile_norm: the 'native' provider is the reference and is fixed")
     entry.providers[provider.name] = provider
-    _bump()
+    _rebuild_all()
 
 
 def unregister_provider(op: str, name: str) -> None:
@@ -199,7 +197,7 @@ def unregister_provider(op: str, name: str) -> None:
     if name == NATIVE:
         raise ValueError("compile_norm: the 'native' provider cannot be removed")
     entry.providers.pop(name, None)
-    _bump()
+    _rebuild_all()
 
 
 def providers(op: str) -> dict[str, Provider]:
@@ -234,7 +232,7 @@ def set_priority(priority: Mapping[str, Iterable[str]] | Iterable[str] | str | N
     _GLOBAL_PRIORITY.clear()
     if priority is not None:
         _GLOBAL_PRIORITY.update(_normalize(priority))
-    _bump()
+    _rebuild_all()
 
 
 @contextlib.contextmanager
@@ -252,37 +250,58 @@ def providers_priority(
 
 
 def priority_state() -> tuple:
-    """Everything about provider choice that can change a compiled graph (for cache keys)."""
-    scoped = _SCOPED_PRIORITY.get() or {}
-    return (
-        _VERSION[0],
-        tuple(sorted(scoped.items())),
-        tuple(
-            (op, tuple((p.name, p.source) for p in entry.chain)) for op, entry in sorted(_OPS.items())
-        ),
-    )
+    """Everything about provider choice that can change a compiled graph (for cache keys):
+    each op's provider chain as this thread would use it. A function of state only, so equal
+    chains give equal keys, however they were reached."""
+    return tuple((op, tuple((p.name, p.source) for p in chain(op))) for op in sorted(_OPS))
 
 
 def ops() -> dict[str, OpEntry]:
     return dict(_OPS)
 
 
-_LIB = torch.library.Library(NAMESPACE, "DEF")
-_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+# --- lookups by what an op is --------------------------------------------------------------
 
 
-def _any_requires_grad(args: tuple) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+def spec(op: str) -> OpSpec:
+    return _entry(op).spec
 
+
+def specs() -> list[OpSpec]:
+    return [entry.spec for entry in _OPS.values()]
+
+
+def find(kind: Kind, scheme: str | None = None) -> OpSpec | None:
+    """The op of ``kind`` (and ``scheme``), if declared."""
+    entry = _OPS.get(op_name(kind, scheme))
+    return entry.spec if entry is not None else None
+
+
+def overload(op: str | OpSpec) -> Any:
+    """``torch.ops.compile_norm.<op>.default``."""
+    name = op if isinstance(op, str) else op.name
+    return getattr(getattr(torch.ops, NAMESPACE), name).default
+
+
+def spec_of(target: Any) -> OpSpec | None:
+    """The spec of a graph node's target if it is a compile_norm op, else None."""
+    if getattr(target, "namespace", None) != NAMESPACE:
+        return None
+    entry = _OPS.get(target._schema.name.split("::")[1])
+    return entry.spec if entry is not None else None
+
+
+# --- when an eager call may skip the dispatcher --------------------------------------------
 
 # nn.Parameter (model weights) is a subclass without dispatch behaviour: plain for the dispatcher
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_tensors(args: tuple) -> bool:
-    """Only ordinary CPU / CUDA tensors (or Parameters) and no dispatch mode (no fake / proxy
-    tracing): the dispatcher would take these straight to the CPU / CUDA kernel."""
-    if torch._C._len_torch_dispatch_stack():
+def eager_ready(args: tuple) -> bool:
+    """Nothing traces (no torch.compile, no dispatch mode: fake, functional or proxy
+    tensors) and every tensor is an ordinary CPU / CUDA tensor: the dispatcher would take
+    this call straight to the op's CPU / CUDA implementation."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
         return False
     for a in args:
         if isinstance(a, torch.Tensor) and not (type(a) in _PLAIN_TYPES and (a.is_cuda or a.is_cpu)):
@@ -290,93 +309,123 @@ def _plain_tensors(args: tuple) -> bool:
     return True
 
 
-class _OpHandle:
-    """What ``declare_op`` returns: the op's overload and ``register_autograd``.
+def needs_grad(args: tuple) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
-    The op's Autograd kernel: with grad needed it is torch's generated autograd.Function
-    (what ``torch.library.register_autograd`` installs); without, on plain CPU / CUDA
-    tensors it runs the eager implementation directly, skipping torch's Python layers
-    (no-grad wrapper + redispatch: ~20 us per call on an H100 host). Anything else
-    (fake / functional tensors, dispatch modes, other devices) redispatches as usual.
+
+# --- declaration ---------------------------------------------------------------------------
+
+_LIB = torch.library.Library(NAMESPACE, "DEF")
+
+
+def _schema(reference: Callable[..., Any]) -> str:
+    """``torch.library.infer_schema`` of the reference. It takes no optional outputs (torch
+    2.13), so those are inferred as Tensor and marked optional afterwards."""
+    sig = inspect.signature(reference, eval_str=True)
+    ret = sig.return_annotation
+    outs = typing.get_args(ret) if typing.get_origin(ret) is tuple else (ret,)
+    optional = [o is not torch.Tensor and torch.Tensor in typing.get_args(o) for o in outs]
+
+    def prototype(*args):  # pragma: no cover - only its signature is read
+        pass
+
+    plain = tuple(torch.Tensor if opt else o for o, opt in zip(outs, optional))
+    is_tuple = typing.get_origin(ret) is tuple
+    prototype.__signature__ = sig.replace(return_annotation=tuple[plain] if is_tuple else plain[0])
+    schema = torch.library.infer_schema(prototype, mutates_args=())
+    if any(optional):
+        args, _ = schema.rsplit(" -> ", 1)
+        schema = args + " -> (" + ", ".join("Tensor?" if o else "Tensor" for o in optional) + ")"
+    return schema
+
+
+def _autograd_function(spec: OpSpec, run: Callable[[tuple], Any]) -> type:
+    """``spec``'s autograd formula as a ``torch.autograd.Function`` whose forward is ``run``
+    (the eager fast path's route when a gradient is needed)."""
+    setup, backward = spec.autograd
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return run(args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Function.__name__ = Function.__qualname__ = f"{spec.name}_autograd"
+    return Function
+
+
+class Op:
+    """The public callable of one op (``compile_norm.ops.<name>``).
+
+    Eager calls on plain tensors check the arguments and run the first provider that
+    accepts them, without the dispatcher (``registry.eager_ready``); everything else
+    (torch.compile, export, fake or functional tensors, tensor subclasses) calls the torch op
+    ``torch.ops.compile_norm.<name>``, which dispatches to the same providers.
     """
 
-    def __init__(self, qualname: str, overload: Any, eager: Callable[..., Any]):
-        from torch._library import autograd as _lib_autograd
-
-        self.qualname = qualname
-        self._opoverload = overload
-        self._info = _lib_autograd.Info(None, None)  # filled by register_autograd
-        slow = _lib_autograd.make_autograd_impl(overload, self._info)
-
-        def autograd_kernel(keyset: Any, *args: Any) -> Any:
-            if torch.is_grad_enabled() and _any_requires_grad(args):
-                return slow(keyset, *args)
-            if _plain_tensors(args):
-                return eager(*args)
-            with torch._C._AutoDispatchBelowAutograd():
-                return overload.redispatch(keyset & _AFTER_AUTOGRAD, *args)
-
-        _LIB.impl(overload._opname if hasattr(overload, "_opname") else qualname.split("::")[1],
-                  autograd_kernel, "Autograd", with_keyset=True)
-
-    def register_autograd(self, backward: Callable, *, setup_context: Callable | None = None):
-        self._info._backward_fn = backward
-        self._info._setup_context_fn = setup_context
+    def __init__(self, entry: OpEntry, overload: Any):
+        spec = entry.spec
+        self.spec, self.name, self.overload = spec, spec.name, overload
+        self.__name__ = self.__qualname__ = spec.name
+        self.__doc__ = spec.reference.__doc__
+        self._entry = entry
+        self._grad_fn = None if spec.autograd is None else _autograd_function(
+            spec, lambda args: _run(entry, args))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._opoverload(*args, **kwargs)
+        if torch.compiler.is_compiling():  # Dynamo records the torch op
+            return self.overload(*args, **kwargs)
+        args = self.spec.bind(args, kwargs)
+        if not eager_ready(args):
+            return self.overload(*args)
+        self.spec.check(*args)
+        if needs_grad(args):
+            if self._grad_fn is None:
+                return self.overload(*args)  # torch's autograd says what it says for this op
+            return self._grad_fn.apply(*args)
+        return _run(self._entry, args)
+
+    def __repr__(self) -> str:
+        return f"<compile_norm op {self.name}>"
 
 
-def declare_op(
-    name: str,
-    reference: Callable[..., Any],
-    *,
-    schema: str,
-    fake: Callable[..., Any],
-    check: Callable[..., None],
-) -> Any:
-    """Declare ``compile_norm::name`` from its reference function.
-
-    ``check`` validates arguments (raising ValueError naming the argument) and runs before
-    both the fake implementation (tracing) and eager dispatch. The reference is registered as
-    the ``native`` provider.
-    """
+def declare(spec: OpSpec) -> Op:
+    """Declare ``compile_norm::<spec.name>``; the reference becomes the ``native`` provider."""
+    name = spec.name
     if name in _OPS:
         raise ValueError(f"compile_norm: op {name!r} declared twice")
-    entry = OpEntry(name=name, reference=reference)
-    entry.providers[NATIVE] = Provider(NATIVE, reference, rank=1 << 30)
+    entry = OpEntry(spec)
+    entry.providers[NATIVE] = Provider(NATIVE, spec.reference, rank=1 << 30)
     _OPS[name] = entry
     _rebuild(entry)
 
-    # The dispatcher drops trailing arguments equal to their defaults; providers (and
-    # which_provider) see every argument positionally, so fill them back in.
-    defaults: list[tuple] = []  # every argument's default (set once the schema is parsed)
-
     def eager(*args: Any, **kwargs: Any) -> Any:
-        if kwargs:
-            args, kwargs = normalize_call(name, args, kwargs)
-        elif len(args) < len(defaults[0]):
-            args = args + defaults[0][len(args):]
-        check(*args, **kwargs)
-        return _run(entry, args, kwargs)
+        # the dispatcher drops trailing arguments equal to their defaults: fill them back in
+        args = spec.bind(args, kwargs)
+        spec.check(*args)
+        return _run(entry, args)
 
-    def fake_impl(*args: Any, **kwargs: Any) -> Any:
-        check(*args, **kwargs)
-        return fake(*args, **kwargs)
+    def fake(*args: Any, **kwargs: Any) -> Any:
+        args = spec.bind(args, kwargs)
+        spec.check(*args)
+        return spec.fake(*args)
 
-    eager.__name__ = fake_impl.__name__ = name
-    eager.__doc__ = reference.__doc__
-    # torch.library.Library define/impl rather than torch.library.custom_op: the same
-    # dispatcher entries (per-device eager kernel, fake, torch's generated autograd) without
-    # custom_op's per-call Python layers (dynamo-disable wrapper, aliasing check, no-grad
-    # redispatch), which cost 20-30 us per eager call on an H100 host.
-    _LIB.define(f"{name}{schema}")
+    eager.__name__ = fake.__name__ = name
+    _LIB.define(f"{name}{_schema(spec.reference)}")
     for key in ("CPU", "CUDA"):
         _LIB.impl(name, eager, key)
     qualname = f"{NAMESPACE}::{name}"
-    torch.library.register_fake(qualname, fake_impl, lib=_LIB)
-    op = _OpHandle(qualname, getattr(getattr(torch.ops, NAMESPACE), name).default, eager)
-    entry.custom_op = op
-    arguments = op._opoverload._schema.arguments
-    defaults.append(tuple(a.default_value if a.has_default_value() else None for a in arguments))
-    return op
+    torch.library.register_fake(qualname, fake, lib=_LIB)
+    if spec.autograd is not None:
+        setup, backward = spec.autograd
+        torch.library.register_autograd(qualname, backward, setup_context=setup, lib=_LIB)
+    entry.op = Op(entry, overload(name))
+    return entry.op

@@ -11,8 +11,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..ops import registry
-from ..ops.fused import add_norm_op_name, norm_op_name
-from ..ops.quant import SCHEMES
+from ..ops.spec import Kind, OpSpec
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -21,33 +20,47 @@ ADD_NORM = "fused_add_rms_norm"
 
 
 def overload(name: str) -> Any:
-    return getattr(torch.ops.compile_norm, name).default
+    return registry.overload(name)
+
+
+def spec_of(node: Any) -> OpSpec | None:
+    """The spec of the compile_norm op a node calls, or None."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    return registry.spec_of(node.target)
 
 
 def op_name(node: Any) -> str | None:
     """The compile_norm op a node calls, or None."""
-    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
-        return None
-    target = node.target
-    if getattr(target, "namespace", None) != registry.NAMESPACE:
-        return None
-    return target._schema.name.split("::")[1]
+    spec = spec_of(node)
+    return None if spec is None else spec.name
 
 
 def norm_names() -> list[str]:
     """Every op that normalizes (plain, fused add, and their quant variants)."""
-    return [NORM, ADD_NORM] + [f(s) for s in SCHEMES for f in (norm_op_name, add_norm_op_name)]
+    return [s.name for s in registry.specs() if s.normalizes]
 
 
 def has_residual(name: str) -> bool:
-    return name.startswith(ADD_NORM)
+    return registry.spec(name).residual
 
 
 def scheme_of(name: str) -> str | None:
-    for prefix in (ADD_NORM + "_", NORM + "_"):
-        if name.startswith(prefix):
-            return name[len(prefix) :]
-    return None
+    return registry.spec(name).scheme_name
+
+
+def with_residual(name: str) -> str:
+    """The op that also adds the residual: ``rms_norm_<s>`` -> ``fused_add_rms_norm_<s>``."""
+    spec = registry.spec(name)
+    kind = Kind.ADD_NORM_QUANT if spec.scheme is not None else Kind.ADD_NORM
+    return registry.find(kind, spec.scheme_name).name
+
+
+def with_scheme(name: str, scheme: str) -> str:
+    """The norm op that also quantizes with ``scheme``."""
+    spec = registry.spec(name)
+    kind = Kind.ADD_NORM_QUANT if spec.residual else Kind.NORM_QUANT
+    return registry.find(kind, scheme).name
 
 
 def norm_args(node: torch.fx.Node) -> list[Any]:

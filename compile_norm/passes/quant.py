@@ -50,8 +50,8 @@ from torch._inductor.pattern_matcher import (
 
 from ..ops import quant as Q
 from ..ops import registry
-from ..ops.fused import add_norm_op_name, norm_op_name
-from ..ops.quant import SCHEMES, quant_op_name
+from ..ops.quant import SCHEMES
+from ..ops.spec import Kind
 from . import patterns as P
 from .base import PassResult
 
@@ -93,7 +93,7 @@ def fuse(y: torch.fx.Node, scheme: str, qargs: list, outputs: list, before: torc
     residual = P.op_name(norm) == P.ADD_NORM
     head = args[:4] if residual else args[:3]  # x, [residual], weight, eps
     tail = args[-2:]  # weight_offset, variance_size
-    name = add_norm_op_name(scheme) if residual else norm_op_name(scheme)
+    name = P.with_scheme(P.op_name(norm), scheme)
     with graph.inserting_before(before):
         fused = P.call(graph, P.overload(name), (*head, *qargs, *tail))
         multi = P.is_multi_output(fused)
@@ -138,8 +138,8 @@ def _op_check(match: Match) -> bool:
 
 def _op_rewrite(match: Match, *args, **kwargs) -> None:
     node = match.output_node()
-    scheme = P.op_name(node)[len("quant_") :]
-    qargs, _ = registry.normalize_call(quant_op_name(scheme), tuple(node.args), dict(node.kwargs))
+    scheme = P.scheme_of(P.op_name(node))
+    qargs, _ = registry.normalize_call(P.op_name(node), tuple(node.args), dict(node.kwargs))
     y = qargs[0]
     if P.is_multi_output(node):
         outputs = [None] * len(SCHEMES[scheme].outputs)
@@ -434,8 +434,9 @@ def _group_rewrite(scale_pattern: Any):
 @functools.cache
 def _pass() -> PatternMatcherPass:
     pm = PatternMatcherPass(pass_name="compile_norm_quant")
-    for scheme in SCHEMES:
-        register_graph_pattern(CallFunctionVarArgs(P.overload(quant_op_name(scheme))), extra_check=_op_check, pass_dict=pm)(_op_rewrite)
+    for spec in registry.specs():
+        if spec.kind == Kind.QUANT:
+            register_graph_pattern(CallFunctionVarArgs(P.overload(spec.name)), extra_check=_op_check, pass_dict=pm)(_op_rewrite)
     # Dynamic forms first: their divide-by-scale tail also looks like a static site.
     for kind in ("fp8", "int8"):
         for q, scale in _dynamic_patterns(kind):

@@ -19,17 +19,11 @@ from torch._inductor.pattern_matcher import (
     stable_topological_sort,
 )
 
-from ..ops.fused import add_norm_op_name
 from . import patterns as P
 from .base import PassResult
 
 NAME = "residual"
 _STATE = P.PassState("residual")
-
-
-def _fused_name(name: str) -> str:
-    scheme = P.scheme_of(name)
-    return P.ADD_NORM if scheme is None else add_norm_op_name(scheme)
 
 
 def _reason(add: torch.fx.Node) -> str | None:
@@ -70,7 +64,7 @@ def _rewrite(match: Match, *args, **kwargs) -> None:
     add = norm_args[0]
     a, b = add.args
     with graph.inserting_before(norm):
-        fused = P.call(graph, P.overload(_fused_name(name)), (a, b, *norm_args[1:]))
+        fused = P.call(graph, P.overload(P.with_residual(name)), (a, b, *norm_args[1:]))
         n_out = len(fused.meta["val"]) - 1  # the norm's own outputs; residual_out is last
         residual_out = P.getitem(graph, fused, n_out)
         if P.is_multi_output(norm):

@@ -1,0 +1,170 @@
+"""What a compile_norm op is: one declaration (``OpSpec``) that everything else derives from.
+
+An op is a kind (norm, add + norm, quantization, norm + quantization, add + norm +
+quantization, or the norm's backward), a quantization scheme where it has one, and an
+annotated reference function: the specification of its math. Its name, its
+``torch.library`` schema (``torch.library.infer_schema`` of the reference), the split of its
+arguments into norm and scheme parts (kernels and passes use it), its choice family and the
+relation to its sibling ops (the add variant of a norm, the norm + quant op of a scheme) all
+come from that record, never from a second spelling.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+if TYPE_CHECKING:
+    from .quant import QuantScheme
+
+
+class Kind(enum.Enum):
+    NORM = "norm"
+    ADD_NORM = "add_norm"
+    QUANT = "quant"
+    NORM_QUANT = "norm_quant"
+    ADD_NORM_QUANT = "add_norm_quant"
+    BACKWARD = "backward"
+
+
+RESIDUAL_KINDS = (Kind.ADD_NORM, Kind.ADD_NORM_QUANT)
+NORM_KINDS = (Kind.NORM, Kind.ADD_NORM, Kind.NORM_QUANT, Kind.ADD_NORM_QUANT)
+QUANT_KINDS = (Kind.QUANT, Kind.NORM_QUANT, Kind.ADD_NORM_QUANT)
+
+_BASE_NAME = {
+    Kind.NORM: "rms_norm",
+    Kind.ADD_NORM: "fused_add_rms_norm",
+    Kind.QUANT: "quant",
+    Kind.NORM_QUANT: "rms_norm",
+    Kind.ADD_NORM_QUANT: "fused_add_rms_norm",
+    Kind.BACKWARD: "rms_norm_backward",
+}
+# Choice families (lowerings/choice.py): the kernel-vs-generated table is kept per family.
+_FAMILY = {
+    Kind.NORM: "norm",
+    Kind.ADD_NORM: "add_norm",
+    Kind.QUANT: "quant",
+    Kind.NORM_QUANT: "norm",
+    Kind.ADD_NORM_QUANT: "add_norm",
+    Kind.BACKWARD: "backward",
+}
+
+
+def op_name(kind: Kind, scheme: str | None = None) -> str:
+    """The op's name: ``rms_norm``, ``fused_add_rms_norm_fp8_dynamic``, ``quant_int8_static``..."""
+    base = _BASE_NAME[kind]
+    return base if scheme is None else f"{base}_{scheme}"
+
+
+class NormCall(NamedTuple):
+    """An op's positional arguments split into what the norm and the scheme take."""
+
+    x: Any
+    residual: Any
+    weight: Any
+    eps: float
+    qargs: tuple
+    weight_offset: float
+    variance_size: Any
+
+
+@dataclass(frozen=True, eq=False)
+class OpSpec:
+    """One op. ``reference`` is annotated; its signature is the op's signature.
+
+    ``check(*args)`` raises a ValueError naming the bad argument; ``fake(*args)`` returns
+    empty outputs of the right shape, dtype and strides; ``autograd`` is
+    ``(setup_context, backward)`` in ``torch.library.register_autograd``'s form, or None.
+    All three take the op's arguments positionally, every default filled in.
+    """
+
+    kind: Kind
+    reference: Callable[..., Any]
+    check: Callable[..., None]
+    fake: Callable[..., Any]
+    outputs: tuple[str, ...]
+    scheme: QuantScheme | None = None
+    autograd: tuple[Callable, Callable] | None = None
+
+    @functools.cached_property
+    def name(self) -> str:
+        return op_name(self.kind, self.scheme.name if self.scheme else None)
+
+    @property
+    def scheme_name(self) -> str | None:
+        return self.scheme.name if self.scheme else None
+
+    @functools.cached_property
+    def family(self) -> str:
+        base = _FAMILY[self.kind]
+        return base if self.scheme is None else f"{base}_{self.scheme.name}"
+
+    @property
+    def residual(self) -> bool:
+        return self.kind in RESIDUAL_KINDS
+
+    @property
+    def normalizes(self) -> bool:
+        return self.kind in NORM_KINDS
+
+    @functools.cached_property
+    def signature(self) -> inspect.Signature:
+        return inspect.signature(self.reference)
+
+    @functools.cached_property
+    def defaults(self) -> tuple:
+        """Every parameter's default (None where it has none), in order."""
+        return tuple(
+            None if p.default is inspect.Parameter.empty else p.default
+            for p in self.signature.parameters.values()
+        )
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple:
+        """All arguments positionally, defaults filled in (how providers receive them)."""
+        if not kwargs and len(args) == len(self.defaults):
+            return args
+        if not kwargs:
+            if len(args) > len(self.defaults):
+                raise TypeError(f"compile_norm.{self.name}: takes {len(self.defaults)} "
+                                f"arguments, got {len(args)}")
+            return args + self.defaults[len(args):]
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"compile_norm.{self.name}: {e}") from None
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
+
+    @functools.cached_property
+    def _layout(self) -> tuple[int, int]:
+        """(index of the first scheme argument, number of scheme arguments)."""
+        n_scheme = len(self.scheme.parameters) if self.scheme else 0
+        if self.kind == Kind.QUANT:
+            return 1, n_scheme
+        return (4 if self.residual else 3), n_scheme
+
+    def split(self, args: tuple) -> NormCall:
+        """``args`` (positional, complete) as a ``NormCall``; not for the backward."""
+        start, n = self._layout
+        if self.kind == Kind.QUANT:
+            return NormCall(args[0], None, None, 0.0, tuple(args[1:]), 0.0, None)
+        residual = args[1] if self.residual else None
+        return NormCall(args[0], residual, args[start - 2], args[start - 1],
+                        tuple(args[start:start + n]), args[start + n], args[start + n + 1])
+
+    def join(self, call: NormCall) -> tuple:
+        """The inverse of ``split``: this op's positional arguments for ``call``."""
+        if self.kind == Kind.QUANT:
+            return (call.x, *call.qargs)
+        head = (call.x, call.residual) if self.residual else (call.x,)
+        return (*head, call.weight, call.eps, *call.qargs, call.weight_offset, call.variance_size)
+
+    @property
+    def weight_index(self) -> int:
+        return 2 if self.residual else 1
+
+    def __repr__(self) -> str:
+        return f"OpSpec({self.name})"
