@@ -153,6 +153,64 @@ def test_eager_call_is_one_kernel_launch(op):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("op", ["rms_norm", "fused_add_rms_norm_fp8_group"])
+def test_public_callable_is_one_kernel_launch_and_the_torch_op(op):
+    """The public callable skips the dispatcher but runs the same kernel, bit for bit."""
+    case = checking.Case(op, (64, 4096), torch.bfloat16)
+    args, kwargs = checking.build_call(case, "cuda")
+    public = getattr(compile_norm.ops, op)
+    got, want = public(*args, **kwargs), getattr(torch.ops.compile_norm, op)(*args, **kwargs)
+    for g, w in zip(got, want):
+        assert torch.equal(g.view(torch.uint8), w.view(torch.uint8)) if g.dtype == torch.float8_e4m3fn \
+            else torch.equal(g, w)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        public(*args, **kwargs)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1, [e.name for e in kernels]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not triton_ops.FAST_LAUNCH, reason="the cached-kernel route is off for this Triton")
+def test_fast_launch_key_follows_tritons_specialization():
+    """The eager route caches compiled kernels under our copy of Triton's specialization
+    rule (triton_ops.specialization_key). Wherever Triton's own cache hands out different
+    compiled kernels, our keys must differ too, or a call would run a kernel specialized for
+    other arguments. Fails when Triton changes its rule."""
+    spec = registry.spec("fused_add_rms_norm")
+    kernel = triton_ops.K.norm_quant_kernel
+    base = torch.randn(64 * 4200 + 64, device="cuda", dtype=torch.bfloat16)
+
+    def rows(t, h, stride, offset=0):
+        return base[offset:offset + t * stride].view(t, stride)[:, :h]
+
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    calls = [
+        (rows(5, 4096, 4096), rows(5, 4096, 4096, 64)),
+        (rows(7, 4096, 4096), rows(7, 4096, 4096)),  # other token count
+        (rows(5, 4096, 4112), rows(5, 4096, 4096)),  # x row stride % 16 == 0
+        (rows(5, 4096, 4104), rows(5, 4096, 4096)),  # x row stride % 16 != 0
+        (rows(5, 4096, 4096, 8), rows(5, 4096, 4096)),  # x 16-byte aligned at an offset
+        (rows(5, 4096, 4096), rows(5, 4096, 4100)),  # residual stride % 16 != 0
+    ]
+    seen = []
+    for x, r in calls:
+        launch = triton_ops.prepare(spec, (x, r, w, 1e-6, 0.0, None))
+        compiled = kernel.warmup(*launch.args, **launch.const_kwargs(),
+                                 num_warps=launch.num_warps, grid=(launch.grid0,))
+        seen.append((triton_ops.specialization_key(launch.args), compiled))
+    assert len({id(c) for _, c in seen}) > 1  # the cases do reach different specializations
+    for key_a, comp_a in seen:
+        for key_b, comp_b in seen:
+            if comp_a is not comp_b:
+                assert key_a != key_b
+    misaligned = rows(5, 4096, 4096, 1)  # 2 bytes off: the public launch takes it
+    launch = triton_ops.prepare(spec, (misaligned, misaligned, w, 1e-6, 0.0, None))
+    assert triton_ops.specialization_key(launch.args) is None
+
+
+@pytest.mark.cuda
 def test_supports_rules_cuda():
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(256, device="cuda", dtype=torch.bfloat16)

@@ -205,7 +205,8 @@ def state_key() -> str:
 
 
 def explain(op_name: str, fake_args: Sequence[Any]) -> tuple[str, str]:
-    """(choice, why) for ``op_name`` called with positional ``fake_args`` (fake or real)."""
+    """(choice, why) between the Triton kernel and generated code for ``op_name`` called
+    with positional ``fake_args`` (fake or real), as ``lowering="auto"`` decides it."""
     if op_name == "rms_norm_backward":  # its kernel is eager only (no library op, no table)
         return GENERATED, "the backward kernel runs in eager only"
     fam = family(op_name)
@@ -241,3 +242,44 @@ def explain(op_name: str, fake_args: Sequence[Any]) -> tuple[str, str]:
 def choose(op_name: str, fake_args: Sequence[Any]) -> str:
     """``"generated"`` or ``"kernel"`` for ``op_name`` on these (fake) arguments."""
     return explain(op_name, fake_args)[0]
+
+
+# --- the lowering of one node: the one room where it is decided ---------------------------------
+
+TRITON = "triton"  # the provider whose kernel library_ops exposes to Inductor
+CALL = "call"  # keep the node: a call of the op, run by another provider at run time
+
+
+def kernel_provider(op_name: str, fake_args: Sequence[Any]) -> str | None:
+    """The non-native provider that would run this call in eager (the registry's priority),
+    judged from fake tensors; None where only the reference would."""
+    from ..ops import registry
+
+    for provider in registry.chain(op_name):
+        if provider.name == registry.NATIVE:
+            return None
+        try:
+            if provider.supports(*fake_args):
+                return provider.name
+        except Exception:  # a supports() that cannot judge fake tensors: do not pick it
+            continue
+    return None
+
+
+def lowering_for(op_name: str, fake_args: Sequence[Any], mode: str) -> tuple[str, str]:
+    """``(implementation, why)`` of one IR node under the ``lowering`` option ``mode``:
+    ``GENERATED`` (inline the reference), ``KERNEL`` (the Triton kernel as a user-defined
+    kernel) or ``CALL`` (keep the op for another provider). A pure function of the node's
+    fake arguments, the provider priority and the measured entries."""
+    if mode == GENERATED:
+        return GENERATED, "lowering='generated'"
+    provider = kernel_provider(op_name, fake_args)
+    if provider is None:
+        return GENERATED, "no kernel provider accepts these arguments"
+    if mode == "auto":
+        if provider != TRITON:  # the table knows only the Triton kernel
+            return GENERATED, f"provider {provider!r} is not in the table"
+        return explain(op_name, fake_args)
+    if provider == TRITON:
+        return KERNEL, "lowering='kernel'"
+    return CALL, f"kept as a call to kernel {provider!r}"
