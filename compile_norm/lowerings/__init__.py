@@ -121,8 +121,9 @@ def when_imported(name: str, callback: Callable[[], None]) -> None:
 
 
 def _clear_cache() -> None:
-    """Drop the memoized merged table (``fast_random_decomps``), in case Inductor built it
-    before our entries were added; it stays valid afterwards, since they never change."""
+    """Drop the merged table that some torch versions memoize (``fast_random_decomps``), in
+    case Inductor built it before our entries were added; it stays valid afterwards, since
+    they never change."""
     from torch._inductor import decomposition
 
     cached = getattr(decomposition.fast_random_decomps, "cache_clear", None)
