@@ -2,9 +2,11 @@
 
 ``torch.compile(model, backend="compile_norm", options={...})`` finds this function through
 the ``torch_dynamo_backends`` entry point (no import needed) and calls it with the ``options``
-dict (and ``mode``, if given). It compiles with Inductor, keeping the compile_norm IR ops
-out of Inductor's decomposition table meanwhile so the passes see them, and installs the pass manager as the
-post-grad custom pass. Inductor config names in ``options`` pass through as config patches.
+dict (and ``mode``, if given). It compiles with Inductor inside ``lowerings.keep_ops()``, so
+the compile_norm ops' decompositions decline for this compile only (a context variable: other
+threads' compiles still inline them) and the passes see the IR ops, and installs the pass
+manager as the post-grad custom pass. Inductor config names in ``options`` pass through as
+config patches.
 """
 
 from __future__ import annotations
@@ -39,5 +41,5 @@ def compile_norm_backend(
     from torch._inductor.compile_fx import compile_fx
 
     opts = parse_options(options)
-    with lowerings.keep_ops():  # the passes must see the IR ops (see lowerings.keep_ops)
+    with lowerings.keep_ops():  # the passes must see the IR ops; tracing runs in this thread
         return compile_fx(gm, example_inputs, config_patches=config_patches(opts, mode))

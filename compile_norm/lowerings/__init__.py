@@ -1,23 +1,26 @@
 """How each IR op becomes code under Inductor.
 
-Every ``torch.ops.compile_norm.*`` op's reference function is registered as an Inductor
-decomposition, so plain ``torch.compile(backend="inductor")`` inlines it and generates fused
-code (no opaque extern call). The ``compile_norm`` backend compiles inside ``keep_ops()``,
-which leaves our ops out, so its passes still see the IR nodes; its ``lower`` pass then inlines
-the same references (``reference_for``) or keeps a kernel call.
+Every ``torch.ops.compile_norm.*`` op gets an entry in Inductor's default decomposition table,
+once, when that table is imported, so plain ``torch.compile(backend="inductor")`` inlines the
+op's reference and generates fused code (no opaque extern call). The table is never changed
+after that. The ``compile_norm`` backend compiles inside ``keep_ops()``, a context variable
+(private to the thread / asyncio task) under which each entry declines by returning
+``NotImplemented``, as Inductor's own decompositions do, so tracing records the op itself and
+the passes see the IR nodes; the ``lower`` pass then inlines the same references
+(``reference_for``) or keeps a kernel call. A compile in another thread is unaffected.
 
-Passing a decomposition table to ``compile_fx`` would make the FX graph cache bypass every
-graph (the table is part of the key and does not pickle), so ``keep_ops()`` instead takes our
-entries out of Inductor's table while the backend compiles.
+The backend cannot pass its own table to ``compile_fx`` instead: the FX graph cache would
+bypass every graph (the table is part of the key and does not pickle).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import importlib.abc
 import importlib.util
 import sys
-import threading
 from typing import Any, Callable, Iterator
 
 import torch
@@ -36,13 +39,40 @@ def reference_for(target: Any) -> Callable[..., Any] | None:
     return None if name is None else registry.ops()[name].reference
 
 
+# True inside keep_ops(): the decompositions decline, so the compile_norm ops stay in the graph.
+_KEEP_OPS: contextvars.ContextVar[bool] = contextvars.ContextVar("compile_norm_keep_ops", default=False)
+
+# One table entry per op, made once: the entries' identity never changes after registration.
+_ENTRIES: dict[Any, Callable[..., Any]] = {}
+
+
+def _declining(reference: Callable[..., Any]) -> Callable[..., Any]:
+    """``reference``, except that inside ``keep_ops()`` it returns ``NotImplemented`` (proxy
+    tracing then records the op instead of its decomposition)."""
+
+    @functools.wraps(reference)
+    def decomposition(*args: Any, **kwargs: Any) -> Any:
+        if _KEEP_OPS.get():
+            return NotImplemented
+        return reference(*args, **kwargs)
+
+    return decomposition
+
+
 def register_decompositions() -> None:
-    """Add each op's reference to Inductor's default decomposition table (idempotent)."""
+    """Add each op's declining reference to Inductor's default decomposition table (idempotent)."""
     from torch._inductor import decomposition
 
+    added = False
     for overload, name in op_overloads().items():
-        decomposition.decompositions[overload] = registry.ops()[name].reference
-    _clear_cache()
+        if overload not in _ENTRIES:
+            _ENTRIES[overload] = _declining(registry.ops()[name].reference)
+        entry = _ENTRIES[overload]
+        if decomposition.decompositions.get(overload) is not entry:
+            decomposition.decompositions[overload] = entry
+            added = True
+    if added:
+        _clear_cache()
 
 
 def register_fallbacks() -> None:
@@ -91,33 +121,25 @@ def when_imported(name: str, callback: Callable[[], None]) -> None:
 
 
 def _clear_cache() -> None:
+    """Drop the merged table that some torch versions memoize (``fast_random_decomps``), in
+    case Inductor built it before our entries were added; it stays valid afterwards, since
+    they never change."""
     from torch._inductor import decomposition
 
     cached = getattr(decomposition.fast_random_decomps, "cache_clear", None)
-    if cached is not None:  # some torch versions memoize the merged table
+    if cached is not None:
         cached()
-
-
-_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
 def keep_ops() -> Iterator[None]:
-    """While inside, Inductor's decomposition table leaves the compile_norm ops intact.
-
-    Held under a lock; a plain-Inductor compile racing in another thread meanwhile would
-    see our ops as opaque calls (correct, only slower).
-    """
-    from torch._inductor import decomposition
-
-    with _LOCK:
-        removed = {op: decomposition.decompositions.pop(op) for op in op_overloads() if op in decomposition.decompositions}
-        _clear_cache()
-        try:
-            yield
-        finally:
-            decomposition.decompositions.update(removed)
-            _clear_cache()
+    """While inside, in this thread / task only, the compile_norm decompositions decline and
+    tracing keeps the ops in the graph. Inductor's tables are not touched."""
+    token = _KEEP_OPS.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_OPS.reset(token)
 
 
 when_imported("torch._inductor.decomposition", register_decompositions)
