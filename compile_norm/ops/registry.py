@@ -381,13 +381,17 @@ class Op:
             spec, lambda args: _run(entry, args))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():  # Dynamo records the torch op
-            return self.overload(*args, **kwargs)
+        if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+            return self.overload(*args, **kwargs)  # something traces: record the torch op
         args = self.spec.bind(args, kwargs)
-        if not eager_ready(args):
-            return self.overload(*args)
+        grad = False
+        for a in args:  # eager_ready and needs_grad in one pass (the hot path)
+            if isinstance(a, torch.Tensor):
+                if type(a) not in _PLAIN_TYPES or not (a.is_cuda or a.is_cpu):
+                    return self.overload(*args)
+                grad = grad or a.requires_grad
         self.spec.check(*args)
-        if needs_grad(args):
+        if grad and torch.is_grad_enabled():
             if self._grad_fn is None:
                 return self.overload(*args)  # torch's autograd says what it says for this op
             return self._grad_fn.apply(*args)
