@@ -122,13 +122,13 @@ def test_stale_graph_never_reused_across_processes(tmp_path):
 
 @pytest.fixture
 def broken_residual(monkeypatch):
-    real = residual.run
+    real = residual.ResidualPass.run
 
-    def run(graph, options):
-        real(graph, options)  # rewrite the graph, then fail: the rewrite must be undone
+    def run(self, graph, options):
+        real(self, graph, options)  # rewrite the graph, then fail: the rewrite must be undone
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(residual, "run", run)
+    monkeypatch.setattr(residual.ResidualPass, "run", run)
 
 
 def test_failing_pass_warns_and_leaves_graph_unfused(broken_residual):
@@ -148,5 +148,10 @@ def test_strict_turns_failure_into_error(broken_residual):
         compile_run(model, *args(), options={"strict": True})
 
 
-def test_missing_pass_module_is_skipped():
-    assert manager.load_pass("no_such_pass") is None
+def test_missing_pass_is_skipped(monkeypatch):
+    assert manager.pass_for("no_such_pass") is None
+    assert all(manager.pass_for(name).name == name for name in manager.PASS_ORDER)
+    monkeypatch.setattr(manager, "PASSES", {k: v for k, v in manager.PASSES.items() if k != "quant"})
+    c = compile_run(model, *args(), options={"strict": True})
+    assert c.counts["residual_matched"] == 1 and "quant_matched" not in c.counts
+    assert [stage for stage, _ in c.stages] == ["input", "canonicalize", "gemma", "residual", "lower"]

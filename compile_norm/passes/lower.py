@@ -16,20 +16,19 @@ sees and schedules, not an opaque call). ``auto`` mode: ``lowerings.choice.choos
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 
 import torch
 from torch._dynamo.utils import counters
-from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match, PatternMatcherPass, register_graph_pattern
+from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match
 
 from ..lowerings import choice as lowering_choice
 from ..lowerings import reference_for
 from ..ops import registry
 from . import patterns as P
 from .base import COUNTER_GROUP, PassResult
+from .pattern_pass import PatternPass
 
-NAME = "lower"
 log = logging.getLogger("compile_norm.passes")
 TRITON = "triton"  # the provider whose kernel library_ops exposes
 KERNEL_COUNTER = "lower_triton_kernel"
@@ -48,37 +47,6 @@ def kernel_for(node: torch.fx.Node) -> str | None:
         except Exception:  # a supports() that cannot judge fake tensors: do not pick it
             continue
     return None
-
-
-_STATE = P.PassState("lower")
-
-
-def _check(match: Match) -> bool:
-    node = match.output_node()
-    result, options = _STATE["result"], _STATE["options"]
-    if options.lowering == "generated":
-        return True
-    provider = kernel_for(node)
-    if provider is None:
-        return True
-    if options.lowering == "auto":
-        if provider != TRITON:  # the table knows only the Triton kernel
-            return True
-        choice, why = lowering_choice.explain(P.op_name(node), _fake_args(node))
-        log.debug("compile_norm lower (auto): %s -> %s (%s)", P.site(node), choice, why)
-        if choice == lowering_choice.GENERATED:
-            return True
-    why = ""
-    if provider == TRITON:
-        traced, why = _trace_kernel(node)
-        if traced is not None:
-            _STATE["traced"][node] = traced
-            return True  # _inline puts the traced kernel graph in
-        if options.lowering == "auto":  # inline rather than an opaque call
-            log.info("compile_norm lower: %s inlined, kernel unusable: %s", P.site(node), why)
-            return True
-    result.skip(P.site(node), f"kept as a call to kernel {provider!r}" + (f" ({why})" if why else ""))
-    return False
 
 
 def _fake_args(node: torch.fx.Node) -> list:
@@ -104,28 +72,56 @@ def _trace_kernel(node: torch.fx.Node):
     return gm, ""
 
 
-def _inline(match: Match, *args, **kwargs) -> None:
-    node = match.output_node()
-    traced = _STATE["traced"].pop(node, None)
-    if traced is not None:
-        match.replace_by_example(traced, P.norm_args(node), trace_fn=lambda gm, _args: gm)
-        counters[COUNTER_GROUP][KERNEL_COUNTER] += 1  # lowered (matched), to the kernel
-    else:
-        match.replace_by_example(reference_for(node.target), P.norm_args(node))
-    _STATE["result"].matched += 1
+class LowerPass(PatternPass):
+    name = "lower"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._traced: dict[torch.fx.Node, torch.fx.GraphModule] = {}  # kernel graphs _check traced
 
-@functools.cache
-def _pass() -> PatternMatcherPass:
-    pm = PatternMatcherPass(pass_name="compile_norm_lower")
-    for name in registry.ops():
-        register_graph_pattern(CallFunctionVarArgs(P.overload(name)), extra_check=_check, pass_dict=pm)(_inline)
-    return pm
+    def entries(self):
+        for name in registry.ops():
+            yield CallFunctionVarArgs(P.overload(name)), self._check, self._inline
 
+    def _check(self, match: Match) -> bool:
+        node = match.output_node()
+        result, options = self.result, self.options
+        if options.lowering == "generated":
+            return True
+        provider = kernel_for(node)
+        if provider is None:
+            return True
+        if options.lowering == "auto":
+            if provider != TRITON:  # the table knows only the Triton kernel
+                return True
+            choice, why = lowering_choice.explain(P.op_name(node), _fake_args(node))
+            log.debug("compile_norm lower (auto): %s -> %s (%s)", P.site(node), choice, why)
+            if choice == lowering_choice.GENERATED:
+                return True
+        why = ""
+        if provider == TRITON:
+            traced, why = _trace_kernel(node)
+            if traced is not None:
+                self._traced[node] = traced
+                return True  # _inline puts the traced kernel graph in
+            if options.lowering == "auto":  # inline rather than an opaque call
+                log.info("compile_norm lower: %s inlined, kernel unusable: %s", P.site(node), why)
+                return True
+        result.skip(P.site(node), f"kept as a call to kernel {provider!r}" + (f" ({why})" if why else ""))
+        return False
 
-def run(graph: torch.fx.Graph, options) -> PassResult:
-    result = PassResult(NAME)
-    with _STATE.running(result=result, options=options, traced={}):
-        _pass().apply(graph)
-    graph.eliminate_dead_code()
-    return result
+    def _inline(self, match: Match, *args, **kwargs) -> None:
+        node = match.output_node()
+        traced = self._traced.pop(node, None)
+        if traced is not None:
+            match.replace_by_example(traced, P.norm_args(node), trace_fn=lambda gm, _args: gm)
+            counters[COUNTER_GROUP][KERNEL_COUNTER] += 1  # lowered (matched), to the kernel
+        else:
+            match.replace_by_example(reference_for(node.target), P.norm_args(node))
+        self.result.matched += 1
+
+    def run(self, graph: torch.fx.Graph, options) -> PassResult:
+        with self.running(options) as result:
+            self.patterns.apply(graph)
+        graph.eliminate_dead_code()
+        return result
