@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 from compile_helpers import assert_close, assert_close_q, cn, compile_run
 from compile_norm import parse_options
 from compile_norm.ops import registry
-from compile_norm.passes import manager, residual
+from compile_norm.passes import cache_key, manager, residual
 from compile_norm.passes.manager import CompileNormPass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,10 +55,74 @@ def test_uuid_changes_with_everything_that_changes_output():
     assert CompileNormPass({"providers": ["native"]}).uuid() != base
     with registry.providers_priority({"rms_norm": ["native"]}):
         assert CompileNormPass({}).uuid() != base
-    files = {str(p.relative_to(manager.PACKAGE_ROOT)) for p in manager._source_files()}
+    files = hashed_files()
     for f in ("passes/residual.py", "passes/patterns.py", "ops/norm.py", "lowerings/__init__.py",
               "kernels/__init__.py", "options.py", "backend.py"):
         assert f in files
+
+
+def hashed_files():
+    return {p.relative_to(cache_key.PACKAGE_ROOT).as_posix() for p in cache_key.graph_source_files()}
+
+
+def test_uuid_hashes_only_the_sources_that_shape_the_graph():
+    files = hashed_files()
+    assert "passes/manager.py" in files and "ops/registry.py" in files
+    assert not [f for f in files if f.startswith("inspect/")]
+    assert "cli.py" not in files
+    package = {p.relative_to(cache_key.PACKAGE_ROOT).as_posix() for p in cache_key.PACKAGE_ROOT.rglob("*.py")}
+    assert {f for f in package if f.startswith("inspect/")} and "cli.py" in package  # they exist
+
+
+def test_uuid_changes_with_the_pass_sources(monkeypatch):
+    base = CompileNormPass({}).uuid()
+    monkeypatch.setattr(cache_key, "source_hash", lambda: "a pass source changed")
+    assert CompileNormPass({}).uuid() != base
+
+
+def test_uuid_is_the_same_after_priority_set_and_reset():
+    base = CompileNormPass({}).uuid()
+    try:
+        registry.set_priority({"rms_norm": ["native"]})
+        CompileNormPass({}).uuid()
+    finally:
+        registry.set_priority(None)
+    assert CompileNormPass({}).uuid() == base  # the state is the same again, the key too
+
+
+UUID_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import compile_norm
+    from compile_norm.passes.manager import CompileNormPass
+    if sys.argv[1] == "set-and-reset":
+        compile_norm.set_priority({"rms_norm": ["native"]})
+        compile_norm.set_priority(None)
+    print(CompileNormPass({}).uuid())
+    """
+)
+
+
+def test_uuid_is_the_same_in_fresh_processes(tmp_path, monkeypatch):
+    from compile_norm.lowerings import choice
+
+    # The same (empty) table of measured kernel choices here and in the children.
+    monkeypatch.setenv("COMPILE_NORM_CHOICE_CACHE", str(tmp_path / "choice.json"))
+    choice.reset_measured()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+
+    def uuid(mode):
+        p = subprocess.run([sys.executable, "-c", UUID_SCRIPT, mode], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout.strip().splitlines()[-1]
+
+    try:
+        mine = CompileNormPass({}).uuid()
+        assert uuid("fresh") == uuid("fresh") == uuid("set-and-reset") == mine
+    finally:
+        monkeypatch.undo()
+        choice.reset_measured()
 
 
 def _hits():

@@ -255,7 +255,6 @@ def priority_state() -> tuple:
     """Everything about provider choice that can change a compiled graph (for cache keys)."""
     scoped = _SCOPED_PRIORITY.get() or {}
     return (
-        _VERSION[0],
         tuple(sorted(scoped.items())),
         tuple(
             (op, tuple((p.name, p.source) for p in entry.chain)) for op, entry in sorted(_OPS.items())

@@ -6,23 +6,26 @@ it). Each pass runs on the live graph after a snapshot is taken; if it raises, t
 restored from the snapshot (so a failure leaves that pass's rewrites out, never half of them),
 a warning is issued, and compilation goes on: the result is unfused but correct. ``strict``
 raises instead.
+
+``uuid()``, the key of Inductor's FX graph cache entries, is a hash of ``state()``, what shapes
+the graph the passes make (see cache_key.py): equal states give equal keys, in any process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import pathlib
 import warnings
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from ..lowerings import choice as lowering_choice
 from ..ops import registry
 from ..options import PASS_ORDER, CompileOptions, parse_options, thaw_providers
 from torch._dynamo.utils import counters
 
+from . import cache_key
 from .base import COUNTER_GROUP, GraphPass, PassResult, notify_stage
 from .canonicalize import CanonicalizePass
 from .gemma import GemmaPass
@@ -34,7 +37,6 @@ log = logging.getLogger("compile_norm.passes")
 PASSES: dict[str, type[GraphPass]] = {
     cls.name: cls for cls in (CanonicalizePass, GemmaPass, ResidualPass, QuantPass, LowerPass)
 }  # run in the order of options.PASS_ORDER
-PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 class PassFailedError(RuntimeError):
@@ -44,19 +46,6 @@ class PassFailedError(RuntimeError):
 def pass_for(name: str) -> type[GraphPass] | None:
     """The pass class named ``name`` (in PASS_ORDER); None for a name no pass has."""
     return PASSES.get(name)
-
-
-def _source_files() -> list[pathlib.Path]:
-    """Every source file of the package: passes, helpers, ops, lowerings, kernels, options."""
-    return sorted(p for p in PACKAGE_ROOT.rglob("*") if p.suffix in (".py", ".c", ".cu", ".cpp") and "__pycache__" not in p.parts)
-
-
-def source_hash() -> str:
-    h = hashlib.sha256()
-    for path in _source_files():
-        h.update(str(path.relative_to(PACKAGE_ROOT)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def _snapshot(graph: torch.fx.Graph) -> torch.fx.Graph:
@@ -127,14 +116,19 @@ class CompileNormPass(CustomGraphPass):
             return PassResult(name, error=f"{type(e).__name__}: {e}")
 
     def uuid(self) -> str:
-        with self._priority():
-            state = repr(registry.priority_state())
-        if self.options.lowering == "auto":  # measured kernel choices change the lowering
-            from ..lowerings import choice
+        return cache_key.hash_state(self.state())
 
-            state += "|choice:" + choice.state_key()
-        h = hashlib.sha256()
-        for part in (source_hash(), self.options.cache_key(), state, torch.__version__):
-            h.update(part.encode())
-            h.update(b"\0")
-        return h.hexdigest()
+    def state(self) -> tuple:
+        """Everything that shapes the graph these passes make. Cheap: the sources are hashed
+        once per process, and each distinct state once."""
+        with self._priority():
+            providers = registry.priority_state()  # the chains as this compile chooses them
+        auto = self.options.lowering == "auto"  # then measured kernel choices pick the lowering
+        return (
+            cache_key.source_hash(),
+            self.options.cache_key(),
+            providers,
+            lowering_choice.state_key() if auto else None,
+            torch.__version__,
+            cache_key.triton_version(),
+        )
