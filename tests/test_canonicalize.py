@@ -37,7 +37,7 @@ class Recorder(CustomGraphPass):
 
     def __call__(self, graph):
         self.before.append(str(graph))
-        self.results.append(canonicalize.run(graph, None))
+        self.results.append(canonicalize.CanonicalizePass().run(graph, None))
         graph.lint()
         self.after.append(str(graph))
         self.nodes.append(list(graph.nodes))
@@ -458,8 +458,8 @@ def test_training_forward_keeps_saved_rsqrt():
 def test_run_accepts_options_and_reports_counts():
     graph = torch.fx.Graph()  # no norm at all
     graph.output(graph.placeholder("x"))
-    result = canonicalize.run(graph, type("Options", (), {"strict": True})())
-    assert result.name == canonicalize.NAME == "canonicalize"
+    result = canonicalize.CanonicalizePass().run(graph, type("Options", (), {"strict": True})())
+    assert result.name == canonicalize.CanonicalizePass.name == "canonicalize"
     assert result.matched == 0 and result.unmatched == []
 
 
@@ -476,7 +476,7 @@ def test_to_copy_casts():
     x, w = input_of((3, 80), torch.bfloat16), input_of((80,), torch.bfloat16)
     gm = make_fx(fn, tracing_mode="fake")(x, w)
     assert any(n.target is aten._to_copy.default for n in gm.graph.nodes)
-    result = canonicalize.run(gm.graph, None)
+    result = canonicalize.CanonicalizePass().run(gm.graph, None)
     gm.recompile()
     assert result.matched == 1 and result.unmatched == []
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [RMS_NORM]
@@ -534,7 +534,7 @@ def test_aten_fused_rms_norm(dtype):
 
     x, w = input_of((3, 96), dtype), input_of((96,), torch.bfloat16)
     graph = _fused_rms_norm_graph(x, w, 1e-6)
-    result = canonicalize.run(graph, None)
+    result = canonicalize.CanonicalizePass().run(graph, None)
     assert result.matched == 1 and result.unmatched == []
     graph.lint()
     (node,) = [n for n in graph.nodes if n.target is RMS_NORM]
@@ -549,7 +549,7 @@ def test_aten_fused_rms_norm_rstd_used():
     x, w = input_of((3, 96), torch.bfloat16), input_of((96,), torch.bfloat16)
     graph = _fused_rms_norm_graph(x, w, 1e-6, use_rstd=True)
     before = str(graph)
-    result = canonicalize.run(graph, None)
+    result = canonicalize.CanonicalizePass().run(graph, None)
     assert result.matched == 0 and str(graph) == before
     ((_, why),) = result.unmatched
     assert why.startswith("intermediate used elsewhere")

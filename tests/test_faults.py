@@ -9,12 +9,15 @@ import threading
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from compile_helpers import assert_close, assert_close_q, cn, compile_run
 from compile_norm.ops import registry
 from compile_norm.ops.registry import Provider
 from compile_norm.options import PASS_ORDER
 from compile_norm.passes import manager
+from compile_norm.passes.base import observe_stages
 
 EPS = 1e-6
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,11 +47,11 @@ def check_outputs(got, want, dtype=torch.float32):
 
 def sabotage(monkeypatch, name):
     """Make pass ``name`` rewrite the graph (its real work, plus a wrong output) and then raise."""
-    module = manager.load_pass(name)
-    real = module.run
+    cls = manager.pass_for(name)
+    real = cls.run
 
-    def run(graph, options):
-        real(graph, options)
+    def run(self, graph, options):
+        real(self, graph, options)
         out = next(n for n in reversed(graph.nodes) if n.op == "output")
         first = out.args[0][0]
         with graph.inserting_before(out):
@@ -56,7 +59,7 @@ def sabotage(monkeypatch, name):
         out.args = ((wrong, *out.args[0][1:]),)
         raise RuntimeError(f"injected fault in {name}")
 
-    monkeypatch.setattr(module, "run", run)
+    monkeypatch.setattr(cls, "run", run)
 
 
 def test_every_pass_is_tested():
@@ -222,36 +225,64 @@ def test_first_call_from_many_threads_at_once():
         check_outputs(results[i], model(*case))
 
 
-def test_pass_runs_in_two_threads_keep_their_own_state():
-    """The passes' per-run state (what their pattern checks and rewrites read) is a
-    contextvar: a run in one thread never sees another thread's run, nor a finished one."""
-    from compile_norm.passes.patterns import PassState
+def sums_graph(n):
+    """A post-grad-like graph (fake tensors in meta) with ``n`` residual sites."""
+    def f(w, *xs):
+        return [cn.rms_norm(xs[2 * i] + xs[2 * i + 1], w, EPS) for i in range(n)]
 
-    state = PassState("test")
+    mode = FakeTensorMode()
+    with mode:
+        args = [torch.empty(16), *(torch.empty(4, 16) for _ in range(2 * n))]
+        return make_fx(f)(*args).graph
+
+
+def test_pass_runs_in_two_threads_keep_their_own_state(monkeypatch):
+    """One manager (as Inductor holds it) running on two graphs at once: every run has its own
+    pass objects, so a run's checks and rewrites never record into another thread's result."""
+    from compile_norm.passes.residual import ResidualPass
+
+    sites = {0: 1, 1: 3}  # residual sites of each thread's graph
+    graphs = {i: sums_graph(n) for i, n in sites.items()}
     barrier = threading.Barrier(2)
-    seen: dict[int, list] = {}
+    waited = threading.local()
+    real_check = ResidualPass._check
+
+    def check(self, match):
+        if not getattr(waited, "done", False):  # hold until both runs are inside the pass
+            waited.done = True
+            barrier.wait(timeout=30)
+        return real_check(self, match)
+
+    monkeypatch.setattr(ResidualPass, "_check", check)
+    monkeypatch.setattr(manager, "PASSES", {"residual": ResidualPass})  # the rest is skipped
+    manager_pass = manager.CompileNormPass({"passes": ["residual"], "strict": True})
+    results: dict[int, object] = {}
     errors: list[BaseException] = []
+
+    def observe(stage, graph, result):
+        if stage == "residual":
+            results[next(i for i, g in graphs.items() if g is graph)] = result
 
     def work(i):
         try:
-            with state.running(result=i):
-                barrier.wait(timeout=30)  # both runs are active now
-                seen[i] = [state["result"]]
-                barrier.wait(timeout=30)
-                seen[i].append(state["result"])
+            manager_pass(graphs[i])
         except BaseException as e:  # reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    threads = [threading.Thread(target=work, args=(i,)) for i in sites]
+    with observe_stages(observe):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
     assert not errors, errors
-    assert seen == {0: [0, 0], 1: [1, 1]}
-    with pytest.raises(LookupError):
-        state["result"]  # no run active in this thread
-    with state.running(result="outer"):
-        with state.running(result="inner"):
-            assert state["result"] == "inner"
-        assert state["result"] == "outer"
+    assert {i: r.matched for i, r in results.items()} == sites
+    assert results[0] is not results[1]
+    # One run at a time per pass object, and nothing left on it after the run.
+    p = ResidualPass()
+    with p.running(None) as result:
+        assert p.result is result
+        with pytest.raises(RuntimeError, match="already running"):
+            with p.running(None):
+                pass
+    assert p.result is None

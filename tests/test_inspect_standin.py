@@ -2,7 +2,7 @@
 
 It compiles with Inductor and runs one post-grad "canonicalize" pass that reports to
 ``compile_norm.passes.base.notify_stage`` exactly as the real pass manager does: stage "input"
-before any pass, then each pass's NAME and PassResult. The pass is deliberately small: it turns
+before any pass, then each pass's name and PassResult. The pass is deliberately small: it turns
 ``x * rsqrt(mean(x * x | x ** 2, -1, keepdim) + eps)`` into ``compile_norm.rms_norm(x, None, eps)``
 and reports every other ``rsqrt`` as an unmatched site, so the tool has real sites to show.
 A no-op "lower" stage follows so a graph has more than one stage.

@@ -150,7 +150,7 @@ def test_lower_pass_puts_in_the_triton_kernel(triton_as_if_on_gpu, mode):
         return q, s
 
     graph = traced_graph(f, (8192, 4096), (4096,))
-    result = lower.run(graph, parse_options({"lowering": mode}))
+    result = lower.LowerPass().run(graph, parse_options({"lowering": mode}))
     graph.lint()
     assert result.matched == 1 and not cn_nodes(graph)
     (k,) = kernel_nodes(graph)
@@ -173,10 +173,10 @@ def test_auto_keeps_generated_code_where_the_table_says(triton_as_if_on_gpu):
         return cn.fused_add_rms_norm(x, r, w, 1e-6)
 
     graph = traced_graph(f, (2048, 4096), (2048, 4096), (4096,))
-    result = lower.run(graph, parse_options({"lowering": "auto"}))
+    result = lower.LowerPass().run(graph, parse_options({"lowering": "auto"}))
     assert result.matched == 1 and not cn_nodes(graph) and not kernel_nodes(graph)
     graph = traced_graph(f, (2048, 4096), (2048, 4096), (4096,))
-    lower.run(graph, parse_options({"lowering": "kernel"}))
+    lower.LowerPass().run(graph, parse_options({"lowering": "kernel"}))
     (k,) = kernel_nodes(graph)
     assert sorted(k.kwargs["tensors_to_clone"]) == ["out_ptr", "res_out_ptr"]
 

@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 from compile_helpers import assert_close, assert_close_q, cn, compile_run
 from compile_norm import parse_options
 from compile_norm.ops import registry
-from compile_norm.passes import manager, residual
+from compile_norm.passes import cache_key, manager, residual
 from compile_norm.passes.manager import CompileNormPass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,12 +53,85 @@ def test_uuid_changes_with_everything_that_changes_output():
     assert CompileNormPass({"quant_fusion": False}).uuid() != base
     assert CompileNormPass({"lowering": "kernel"}).uuid() != base
     assert CompileNormPass({"providers": ["native"]}).uuid() != base
-    with registry.providers_priority({"rms_norm": ["native"]}):
-        assert CompileNormPass({}).uuid() != base
-    files = {str(p.relative_to(manager.PACKAGE_ROOT)) for p in manager._source_files()}
+    # a provider ahead of native changes the chain, and so the key; scoping it away again
+    # gives the chain, and so the key, of before (a state, not a history)
+    registry.register_provider("rms_norm", registry.Provider("probe", lambda *a: None, rank=5))
+    try:
+        with_probe = CompileNormPass({}).uuid()
+        assert with_probe != base
+        with registry.providers_priority({"rms_norm": ["native"]}):
+            assert CompileNormPass({}).uuid() != with_probe
+    finally:
+        registry.unregister_provider("rms_norm", "probe")
+    assert CompileNormPass({}).uuid() == base
+    files = hashed_files()
     for f in ("passes/residual.py", "passes/patterns.py", "ops/norm.py", "lowerings/__init__.py",
               "kernels/__init__.py", "options.py", "backend.py"):
         assert f in files
+
+
+def hashed_files():
+    return {p.relative_to(cache_key.PACKAGE_ROOT).as_posix() for p in cache_key.graph_source_files()}
+
+
+def test_uuid_hashes_only_the_sources_that_shape_the_graph():
+    files = hashed_files()
+    assert "passes/manager.py" in files and "ops/registry.py" in files
+    assert not [f for f in files if f.startswith("inspect/")]
+    assert "cli.py" not in files
+    package = {p.relative_to(cache_key.PACKAGE_ROOT).as_posix() for p in cache_key.PACKAGE_ROOT.rglob("*.py")}
+    assert {f for f in package if f.startswith("inspect/")} and "cli.py" in package  # they exist
+
+
+def test_uuid_changes_with_the_pass_sources(monkeypatch):
+    base = CompileNormPass({}).uuid()
+    monkeypatch.setattr(cache_key, "source_hash", lambda: "a pass source changed")
+    assert CompileNormPass({}).uuid() != base
+
+
+def test_uuid_is_the_same_after_priority_set_and_reset():
+    base = CompileNormPass({}).uuid()
+    try:
+        registry.set_priority({"rms_norm": ["native"]})
+        CompileNormPass({}).uuid()
+    finally:
+        registry.set_priority(None)
+    assert CompileNormPass({}).uuid() == base  # the state is the same again, the key too
+
+
+UUID_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import compile_norm
+    from compile_norm.passes.manager import CompileNormPass
+    if sys.argv[1] == "set-and-reset":
+        compile_norm.set_priority({"rms_norm": ["native"]})
+        compile_norm.set_priority(None)
+    print(CompileNormPass({}).uuid())
+    """
+)
+
+
+def test_uuid_is_the_same_in_fresh_processes(tmp_path, monkeypatch):
+    from compile_norm.lowerings import choice
+
+    # The same (empty) table of measured kernel choices here and in the children.
+    monkeypatch.setenv("COMPILE_NORM_CHOICE_CACHE", str(tmp_path / "choice.json"))
+    choice.reset_measured()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+
+    def uuid(mode):
+        p = subprocess.run([sys.executable, "-c", UUID_SCRIPT, mode], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout.strip().splitlines()[-1]
+
+    try:
+        mine = CompileNormPass({}).uuid()
+        assert uuid("fresh") == uuid("fresh") == uuid("set-and-reset") == mine
+    finally:
+        monkeypatch.undo()
+        choice.reset_measured()
 
 
 def _hits():
@@ -122,13 +195,13 @@ def test_stale_graph_never_reused_across_processes(tmp_path):
 
 @pytest.fixture
 def broken_residual(monkeypatch):
-    real = residual.run
+    real = residual.ResidualPass.run
 
-    def run(graph, options):
-        real(graph, options)  # rewrite the graph, then fail: the rewrite must be undone
+    def run(self, graph, options):
+        real(self, graph, options)  # rewrite the graph, then fail: the rewrite must be undone
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(residual, "run", run)
+    monkeypatch.setattr(residual.ResidualPass, "run", run)
 
 
 def test_failing_pass_warns_and_leaves_graph_unfused(broken_residual):
@@ -148,5 +221,10 @@ def test_strict_turns_failure_into_error(broken_residual):
         compile_run(model, *args(), options={"strict": True})
 
 
-def test_missing_pass_module_is_skipped():
-    assert manager.load_pass("no_such_pass") is None
+def test_missing_pass_is_skipped(monkeypatch):
+    assert manager.pass_for("no_such_pass") is None
+    assert all(manager.pass_for(name).name == name for name in manager.PASS_ORDER)
+    monkeypatch.setattr(manager, "PASSES", {k: v for k, v in manager.PASSES.items() if k != "quant"})
+    c = compile_run(model, *args(), options={"strict": True})
+    assert c.counts["residual_matched"] == 1 and "quant_matched" not in c.counts
+    assert [stage for stage, _ in c.stages] == ["input", "canonicalize", "gemma", "residual", "lower"]

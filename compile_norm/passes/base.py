@@ -1,7 +1,8 @@
-"""What every graph pass shares: its result record and how it reports counts.
+"""What every graph pass shares: its base class, its result record and how it reports counts.
 
-Each pass is a module in this package with ``NAME`` and ``run(graph, options) -> PassResult``;
-``manager.py`` runs them in order on the post-grad FX graph.
+Each pass is one ``GraphPass`` subclass in a module of this package (``name`` and
+``run(graph, options) -> PassResult``); ``manager.py`` runs them in order on the post-grad FX
+graph, with fresh instances for every graph.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
@@ -46,8 +47,19 @@ class PassResult:
             log.info("compile_norm %s: rewrote %d site(s)", self.name, self.matched)
 
 
+class GraphPass:
+    """One pass over the post-grad graph. An instance serves one run at a time: the manager
+    makes fresh ones for every graph, so what a run keeps on ``self`` is its own even while
+    another thread compiles."""
+
+    name: ClassVar[str]
+
+    def run(self, graph: torch.fx.Graph, options: Any) -> PassResult:
+        raise NotImplementedError
+
+
 # Stage observers: the pass manager calls ``notify_stage`` with the post-grad graph before any
-# pass (stage "input", result None) and after each pass (its NAME and PassResult). The
+# pass (stage "input", result None) and after each pass (its name and PassResult). The
 # inspection tool uses this to show the graph before and after every pass.
 StageObserver = Callable[[str, torch.fx.Graph, "PassResult | None"], None]
 _observers: list[StageObserver] = []

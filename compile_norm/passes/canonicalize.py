@@ -44,9 +44,7 @@ import torch
 from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .base import PassResult
-
-NAME = "canonicalize"
+from .base import GraphPass, PassResult
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -65,20 +63,23 @@ class _Skip(Exception):
     """A norm-like site that cannot be rewritten without changing numerics."""
 
 
-def run(graph: Graph, options=None) -> PassResult:
-    result = PassResult(NAME)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    # Each match erases only nodes of its own norm, never another seed.
-    for node in [n for n in graph.nodes if _is_rsqrt(n) or n.target is _FUSED]:
-        try:
-            match = _match_fused(node) if node.target is _FUSED else _match(node, order)
-        except _Skip as skip:
-            result.skip(site(node), str(skip))
-            continue
-        if match is not None:
-            _rewrite(graph, match)
-            result.matched += 1
-    return result
+class CanonicalizePass(GraphPass):
+    name = "canonicalize"
+
+    def run(self, graph: Graph, options=None) -> PassResult:
+        result = PassResult(self.name)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        # Each match erases only nodes of its own norm, never another seed.
+        for node in [n for n in graph.nodes if _is_rsqrt(n) or n.target is _FUSED]:
+            try:
+                match = _match_fused(node) if node.target is _FUSED else _match(node, order)
+            except _Skip as skip:
+                result.skip(site(node), str(skip))
+                continue
+            if match is not None:
+                _rewrite(graph, match)
+                result.matched += 1
+        return result
 
 
 def site(node: Node) -> str:
@@ -479,4 +480,4 @@ def _rewrite(graph: Graph, m: _Match) -> None:
             graph.erase_node(n)
 
 
-__all__ = ["NAME", "run", "site"]
+__all__ = ["CanonicalizePass", "site"]

@@ -12,16 +12,12 @@ and is refused). ``c == 0`` is refused: offset 0 would switch to the weight's ow
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match, PatternMatcherPass, register_graph_pattern
+from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match
 
 from . import patterns as P
 from .base import PassResult
-
-NAME = "gemma"
-_STATE = P.PassState("gemma")
+from .pattern_pass import PatternPass
 
 
 def _weight_index(name: str) -> int:
@@ -54,49 +50,45 @@ def _split_offset(weight: torch.fx.Node | None) -> tuple[torch.fx.Node, float] |
     return w, float(c)
 
 
-def _check(match: Match) -> bool:
-    node = match.output_node()
-    name = P.op_name(node)
-    args = P.norm_args(node)
-    weight = args[_weight_index(name)]
-    if not isinstance(weight, torch.fx.Node) or weight.target is not P.aten.add.Tensor:
-        return False  # not a Gemma site at all: nothing to report
-    reason = None
-    split = _split_offset(weight)
-    if isinstance(split, str):
-        reason = split
-    elif args[-2] != 0:
-        reason = "norm already has a weight_offset"
-    elif P.val(args[0]).dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reason = "x is float64: the offset would be added in float64"
-    if reason:
-        _STATE["result"].skip(P.site(node), reason)
-        return False
-    return True
+class GemmaPass(PatternPass):
+    name = "gemma"
 
+    def entries(self):
+        for name in P.norm_names():
+            yield CallFunctionVarArgs(P.overload(name)), self._check, self._rewrite
 
-def _rewrite(match: Match, *args, **kwargs) -> None:
-    node = match.output_node()
-    name = P.op_name(node)
-    new_args = P.norm_args(node)
-    i = _weight_index(name)
-    w, c = _split_offset(new_args[i])
-    new_args[i], new_args[-2] = w, c
-    node.args, node.kwargs = tuple(new_args), {}
-    _STATE["result"].matched += 1
+    def _check(self, match: Match) -> bool:
+        node = match.output_node()
+        name = P.op_name(node)
+        args = P.norm_args(node)
+        weight = args[_weight_index(name)]
+        if not isinstance(weight, torch.fx.Node) or weight.target is not P.aten.add.Tensor:
+            return False  # not a Gemma site at all: nothing to report
+        reason = None
+        split = _split_offset(weight)
+        if isinstance(split, str):
+            reason = split
+        elif args[-2] != 0:
+            reason = "norm already has a weight_offset"
+        elif P.val(args[0]).dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            reason = "x is float64: the offset would be added in float64"
+        if reason:
+            self.result.skip(P.site(node), reason)
+            return False
+        return True
 
+    def _rewrite(self, match: Match, *args, **kwargs) -> None:
+        node = match.output_node()
+        name = P.op_name(node)
+        new_args = P.norm_args(node)
+        i = _weight_index(name)
+        w, c = _split_offset(new_args[i])
+        new_args[i], new_args[-2] = w, c
+        node.args, node.kwargs = tuple(new_args), {}
+        self.result.matched += 1
 
-@functools.cache
-def _pass() -> PatternMatcherPass:
-    pm = PatternMatcherPass(pass_name="compile_norm_gemma")
-    for name in P.norm_names():
-        register_graph_pattern(CallFunctionVarArgs(P.overload(name)), extra_check=_check, pass_dict=pm)(_rewrite)
-    return pm
-
-
-def run(graph: torch.fx.Graph, options) -> PassResult:
-    result = PassResult(NAME)
-    with _STATE.running(result=result):
-        _pass().apply(graph)
-    graph.eliminate_dead_code()
-    return result
+    def run(self, graph: torch.fx.Graph, options) -> PassResult:
+        with self.running(options) as result:
+            self.patterns.apply(graph)
+        graph.eliminate_dead_code()
+        return result

@@ -1,84 +1,32 @@
 """Lower pass: every remaining compile_norm IR node becomes its implementation.
 
-``generated`` mode (default): the node is replaced by its reference decomposition, traced on
-the node's fake tensors and inlined, so Inductor fuses it with its neighbours into generated
-kernels. ``kernel`` mode: a node is kept as a call to the op only where a registered kernel
-(a non-native provider that is supported here and accepts the node's fake tensors) would run
-it; the Triton ``triton_op`` wrapping that makes such a call visible to Inductor comes from the
-kernels work. Nodes no kernel accepts are inlined as in ``generated`` mode, because an opaque
-call of the native reference would only be slower. Where that kernel is the Triton one and
-``compile_norm.kernels.library_ops`` is available, the node becomes the functional graph of the
-``compile_norm_kernels`` triton_op's implementation (a user-defined Triton kernel Inductor
-sees and schedules, not an opaque call). ``auto`` mode: ``lowerings.choice.choose`` picks
-``kernel`` (as just described) or ``generated`` per node.
+What each node becomes is decided in one place, ``lowerings.choice.lowering_for`` (a pure
+function of the node's fake arguments, the provider priority, the measured choices and the
+``lowering`` option): generated code (the reference traced on the node's fake tensors and
+inlined, so Inductor fuses it with its neighbours), the Triton kernel (the functional graph of
+the ``compile_norm_kernels`` triton_op's implementation: a user-defined Triton kernel Inductor
+sees and schedules), or a call of the op kept for another provider. Where the kernel cannot be
+traced, ``auto`` inlines the reference and ``kernel`` keeps the call, saying why.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 
 import torch
 from torch._dynamo.utils import counters
-from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match, PatternMatcherPass, register_graph_pattern
+from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match
 
 from ..lowerings import choice as lowering_choice
 from ..lowerings import reference_for
 from ..ops import registry
 from . import patterns as P
 from .base import COUNTER_GROUP, PassResult
+from .pattern_pass import PatternPass
 
-NAME = "lower"
 log = logging.getLogger("compile_norm.passes")
-TRITON = "triton"  # the provider whose kernel library_ops exposes
 KERNEL_COUNTER = "lower_triton_kernel"
-
-
-def kernel_for(node: torch.fx.Node) -> str | None:
-    """The non-native provider that would run ``node``, judged from its fake tensors."""
-    name = P.op_name(node)
-    args = [P.val(a) if isinstance(a, torch.fx.Node) else a for a in P.norm_args(node)]
-    for provider in registry.chain(name):
-        if provider.name == registry.NATIVE:
-            return None
-        try:
-            if provider.supports(*args):
-                return provider.name
-        except Exception:  # a supports() that cannot judge fake tensors: do not pick it
-            continue
-    return None
-
-
-_STATE = P.PassState("lower")
-
-
-def _check(match: Match) -> bool:
-    node = match.output_node()
-    result, options = _STATE["result"], _STATE["options"]
-    if options.lowering == "generated":
-        return True
-    provider = kernel_for(node)
-    if provider is None:
-        return True
-    if options.lowering == "auto":
-        if provider != TRITON:  # the table knows only the Triton kernel
-            return True
-        choice, why = lowering_choice.explain(P.op_name(node), _fake_args(node))
-        log.debug("compile_norm lower (auto): %s -> %s (%s)", P.site(node), choice, why)
-        if choice == lowering_choice.GENERATED:
-            return True
-    why = ""
-    if provider == TRITON:
-        traced, why = _trace_kernel(node)
-        if traced is not None:
-            _STATE["traced"][node] = traced
-            return True  # _inline puts the traced kernel graph in
-        if options.lowering == "auto":  # inline rather than an opaque call
-            log.info("compile_norm lower: %s inlined, kernel unusable: %s", P.site(node), why)
-            return True
-    result.skip(P.site(node), f"kept as a call to kernel {provider!r}" + (f" ({why})" if why else ""))
-    return False
 
 
 def _fake_args(node: torch.fx.Node) -> list:
@@ -104,28 +52,42 @@ def _trace_kernel(node: torch.fx.Node):
     return gm, ""
 
 
-def _inline(match: Match, *args, **kwargs) -> None:
-    node = match.output_node()
-    traced = _STATE["traced"].pop(node, None)
-    if traced is not None:
-        match.replace_by_example(traced, P.norm_args(node), trace_fn=lambda gm, _args: gm)
-        counters[COUNTER_GROUP][KERNEL_COUNTER] += 1  # lowered (matched), to the kernel
-    else:
+class LowerPass(PatternPass):
+    """Each op node becomes what ``lowerings.choice.lowering_for`` decides for it."""
+
+    name = "lower"
+
+    def entries(self):
+        for name in registry.ops():
+            yield CallFunctionVarArgs(P.overload(name)), self._check, self._lower
+
+    def _check(self, match: Match) -> bool:
+        return True  # every op node is lowered; _lower decides how
+
+    def _lower(self, match: Match, *args, **kwargs) -> None:
+        node = match.output_node()
+        mode = self.options.lowering
+        how, why = lowering_choice.lowering_for(P.op_name(node), _fake_args(node), mode)
+        log.debug("compile_norm lower (%s): %s -> %s (%s)", mode, P.site(node), how, why)
+        if how == lowering_choice.KERNEL:
+            traced, why = _trace_kernel(node)
+            if traced is not None:
+                match.replace_by_example(traced, P.norm_args(node), trace_fn=lambda gm, _args: gm)
+                counters[COUNTER_GROUP][KERNEL_COUNTER] += 1  # lowered (matched), to the kernel
+                self.result.matched += 1
+                return
+            if mode == "auto":  # inline rather than an opaque call
+                log.info("compile_norm lower: %s inlined, kernel unusable: %s", P.site(node), why)
+            else:
+                how, why = lowering_choice.CALL, f"kept as a call to kernel 'triton' ({why})"
+        if how == lowering_choice.CALL:
+            self.result.skip(P.site(node), why)
+            return
         match.replace_by_example(reference_for(node.target), P.norm_args(node))
-    _STATE["result"].matched += 1
+        self.result.matched += 1
 
-
-@functools.cache
-def _pass() -> PatternMatcherPass:
-    pm = PatternMatcherPass(pass_name="compile_norm_lower")
-    for name in registry.ops():
-        register_graph_pattern(CallFunctionVarArgs(P.overload(name)), extra_check=_check, pass_dict=pm)(_inline)
-    return pm
-
-
-def run(graph: torch.fx.Graph, options) -> PassResult:
-    result = PassResult(NAME)
-    with _STATE.running(result=result, options=options, traced={}):
-        _pass().apply(graph)
-    graph.eliminate_dead_code()
-    return result
+    def run(self, graph: torch.fx.Graph, options) -> PassResult:
+        with self.running(options) as result:
+            self.patterns.apply(graph)
+        graph.eliminate_dead_code()
+        return result

@@ -1,60 +1,51 @@
 """The pass manager: an Inductor ``CustomGraphPass`` running compile_norm's passes in order.
 
-Installed as ``torch._inductor.config.post_grad_custom_post_pass`` by the backend. Each pass
-runs on the live graph after a snapshot is taken; if it raises, the graph is restored from the
-snapshot (so a failure leaves that pass's rewrites out, never half of them), a warning is
-issued, and compilation goes on: the result is unfused but correct. ``strict`` raises instead.
+Installed as ``torch._inductor.config.post_grad_custom_post_pass`` by the backend. Every graph
+gets fresh pass objects (a run keeps its state on them, so compiles in two threads never share
+it). Each pass runs on the live graph after a snapshot is taken; if it raises, the graph is
+restored from the snapshot (so a failure leaves that pass's rewrites out, never half of them),
+a warning is issued, and compilation goes on: the result is unfused but correct. ``strict``
+raises instead.
+
+``uuid()``, the key of Inductor's FX graph cache entries, is a hash of ``state()``, what shapes
+the graph the passes make (see cache_key.py): equal states give equal keys, in any process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib
 import logging
-import pathlib
 import warnings
-from types import ModuleType
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from ..lowerings import choice as lowering_choice
 from ..ops import registry
 from ..options import PASS_ORDER, CompileOptions, parse_options, thaw_providers
 from torch._dynamo.utils import counters
 
-from .base import COUNTER_GROUP, PassResult, notify_stage
+from . import cache_key
+from .base import COUNTER_GROUP, GraphPass, PassResult, notify_stage
+from .canonicalize import CanonicalizePass
+from .gemma import GemmaPass
+from .lower import LowerPass
+from .quant import QuantPass
+from .residual import ResidualPass
 
 log = logging.getLogger("compile_norm.passes")
-PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
+PASSES: dict[str, type[GraphPass]] = {
+    cls.name: cls for cls in (CanonicalizePass, GemmaPass, ResidualPass, QuantPass, LowerPass)
+}  # run in the order of options.PASS_ORDER
 
 
 class PassFailedError(RuntimeError):
     """A pass raised while ``strict`` was set."""
 
 
-def load_pass(name: str) -> ModuleType | None:
-    """The pass module ``compile_norm.passes.<name>``; None if it is not installed (yet)."""
-    module_name = f"compile_norm.passes.{name}"
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            return None
-        raise
-
-
-def _source_files() -> list[pathlib.Path]:
-    """Every source file of the package: passes, helpers, ops, lowerings, kernels, options."""
-    return sorted(p for p in PACKAGE_ROOT.rglob("*") if p.suffix in (".py", ".c", ".cu", ".cpp") and "__pycache__" not in p.parts)
-
-
-def source_hash() -> str:
-    h = hashlib.sha256()
-    for path in _source_files():
-        h.update(str(path.relative_to(PACKAGE_ROOT)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
+def pass_for(name: str) -> type[GraphPass] | None:
+    """The pass class named ``name`` (in PASS_ORDER); None for a name no pass has."""
+    return PASSES.get(name)
 
 
 def _snapshot(graph: torch.fx.Graph) -> torch.fx.Graph:
@@ -99,39 +90,45 @@ class CompileNormPass(CustomGraphPass):
             for name in PASS_ORDER:
                 if not self.options.enabled(name):
                     continue
-                module = load_pass(name)
-                if module is None:
+                cls = pass_for(name)
+                if cls is None:
                     log.debug("compile_norm: pass %s is not available; skipped", name)
                     continue
-                result = self.run_pass(module, graph)
+                result = self.run_pass(cls(), graph)
                 result.publish()
                 notify_stage(name, graph, result)
 
-    def run_pass(self, module: ModuleType, graph: torch.fx.Graph) -> PassResult:
+    def run_pass(self, graph_pass: GraphPass, graph: torch.fx.Graph) -> PassResult:
+        name = graph_pass.name
         snapshot = _snapshot(graph)
         try:
-            result = module.run(graph, self.options)
+            result = graph_pass.run(graph, self.options)
             graph.lint()
             return result
         except Exception as e:
             if self.options.strict:
-                raise PassFailedError(f"compile_norm pass {module.NAME!r} failed: {e}") from e
+                raise PassFailedError(f"compile_norm pass {name!r} failed: {e}") from e
             _restore(graph, snapshot)
-            message = f"compile_norm pass {module.NAME!r} failed and was skipped (graph left unfused): {type(e).__name__}: {e}"
+            message = f"compile_norm pass {name!r} failed and was skipped (graph left unfused): {type(e).__name__}: {e}"
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             log.warning(message)
-            counters[COUNTER_GROUP][f"{module.NAME}_failed"] += 1
-            return PassResult(module.NAME, error=f"{type(e).__name__}: {e}")
+            counters[COUNTER_GROUP][f"{name}_failed"] += 1
+            return PassResult(name, error=f"{type(e).__name__}: {e}")
 
     def uuid(self) -> str:
-        with self._priority():
-            state = repr(registry.priority_state())
-        if self.options.lowering == "auto":  # measured kernel choices change the lowering
-            from ..lowerings import choice
+        return cache_key.hash_state(self.state())
 
-            state += "|choice:" + choice.state_key()
-        h = hashlib.sha256()
-        for part in (source_hash(), self.options.cache_key(), state, torch.__version__):
-            h.update(part.encode())
-            h.update(b"\0")
-        return h.hexdigest()
+    def state(self) -> tuple:
+        """Everything that shapes the graph these passes make. Cheap: the sources are hashed
+        once per process, and each distinct state once."""
+        with self._priority():
+            providers = registry.priority_state()  # the chains as this compile chooses them
+        auto = self.options.lowering == "auto"  # then measured kernel choices pick the lowering
+        return (
+            cache_key.source_hash(),
+            self.options.cache_key(),
+            providers,
+            lowering_choice.state_key() if auto else None,
+            torch.__version__,
+            cache_key.triton_version(),
+        )

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import operator
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -130,23 +128,3 @@ def site(node: torch.fx.Node) -> str:
 
 def is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-class PassState:
-    """The state of one run of a pattern pass (its PassResult, options, ...), which the
-    pattern matcher's checks and rewrites (plain functions) read. A contextvar: two threads
-    compiling at once each see their own run."""
-
-    def __init__(self, name: str):
-        self._var: contextvars.ContextVar[dict] = contextvars.ContextVar(f"compile_norm_{name}")
-
-    @contextlib.contextmanager
-    def running(self, **values: Any) -> Iterator[None]:
-        token = self._var.set(dict(values))
-        try:
-            yield
-        finally:
-            self._var.reset(token)
-
-    def __getitem__(self, key: str) -> Any:
-        return self._var.get()[key]

@@ -43,8 +43,6 @@ from torch._inductor.pattern_matcher import (
     CallFunctionVarArgs,
     KeywordArg,
     Match,
-    PatternMatcherPass,
-    register_graph_pattern,
     stable_topological_sort,
 )
 
@@ -54,9 +52,8 @@ from ..ops.quant import SCHEMES
 from ..ops.spec import Kind
 from . import patterns as P
 from .base import PassResult
+from .pattern_pass import PatternPass
 
-NAME = "quant"
-_STATE = P.PassState("quant")
 aten, prims = P.aten, P.prims
 F32 = torch.float32
 
@@ -105,7 +102,6 @@ def fuse(y: torch.fx.Node, scheme: str, qargs: list, outputs: list, before: torc
             for user in P.output_users(norm).get(1, []):
                 user.args = (fused, len(SCHEMES[scheme].outputs))
     _erase_unused([*old, y, norm])
-    _STATE["result"].matched += 1
     return fused
 
 
@@ -121,42 +117,7 @@ def _erase_unused(nodes: list) -> None:
                 changed = True
 
 
-# --- 1. compile_norm quant ops ---------------------------------------------------------------
-
-
-def _op_check(match: Match) -> bool:
-    node = match.output_node()
-    y = node.args[0] if node.args else node.kwargs.get("x")
-    if norm_of(y) is None:
-        return False
-    reason = _norm_reason(y, {node})
-    if reason:
-        _STATE["result"].skip(P.site(node), reason)
-        return False
-    return True
-
-
-def _op_rewrite(match: Match, *args, **kwargs) -> None:
-    node = match.output_node()
-    scheme = P.scheme_of(P.op_name(node))
-    qargs, _ = registry.normalize_call(P.op_name(node), tuple(node.args), dict(node.kwargs))
-    y = qargs[0]
-    if P.is_multi_output(node):
-        outputs = [None] * len(SCHEMES[scheme].outputs)
-        graph = node.graph
-        with graph.inserting_after(node):  # give every output a node to replace
-            for i in range(len(outputs)):
-                outputs[i] = P.getitem(graph, node, i)
-        for index, users in P.output_users(node).items():
-            for user in users:
-                if user is not outputs[index]:
-                    user.replace_all_uses_with(outputs[index])
-    else:
-        outputs = [node]
-    fuse(y, scheme, list(qargs[1:]), outputs, node, [node, *outputs])
-
-
-# --- 2. hand-written quantization ------------------------------------------------------------
+# --- hand-written quantization: its patterns, and what the checks compare -------------------
 
 
 def _conv(arg: Any, dtype: Any, users: Any = 1) -> CallFunction:
@@ -179,7 +140,12 @@ def _y_pairs() -> list[tuple[Any, Any]]:
     return [(shared, shared), (_conv(y, F32), _conv(y, F32)), (y, y)]
 
 
-def _static_patterns(kind: str) -> list:
+# The pattern builders are cached: every QuantPass (one per compile) registers the same
+# patterns, which only describe graphs (matching keeps its state in the Match).
+
+
+@functools.cache
+def _static_patterns(kind: str) -> tuple:
     out = []
     for yf in (_conv(KeywordArg("y"), F32), KeywordArg("y")):
         if kind == "fp8":
@@ -191,10 +157,11 @@ def _static_patterns(kind: str) -> list:
             cores = [rounded, CallFunction(aten.add.Tensor, rounded, KeywordArg("azp"))]
         for core in cores:
             out += [_conv(c, KeywordArg("qdtype")) for c in _clamps(core, "lo", "hi")]
-    return out
+    return tuple(out)
 
 
-def _dynamic_patterns(kind: str) -> list[tuple[Any, Any]]:
+@functools.cache
+def _dynamic_patterns(kind: str) -> tuple[tuple[Any, Any], ...]:
     """``(q pattern, scale pattern)`` pairs; the scale is also an output (MULTIPLE users)."""
     out = []
     for yf_amax, yf_div in _y_pairs():
@@ -209,7 +176,7 @@ def _dynamic_patterns(kind: str) -> list[tuple[Any, Any]]:
         if kind == "int8":
             core = CallFunction(aten.round.default, core)
         out += [(_conv(c, KeywordArg("qdtype")), scale) for c in _clamps(core, "lo", "hi")]
-    return out
+    return tuple(out)
 
 
 def _f32(value: Any) -> float | None:
@@ -241,83 +208,11 @@ def _common_reason(m: Match, kind: str) -> str | None:
     return None
 
 
-def _static_check(kind: str):
-    def check(m: Match) -> bool:
-        if m.kwargs["qdtype"] not in (Q.FP8_DTYPE, torch.int8) or norm_of(m.kwargs["y"]) is None:
-            return False  # not a quantization of a norm: nothing to report
-        reason = _common_reason(m, kind)
-        if reason is None and kind == "fp8_mul":
-            reason = "FP8 quantization multiplies by a reciprocal scale: not bit-identical to y / scale"
-        if reason is None and not _scale_tensor_ok(m.kwargs["scale"], F32):
-            sv = P.val(m.kwargs["scale"])
-            if not isinstance(sv, torch.Tensor) or sv.numel() != 1:
-                return False  # a per-token scale: the dynamic patterns' business
-            reason = "scale is not a float32 tensor"
-        if reason is None and "azp" in m.kwargs and not _scale_tensor_ok(m.kwargs["azp"], torch.int32):
-            reason = "azp is not a one-element int32 tensor"
-        if reason is None:
-            reason = _norm_reason(m.kwargs["y"], set(m.nodes))
-        if reason:
-            _STATE["result"].skip(P.site(m.output_node()), reason)
-            return False
-        return True
-
-    return check
-
-
-def _static_rewrite(kind: str):
-    def rewrite(m: Match, *args, **kwargs) -> None:
-        kw = m.kwargs
-        if kind == "fp8":
-            fuse(kw["y"], "fp8_static", [kw["scale"]], [m.output_node()], m.output_node(), m.nodes)
-        else:
-            fuse(kw["y"], "int8_static", [kw["scale"], kw.get("azp")], [m.output_node()], m.output_node(), m.nodes)
-
-    return rewrite
-
-
-def _dynamic_check(kind: str):
-    qmax, min_scale = (Q.FP8_MAX, Q.FP8_MIN_SCALE) if kind == "fp8" else (float(Q.INT8_MAX), Q.INT8_MIN_SCALE)
-
-    def check(m: Match) -> bool:
-        kw = m.kwargs
-        if kw["qdtype"] not in (Q.FP8_DTYPE, torch.int8) or norm_of(kw["y"]) is None:
-            return False
-        reason = _common_reason(m, kind)
-        yv = P.val(kw["y"])
-        if reason is None:
-            dims = [d % yv.dim() for d in kw["dims"]] if isinstance(kw["dims"], (list, tuple)) else None
-            if dims != [yv.dim() - 1] or kw["keepdim"] is not True:
-                reason = "amax is not over the last dim with keepdim"
-        if reason is None and _f32(kw["qmax"]) != qmax:
-            reason = f"scale divides amax by {kw['qmax']}, not {qmax}"
-        if reason is None and _f32(kw["min_scale"]) != _f32(min_scale):
-            reason = f"minimum scale {kw['min_scale']} differs from the op's {min_scale}"
-        if reason is None:
-            reason = _norm_reason(kw["y"], set(m.nodes))
-        if reason:
-            _STATE["result"].skip(P.site(m.output_node()), reason)
-            return False
-        return True
-
-    return check
-
-
-def _dynamic_rewrite(kind: str, scale_pattern: Any):
-    scheme = "fp8_dynamic" if kind == "fp8" else "int8_dynamic"
-
-    def rewrite(m: Match, *args, **kwargs) -> None:
-        scale = m.ctx.pattern_to_node[scale_pattern]
-        qargs = [None] if kind == "fp8" else []  # fp8_dynamic: scale_ub=None
-        fuse(m.kwargs["y"], scheme, qargs, [m.output_node(), scale], m.output_node(), m.nodes)
-
-    return rewrite
-
-
 _VIEW = [aten.view.default, aten.reshape.default]
 
 
-def _group_patterns() -> list[tuple[Any, Any, Any]]:
+@functools.cache
+def _group_patterns() -> tuple[tuple[Any, Any, Any], ...]:
     """``(q pattern, scale pattern, divisor pattern)`` triples. The divisor is the scale as
     broadcast over each group: the ``amax(-1, keepdim=True)`` scale itself, or a no-keepdim
     scale put back as ``[..., H/g, 1]`` by ``unsqueeze(-1)`` (also ``s[..., None]``) or a view.
@@ -344,7 +239,7 @@ def _group_patterns() -> list[tuple[Any, Any, Any]]:
                 for c in _clamps(CallFunction(aten.div.Tensor, groups, divisor), "lo", "hi"):
                     q = CallFunction(_VIEW, _conv(c, KeywordArg("qdtype")), KeywordArg("qshape"))
                     out.append((q, scale, divisor))
-    return out
+    return tuple(out)
 
 
 def _group_size(m: Match) -> int | None:
@@ -368,8 +263,125 @@ def _divides_groups(divisor: Any, yv: torch.Tensor, g: int) -> bool:
     )
 
 
-def _group_check(scale_pattern: Any, divisor_pattern: Any):
-    def check(m: Match) -> bool:
+class QuantPass(PatternPass):
+    name = "quant"
+
+    def entries(self):
+        for spec in registry.specs():
+            if spec.kind == Kind.QUANT:
+                yield CallFunctionVarArgs(P.overload(spec.name)), self._op_check, self._op_rewrite
+        # Dynamic forms first: their divide-by-scale tail also looks like a static site.
+        for kind in ("fp8", "int8"):
+            for q, scale in _dynamic_patterns(kind):
+                yield q, functools.partial(self._dynamic_check, kind), functools.partial(self._dynamic_rewrite, kind, scale)
+        for q, scale, divisor in _group_patterns():
+            yield q, functools.partial(self._group_check, scale, divisor), functools.partial(self._group_rewrite, scale)
+        for kind in ("fp8", "fp8_mul", "int8"):
+            for pattern in _static_patterns(kind):
+                yield pattern, functools.partial(self._static_check, kind), functools.partial(self._static_rewrite, kind)
+
+    def run(self, graph: torch.fx.Graph, options) -> PassResult:
+        with self.running(options) as result:
+            if self.patterns.apply(graph):
+                stable_topological_sort(graph)  # residual_out users may sit before the quant
+                graph.eliminate_dead_code()
+        return result
+
+    def _fuse(self, *args: Any) -> torch.fx.Node:
+        fused = fuse(*args)
+        self.result.matched += 1
+        return fused
+
+    # --- 1. compile_norm quant ops
+
+    def _op_check(self, match: Match) -> bool:
+        node = match.output_node()
+        y = node.args[0] if node.args else node.kwargs.get("x")
+        if norm_of(y) is None:
+            return False
+        reason = _norm_reason(y, {node})
+        if reason:
+            self.result.skip(P.site(node), reason)
+            return False
+        return True
+
+    def _op_rewrite(self, match: Match, *args, **kwargs) -> None:
+        node = match.output_node()
+        scheme = P.scheme_of(P.op_name(node))
+        qargs, _ = registry.normalize_call(P.op_name(node), tuple(node.args), dict(node.kwargs))
+        y = qargs[0]
+        if P.is_multi_output(node):
+            outputs = [None] * len(SCHEMES[scheme].outputs)
+            graph = node.graph
+            with graph.inserting_after(node):  # give every output a node to replace
+                for i in range(len(outputs)):
+                    outputs[i] = P.getitem(graph, node, i)
+            for index, users in P.output_users(node).items():
+                for user in users:
+                    if user is not outputs[index]:
+                        user.replace_all_uses_with(outputs[index])
+        else:
+            outputs = [node]
+        self._fuse(y, scheme, list(qargs[1:]), outputs, node, [node, *outputs])
+
+    # --- 2. hand-written quantization
+
+    def _static_check(self, kind: str, m: Match) -> bool:
+        if m.kwargs["qdtype"] not in (Q.FP8_DTYPE, torch.int8) or norm_of(m.kwargs["y"]) is None:
+            return False  # not a quantization of a norm: nothing to report
+        reason = _common_reason(m, kind)
+        if reason is None and kind == "fp8_mul":
+            reason = "FP8 quantization multiplies by a reciprocal scale: not bit-identical to y / scale"
+        if reason is None and not _scale_tensor_ok(m.kwargs["scale"], F32):
+            sv = P.val(m.kwargs["scale"])
+            if not isinstance(sv, torch.Tensor) or sv.numel() != 1:
+                return False  # a per-token scale: the dynamic patterns' business
+            reason = "scale is not a float32 tensor"
+        if reason is None and "azp" in m.kwargs and not _scale_tensor_ok(m.kwargs["azp"], torch.int32):
+            reason = "azp is not a one-element int32 tensor"
+        if reason is None:
+            reason = _norm_reason(m.kwargs["y"], set(m.nodes))
+        if reason:
+            self.result.skip(P.site(m.output_node()), reason)
+            return False
+        return True
+
+    def _static_rewrite(self, kind: str, m: Match, *args, **kwargs) -> None:
+        kw = m.kwargs
+        if kind == "fp8":
+            self._fuse(kw["y"], "fp8_static", [kw["scale"]], [m.output_node()], m.output_node(), m.nodes)
+        else:
+            self._fuse(kw["y"], "int8_static", [kw["scale"], kw.get("azp")], [m.output_node()], m.output_node(), m.nodes)
+
+    def _dynamic_check(self, kind: str, m: Match) -> bool:
+        qmax, min_scale = (Q.FP8_MAX, Q.FP8_MIN_SCALE) if kind == "fp8" else (float(Q.INT8_MAX), Q.INT8_MIN_SCALE)
+        kw = m.kwargs
+        if kw["qdtype"] not in (Q.FP8_DTYPE, torch.int8) or norm_of(kw["y"]) is None:
+            return False
+        reason = _common_reason(m, kind)
+        yv = P.val(kw["y"])
+        if reason is None:
+            dims = [d % yv.dim() for d in kw["dims"]] if isinstance(kw["dims"], (list, tuple)) else None
+            if dims != [yv.dim() - 1] or kw["keepdim"] is not True:
+                reason = "amax is not over the last dim with keepdim"
+        if reason is None and _f32(kw["qmax"]) != qmax:
+            reason = f"scale divides amax by {kw['qmax']}, not {qmax}"
+        if reason is None and _f32(kw["min_scale"]) != _f32(min_scale):
+            reason = f"minimum scale {kw['min_scale']} differs from the op's {min_scale}"
+        if reason is None:
+            reason = _norm_reason(kw["y"], set(m.nodes))
+        if reason:
+            self.result.skip(P.site(m.output_node()), reason)
+            return False
+        return True
+
+    def _dynamic_rewrite(self, kind: str, scale_pattern: Any, m: Match, *args, **kwargs) -> None:
+        scheme = "fp8_dynamic" if kind == "fp8" else "int8_dynamic"
+        scale = m.ctx.pattern_to_node[scale_pattern]
+        qargs = [None] if kind == "fp8" else []  # fp8_dynamic: scale_ub=None
+        self._fuse(m.kwargs["y"], scheme, qargs, [m.output_node(), scale], m.output_node(), m.nodes)
+
+    def _group_check(self, scale_pattern: Any, divisor_pattern: Any, m: Match) -> bool:
         kw = m.kwargs
         if kw["qdtype"] != Q.FP8_DTYPE or norm_of(kw["y"]) is None:
             return False
@@ -405,19 +417,15 @@ def _group_check(scale_pattern: Any, divisor_pattern: Any):
             if any(u not in inside for n in inside - shared for u in n.users):
                 reason = "an intermediate of the group quantization has other users"
         if reason:
-            _STATE["result"].skip(P.site(m.output_node()), reason)
+            self.result.skip(P.site(m.output_node()), reason)
             return False
         return True
 
-    return check
-
-
-def _group_rewrite(scale_pattern: Any):
-    def rewrite(m: Match, *args, **kwargs) -> None:
+    def _group_rewrite(self, scale_pattern: Any, m: Match, *args, **kwargs) -> None:
         scale, anchor = m.ctx.pattern_to_node[scale_pattern], m.output_node()
         gshape = list(m.kwargs["gshape"])
         norm, _ = norm_of(m.kwargs["y"])
-        fused = fuse(m.kwargs["y"], "fp8_group", [gshape[-1], False, False], [anchor, None], anchor, [])
+        fused = self._fuse(m.kwargs["y"], "fp8_group", [gshape[-1], False, False], [anchor, None], anchor, [])
         graph = fused.graph
         with graph.inserting_after(fused):
             scales = P.getitem(graph, fused, 1)  # row-major [..., H/g], as the user's math gives
@@ -427,32 +435,3 @@ def _group_rewrite(scale_pattern: Any):
         # An unsqueeze/view of the scale used outside the match now reads the op's scales.
         scale.replace_all_uses_with(scales)
         _erase_unused([*m.nodes, m.kwargs["y"], norm])
-
-    return rewrite
-
-
-@functools.cache
-def _pass() -> PatternMatcherPass:
-    pm = PatternMatcherPass(pass_name="compile_norm_quant")
-    for spec in registry.specs():
-        if spec.kind == Kind.QUANT:
-            register_graph_pattern(CallFunctionVarArgs(P.overload(spec.name)), extra_check=_op_check, pass_dict=pm)(_op_rewrite)
-    # Dynamic forms first: their divide-by-scale tail also looks like a static site.
-    for kind in ("fp8", "int8"):
-        for q, scale in _dynamic_patterns(kind):
-            register_graph_pattern(q, extra_check=_dynamic_check(kind), pass_dict=pm)(_dynamic_rewrite(kind, scale))
-    for q, scale, divisor in _group_patterns():
-        register_graph_pattern(q, extra_check=_group_check(scale, divisor), pass_dict=pm)(_group_rewrite(scale))
-    for kind in ("fp8", "fp8_mul", "int8"):
-        for pattern in _static_patterns(kind):
-            register_graph_pattern(pattern, extra_check=_static_check(kind), pass_dict=pm)(_static_rewrite(kind))
-    return pm
-
-
-def run(graph: torch.fx.Graph, options) -> PassResult:
-    result = PassResult(NAME)
-    with _STATE.running(result=result):
-        if _pass().apply(graph):
-            stable_topological_sort(graph)  # residual_out users may sit before the quant
-            graph.eliminate_dead_code()
-    return result

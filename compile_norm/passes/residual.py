@@ -8,22 +8,12 @@ of two tensors of the same shape and dtype (no broadcasting, no type promotion),
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from torch._inductor.pattern_matcher import (
-    CallFunctionVarArgs,
-    Match,
-    PatternMatcherPass,
-    register_graph_pattern,
-    stable_topological_sort,
-)
+from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match, stable_topological_sort
 
 from . import patterns as P
 from .base import PassResult
-
-NAME = "residual"
-_STATE = P.PassState("residual")
+from .pattern_pass import PatternPass
 
 
 def _reason(add: torch.fx.Node) -> str | None:
@@ -44,53 +34,49 @@ def _reason(add: torch.fx.Node) -> str | None:
     return None
 
 
-def _check(match: Match) -> bool:
-    node = match.output_node()
-    x = P.norm_args(node)[0]
-    if not isinstance(x, torch.fx.Node) or x.target is not P.aten.add.Tensor:
-        return False  # no add in front of this norm: not a residual site
-    reason = _reason(x)
-    if reason:
-        _STATE["result"].skip(P.site(node), reason)
-        return False
-    return True
+class ResidualPass(PatternPass):
+    name = "residual"
 
+    def entries(self):
+        for name in P.norm_names():
+            if not P.has_residual(name):
+                yield CallFunctionVarArgs(P.overload(name)), self._check, self._rewrite
 
-def _rewrite(match: Match, *args, **kwargs) -> None:
-    norm = match.output_node()
-    graph = norm.graph
-    name = P.op_name(norm)
-    norm_args = P.norm_args(norm)
-    add = norm_args[0]
-    a, b = add.args
-    with graph.inserting_before(norm):
-        fused = P.call(graph, P.overload(P.with_residual(name)), (a, b, *norm_args[1:]))
-        n_out = len(fused.meta["val"]) - 1  # the norm's own outputs; residual_out is last
-        residual_out = P.getitem(graph, fused, n_out)
-        if P.is_multi_output(norm):
-            for index, users in P.output_users(norm).items():
-                for user in users:
-                    user.args = (fused, index)
-        else:
-            norm.replace_all_uses_with(P.getitem(graph, fused, 0))
-    add.replace_all_uses_with(residual_out, delete_user_cb=lambda user: user is not norm)
-    graph.erase_node(norm)
-    graph.erase_node(add)
-    _STATE["result"].matched += 1
+    def _check(self, match: Match) -> bool:
+        node = match.output_node()
+        x = P.norm_args(node)[0]
+        if not isinstance(x, torch.fx.Node) or x.target is not P.aten.add.Tensor:
+            return False  # no add in front of this norm: not a residual site
+        reason = _reason(x)
+        if reason:
+            self.result.skip(P.site(node), reason)
+            return False
+        return True
 
+    def _rewrite(self, match: Match, *args, **kwargs) -> None:
+        norm = match.output_node()
+        graph = norm.graph
+        name = P.op_name(norm)
+        norm_args = P.norm_args(norm)
+        add = norm_args[0]
+        a, b = add.args
+        with graph.inserting_before(norm):
+            fused = P.call(graph, P.overload(P.with_residual(name)), (a, b, *norm_args[1:]))
+            n_out = len(fused.meta["val"]) - 1  # the norm's own outputs; residual_out is last
+            residual_out = P.getitem(graph, fused, n_out)
+            if P.is_multi_output(norm):
+                for index, users in P.output_users(norm).items():
+                    for user in users:
+                        user.args = (fused, index)
+            else:
+                norm.replace_all_uses_with(P.getitem(graph, fused, 0))
+        add.replace_all_uses_with(residual_out, delete_user_cb=lambda user: user is not norm)
+        graph.erase_node(norm)
+        graph.erase_node(add)
+        self.result.matched += 1
 
-@functools.cache
-def _pass() -> PatternMatcherPass:
-    pm = PatternMatcherPass(pass_name="compile_norm_residual")
-    for name in P.norm_names():
-        if not P.has_residual(name):
-            register_graph_pattern(CallFunctionVarArgs(P.overload(name)), extra_check=_check, pass_dict=pm)(_rewrite)
-    return pm
-
-
-def run(graph: torch.fx.Graph, options) -> PassResult:
-    result = PassResult(NAME)
-    with _STATE.running(result=result):
-        if _pass().apply(graph):
-            stable_topological_sort(graph)  # h's other users may sit before the norm
-    return result
+    def run(self, graph: torch.fx.Graph, options) -> PassResult:
+        with self.running(options) as result:
+            if self.patterns.apply(graph):
+                stable_topological_sort(graph)  # h's other users may sit before the norm
+        return result
