@@ -43,23 +43,7 @@ try:  # Triton >= 3.0
 except ImportError:  # pragma: no cover - older layouts
     from triton.language.extra.cuda import libdevice
 
-# Quantization modes (QUANT constexpr).
-Q_NONE = 0
-Q_FP8_STATIC = 1
-Q_FP8_DYNAMIC = 2
-Q_FP8_GROUP = 3
-Q_INT8_STATIC = 4
-Q_INT8_DYNAMIC = 5
-Q_INT8_DYNAMIC_ASYM = 6
-# The scheme (compile_norm/ops/schemes/<name>.py) each mode implements.
-QUANT_MODES = {
-    "fp8_static": Q_FP8_STATIC,
-    "fp8_dynamic": Q_FP8_DYNAMIC,
-    "fp8_group": Q_FP8_GROUP,
-    "int8_static": Q_INT8_STATIC,
-    "int8_dynamic": Q_INT8_DYNAMIC,
-    "int8_dynamic_asym": Q_INT8_DYNAMIC_ASYM,
-}
+from .quant_modes import QUANT_MODES  # noqa: F401  (the QUANT constexpr of each scheme)
 
 
 @triton.jit

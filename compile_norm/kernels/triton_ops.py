@@ -1,7 +1,10 @@
-"""Triton providers ("triton") for every compile_norm op: thin wrappers over one kernel.
+"""The Triton provider ("triton") of every forward op: one kernel, one launch plan per call.
 
-Every eager call is one launch of ``triton_kernel.norm_quant_kernel`` (none for zero tokens);
-outputs have exactly the layout and dtype of the op's fake.
+Every eager call is one launch of ``triton_kernel.norm_quant_kernel`` (none for zero tokens).
+``prepare(spec, args)`` derives the launch from the op's spec: outputs allocated by the op's
+fake (exactly its layout and dtype), the rows of x and the residual, the scheme's
+``KernelQuant``, the launch configuration and the constexprs. The eager provider launches it
+(``run``); ``library_ops`` launches the same plan through ``wrap_triton``.
 
 Tolerances against the reference (what tests/test_kernels*.py assert; derivation in
 compile_norm/kernels/checking.py): ``residual_out`` is exact; ``out`` within 1 ulp of x.dtype,
@@ -30,9 +33,8 @@ Launch: one program per block of ``block_m`` rows, or, with ``LaunchConfig.progr
 blocks and prefetch the next one (same numerics, bit for bit). It is off
 (``launch_config`` returns 0): on the H100 it lost everywhere (run 7 in
 benchmarks/RESULTS.md: two row blocks in registers cost more occupancy than the prefetch
-hides); ``benchmarks/launch_sweep.py`` keeps trying it. The compiled kernel is cached per
-(constexprs, num_warps, dtypes, Triton's specializations) and launched through its ``run``
-directly (``_kernel_launch``); misaligned pointers always take ``JITFunction.run``.
+hides); ``benchmarks/launch_sweep.py`` keeps trying it. The eager launch route is described
+above ``specialization_key``.
 Measured on H100 (torch 2.11, Triton 3.6, bf16, CUDA-graph replay, ratio to a copy of the
 same element count; RESULTS.md run 9), 8192x5376: rms_norm 0.98, add_rms_norm 1.03,
 add+FP8 dynamic 1.00, rms+FP8 static 0.88, rms+FP8 group 0.77, rms+INT8 dynamic 0.87;
@@ -52,6 +54,7 @@ import torch
 from ..ops import registry
 from ..ops.quant import KernelQuant
 from ..ops.spec import Kind, OpSpec
+from .quant_modes import QUANT_MODES
 
 PROVIDER = "triton"
 RANK = 10
@@ -275,19 +278,11 @@ def kernel_module():
     return triton_kernel
 
 
-@functools.cache
-def _quant_modes() -> dict[str, int]:
-    try:
-        return kernel_module().QUANT_MODES
-    except Exception:  # no (working) triton: the kernel takes nothing
-        return {}
-
-
 def kernel_quant(spec: OpSpec, x: Any, qargs: tuple) -> KernelQuant | None:
     """The kernel's view of a call's scheme arguments; None where it cannot take them."""
     if spec.scheme is None:
         return _NO_QUANT
-    if spec.scheme.kernel is None or spec.scheme.name not in _quant_modes():
+    if spec.scheme.kernel is None or spec.scheme.name not in QUANT_MODES:
         return None
     return spec.scheme.kernel(x, *qargs)
 
@@ -318,7 +313,7 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
 def _outputs_layout(spec: OpSpec) -> tuple[bool, int, int]:
     """(stores ``out``, number of quantized outputs, kernel quant mode) of an op."""
     n_quant = len(spec.scheme.outputs) if spec.scheme is not None else 0
-    mode = _quant_modes()[spec.scheme.name] if spec.scheme is not None else 0
+    mode = QUANT_MODES[spec.scheme.name] if spec.scheme is not None else 0
     return spec.kind in (Kind.NORM, Kind.ADD_NORM), n_quant, mode
 
 
@@ -395,6 +390,7 @@ def specialization_key(args: tuple) -> tuple | None:
     if ptr_bits & 15:
         return None
     h, sx, sr, sw, v = args[11], args[12], args[13], args[14], args[19]
+    # (remainders rather than "divisible by 16": a finer key, so never a wrong hit)
     return (*dtypes, h == 1, h % 16, sx == 1, sx % 16, sr == 1, sr % 16, sw == 1, sw % 16,
             v == 1, v % 16, max(args[10], sx, sr, args[15], args[16]) >= 2 ** 31)
 
@@ -463,8 +459,10 @@ def _provider_functions(spec: OpSpec) -> tuple:
 
 
 def kernel_specs() -> list[OpSpec]:
-    """The ops this kernel implements (every forward op; the backward has its own)."""
-    return [s for s in registry.specs() if s.kind != Kind.BACKWARD]
+    """The ops this kernel implements: every forward op whose scheme (if any) has a kernel
+    configuration and a mode in the kernel (the backward has a kernel of its own)."""
+    return [s for s in registry.specs() if s.kind != Kind.BACKWARD and (
+        s.scheme is None or (s.scheme.kernel is not None and s.scheme.name in QUANT_MODES))]
 
 
 FUNCTIONS = {spec.name: _provider_functions(spec) for spec in kernel_specs()}

@@ -1,0 +1,23 @@
+"""The ``QUANT`` constexpr of ``triton_kernel.norm_quant_kernel`` for each scheme it implements.
+
+Kept apart from the kernel so that which schemes have a kernel is known without importing
+triton. A scheme not listed here runs on the reference (and generated code under compile).
+"""
+
+# Quantization modes (QUANT constexpr).
+Q_NONE = 0
+Q_FP8_STATIC = 1
+Q_FP8_DYNAMIC = 2
+Q_FP8_GROUP = 3
+Q_INT8_STATIC = 4
+Q_INT8_DYNAMIC = 5
+Q_INT8_DYNAMIC_ASYM = 6
+# The scheme (compile_norm/ops/schemes/<name>.py) each mode implements.
+QUANT_MODES = {
+    "fp8_static": Q_FP8_STATIC,
+    "fp8_dynamic": Q_FP8_DYNAMIC,
+    "fp8_group": Q_FP8_GROUP,
+    "int8_static": Q_INT8_STATIC,
+    "int8_dynamic": Q_INT8_DYNAMIC,
+    "int8_dynamic_asym": Q_INT8_DYNAMIC_ASYM,
+}
