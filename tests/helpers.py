@@ -13,14 +13,9 @@ import torch
 
 cn = torch.ops.compile_norm
 
-SCHEME_NAMES = (
-    "fp8_static",
-    "fp8_dynamic",
-    "fp8_group",
-    "int8_static",
-    "int8_dynamic",
-    "int8_dynamic_asym",
-)
+import compile_norm.ops  # noqa: E402  (the schemes, each from its file in ops/schemes/)
+
+SCHEME_NAMES = tuple(compile_norm.ops.SCHEMES)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 

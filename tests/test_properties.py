@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from compile_helpers import TOL, assert_close_q, compile_run
 from compile_norm.ops import registry
-from helpers import DTYPES, SCHEME_NAMES, assert_bitwise_equal
+from helpers import DTYPES, assert_bitwise_equal
 
 settings.register_profile(
     "ci", max_examples=20, deadline=None, derandomize=True, print_blob=True,
@@ -48,10 +48,7 @@ MAX_ELEMENTS = 1 << 17  # tokens * hidden per eager example: big hidden sizes, f
 
 
 def scheme_of(name: str) -> str | None:
-    for s in SCHEME_NAMES:
-        if name.endswith(s):
-            return s
-    return None
+    return registry.spec(name).scheme_name
 
 
 # --- strategies ---------------------------------------------------------------------------
