@@ -157,21 +157,6 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
     return dx, dweight
 
 
-def _unavailable(*args, **kwargs):
-    raise RuntimeError(f"compile_norm: the triton provider cannot run here: {REASON}")
-
-
 def register() -> None:
     """Register the "triton" provider of ``rms_norm_backward`` (unsupported: with the reason)."""
-    registry.register_provider(
-        OP,
-        registry.Provider(
-            name=PROVIDER,
-            fn=rms_norm_backward if SUPPORTED else _unavailable,
-            supported=SUPPORTED,
-            supports=supports,
-            rank=T.RANK,
-            reason=REASON,
-            source=SOURCE,
-        ),
-    )
+    registry.register_provider(OP, T.provider(rms_norm_backward, supports, SOURCE))

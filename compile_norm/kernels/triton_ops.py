@@ -472,18 +472,14 @@ def _unavailable(*args, **kwargs):
     raise RuntimeError(f"compile_norm: the triton provider cannot run here: {REASON}")
 
 
+def provider(fn, supports, source: str) -> registry.Provider:
+    """The "triton" provider around ``fn`` (unsupported here: carrying the reason)."""
+    return registry.Provider(name=PROVIDER, fn=fn if SUPPORTED else _unavailable,
+                             supported=SUPPORTED, supports=supports, rank=RANK, reason=REASON,
+                             source=source)
+
+
 def register() -> None:
-    """Register the "triton" provider of every op (unsupported ones carry the reason)."""
+    """Register the "triton" provider of every op the kernel implements."""
     for op, (fn, supports) in FUNCTIONS.items():
-        registry.register_provider(
-            op,
-            registry.Provider(
-                name=PROVIDER,
-                fn=fn if SUPPORTED else _unavailable,
-                supported=SUPPORTED,
-                supports=supports,
-                rank=RANK,
-                reason=REASON,
-                source=SOURCE,
-            ),
-        )
+        registry.register_provider(op, provider(fn, supports, SOURCE))
