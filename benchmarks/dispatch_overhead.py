@@ -3,7 +3,8 @@
 For each op: ``registry.dispatch(op, *args)`` (the chosen provider's ``supports`` checks plus
 its call) against calling the chosen provider's ``fn`` directly, and, separately, the full
 ``torch.ops.compile_norm.<op>(...)`` call (custom-op dispatcher + argument checks + dispatch).
-``dispatch - direct`` is the registry's overhead. On a CPU-only machine the chosen provider
+``dispatch - direct`` is the registry's overhead; ``public`` is the op's public callable
+(``compile_norm.ops.<op>``: argument check, then the provider without the dispatcher). On a CPU-only machine the chosen provider
 is ``native``; the triton providers' ``supports`` functions are timed alone as well, since they
 run (and reject) on every call.
 
@@ -46,7 +47,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     print(f"torch {torch.__version__}; {a.n} calls, best of 3; tiny CPU tensors (4 x 128 bf16)")
     print(f"{'op':<32} {'provider':<8} {'direct':>8} {'dispatch':>9} {'overhead':>9} "
-          f"{'torch.ops':>10} {'triton.supports':>16}")
+          f"{'public':>8} {'torch.ops':>10} {'triton.supports':>16}")
     for op in a.ops.split(","):
         case = checking.Case(op, (4, 128), torch.bfloat16)
         args, kwargs = checking.build_call(case, "cpu")
@@ -57,10 +58,12 @@ def main(argv=None) -> None:
         disp = per_call_us(lambda: registry.dispatch(op, *pos), a.n)
         full_op = getattr(torch.ops.compile_norm, op)
         full = per_call_us(lambda: full_op(*args, **kwargs), a.n)
+        public_op = getattr(compile_norm.ops, op)
+        public = per_call_us(lambda: public_op(*args, **kwargs), a.n)
         tp = registry.providers(op).get("triton")
         sup = per_call_us(lambda: tp.supports(*pos), a.n * 4) if tp else float("nan")
         print(f"{op:<32} {name:<8} {direct:8.2f} {disp:9.2f} {disp - direct:9.2f} "
-              f"{full:10.2f} {sup:16.3f}")
+              f"{public:8.2f} {full:10.2f} {sup:16.3f}")
 
 
 if __name__ == "__main__":
