@@ -89,8 +89,8 @@ def register() -> dict[str, Any]:
     with _LOCK:
         if not _OPS:
             for name, fn in functions().items():
-                op = triton_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
-                _OPS[name] = op._opoverload
+                triton_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
+                _OPS[name] = getattr(getattr(torch.ops, NAMESPACE), name).default
         return dict(_OPS)
 
 

@@ -297,21 +297,31 @@ def spec_of(target: Any) -> OpSpec | None:
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+def _plain_call(args: tuple) -> bool | None:
+    """None unless every tensor in ``args`` is an ordinary CPU / CUDA tensor (then: whether
+    one of them requires grad). One pass over the arguments: the eager hot path."""
+    grad = False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN_TYPES or not (a.is_cuda or a.is_cpu):
+                return None
+            grad = grad or a.requires_grad
+    return grad
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
 def eager_ready(args: tuple) -> bool:
     """Nothing traces (no torch.compile, no dispatch mode: fake, functional or proxy
     tensors) and every tensor is an ordinary CPU / CUDA tensor: the dispatcher would take
     this call straight to the op's CPU / CUDA implementation."""
-    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
-        return False
-    for a in args:
-        if isinstance(a, torch.Tensor) and not (type(a) in _PLAIN_TYPES and (a.is_cuda or a.is_cpu)):
-            return False
-    return True
+    return not _tracing() and _plain_call(args) is not None
 
 
 def needs_grad(args: tuple) -> bool:
-    return torch.is_grad_enabled() and any(
-        isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    return torch.is_grad_enabled() and bool(_plain_call(args))
 
 
 # --- declaration ---------------------------------------------------------------------------
@@ -381,15 +391,12 @@ class Op:
             spec, lambda args: _run(entry, args))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
-            return self.overload(*args, **kwargs)  # something traces: record the torch op
+        if _tracing():
+            return self.overload(*args, **kwargs)  # record the torch op
         args = self.spec.bind(args, kwargs)
-        grad = False
-        for a in args:  # eager_ready and needs_grad in one pass (the hot path)
-            if isinstance(a, torch.Tensor):
-                if type(a) not in _PLAIN_TYPES or not (a.is_cuda or a.is_cpu):
-                    return self.overload(*args)
-                grad = grad or a.requires_grad
+        grad = _plain_call(args)
+        if grad is None:  # tensor subclasses, other devices: the dispatcher decides
+            return self.overload(*args)
         self.spec.check(*args)
         if grad and torch.is_grad_enabled():
             if self._grad_fn is None:
