@@ -103,6 +103,10 @@ def parse_options(options: Mapping[str, Any] | CompileOptions | None) -> Compile
             "compile_norm: option 'providers' must be a list of provider names, a {op: [names]} "
             f"dict or a spec string, got {type(providers).__name__}"
         )
+    if providers is not None:
+        from .ops import registry
+
+        registry.check_priority(providers, "option 'providers'")
     return CompileOptions(
         passes=tuple(p for p in PASS_ORDER if p in passes),
         quant_fusion=own.get("quant_fusion", True),

@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m pytest -q "$@"
+# -q unless the caller chose the verbosity (a second -q would drop pytest's closing line)
+quiet=-q
+for arg in "$@"; do case "$arg" in -q*|-v*|--quiet|--verbose) quiet= ;; esac; done
+python -m pytest $quiet "$@"

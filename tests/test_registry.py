@@ -127,7 +127,10 @@ def test_set_priority(fake):
     assert [p.name for p in registry.chain(OP)] == ["native"]
     registry.set_priority("rms_norm=b,native;*=a")  # spec string, as in the env var
     assert [p.name for p in registry.chain(OP)] == ["b", "native"]
-    registry.set_priority(["no_such_provider", "b"])  # unknown names are ignored
+    with pytest.raises(ValueError, match="names provider 'no_such_provider', which no op has; "
+                       "registered providers: a, b, native"):
+        registry.set_priority(["no_such_provider", "b"])  # a typo is an error, not ignored
+    registry.set_priority(["b"])
     _run_and_check(fake, "b")
     registry.set_priority(None)
     _run_and_check(fake, "a")
@@ -386,3 +389,25 @@ def test_opcheck(name, case_id):
 
 def test_opcheck_covers_every_registered_op():
     assert {p.values[0] for p in OPCHECK} == set(registry.ops())
+
+
+def test_typo_in_provider_names_is_a_clear_error():
+    from compile_norm.options import parse_options
+
+    with pytest.raises(ValueError, match=r"^compile_norm: option 'providers' names provider 'tritn'"):
+        parse_options({"providers": ["tritn"]})
+    with pytest.raises(ValueError, match="names provider 'tritn'"):
+        with registry.providers_priority({"rms_norm": ["tritn", "native"]}):
+            pass
+    with pytest.raises(ValueError, match="unknown op 'rms_nrom'"):
+        parse_options({"providers": {"rms_nrom": ["native"]}})
+    parse_options({"providers": "rms_norm=native;*=triton,native"})  # known names: fine
+
+
+def test_typo_in_the_environment_variable_is_said_at_import():
+    env = dict(os.environ, COMPILE_NORM_PROVIDERS="rms_norm=tritn")
+    p = subprocess.run([sys.executable, "-W", "always", "-c", "import compile_norm"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert ("UserWarning: compile_norm: the environment variable COMPILE_NORM_PROVIDERS names "
+            "provider 'tritn', which no op has; registered providers: native") in p.stderr

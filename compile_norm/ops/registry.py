@@ -17,7 +17,8 @@ last, and accepts everything. Priority order, most specific first:
   3. the ``COMPILE_NORM_PROVIDERS`` environment variable, read at import:
      ``"triton,native"`` for every op or ``"rms_norm=native;*=triton,native"`` per op;
   4. each provider's registration ``rank`` (lower first).
-Names that are not registered for an op are ignored. A list that names ``native`` ends there
+A name no op has is an error (ValueError naming the setting and the registered providers);
+a name registered for other ops only is skipped for this one. A list that names ``native`` ends there
 (``["native"]`` forces the reference); otherwise providers left out of the list keep their
 default order after the listed ones, with ``native`` always last.
 """
@@ -29,6 +30,7 @@ import contextvars
 import inspect
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -210,17 +212,43 @@ def unsupported_reasons(op: str) -> dict[str, str]:
     return {n: p.reason for n, p in _entry(op).providers.items() if not p.supported}
 
 
-def _normalize(priority: Mapping[str, Iterable[str]] | Iterable[str]) -> dict[str, tuple[str, ...]]:
+def _normalize(priority: Mapping[str, Iterable[str]] | Iterable[str] | str,
+               what: str = "priority") -> dict[str, tuple[str, ...]]:
+    """``priority`` as ``{op or "*": names}``; unknown ops and names no op has are errors
+    (a name some ops lack, such as "triton" for an op without a kernel, is skipped there)."""
     if isinstance(priority, str):
-        return _parse_priority_spec(priority)
-    if isinstance(priority, Mapping):
+        table = _parse_priority_spec(priority)
+    elif isinstance(priority, Mapping):
         table = {op: tuple(names) for op, names in priority.items()}
     else:
         table = {"*": tuple(priority)}
-    for op in table:
+    known = sorted({n for entry in _OPS.values() for n in entry.providers})
+    for op, names in table.items():
         if op != "*":
             _entry(op)
+        for name in names:
+            if not isinstance(name, str) or name not in known:
+                raise ValueError(f"compile_norm: {what} names provider {name!r}, which no op has; "
+                                 f"registered providers: {', '.join(known)}")
     return table
+
+
+def check_priority(priority: Mapping[str, Iterable[str]] | Iterable[str] | str,
+                   what: str = "priority") -> None:
+    """Raise ValueError (naming ``what``) if ``priority`` names an unknown op or provider."""
+    _normalize(priority, what)
+
+
+def check_env_priority() -> None:
+    """Warn (once, at import) when ``COMPILE_NORM_PROVIDERS`` names a provider no op has:
+    a typo, or a provider the program registers later (which the setting then applies to,
+    so this is no error)."""
+    if _ENV_PRIORITY:
+        try:
+            check_priority(os.environ.get(ENV_VAR, ""), f"the environment variable {ENV_VAR}")
+        except ValueError as e:
+            warnings.warn(f"{e} (yet: a provider registered later is taken)", UserWarning,
+                          stacklevel=3)
 
 
 def set_priority(priority: Mapping[str, Iterable[str]] | Iterable[str] | str | None) -> None:
