@@ -107,8 +107,7 @@ class Case:
         d = {k: getattr(self, k) for k, v in _NORM_DEFAULTS.items() if getattr(self, k) != v}
         scheme = registry.spec(self.op).scheme
         if scheme:
-            d.update((k, v) for k, v in self.scheme_options.items() if v != scheme.options[k]
-                     or k == "group_size")
+            d.update((k, v) for k, v in self.scheme_options.items() if v != scheme.options[k])
         return d
 
     def __repr__(self) -> str:

@@ -299,7 +299,7 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
     # the last block, so it keeps the row mask), tiles exactly as wide as the row.
     even_rows = not persistent and (cfg.block_m == 1 or full_blocks)
     even_cols = ng0 * g0 + ng1 * g1 + ng2 * g2 == hidden
-    store_out = spec.kind in (Kind.NORM, Kind.ADD_NORM)
+    store_out = _outputs_layout(spec)[0]
     return (
         cfg.block_m, ng0, g0, ng1, g1, ng2, g2,
         spec.residual, spec.normalizes, has_weight, w_offset, vsize,

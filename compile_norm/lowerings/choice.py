@@ -246,7 +246,6 @@ def choose(op_name: str, fake_args: Sequence[Any]) -> str:
 
 # --- the lowering of one node: the one room where it is decided ---------------------------------
 
-TRITON = "triton"  # the provider whose kernel library_ops exposes to Inductor
 CALL = "call"  # keep the node: a call of the op, run by another provider at run time
 
 
@@ -271,6 +270,8 @@ def lowering_for(op_name: str, fake_args: Sequence[Any], mode: str) -> tuple[str
     ``GENERATED`` (inline the reference), ``KERNEL`` (the Triton kernel as a user-defined
     kernel) or ``CALL`` (keep the op for another provider). A pure function of the node's
     fake arguments, the provider priority and the measured entries."""
+    from ..kernels.triton_ops import PROVIDER as TRITON  # whose kernel Inductor can see
+
     if mode == GENERATED:
         return GENERATED, "lowering='generated'"
     provider = kernel_provider(op_name, fake_args)

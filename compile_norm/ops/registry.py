@@ -349,7 +349,8 @@ def eager_ready(args: tuple) -> bool:
 
 
 def needs_grad(args: tuple) -> bool:
-    return torch.is_grad_enabled() and bool(_plain_call(args))
+    return torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 # --- declaration ---------------------------------------------------------------------------
