@@ -104,7 +104,7 @@ SUPPORTED, REASON = _availability()
 # Kernel sources: their change must change every cache key that depends on provider choice.
 _HERE = pathlib.Path(__file__).parent
 SOURCE = hashlib.sha256(
-    b"".join((_HERE / f).read_bytes() for f in ("triton_kernel.py", "triton_ops.py"))
+    b"".join((_HERE / f).read_bytes() for f in ("triton_kernel.py", "quant_modes.py", "triton_ops.py"))
 ).hexdigest()
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
