@@ -25,7 +25,6 @@ eager call.
     python benchmarks/suite.py --out $OUT              # --quick (default): < 6 min on an H100
     python benchmarks/suite.py --full --out $OUT       # every T x H of BENCHMARKS.md
     python benchmarks/suite.py --dry-run               # CPU: tiny shapes, checks only
-    python benchmarks/suite.py --tune                  # also record kernel choices (auto)
 
 In --quick, stock and compile_norm compiles are skipped at T <= 32 (only 1 x 4096 is in the
 quick set: eager candidates still run there), the kernel-lowering candidate runs for the
@@ -67,11 +66,6 @@ FULL_H = (2304, 3584, 4096, 5376, 7168, 8192)
 QK_HEADS = 32
 DRY_SHAPES = "5x256,3x384"
 LATENCY_T = 256
-# The op each family's compile_norm node lowers to (for --tune records).
-FAMILY_OP = {"rms_fp8_static": "rms_norm_fp8_static", "add_rms_fp8_dynamic": "fused_add_rms_norm_fp8_dynamic",
-             "rms_fp8_group128": "rms_norm_fp8_group", "rms_int8_dynamic": "rms_norm_int8_dynamic",
-             "rms_norm": "rms_norm", "gemma_rms_norm": "rms_norm", "add_rms_norm": "fused_add_rms_norm"}
-
 
 def full_shapes() -> list[tuple[int, int]]:
     shapes = [(t, h) for h in FULL_H for t in FULL_T]
@@ -216,6 +210,8 @@ def candidates(fam: str, t: int, h: int, dev: str, a) -> tuple[list[tuple], dict
         if kernel_ok:
             cands.append((f"compile_norm {a.kernel_mode}", compiled(backend="compile_norm", options=kernel_opts), chk, True))
         cands.append(("stock compile", compiled(), chk, True))
+        for name, (backend, options) in a.extra.items():  # --extra: option sets side by side
+            cands.append((name, compiled(backend=backend, options=options), chk, True))
     cands.append(("compile_norm eager", lambda: spec["op"], chk, False))
     if spec["f_rms"] is not None:
         cands.append(("F.rms_norm eager", lambda: spec["f_rms"], chk, False))
@@ -260,7 +256,6 @@ def run(a) -> list[dict]:
             if fam == "rms_fp8_group128" and h % 128:
                 continue
             cands, meta = candidates(fam, t, h, dev, a)
-            gen_us = ker_us = None
             for name, make, chk, is_compiled in cands:
                 row = dict(shape=shape, family=fam, candidate=name, copy_us=copy_us)
                 if is_compiled and budget.spent():
@@ -280,19 +275,10 @@ def run(a) -> list[dict]:
                         if t > LATENCY_T:
                             bw = meta["bytes"] / g_us / 1e3
                             row.update(gbps=bw, ratio=bw / (4 * t * h / copy_us / 1e3))
-                        if name == "compile_norm":
-                            gen_us = g_us
-                        elif name.startswith("compile_norm ") and name != "compile_norm eager":
-                            ker_us = g_us
                 except Exception as e:  # report and go on
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                 rows.append(row)
                 print("   " + fmt_row(row), flush=True)
-            if a.tune and gen_us is not None and ker_us is not None and fam in FAMILY_OP:
-                from compile_norm.lowerings import choice
-
-                picked = choice.record(FAMILY_OP[fam], torch.bfloat16, h, t, gen_us, ker_us)
-                print(f"   tune: {FAMILY_OP[fam]} {shape} -> {picked}", flush=True)
     return rows
 
 
@@ -393,10 +379,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="eager candidates only")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop compiling after this many seconds from the start (default 270 with --quick)")
-    p.add_argument("--tune", action="store_true", help="record generated vs kernel times as kernel choices")
     p.add_argument("--cache", action="store_true",
                    help="allow Inductor's FX graph / AOT caches (faster; a cache hit runs no pass, "
                         "so the fusion counters stay empty)")
+    p.add_argument("--extra", type=json.loads, default={},
+                   help='more compiled candidates, JSON {name: [backend, options]}, e.g. '
+                        '\'{"cn per-T": ["compile_norm", {"batch_invariant": false}]}\'')
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, checks only (no timing)")
     p.add_argument("--out", default=os.environ.get("OUT") or "out")
     a = p.parse_args(argv)

@@ -12,18 +12,30 @@ Keys (all optional):
   one accepts the node: the Triton kernel as a user-defined kernel, others as a call).
 - ``strict``: a pass that fails raises instead of warning and leaving the graph unfused.
 - ``providers``: provider priority (as for ``compile_norm.set_priority``) applied while compiling.
+- ``measure``: under ``lowering="auto"`` on CUDA, time the candidates of a node's shape class
+  once at compile time (``lowerings/measure.py``; cached on disk per device and versions)
+  instead of trusting the seed table; default True.
 - every other key that is an Inductor config name (``torch._inductor.config``) is passed through
   to ``compile_fx`` as a config patch, e.g. ``{"max_autotune": True}``.
+
+Numerics: compiled code gives eager's bits by default. ``NUMERICS_DEFAULTS`` are Inductor
+settings the backend applies unless the options name them: ``emulate_precision_casts`` (round
+where eager rounds, e.g. the norm's cast to bf16 before the weight multiply) and
+``batch_invariant`` (a row's reduction order never depends on the token count; the kernel
+choice then ignores the token count too). ``{"batch_invariant": False}`` trades that for
+choices per token count; ``{"emulate_precision_casts": False}`` for Inductor's fused rounding.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 PASS_ORDER = ("canonicalize", "gemma", "residual", "quant", "lower")
 LOWERING_MODES = ("generated", "kernel", "auto")
-_OWN_KEYS = ("passes", "quant_fusion", "lowering", "strict", "providers")
+_OWN_KEYS = ("passes", "quant_fusion", "lowering", "strict", "providers", "measure")
+NUMERICS_DEFAULTS = {"emulate_precision_casts": True, "batch_invariant": True}
 
 
 def _freeze(value: Any) -> Any:
@@ -43,6 +55,7 @@ class CompileOptions:
     lowering: str = "auto"
     strict: bool = False
     providers: Any = None  # frozen priority spec, or None (leave the current priority)
+    measure: bool = True
     inductor: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def enabled(self, name: str) -> bool:
@@ -52,16 +65,25 @@ class CompileOptions:
 
     @property
     def inductor_config(self) -> dict[str, Any]:
-        return dict(self.inductor)
+        """The Inductor config patches: ``NUMERICS_DEFAULTS`` (where this torch has the
+        setting), then the user's."""
+        known = _inductor_config_keys()
+        return {**{k: v for k, v in NUMERICS_DEFAULTS.items() if k in known}, **dict(self.inductor)}
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether lowering choices must not depend on the token count."""
+        return bool(dict(self.inductor).get("batch_invariant", NUMERICS_DEFAULTS["batch_invariant"]))
 
     def cache_key(self) -> str:
         return repr(self)
 
 
-def _inductor_config_keys() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _inductor_config_keys() -> frozenset[str]:
     from torch._inductor import config
 
-    return set(config._config.keys()) if hasattr(config, "_config") else set(dir(config))
+    return frozenset(config._config.keys()) if hasattr(config, "_config") else frozenset(dir(config))
 
 
 def parse_options(options: Mapping[str, Any] | CompileOptions | None) -> CompileOptions:
@@ -94,7 +116,7 @@ def parse_options(options: Mapping[str, Any] | CompileOptions | None) -> Compile
         raise ValueError(
             f"compile_norm: option 'lowering' must be one of {list(LOWERING_MODES)}, got {lowering!r}"
         )
-    for key in ("quant_fusion", "strict"):
+    for key in ("quant_fusion", "strict", "measure"):
         if key in own and not isinstance(own[key], bool):
             raise ValueError(f"compile_norm: option {key!r} must be a bool, got {own[key]!r}")
     providers = own.get("providers")
@@ -112,6 +134,7 @@ def parse_options(options: Mapping[str, Any] | CompileOptions | None) -> Compile
         quant_fusion=own.get("quant_fusion", True),
         lowering=lowering,
         strict=own.get("strict", False),
+        measure=own.get("measure", True),
         providers=_freeze(providers),
         inductor=tuple(sorted(rest.items())),
     )

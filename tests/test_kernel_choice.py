@@ -67,7 +67,9 @@ def test_table_on_fake_cuda():
     assert choice.choose("rms_norm", [x, w, 1e-6, 0.0, None]) == "generated"  # ties
     assert choice.choose("fused_add_rms_norm_fp8_dynamic", [x, r, w, 1e-6, None, 0.0, None]) == "kernel"
     _, (x1, w1) = fake_cuda((1, 4096), (4096,))
-    assert choice.choose("rms_norm_int8_dynamic", [x1, w1, 1e-6, 0.0, None]) == "generated"  # decode
+    # batch invariant (the default): one choice for every token count, the bulk one
+    assert choice.choose("rms_norm_int8_dynamic", [x1, w1, 1e-6, 0.0, None]) == "kernel"
+    assert choice.choose("rms_norm_int8_dynamic", [x1, w1, 1e-6, 0.0, None], batch_invariant=False) == "generated"
     assert choice.choose("rms_norm_int8_dynamic", [x, w, 1e-6, 0.0, None]) == "kernel"
     # group size the kernel does not take (not a power of two): generated
     bad = group_args(8192, 4096)
@@ -80,14 +82,30 @@ def test_table_on_fake_cuda():
 @pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
 def test_measurements_override_the_table_and_persist():
     args = group_args(8192, 4096)
+    key = choice.shape_class("rms_norm_fp8_group", args)
+    device = choice.device_key(args[0].device)
     key_before = choice.state_key()
-    assert choice.record("rms_norm_fp8_group", BF16, 4096, 8192, generated_us=40.0, kernel_us=45.0) == "generated"
+    # geometric mean of kernel / generated over the tokens measured: sqrt(1.25 * 0.9) > 0.97
+    assert choice.record(key, device, (16, 8192), generated_us=(4.0, 40.0), kernel_us=(5.0, 36.0)) == "generated"
     assert choice.choose("rms_norm_fp8_group", args) == "generated"
+    assert choice.choose("rms_norm_fp8_group", group_args(1, 4096)) == "generated"  # same class: any T
     assert choice.state_key() != key_before
     choice.reset_measured()  # a new process: read back from disk
     assert choice.explain("rms_norm_fp8_group", args)[1].startswith("measured")
-    # another shape still follows the table
-    assert choice.choose("rms_norm_fp8_group", group_args(2048, 4096)) == "kernel"
+    # another hidden size, or another device, still follows the table
+    assert choice.choose("rms_norm_fp8_group", group_args(2048, 5376)) == "kernel"
+    assert choice.measured(key, "another card|torch 0|triton 0") is None
+    # per token class without batch invariance: the class key differs
+    assert choice.shape_class("rms_norm_fp8_group", args, batch_invariant=False) != key
+    assert choice.choose("rms_norm_fp8_group", args, batch_invariant=False) == "kernel"
+
+
+def test_shape_class_names_what_changes_speed():
+    _, (x, w, r) = fake_cuda((4, 8, 4096), (4096,), (4, 8, 4096))
+    key = choice.shape_class("fused_add_rms_norm", [x, r, w, 1e-6, 0.0, None])
+    assert key == "fused_add_rms_norm|bfloat16|4096|any|bfloat16,bfloat16[4096],float,float,None"
+    assert choice.shape_class("fused_add_rms_norm", [x, r, w, 1e-5, 1.0, None]) == key  # values of floats
+    assert choice.shape_class("fused_add_rms_norm", [x, r, w, 1e-6, 0.0, None], batch_invariant=False).split("|")[3] == "decode"  # 32 rows
 
 
 def test_auto_option_and_uuid_follow_measurements():
@@ -98,7 +116,7 @@ def test_auto_option_and_uuid_follow_measurements():
         parse_options({"lowering": "fastest"})
     p = CompileNormPass({"lowering": "auto"})
     before = p.uuid()
-    choice.record("rms_norm", BF16, 4096, 8192, generated_us=1.0, kernel_us=2.0)
+    choice.record("rms_norm|bfloat16|4096|any|", "card", (8192,), generated_us=(1.0,), kernel_us=(2.0,))
     assert p.uuid() != before
     g = CompileNormPass({"lowering": "generated"})
     assert g.uuid() == g.uuid()
@@ -336,12 +354,39 @@ def test_tune_measures_once_and_auto_follows_it():
 
     x = torch.randn(2048, 4096, device="cuda", dtype=BF16)
     w = torch.randn(4096, device="cuda", dtype=BF16)
-    picked = measure.tune("rms_norm_fp8_group", x, w, 1e-6, 128)
-    entry = choice._load()[choice.measured_key("rms_norm_fp8_group", BF16, 4096, 2048)]
-    assert entry["choice"] == picked and entry["generated_us"] > 0 and entry["kernel_us"] > 0
-    assert choice.explain("rms_norm_fp8_group", [x, w, 1e-6, 128, False, False, 0.0, None])[1].startswith("measured")
+    args = [x, w, 1e-6, 128, False, False, 0.0, None]
+    picked = measure.tune("rms_norm_fp8_group", *args)
+    entry = choice.measured(choice.shape_class("rms_norm_fp8_group", args), choice.device_key())
+    assert entry["choice"] == picked and entry["tokens"] == list(choice.MEASURE_TOKENS["any"])
+    assert min(entry["generated_us"]) > 0 and min(entry["kernel_us"]) > 0
+    assert choice.explain("rms_norm_fp8_group", args)[1].startswith("measured")
     choice.reset_measured()  # a fresh process reads it back and does not measure again
-    assert measure.tune("rms_norm_fp8_group", x, w, 1e-6, 128) == picked
+    assert measure.tune("rms_norm_fp8_group", *args) == picked
+
+
+@pytest.mark.cuda
+def test_compile_measures_a_missing_class_once(monkeypatch):
+    """lowering='auto' with measure (the default) times the candidates of a class it has no
+    record of, inside the compile, once; the next compile of the class reads the record."""
+    from torch._dynamo.utils import counters
+
+    def f(x, w):
+        return cn.rms_norm_fp8_group(x, w, 1e-6, 128)
+
+    x = torch.randn(64, 3072, device="cuda", dtype=BF16)
+    w = torch.randn(3072, device="cuda", dtype=BF16)
+    counters.clear()
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="compile_norm", options={"passes": []})(x, w)
+    assert counters["compile_norm"]["choice_measured"] == 1
+    key = choice.shape_class("rms_norm_fp8_group", [x, w, 1e-6, 128, False, False, 0.0, None])
+    assert choice.measured(key, choice.device_key()) is not None
+    ref = f(x, w)
+    assert torch.equal(out[1], ref[1])
+    counters.clear()
+    torch._dynamo.reset()
+    torch.compile(f, backend="compile_norm", options={"passes": []})(x[:5], w)  # another T: same class
+    assert not counters["compile_norm"]["choice_measured"]
 
 
 @pytest.fixture
@@ -390,14 +435,17 @@ def test_inductor_mutation_analysis_of_the_kernel(cuda_target_for_triton_fronten
 
 
 def test_mid_token_counts():
-    """(256, 4096] tokens: the plain norms take the kernel at non-power-of-two H (run 9), the
-    quantizing families follow their bulk entries, power-of-two plain norms stay generated."""
+    """Without batch invariance, (256, 4096] tokens: the plain norms take the kernel at
+    non-power-of-two H (run 9), the quantizing families follow their bulk entries,
+    power-of-two plain norms stay generated. With it (the default) the bulk entry holds."""
     _, (x, r, w) = fake_cuda((2048, 2304), (2048, 2304), (2304,))
     assert choice.token_class(2048) == "mid" and choice.token_class(8192) == "bulk"
-    assert choice.choose("rms_norm", [x, w, 1e-6, 1.0, None]) == "kernel"
-    assert choice.choose("fused_add_rms_norm", [x, r, w, 1e-6, 0.0, None]) == "kernel"
-    assert choice.choose("rms_norm_int8_dynamic", [x, w, 1e-6, 0.0, None]) == "kernel"
+    per_t = dict(batch_invariant=False)
+    assert choice.choose("rms_norm", [x, w, 1e-6, 1.0, None], **per_t) == "kernel"
+    assert choice.choose("rms_norm", [x, w, 1e-6, 1.0, None]) == "generated"
+    assert choice.choose("fused_add_rms_norm", [x, r, w, 1e-6, 0.0, None], **per_t) == "kernel"
+    assert choice.choose("rms_norm_int8_dynamic", [x, w, 1e-6, 0.0, None], **per_t) == "kernel"
     _, (x4, w4) = fake_cuda((2048, 4096), (4096,))
-    assert choice.choose("rms_norm", [x4, w4, 1e-6, 0.0, None]) == "generated"
+    assert choice.choose("rms_norm", [x4, w4, 1e-6, 0.0, None], **per_t) == "generated"
     _, (x8, w8) = fake_cuda((8192, 2304), (2304,))
-    assert choice.choose("rms_norm", [x8, w8, 1e-6, 0.0, None]) == "generated"
+    assert choice.choose("rms_norm", [x8, w8, 1e-6, 0.0, None], **per_t) == "generated"

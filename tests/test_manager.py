@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 from compile_helpers import assert_close, assert_close_q, cn, compile_run
 from compile_norm import parse_options
 from compile_norm.ops import registry
+from compile_norm.options import NUMERICS_DEFAULTS
 from compile_norm.passes import cache_key, manager, residual
 from compile_norm.passes.manager import CompileNormPass
 
@@ -33,7 +34,12 @@ def args():
 def test_options_parse_and_reject_unknown_keys():
     o = parse_options({"lowering": "kernel", "passes": ["residual", "gemma"], "max_autotune": False})
     assert o.passes == ("gemma", "residual") and o.lowering == "kernel"
-    assert o.inductor_config == {"max_autotune": False}
+    assert o.inductor_config == {"max_autotune": False, **NUMERICS_DEFAULTS}  # eager's numerics by default
+    off = parse_options({"batch_invariant": False, "emulate_precision_casts": False})
+    assert off.inductor_config == {"batch_invariant": False, "emulate_precision_casts": False}
+    assert not off.batch_invariant and o.batch_invariant
+    with pytest.raises(ValueError, match="'measure' must be a bool"):
+        parse_options({"measure": "yes"})
     with pytest.raises(ValueError, match="unknown option.*'fusee'"):
         parse_options({"fusee": True})
     with pytest.raises(ValueError, match="'lowering' must be one of"):

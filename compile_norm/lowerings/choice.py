@@ -1,16 +1,20 @@
 """Which implementation the ``lower`` pass gives an op under ``lowering="auto"``.
 
-``choose(op_name, fake_args)`` returns ``"generated"`` (inline the reference: Inductor
-generates the fused code) or ``"kernel"`` (the Triton kernel, as a user-defined kernel through
-``compile_norm.kernels.library_ops``). Order of evidence:
+``explain(op_name, fake_args)`` returns ``("generated", why)`` (inline the reference: Inductor
+generates the fused code) or ``("kernel", why)`` (the Triton kernel, as a user-defined kernel
+through ``compile_norm.kernels.library_ops``). Order of evidence:
 
 1. Hard rules: not CUDA, kernel library unavailable, or the kernel rejects the arguments ->
-   generated. Symbolic token count -> generated (the table is per token bucket).
-2. Measured entries (``record`` / ``benchmarks/suite.py --tune``), exact (op, dtype, H, T),
-   in memory and in ``<inductor cache dir>/compile_norm/choice.json``.
-3. The seed table ``KERNEL_WINS`` (H100 runs, benchmarks/RESULTS.md): kernel where it beat
-   generated code clearly (>= 5%), generated everywhere else (ties go to generated: it can
-   fuse with neighbours, a kernel cannot).
+   generated. A symbolic hidden size (or, without batch invariance, token count) -> generated.
+2. A measurement of the node's shape class on this device (card, torch, Triton): taken at
+   compile time by ``lowerings/measure.py`` when none is on record (the ``measure`` option),
+   kept in memory and in ``<inductor cache dir>/compile_norm/choice.json``.
+3. Where nothing could be measured: the seed table ``KERNEL_WINS`` (H100 runs,
+   benchmarks/RESULTS.md): kernel where it beat generated code clearly (>= 5%), generated
+   everywhere else (ties go to generated: it can fuse with neighbours, a kernel cannot).
+
+Batch invariance (the default): one choice per shape class for every token count, so the same
+row gets the same code, and the same bits, whatever the number of rows.
 
 The pass manager's cache key includes ``state_key()`` (the measured entries), and the sources
 of this file are hashed with the package, so a change of either recompiles.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pathlib
 import threading
@@ -137,9 +142,18 @@ def _tokens(x: torch.Tensor) -> int | None:
 
 
 # --- measured entries (memory + disk) -------------------------------------------------------
+#
+# The file holds {device key: {shape class: entry}}; the device key names the GPU and the torch
+# and Triton versions, so a measurement is only trusted on the card and stack it was made on.
+# A shape class is (op, dtype, hidden size, token class, the other arguments' kinds); with
+# batch invariance (the default) the token class is "any": one choice for every token count,
+# measured at MEASURE_TOKENS["any"], so a row's bits never depend on how many rows share a call.
+
+MEASURE_TOKENS = {"any": (16, 8192), "decode": (16,), "mid": (2048,), "bulk": (8192,)}
+TIE = 0.97  # the kernel must be >= 3% faster (geometric mean over the tokens measured)
 
 _LOCK = threading.Lock()
-_MEASURED: dict[str, dict] | None = None
+_MEASURED: dict[str, dict[str, dict]] | None = None
 
 
 def cache_path() -> pathlib.Path:
@@ -152,36 +166,74 @@ def cache_path() -> pathlib.Path:
     return pathlib.Path(cache_dir()) / "compile_norm" / "choice.json"
 
 
-def measured_key(op_name: str, dtype: torch.dtype, hidden: int, tokens: int) -> str:
-    return f"{op_name}|{str(dtype).replace('torch.', '')}|{hidden}|{tokens}"
+def device_key(device: torch.device | None = None) -> str:
+    """The card and software a measurement holds for."""
+    from ..passes.cache_key import triton_version
+
+    try:
+        name = torch.cuda.get_device_name(device)
+    except (RuntimeError, AssertionError):  # no driver (fake CUDA tensors on a CPU machine)
+        name = "no CUDA device"
+    return f"{name}|torch {torch.__version__}|triton {triton_version()}"
 
 
-def _load() -> dict[str, dict]:
+def _arg_kind(a: Any, x: torch.Tensor) -> str:
+    """What of an argument can change the speed: dtypes, shapes other than x's, flags, ints."""
+    if isinstance(a, torch.Tensor):
+        return f"{str(a.dtype).replace('torch.', '')}{'' if a.shape == x.shape else list(a.shape)}"
+    if a is None or isinstance(a, (bool, int)):
+        return repr(a)
+    return type(a).__name__  # a float's value (eps, an offset) does not change the kernel's speed
+
+
+def shape_class(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True) -> str | None:
+    """The key a measurement is kept under; None for a symbolic shape."""
+    x = fake_args[0]
+    hidden, tokens = _static_int(x.shape[-1]), _tokens(x)
+    if hidden is None or (tokens is None and not batch_invariant):
+        return None
+    tclass = "any" if batch_invariant else token_class(tokens)
+    rest = ",".join(_arg_kind(a, x) for a in fake_args[1:])
+    return f"{op_name}|{str(x.dtype).replace('torch.', '')}|{hidden}|{tclass}|{rest}"
+
+
+def _load() -> dict[str, dict[str, dict]]:
     global _MEASURED
     with _LOCK:
         if _MEASURED is None:
             try:
                 data = json.loads(cache_path().read_text())
-                _MEASURED = {k: v for k, v in data.items() if isinstance(v, dict) and v.get("choice") in (GENERATED, KERNEL)}
             except (OSError, ValueError):
-                _MEASURED = {}
+                data = {}
+            _MEASURED = {dev: {k: v for k, v in table.items()
+                               if isinstance(v, dict) and v.get("choice") in (GENERATED, KERNEL)}
+                         for dev, table in data.items() if isinstance(table, dict)}
         return _MEASURED
 
 
-def record(op_name: str, dtype: torch.dtype, hidden: int, tokens: int, generated_us: float, kernel_us: float) -> str:
-    """Store a measurement (both candidates' kernel time); the faster one wins, ties (< 3%)
-    go to generated. Written through to the disk cache. Returns the choice."""
-    choice = KERNEL if kernel_us < 0.97 * generated_us else GENERATED
-    entry = dict(choice=choice, generated_us=round(generated_us, 3), kernel_us=round(kernel_us, 3))
+def measured(key: str, device: str) -> dict | None:
+    return _load().get(device, {}).get(key)
+
+
+def record(key: str, device: str, tokens: Sequence[int], generated_us: Sequence[float],
+           kernel_us: Sequence[float], seconds: float = 0.0) -> str:
+    """Store a measurement of both candidates at each token count; the kernel wins where its
+    time is below TIE x generated code's (geometric mean), else generated (ties go to
+    generated: it fuses with its neighbours). Written through to disk. Returns the choice."""
+    ratios = [k / g for g, k in zip(generated_us, kernel_us)]
+    ratio = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    entry = dict(choice=KERNEL if ratio < TIE else GENERATED, tokens=list(tokens),
+                 generated_us=[round(v, 3) for v in generated_us],
+                 kernel_us=[round(v, 3) for v in kernel_us], seconds=round(seconds, 2))
     table = _load()
     with _LOCK:
-        table[measured_key(op_name, dtype, hidden, tokens)] = entry
+        table.setdefault(device, {})[key] = entry
         path = cache_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
         os.replace(tmp, path)
-    return choice
+    return entry["choice"]
 
 
 def reset_measured(forget_disk: bool = False) -> None:
@@ -204,9 +256,12 @@ def state_key() -> str:
 # --- the choice ---------------------------------------------------------------------------------
 
 
-def explain(op_name: str, fake_args: Sequence[Any]) -> tuple[str, str]:
+def explain(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True,
+            measure: bool = False) -> tuple[str, str]:
     """(choice, why) between the Triton kernel and generated code for ``op_name`` called
-    with positional ``fake_args`` (fake or real), as ``lowering="auto"`` decides it."""
+    with positional ``fake_args`` (fake or real), as ``lowering="auto"`` decides it.
+    ``batch_invariant``: one choice for every token count. ``measure``: time the candidates
+    now where this shape class has no measurement on this device (lowerings/measure.py)."""
     if op_name == "rms_norm_backward":  # its kernel is eager only (no library op, no table)
         return GENERATED, "the backward kernel runs in eager only"
     fam = family(op_name)
@@ -221,27 +276,36 @@ def explain(op_name: str, fake_args: Sequence[Any]) -> tuple[str, str]:
         return GENERATED, library_ops.REASON
     if not library_ops.supports(op_name, *fake_args):
         return GENERATED, "the Triton kernel does not accept these arguments"
-    hidden = _static_int(x.shape[-1])
-    tokens = _tokens(x)
-    if hidden is None or tokens is None:
-        return GENERATED, "symbolic shape: the table is per token and hidden size"
-    entry = _load().get(measured_key(op_name, x.dtype, hidden, tokens))
+    key = shape_class(op_name, fake_args, batch_invariant)
+    if key is None:
+        return GENERATED, "symbolic shape: choices are per token class and hidden size"
+    device = device_key(x.device)
+    entry = measured(key, device)
+    if entry is None and measure:
+        from . import measure as measuring
+
+        entry = measuring.measure_class(op_name, fake_args, key, device)
     if entry is not None:
-        return entry["choice"], f"measured: generated {entry['generated_us']} us, kernel {entry['kernel_us']} us"
+        return entry["choice"], (f"measured at T={entry['tokens']}: generated {entry['generated_us']} us, "
+                                 f"kernel {entry['kernel_us']} us")
     if dtype_class(x.dtype) != "16bit":
         return GENERATED, f"{x.dtype} activations: not in the table"
-    key = (fam, hidden_class(hidden), token_class(tokens))
-    source = KERNEL_WINS.get(key)
-    if source is None and key[2] == "mid":
-        source = KERNEL_WINS.get((fam, key[1], "bulk"))
+    tclass = key.split("|")[3]
+    if tclass == "any":
+        tclass = "bulk"  # one choice for every token count: the bandwidth-bound one
+    hidden = _static_int(x.shape[-1])
+    table_key = (fam, hidden_class(hidden), tclass)
+    source = KERNEL_WINS.get(table_key)
+    if source is None and tclass == "mid":
+        source = KERNEL_WINS.get((fam, table_key[1], "bulk"))
     if source is not None:
-        return KERNEL, f"table {key} ({source})"
-    return GENERATED, f"table {key}: generated code wins or ties"
+        return KERNEL, f"table {table_key} ({source})"
+    return GENERATED, f"table {table_key}: generated code wins or ties"
 
 
-def choose(op_name: str, fake_args: Sequence[Any]) -> str:
+def choose(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True) -> str:
     """``"generated"`` or ``"kernel"`` for ``op_name`` on these (fake) arguments."""
-    return explain(op_name, fake_args)[0]
+    return explain(op_name, fake_args, batch_invariant)[0]
 
 
 # --- the lowering of one node: the one room where it is decided ---------------------------------
@@ -265,11 +329,13 @@ def kernel_provider(op_name: str, fake_args: Sequence[Any]) -> str | None:
     return None
 
 
-def lowering_for(op_name: str, fake_args: Sequence[Any], mode: str) -> tuple[str, str]:
+def lowering_for(op_name: str, fake_args: Sequence[Any], mode: str, batch_invariant: bool = True,
+                 measure: bool = False) -> tuple[str, str]:
     """``(implementation, why)`` of one IR node under the ``lowering`` option ``mode``:
     ``GENERATED`` (inline the reference), ``KERNEL`` (the Triton kernel as a user-defined
     kernel) or ``CALL`` (keep the op for another provider). A pure function of the node's
-    fake arguments, the provider priority and the measured entries."""
+    fake arguments, the provider priority and the measured entries (``measure``: take a
+    missing measurement now, see ``explain``)."""
     from ..kernels.triton_ops import PROVIDER as TRITON  # whose kernel Inductor can see
 
     if mode == GENERATED:
@@ -280,7 +346,7 @@ def lowering_for(op_name: str, fake_args: Sequence[Any], mode: str) -> tuple[str
     if mode == "auto":
         if provider != TRITON:  # the table knows only the Triton kernel
             return GENERATED, f"provider {provider!r} is not in the table"
-        return explain(op_name, fake_args)
+        return explain(op_name, fake_args, batch_invariant, measure)
     if provider == TRITON:
         return KERNEL, "lowering='kernel'"
     return CALL, f"kept as a call to kernel {provider!r}"

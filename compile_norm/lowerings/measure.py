@@ -1,25 +1,54 @@
-"""Measure generated code against the Triton kernel for one op call, and record the winner.
+"""Time generated code against the Triton kernel for one shape class, and record the winner.
 
-``tune(op_name, *args)`` (real CUDA tensors, positional in schema order) times both
-candidates the way benchmarks do (CUDA-graph replay, ``triton.testing.do_bench`` median, L2
-flushed): the op's reference compiled by Inductor (``dynamic=False``: the code
-``lowering="generated"`` would give this node alone) and the ``compile_norm_kernels`` kernel.
-The result goes to ``choice.record`` (memory + ``<inductor cache dir>/compile_norm/choice.json``),
-which ``lowering="auto"`` then prefers to the seed table; an entry is measured once.
+``measure_class`` is what ``lowering="auto"`` calls at compile time (the ``measure`` option)
+for a node whose shape class has no measurement on this device. For each token count of
+``choice.MEASURE_TOKENS`` it builds real CUDA inputs shaped like the node's (random values,
+positive scales), and times both candidates the way the benchmarks do (CUDA-graph replay,
+``triton.testing.do_bench`` median, L2 flushed):
 
-Not done inside the ``lower`` pass: that runs within an Inductor compile, and compiling the
-reference there would nest Inductor in itself. Call it ahead of compiling (a warm-up script),
-or let ``benchmarks/suite.py --tune`` do it for the suite's shapes.
+- generated: the op's reference traced with ``make_fx`` and compiled by Inductor with the
+  settings of the compile under way, less compile_norm's passes (the code
+  ``lowering="generated"`` gives this node alone);
+- kernel: the op's ``compile_norm_kernels`` library op (the Triton kernel).
+
+The work runs in a worker thread that the compile waits for: Inductor cannot be entered
+again from the thread that is inside it (its graph handler and tracing context are
+per-thread), a fresh thread starts clean. The cost is bounded: at most ``budget_s()`` seconds
+per process (``COMPILE_NORM_MEASURE_BUDGET_S``, default 60; a class costs 3-8 s), after which
+the seed table decides. Each measurement goes to ``choice.record`` (memory + disk, keyed by
+device), so a class is measured once per card and software stack.
+
+``tune(op_name, *args)`` takes the same measurement from real tensors, ahead of a compile.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..ops import registry
 from . import choice
+
+log = logging.getLogger("compile_norm.lowerings")
+_SPENT = [0.0]  # seconds of compile time spent measuring in this process
+_SPENT_LOCK = threading.Lock()
+
+
+def budget_s() -> float:
+    try:
+        return float(os.environ.get("COMPILE_NORM_MEASURE_BUDGET_S", "60"))
+    except ValueError:
+        return 60.0
+
+
+def spent_s() -> float:
+    """Compile time this process has spent measuring."""
+    return _SPENT[0]
 
 
 def graph_time_us(fn: Callable[[], Any]) -> float:
@@ -39,24 +68,119 @@ def graph_time_us(fn: Callable[[], Any]) -> float:
     return triton.testing.do_bench(graph.replay, warmup=10, rep=40, return_mode="median") * 1e3
 
 
-def tune(op_name: str, *args: Any, force: bool = False) -> str:
-    """Measure (unless already recorded and not ``force``) and return the choice."""
+def concrete_args(fake_args: Sequence[Any], tokens: int) -> list:
+    """Real CUDA arguments like ``fake_args``, with ``tokens`` rows: tensors shaped like x get
+    [tokens, H] (random normal), other floating tensors keep their shape with values in
+    [0.5, 1) (weights, positive scales), integer ones are zeros; scalars are kept."""
+    x = fake_args[0]
+    hidden = int(x.shape[-1])
+    out = []
+    for a in fake_args:
+        if not isinstance(a, torch.Tensor):
+            out.append(a)
+        elif a.shape == x.shape:
+            out.append(torch.randn(tokens, hidden, device="cuda").to(a.dtype))
+        elif a.dtype.is_floating_point:
+            out.append((0.5 + 0.5 * torch.rand(tuple(int(d) for d in a.shape), device="cuda")).to(a.dtype))
+        else:
+            out.append(torch.zeros(tuple(int(d) for d in a.shape), device="cuda", dtype=a.dtype))
+    return out
+
+
+def _generated(op_name: str, args: list) -> Callable[[], Any]:
+    """The reference compiled by Inductor alone, with the current Inductor settings but none
+    of compile_norm's passes (they would find the norm again and ask for this measurement)."""
+    from torch._inductor import config
+    from torch._inductor.compile_fx import compile_fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    reference = registry.ops()[op_name].reference
+    gm = make_fx(reference)(*args)
+    ours = {k: None for k in ("pre_grad_custom_pass", "joint_custom_pre_pass", "post_grad_custom_pre_pass",
+                              "post_grad_custom_post_pass") if hasattr(config, k)}
+    with config.patch(ours):
+        compiled = compile_fx(gm, args)
+    return lambda: compiled(*args)
+
+
+def _time_candidates(op_name: str, fake_args: Sequence[Any], tokens: Sequence[int]):
+    from ..kernels import library_ops
+
+    kernel = library_ops.register()[op_name]  # the op's eager path launches without HOP dispatch
+    generated_us, kernel_us = [], []
+    for t in tokens:
+        args = concrete_args(fake_args, t)
+        generated_us.append(graph_time_us(_generated(op_name, args)))
+        kernel_us.append(graph_time_us(lambda: kernel(*args)))
+    return generated_us, kernel_us
+
+
+def _in_worker(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a fresh thread and wait for it; its exception is raised here."""
+    result: dict[str, Any] = {}
+
+    def work():
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            result["error"] = e
+
+    worker = threading.Thread(target=work, name="compile_norm-measure", daemon=True)
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def measure_class(op_name: str, fake_args: Sequence[Any], key: str, device: str,
+                  bounded: bool = True) -> dict | None:
+    """Measure the shape class ``key`` (``choice.shape_class``) on ``device`` and record it;
+    None (the table decides) if measuring fails or, when ``bounded`` (compile time), once
+    the budget is spent."""
+    if bounded and spent_s() >= budget_s():
+        log.info("compile_norm: measuring budget (%.0f s) spent; %s follows the table", budget_s(), key)
+        return None
+    tclass = key.split("|")[3]
+    tokens = choice.MEASURE_TOKENS[tclass]
+    start = time.perf_counter()
+    try:
+        generated_us, kernel_us = _in_worker(lambda: _time_candidates(op_name, fake_args, tokens))
+    except Exception as e:  # a failed measurement must not fail the compile
+        log.warning("compile_norm: measuring %s failed (%s: %s); the table decides", key, type(e).__name__, e)
+        return None
+    finally:
+        if bounded:
+            with _SPENT_LOCK:
+                _SPENT[0] += time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    picked = choice.record(key, device, tokens, generated_us, kernel_us, seconds)
+    from torch._dynamo.utils import counters
+
+    from ..passes.base import COUNTER_GROUP
+
+    counters[COUNTER_GROUP]["choice_measured"] += 1
+    log.info("compile_norm: measured %s in %.1f s: generated %s us, kernel %s us -> %s",
+             key, seconds, generated_us, kernel_us, picked)
+    return choice.measured(key, device)
+
+
+def tune(op_name: str, *args: Any, batch_invariant: bool = True, force: bool = False) -> str:
+    """Measure (unless on record and not ``force``) the shape class of this call and return
+    the choice: a warm-up ahead of compiling. ``args``: real CUDA tensors, schema order."""
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or not x.is_cuda:
         raise ValueError(f"compile_norm: tune needs CUDA tensors; x is {type(x).__name__} "
                          f"on {getattr(x, 'device', None)}")
     from ..kernels import library_ops
 
-    hidden, tokens = x.shape[-1], x.numel() // max(1, x.shape[-1])
-    key = choice.measured_key(op_name, x.dtype, hidden, tokens)
-    entry = choice._load().get(key)
-    if entry is not None and not force:
-        return entry["choice"]
     if not library_ops.AVAILABLE or not library_ops.supports(op_name, *args):
         raise ValueError(f"compile_norm: the Triton kernel does not take op {op_name!r} with these arguments")
-    reference = registry.ops()[op_name].reference
-    compiled = torch.compile(reference, dynamic=False)
-    kernel = library_ops.register()[op_name]  # the op's eager path launches without HOP dispatch
-    generated_us = graph_time_us(lambda: compiled(*args))
-    kernel_us = graph_time_us(lambda: kernel(*args))
-    return choice.record(op_name, x.dtype, hidden, tokens, generated_us, kernel_us)
+    key = choice.shape_class(op_name, args, batch_invariant)
+    device = choice.device_key(x.device)
+    entry = None if force else choice.measured(key, device)
+    if entry is None:  # an explicit warm-up is not compile time: no budget
+        entry = measure_class(op_name, args, key, device, bounded=False)
+    if entry is None:
+        raise RuntimeError(f"compile_norm: measuring {op_name} failed (see the log)")
+    return entry["choice"]

@@ -67,7 +67,9 @@ class LowerPass(PatternPass):
     def _lower(self, match: Match, *args, **kwargs) -> None:
         node = match.output_node()
         mode = self.options.lowering
-        how, why = lowering_choice.lowering_for(P.op_name(node), _fake_args(node), mode)
+        how, why = lowering_choice.lowering_for(P.op_name(node), _fake_args(node), mode,
+                                                batch_invariant=self.options.batch_invariant,
+                                                measure=self.options.measure)
         log.debug("compile_norm lower (%s): %s -> %s (%s)", mode, P.site(node), how, why)
         if how == lowering_choice.KERNEL:
             traced, why = _trace_kernel(node)
@@ -87,7 +89,31 @@ class LowerPass(PatternPass):
         self.result.matched += 1
 
     def run(self, graph: torch.fx.Graph, options) -> PassResult:
+        before = set(graph.nodes)
         with self.running(options) as result:
             self.patterns.apply(graph)
         graph.eliminate_dead_code()
+        _mark_eager_roundings(n for n in graph.nodes if n not in before)
         return result
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _mark_eager_roundings(nodes) -> None:
+    """Under ``emulate_precision_casts``, Inductor rounds a 16-bit pointwise result where
+    eager would only for nodes that tracing marked (``low_precision_pointwise_barrier``, set
+    by make_fx for ops the user's code ran). The inlined reference's nodes are such ops: the
+    eager op runs them one by one, each rounding its output. The pattern matcher's
+    replacement does not carry that mark over, so it is set here, by the same rule make_fx
+    uses (a 16-bit output or input)."""
+    from torch._inductor import config
+
+    if not config.emulate_precision_casts:
+        return
+    for node in nodes:
+        if node.op != "call_function":
+            continue
+        vals = [node.meta.get("val")] + [n.meta.get("val") for n in node.all_input_nodes]
+        if any(isinstance(v, torch.Tensor) and v.dtype in _LOW_PRECISION for v in vals):
+            node.meta["low_precision_pointwise_barrier"] = True
