@@ -18,12 +18,16 @@ Keys (all optional):
 - every other key that is an Inductor config name (``torch._inductor.config``) is passed through
   to ``compile_fx`` as a config patch, e.g. ``{"max_autotune": True}``.
 
-Numerics: compiled code gives eager's bits by default. ``NUMERICS_DEFAULTS`` are Inductor
-settings the backend applies unless the options name them: ``emulate_precision_casts`` (round
-where eager rounds, e.g. the norm's cast to bf16 before the weight multiply) and
-``batch_invariant`` (a row's reduction order never depends on the token count; the kernel
-choice then ignores the token count too). ``{"batch_invariant": False}`` trades that for
-choices per token count; ``{"emulate_precision_casts": False}`` for Inductor's fused rounding.
+Numerics: compiled code gives eager's bits by default.
+
+- ``emulate_precision_casts`` (an Inductor setting the backend turns on unless the options
+  name it): round where eager rounds, e.g. the norm's cast to bf16 before the weight multiply.
+  ``False`` trades that for Inductor's fused rounding.
+- ``batch_invariant`` (default True): a row's bits never depend on how many rows share the
+  call. The kernel choice ignores the token count; Inductor's own ``batch_invariant`` setting
+  is turned on where this torch has it (it fixes the generated reductions' configuration),
+  and where it has not, the Triton kernel (batch-invariant by construction) is chosen wherever
+  it takes the call. ``False`` allows choices per token count.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ from typing import Any, Mapping
 
 PASS_ORDER = ("canonicalize", "gemma", "residual", "quant", "lower")
 LOWERING_MODES = ("generated", "kernel", "auto")
-_OWN_KEYS = ("passes", "quant_fusion", "lowering", "strict", "providers", "measure")
-NUMERICS_DEFAULTS = {"emulate_precision_casts": True, "batch_invariant": True}
+_OWN_KEYS = ("passes", "quant_fusion", "lowering", "strict", "providers", "measure", "batch_invariant")
+NUMERICS_DEFAULTS = {"emulate_precision_casts": True}  # Inductor settings, unless the options name them
 
 
 def _freeze(value: Any) -> Any:
@@ -56,6 +60,7 @@ class CompileOptions:
     strict: bool = False
     providers: Any = None  # frozen priority spec, or None (leave the current priority)
     measure: bool = True
+    batch_invariant: bool = True
     inductor: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def enabled(self, name: str) -> bool:
@@ -65,21 +70,22 @@ class CompileOptions:
 
     @property
     def inductor_config(self) -> dict[str, Any]:
-        """The Inductor config patches: ``NUMERICS_DEFAULTS`` (where this torch has the
-        setting), then the user's."""
+        """The Inductor config patches: ``NUMERICS_DEFAULTS`` and ``batch_invariant`` where
+        this torch has the setting, then the user's other Inductor settings."""
         known = _inductor_config_keys()
-        return {**{k: v for k, v in NUMERICS_DEFAULTS.items() if k in known}, **dict(self.inductor)}
-
-    @property
-    def batch_invariant(self) -> bool:
-        """Whether lowering choices must not depend on the token count."""
-        return bool(dict(self.inductor).get("batch_invariant", NUMERICS_DEFAULTS["batch_invariant"]))
+        ours = {**NUMERICS_DEFAULTS, "batch_invariant": self.batch_invariant}
+        return {**{k: v for k, v in ours.items() if k in known}, **dict(self.inductor)}
 
     def cache_key(self) -> str:
         return repr(self)
 
 
 @functools.lru_cache(maxsize=1)
+def inductor_has(name: str) -> bool:
+    """Whether this torch's Inductor has the config setting ``name``."""
+    return name in _inductor_config_keys()
+
+
 def _inductor_config_keys() -> frozenset[str]:
     from torch._inductor import config
 
@@ -116,7 +122,7 @@ def parse_options(options: Mapping[str, Any] | CompileOptions | None) -> Compile
         raise ValueError(
             f"compile_norm: option 'lowering' must be one of {list(LOWERING_MODES)}, got {lowering!r}"
         )
-    for key in ("quant_fusion", "strict", "measure"):
+    for key in ("quant_fusion", "strict", "measure", "batch_invariant"):
         if key in own and not isinstance(own[key], bool):
             raise ValueError(f"compile_norm: option {key!r} must be a bool, got {own[key]!r}")
     providers = own.get("providers")
@@ -135,6 +141,7 @@ def parse_options(options: Mapping[str, Any] | CompileOptions | None) -> Compile
         lowering=lowering,
         strict=own.get("strict", False),
         measure=own.get("measure", True),
+        batch_invariant=own.get("batch_invariant", True),
         providers=_freeze(providers),
         inductor=tuple(sorted(rest.items())),
     )

@@ -32,6 +32,13 @@ def empty_measurements(tmp_path, monkeypatch):
     choice.reset_measured()
 
 
+@pytest.fixture(autouse=True)
+def inductor_keeps_batch_invariance(monkeypatch):
+    """The table's semantics as on a torch whose Inductor has the batch_invariant setting
+    (2.12+); on 2.11 the kernel is chosen unmeasured (tested on its own below)."""
+    monkeypatch.setattr(choice, "inductor_has", lambda name: True)
+
+
 def fake_cuda(*shapes, dtype=BF16):
     mode = FakeTensorMode()
     with mode:
@@ -432,6 +439,16 @@ def test_inductor_mutation_analysis_of_the_kernel(cuda_target_for_triton_fronten
     else:
         written = sorted(tkw.identify_mutated_tensors(K.norm_quant_kernel, kwargs, {}))
     assert written == sorted(library_ops.written_args(kwargs))
+
+
+def test_batch_invariance_without_inductors_setting_takes_the_kernel(monkeypatch):
+    """A torch whose Inductor cannot keep generated reductions batch-invariant (2.11): the
+    kernel is chosen wherever it takes the call; per-token choices stay available."""
+    monkeypatch.setattr(choice, "inductor_has", lambda name: name != "batch_invariant")
+    _, (x, w) = fake_cuda((2048, 4096), (4096,))
+    c, why = choice.explain("rms_norm", [x, w, 1e-6, 0.0, None])
+    assert c == "kernel" and "batch invariance" in why
+    assert choice.choose("rms_norm", [x, w, 1e-6, 0.0, None], batch_invariant=False) == "generated"
 
 
 def test_mid_token_counts():

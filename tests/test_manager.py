@@ -34,7 +34,8 @@ def args():
 def test_options_parse_and_reject_unknown_keys():
     o = parse_options({"lowering": "kernel", "passes": ["residual", "gemma"], "max_autotune": False})
     assert o.passes == ("gemma", "residual") and o.lowering == "kernel"
-    assert o.inductor_config == {"max_autotune": False, **NUMERICS_DEFAULTS}  # eager's numerics by default
+    # eager's numerics by default
+    assert o.inductor_config == {"max_autotune": False, **NUMERICS_DEFAULTS, "batch_invariant": True}
     off = parse_options({"batch_invariant": False, "emulate_precision_casts": False})
     assert off.inductor_config == {"batch_invariant": False, "emulate_precision_casts": False}
     assert not off.batch_invariant and o.batch_invariant

@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..options import inductor_has
+
 GENERATED, KERNEL = "generated", "kernel"
 DECODE_TOKENS = 256  # at or below: launch-latency bound (BENCHMARKS.md reports microseconds)
 MID_TOKENS = 4096  # (256, 4096]: "mid"; a family without a "mid" entry follows its "bulk" one
@@ -276,6 +278,9 @@ def explain(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True
         return GENERATED, library_ops.REASON
     if not library_ops.supports(op_name, *fake_args):
         return GENERATED, "the Triton kernel does not accept these arguments"
+    if batch_invariant and not inductor_has("batch_invariant"):
+        return KERNEL, ("batch invariance: this torch's Inductor cannot fix its generated reductions' "
+                        "configuration (no batch_invariant setting); the kernel is batch-invariant")
     key = shape_class(op_name, fake_args, batch_invariant)
     if key is None:
         return GENERATED, "symbolic shape: choices are per token class and hidden size"

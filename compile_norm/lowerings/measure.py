@@ -95,12 +95,21 @@ def _generated(op_name: str, args: list) -> Callable[[], Any]:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     reference = registry.ops()[op_name].reference
-    gm = make_fx(reference)(*args)
+    where = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    tensors = [args[i] for i in where]
+
+    def with_tensors(*ts):  # the graph takes the tensors; scalars are constants, as in a model
+        full = list(args)
+        for i, t in zip(where, ts):
+            full[i] = t
+        return reference(*full)
+
+    gm = make_fx(with_tensors)(*tensors)
     ours = {k: None for k in ("pre_grad_custom_pass", "joint_custom_pre_pass", "post_grad_custom_pre_pass",
                               "post_grad_custom_post_pass") if hasattr(config, k)}
     with config.patch(ours):
-        compiled = compile_fx(gm, args)
-    return lambda: compiled(*args)
+        compiled = compile_fx(gm, tensors)
+    return lambda: compiled(*tensors)
 
 
 def _time_candidates(op_name: str, fake_args: Sequence[Any], tokens: Sequence[int]):
