@@ -35,30 +35,6 @@ FAMILIES = ("rms_fp8_static", "rms_fp8_group128", "rms_int8_dynamic", "add_rms_f
 SHAPES = "8192x4096,8192x5376,2048x2304"
 
 
-def configs(hidden: int, group: int) -> list[triton_ops.LaunchConfig]:
-    """The default config first, then block_m x num_warps x (split | one padded tile), then
-    the persistent prefetching variant (p1 / p2 / p4 / p8: programs per SM; programs beyond
-    what fits on an SM at once wait for a whole earlier program, see triton_ops)."""
-    default = triton_ops.launch_config(hidden, group)
-    out = [default]
-    split = triton_ops.column_tiles(hidden, group)
-    tilings = {split, (triton_ops._next_pow2(hidden),)}
-    for widths, block_m, warps in itertools.product(sorted(tilings), (1, 2, 4), (4, 8, 16)):
-        if block_m * sum(widths) > 16384 or block_m * sum(widths) < warps * 32 * 4:
-            continue
-        tiles = tuple((w // group, group) if group else (1, w) for w in widths)
-        tiles += ((0, 1),) * (3 - len(tiles))
-        cfg = triton_ops.LaunchConfig(block_m, tiles, warps)
-        if cfg != default:
-            out.append(cfg)
-    # persistent, prefetching variant: one row per block, the default tiles and warps
-    for pps in (1, 2, 4, 8):
-        cfg = default._replace(block_m=1, programs_per_sm=pps)
-        if cfg != default:
-            out.append(cfg)
-    return out
-
-
 def label(cfg: triton_ops.LaunchConfig) -> str:
     widths = "+".join(str(ng * g) for ng, g in cfg.tiles if ng)
     persistent = f" p{cfg.programs_per_sm}" if cfg.programs_per_sm else ""
@@ -87,7 +63,7 @@ def main(argv=None) -> int:
             spec = G.families(t, h)[fam]
             group = 128 if fam == "rms_fp8_group128" else 0
             best = None
-            for i, cfg in enumerate(configs(h, group)):
+            for i, cfg in enumerate(triton_ops.candidate_configs(h, group)):
                 if i and a.only and not re.search(a.only, label(cfg)):
                     continue
                 triton_ops.launch_config = lambda hidden, g, cfg=cfg: cfg

@@ -387,7 +387,8 @@ def test_compile_measures_a_missing_class_once(monkeypatch):
     out = torch.compile(f, backend="compile_norm", options={"passes": []})(x, w)
     assert counters["compile_norm"]["choice_measured"] == 1
     key = choice.shape_class("rms_norm_fp8_group", [x, w, 1e-6, 128, False, False, 0.0, None])
-    assert choice.measured(key, choice.device_key()) is not None
+    entry = choice.measured(key, choice.device_key())
+    assert entry is not None and triton_ops.config_from_json(entry["config"]) in triton_ops.few_configs(3072, 128)
     ref = f(x, w)
     assert torch.equal(out[1], ref[1])
     counters.clear()
@@ -466,3 +467,26 @@ def test_mid_token_counts():
     assert choice.choose("rms_norm", [x4, w4, 1e-6, 0.0, None], **per_t) == "generated"
     _, (x8, w8) = fake_cuda((8192, 2304), (2304,))
     assert choice.choose("rms_norm", [x8, w8, 1e-6, 0.0, None], **per_t) == "generated"
+
+
+def test_measured_launch_config_is_recorded_and_used_for_the_compiled_kernel():
+    """A measurement keeps the fastest of the default config's neighbours; the lower pass
+    traces the kernel with it (launch_config_used), eager launches keep the default."""
+    assert triton_ops.few_configs(4096, 0)[0] == triton_ops.launch_config(4096, 0)
+    for h, g in ((4096, 0), (5376, 0), (4096, 128), (128, 0)):
+        cands = triton_ops.few_configs(h, g)
+        assert len(set(cands)) == len(cands) and set(cands) <= set(triton_ops.candidate_configs(h, g))
+    args = group_args(8192, 4096)
+    fast = triton_ops.few_configs(4096, 128)[1]
+    key = choice.shape_class("rms_norm_fp8_group", args)
+    choice.record(key, choice.device_key(args[0].device), (16, 8192), (5.0, 50.0), (4.0, 40.0),
+                  config=triton_ops.config_to_json(fast))
+    assert choice.kernel_config("rms_norm_fp8_group", args) == fast
+    assert choice.kernel_config("rms_norm_fp8_group", group_args(8192, 5376)) is None
+    x, w = torch.randn(8, 4096, dtype=BF16), torch.randn(4096, dtype=BF16)
+    spec = registry.spec("rms_norm_fp8_group")
+    call = spec.bind((x, w, 1e-6, 128), {})
+    assert triton_ops.prepare(spec, call).num_warps == triton_ops.launch_config(4096, 128).num_warps
+    with triton_ops.launch_config_used(fast):
+        assert triton_ops.prepare(spec, call).num_warps == fast.num_warps
+    assert triton_ops.config_from_json(triton_ops.config_to_json(fast)) == fast

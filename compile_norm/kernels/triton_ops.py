@@ -43,11 +43,14 @@ add+FP8 dynamic 1.00, rms+FP8 static 0.88, rms+FP8 group 0.77, rms+INT8 dynamic 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
+import itertools
 import os
 import pathlib
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -241,6 +244,68 @@ def launch_config(hidden: int, group: int) -> LaunchConfig:
     return LaunchConfig(block_m, tiles, num_warps, programs_per_sm=0)
 
 
+def candidate_configs(hidden: int, group: int, persistent: bool = True) -> list[LaunchConfig]:
+    """The default config first, then rows per program x num_warps x (split | one padded
+    tile), then (``persistent``) the prefetching variant with 1 / 2 / 4 / 8 programs per SM.
+    Every one gives a row the same bits for every token count (a config is per hidden size)."""
+    default = launch_config(hidden, group)
+    out = [default]
+    tilings = {column_tiles(hidden, group), (_next_pow2(hidden),)}
+    for widths, block_m, warps in itertools.product(sorted(tilings), (1, 2, 4), (4, 8, 16)):
+        if block_m * sum(widths) > 16384 or block_m * sum(widths) < warps * 32 * 4:
+            continue
+        tiles = tuple((w // group, group) if group else (1, w) for w in widths)
+        cfg = LaunchConfig(block_m, tiles + ((0, 1),) * (3 - len(tiles)), warps)
+        if cfg != default:
+            out.append(cfg)
+    if persistent:
+        out += [c for c in (default._replace(block_m=1, programs_per_sm=p) for p in (1, 2, 4, 8)) if c != default]
+    return out
+
+
+def few_configs(hidden: int, group: int) -> list[LaunchConfig]:
+    """What a compile-time measurement tries (each costs a Triton compile): the default and
+    its neighbours, half / double the warps, double the rows per program, the other tiling."""
+    default = launch_config(hidden, group)
+    near = [c for c in candidate_configs(hidden, group, persistent=False)[1:]
+            if (c.tiles == default.tiles and c.block_m == default.block_m
+                and c.num_warps in (default.num_warps // 2, default.num_warps * 2))
+            or (c.tiles == default.tiles and c.num_warps == default.num_warps and c.block_m == 2 * default.block_m)
+            or (c.tiles != default.tiles and c.block_m == default.block_m
+                and c.num_warps in (default.num_warps, default.num_warps * 2))]
+    return [default] + near
+
+
+# A launch config chosen by measurement for one compiled call (lowerings/measure.py, the
+# lower pass); None: launch_config's. Eager calls never set it: their bits stay the default's.
+_CONFIG_OVERRIDE: contextvars.ContextVar[LaunchConfig | None] = contextvars.ContextVar(
+    "compile_norm_launch_config", default=None)
+
+
+@contextlib.contextmanager
+def launch_config_used(cfg: LaunchConfig | None) -> Iterator[None]:
+    """Launches prepared inside (this thread / task) use ``cfg`` (None: the default)."""
+    token = _CONFIG_OVERRIDE.set(cfg)
+    try:
+        yield
+    finally:
+        _CONFIG_OVERRIDE.reset(token)
+
+
+def config_to_json(cfg: LaunchConfig) -> list:
+    return [cfg.block_m, [list(t) for t in cfg.tiles], cfg.num_warps, cfg.programs_per_sm]
+
+
+def config_from_json(v: list) -> LaunchConfig:
+    return LaunchConfig(int(v[0]), tuple(tuple(int(a) for a in t) for t in v[1]), int(v[2]), int(v[3]))
+
+
+def quant_group(spec: OpSpec, args: tuple) -> int:
+    """The kernel's group size for this call (0: per row): launch configs are per (H, group)."""
+    call = spec.split(args)
+    return kernel_quant(spec, call.x, call.qargs).group
+
+
 def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
     """``t`` as [T, H] with unit column stride (a view when the layout allows)."""
     if t.stride(-1) != 1:
@@ -334,7 +399,7 @@ def prepare(spec: OpSpec, args: tuple) -> Launch:
         residual if residual.dim() == 2 and residual.stride(1) == 1 else _rows(residual, hidden))
     q, scales, azp = (*outs[:n_quant], None, None, None)[:3]
     weight, vsize = call.weight, call.variance_size
-    cfg = launch_config(hidden, kq.group)
+    cfg = _CONFIG_OVERRIDE.get() or launch_config(hidden, kq.group)
     consts = _constexprs(
         spec.name, cfg, hidden, mode, weight is not None, call.weight_offset != 0.0,
         vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0,

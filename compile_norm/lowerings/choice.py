@@ -218,7 +218,7 @@ def measured(key: str, device: str) -> dict | None:
 
 
 def record(key: str, device: str, tokens: Sequence[int], generated_us: Sequence[float],
-           kernel_us: Sequence[float], seconds: float = 0.0) -> str:
+           kernel_us: Sequence[float], seconds: float = 0.0, config: list | None = None) -> str:
     """Store a measurement of both candidates at each token count; the kernel wins where its
     time is below TIE x generated code's (geometric mean), else generated (ties go to
     generated: it fuses with its neighbours). Written through to disk. Returns the choice."""
@@ -227,6 +227,8 @@ def record(key: str, device: str, tokens: Sequence[int], generated_us: Sequence[
     entry = dict(choice=KERNEL if ratio < TIE else GENERATED, tokens=list(tokens),
                  generated_us=[round(v, 3) for v in generated_us],
                  kernel_us=[round(v, 3) for v in kernel_us], seconds=round(seconds, 2))
+    if config is not None:  # the kernel's fastest launch config (triton_ops.config_to_json)
+        entry["config"] = config
     table = _load()
     with _LOCK:
         table.setdefault(device, {})[key] = entry
@@ -278,18 +280,18 @@ def explain(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True
         return GENERATED, library_ops.REASON
     if not library_ops.supports(op_name, *fake_args):
         return GENERATED, "the Triton kernel does not accept these arguments"
-    if batch_invariant and not inductor_has("batch_invariant"):
-        return KERNEL, ("batch invariance: this torch's Inductor cannot fix its generated reductions' "
-                        "configuration (no batch_invariant setting); the kernel is batch-invariant")
     key = shape_class(op_name, fake_args, batch_invariant)
     if key is None:
         return GENERATED, "symbolic shape: choices are per token class and hidden size"
     device = device_key(x.device)
     entry = measured(key, device)
-    if entry is None and measure:
+    if entry is None and measure:  # also where the kernel is taken anyway: its launch config
         from . import measure as measuring
 
         entry = measuring.measure_class(op_name, fake_args, key, device)
+    if batch_invariant and not inductor_has("batch_invariant"):
+        return KERNEL, ("batch invariance: this torch's Inductor cannot fix its generated reductions' "
+                        "configuration (no batch_invariant setting); the kernel is batch-invariant")
     if entry is not None:
         return entry["choice"], (f"measured at T={entry['tokens']}: generated {entry['generated_us']} us, "
                                  f"kernel {entry['kernel_us']} us")
@@ -306,6 +308,18 @@ def explain(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True
     if source is not None:
         return KERNEL, f"table {table_key} ({source})"
     return GENERATED, f"table {table_key}: generated code wins or ties"
+
+
+def kernel_config(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True):
+    """The launch config measured fastest for this call's shape class on its device, or None
+    (the kernel's default)."""
+    key = shape_class(op_name, fake_args, batch_invariant)
+    entry = None if key is None else measured(key, device_key(fake_args[0].device))
+    if entry is None or "config" not in entry:
+        return None
+    from ..kernels import triton_ops
+
+    return triton_ops.config_from_json(entry["config"])
 
 
 def choose(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True) -> str:

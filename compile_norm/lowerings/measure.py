@@ -9,7 +9,10 @@ positive scales), and times both candidates the way the benchmarks do (CUDA-grap
 - generated: the op's reference traced with ``make_fx`` and compiled by Inductor with the
   settings of the compile under way, less compile_norm's passes (the code
   ``lowering="generated"`` gives this node alone);
-- kernel: the op's ``compile_norm_kernels`` library op (the Triton kernel).
+- kernel: the op's ``compile_norm_kernels`` library op (the Triton kernel), under each launch
+  configuration of ``triton_ops.few_configs`` (the default and its neighbours); the fastest
+  is recorded with the choice and used when the node is lowered to the kernel. Eager calls keep
+  the default configuration, so their bits never depend on what a compile measured.
 
 The work runs in a worker thread that the compile waits for: Inductor cannot be entered
 again from the thread that is inside it (its graph handler and tracing context are
@@ -24,6 +27,7 @@ device), so a class is measured once per card and software stack.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -112,16 +116,26 @@ def _generated(op_name: str, args: list) -> Callable[[], Any]:
     return lambda: compiled(*tensors)
 
 
+def _geomean(values: Sequence[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
 def _time_candidates(op_name: str, fake_args: Sequence[Any], tokens: Sequence[int]):
-    from ..kernels import library_ops
+    """(generated us per token count, the best kernel config's us, that config)."""
+    from ..kernels import library_ops, triton_ops
 
     kernel = library_ops.register()[op_name]  # the op's eager path launches without HOP dispatch
-    generated_us, kernel_us = [], []
+    spec = registry.spec(op_name)
+    configs = triton_ops.few_configs(int(fake_args[0].shape[-1]), triton_ops.quant_group(spec, tuple(fake_args)))
+    generated_us, kernel_us = [], {cfg: [] for cfg in configs}
     for t in tokens:
         args = concrete_args(fake_args, t)
         generated_us.append(graph_time_us(_generated(op_name, args)))
-        kernel_us.append(graph_time_us(lambda: kernel(*args)))
-    return generated_us, kernel_us
+        for cfg in configs:
+            with triton_ops.launch_config_used(cfg):
+                kernel_us[cfg].append(graph_time_us(lambda: kernel(*args)))
+    best = min(configs, key=lambda cfg: _geomean(kernel_us[cfg]))
+    return generated_us, kernel_us[best], best
 
 
 def _in_worker(fn: Callable[[], Any]) -> Any:
@@ -154,7 +168,7 @@ def measure_class(op_name: str, fake_args: Sequence[Any], key: str, device: str,
     tokens = choice.MEASURE_TOKENS[tclass]
     start = time.perf_counter()
     try:
-        generated_us, kernel_us = _in_worker(lambda: _time_candidates(op_name, fake_args, tokens))
+        generated_us, kernel_us, config = _in_worker(lambda: _time_candidates(op_name, fake_args, tokens))
     except Exception as e:  # a failed measurement must not fail the compile
         log.warning("compile_norm: measuring %s failed (%s: %s); the table decides", key, type(e).__name__, e)
         return None
@@ -163,14 +177,17 @@ def measure_class(op_name: str, fake_args: Sequence[Any], key: str, device: str,
             with _SPENT_LOCK:
                 _SPENT[0] += time.perf_counter() - start
     seconds = time.perf_counter() - start
-    picked = choice.record(key, device, tokens, generated_us, kernel_us, seconds)
+    from ..kernels import triton_ops
+
+    picked = choice.record(key, device, tokens, generated_us, kernel_us, seconds,
+                           config=triton_ops.config_to_json(config))
     from torch._dynamo.utils import counters
 
     from ..passes.base import COUNTER_GROUP
 
     counters[COUNTER_GROUP]["choice_measured"] += 1
-    log.info("compile_norm: measured %s in %.1f s: generated %s us, kernel %s us -> %s",
-             key, seconds, generated_us, kernel_us, picked)
+    log.info("compile_norm: measured %s in %.1f s: generated %s us, kernel %s us (config %s) -> %s",
+             key, seconds, generated_us, kernel_us, config, picked)
     return choice.measured(key, device)
 
 

@@ -33,16 +33,17 @@ def _fake_args(node: torch.fx.Node) -> list:
     return [P.val(a) if isinstance(a, torch.fx.Node) else a for a in P.norm_args(node)]
 
 
-def _trace_kernel(node: torch.fx.Node):
-    """(functional graph of the triton_op implementation, "") or (None, why not)."""
-    from ..kernels import library_ops
+def _trace_kernel(node: torch.fx.Node, config=None):
+    """(functional graph of the triton_op implementation, "") or (None, why not); ``config``:
+    the launch config to trace with (None: the kernel's default)."""
+    from ..kernels import library_ops, triton_ops
 
     if not library_ops.AVAILABLE:
         return None, library_ops.REASON
     args = P.norm_args(node)
     mode = P._fake_mode(tuple(args))
     try:
-        with mode if mode is not None else contextlib.nullcontext():
+        with mode if mode is not None else contextlib.nullcontext(), triton_ops.launch_config_used(config):
             gm = library_ops.functional_trace(library_ops.functions()[P.op_name(node)], _fake_args(node))
     except Exception as e:  # e.g. a shape the launch code cannot trace: inline instead
         return None, f"tracing the kernel failed ({type(e).__name__}: {e})"
@@ -72,7 +73,8 @@ class LowerPass(PatternPass):
                                                 measure=self.options.measure)
         log.debug("compile_norm lower (%s): %s -> %s (%s)", mode, P.site(node), how, why)
         if how == lowering_choice.KERNEL:
-            traced, why = _trace_kernel(node)
+            config = lowering_choice.kernel_config(P.op_name(node), _fake_args(node), self.options.batch_invariant)
+            traced, why = _trace_kernel(node, config)
             if traced is not None:
                 match.replace_by_example(traced, P.norm_args(node), trace_fn=lambda gm, _args: gm)
                 counters[COUNTER_GROUP][KERNEL_COUNTER] += 1  # lowered (matched), to the kernel
