@@ -59,7 +59,7 @@ from compile_norm.kernels import triton_ops  # noqa: E402
 FAMILIES = ("rms_norm", "gemma_rms_norm", "add_rms_norm", "rms_fp8_static", "add_rms_fp8_dynamic",
             "rms_fp8_group128", "rms_int8_dynamic", "rms_bwd")
 QUANT_FAMILIES = ("rms_fp8_static", "add_rms_fp8_dynamic", "rms_fp8_group128", "rms_int8_dynamic")
-SMALL_H_FAMILIES = ("rms_norm", "gemma_rms_norm", "rms_bwd")  # QK norm rows (hidden < 1024)
+SMALL_H_FAMILIES = ("rms_norm", "gemma_rms_norm", "rms_bwd", "rms_fp8_group128", "rms_int8_dynamic")  # per-head rows (H < 1024)
 QUICK_SHAPES = "8192x4096,8192x5376,2048x2304,16384x4096,256x4096,1x4096,32768x128"
 FULL_T = (1, 32, 256, 2048, 8192, 16384)
 FULL_H = (2304, 3584, 4096, 5376, 7168, 8192)
