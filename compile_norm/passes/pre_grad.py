@@ -74,6 +74,49 @@ def needs_grad(values: list[Any]) -> bool:
         isinstance(v, torch.Tensor) and v.requires_grad for v in values)
 
 
+def _is_opaque(node: torch.fx.Node) -> bool:
+    """A call the re-trace copies as it is instead of tracing into: a custom
+    ``torch.autograd.Function`` (Dynamo's ``trampoline_autograd_apply`` or the
+    ``autograd_function_apply`` higher-order op: tracing into it would record its forward ops
+    only, and AOTAutograd would differentiate those instead of calling its backward) and every
+    other higher-order op (activation checkpointing, autocast / grad-mode wrappers, ...: their
+    subgraphs carry meaning that inlining would drop)."""
+    if node.op != "call_function" or "example_value" not in node.meta:
+        return False
+    target = node.target
+    return (getattr(target, "__name__", "") == "trampoline_autograd_apply"
+            or isinstance(target, torch._ops.HigherOrderOperator))
+
+
+class _Retracer(torch.fx.Interpreter):
+    """Runs the Dynamo graph under ``make_fx``, copying opaque calls (``_is_opaque``) as
+    single nodes."""
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        if not _is_opaque(node):
+            return super().run_node(node)
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode, track_tensor_tree
+
+        tracer = get_proxy_mode().tracer
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+
+        def proxy(value: Any) -> Any:
+            if isinstance(value, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)):
+                return tracer.unwrap_proxy(value)
+            if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+                return value
+            # a subgraph or a config object: an attribute of the traced module
+            name = f"_compile_norm_object_{next(_CONSTANT_IDS)}"
+            setattr(tracer.root, name, value)
+            return tracer.create_proxy("get_attr", name, (), {})
+
+        out = tracer.create_proxy("call_function", node.target,
+                                  *torch.utils._pytree.tree_map(proxy, (args, kwargs)))
+        out.node.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+        # Dynamo's fake output (the trace runs in Dynamo's fake mode) stands for the result.
+        return track_tensor_tree(node.meta["example_value"], out, constant=None, tracer=tracer)
+
+
 def retrace(gm: torch.fx.GraphModule, values: list[Any]) -> torch.fx.GraphModule:
     """``gm`` as a pre-dispatch ATen graph, traced on its fake example values, node metadata
     (source lines, module stack) kept."""
@@ -82,7 +125,7 @@ def retrace(gm: torch.fx.GraphModule, values: list[Any]) -> torch.fx.GraphModule
 
     fake = next(v.fake_mode for v in values if isinstance(v, torch._subclasses.FakeTensor))
     with preserve_node_meta(), fake, torch._guards.tracing(None):
-        return make_fx(lambda *args: torch.fx.Interpreter(gm).run(*args), pre_dispatch=True,
+        return make_fx(lambda *args: _Retracer(gm).run(*args), pre_dispatch=True,
                        decomposition_table=_decomposed())(*values)
 
 
