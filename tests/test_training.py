@@ -143,30 +143,14 @@ def test_forward_saves_no_normalized_tensor():
     torch.manual_seed(0)
     model = Block(48, torch.bfloat16, use_ops=False)
     x = torch.randn(2, 5, 48, dtype=torch.bfloat16, requires_grad=True)
-    saved = []
+    from test_training_hf import Recorder  # the pre-grad pass + AOTAutograd, graphs recorded
 
-    def record(gm, example_inputs):
-        saved.append([n for n in gm.graph.find_nodes(op="output")[0].args[0]])
-        return make_boxed_func(gm)
-
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-
-    from compile_norm import lowerings
-    from compile_norm.passes.pre_grad import PreGradPass
-
-    inner = aot_autograd(fw_compiler=record, bw_compiler=make_boxed_func)
-
-    def backend(gm, example_inputs):
-        PreGradPass()(gm.graph)
-        gm.recompile()
-        with lowerings.keep_ops():
-            return inner(gm, example_inputs)
-
+    backend = Recorder()
     torch._dynamo.reset()
     with no_caches():
         torch.compile(model, backend=backend)(x).float().sum().backward()
-    (outputs,) = saved
+    forward = backend.graphs[0]
+    outputs = forward.graph.find_nodes(op="output")[0].args[0]  # (block output, *saved)
     dtypes = [n.meta["val"].dtype for n in outputs[1:] if hasattr(n.meta.get("val"), "dtype")]
     assert torch.float32 not in dtypes, [(n.name, n.meta["val"].dtype) for n in outputs[1:]]
 
