@@ -239,6 +239,30 @@ def test_custom_autograd_function_keeps_its_backward():
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_failed_retrace_keeps_the_graph(monkeypatch):
+    """A re-trace that fails leaves Dynamo's graph as it was (counted, with the reason): the
+    step still runs, by autograd of the hand-written norm, with eager's gradients."""
+    from compile_norm.passes import pre_grad
+
+    def broken(gm, values):
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(pre_grad, "retrace", broken)
+    model = NormSTE(24)
+    x = torch.randn(5, 24, requires_grad=True)
+    model(x).sum().backward()
+    want = model.weight.grad.clone()
+    model.weight.grad = None
+    backend = Recorder({"strict": False})
+    torch._dynamo.reset()
+    counters.clear()
+    with no_caches():
+        torch.compile(model, backend=backend)(x).sum().backward()
+    assert counters["compile_norm"]["pre_grad_unmatched: re-tracing to ATen failed (RuntimeError)"] == 1
+    assert op_counts(backend.graphs[0])["rsqrt"] == 1  # the hand-written norm, untouched
+    torch.testing.assert_close(model.weight.grad, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_llama_training_full_backend_fp32():
     """The compile_norm backend itself (Inductor codegen): counters, the backward op lowered

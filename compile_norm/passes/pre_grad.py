@@ -13,8 +13,10 @@ post-grad passes know. Then canonicalize, gemma and residual run on it unchanged
 matcher, so the same numerics contract), and when any norm matched the Dynamo graph is
 replaced by the re-traced one. AOTAutograd then differentiates ``rms_norm`` /
 ``fused_add_rms_norm`` by their own autograd formulas, so the backward graph holds
-``rms_norm_backward``. When nothing matched, or the re-trace fails, the Dynamo graph is kept
-(the reason is counted as ``pre_grad_unmatched: <reason>``).
+``rms_norm_backward``. Custom autograd.Functions and higher-order ops are copied into the
+re-trace as single opaque nodes (``_is_opaque``): their own backward still runs. When nothing
+matched, or the re-trace or a pass fails, the Dynamo graph is kept as it was (a failure is
+counted as ``pre_grad_unmatched: <reason>``; ``strict`` raises instead).
 
 Counters: ``pre_grad_<pass>_matched`` / ``_unmatched`` for canonicalize, gemma, residual.
 """
@@ -167,12 +169,16 @@ class PreGradPass(CustomGraphPass):
         # (AOTAutograd's inputs), the traced graph's values are in Dynamo's (its inputs' own).
         with manager.priority(), torch._guards.tracing(None):
             for cls in enabled:
-                result = manager.run_pass(cls(), traced.graph)
+                result = manager.run_pass(cls(), traced.graph)  # strict: raises
                 result.name = f"{PREFIX}_{cls.name}"
-                result.publish()
                 results.append(result)
-        if not results[0].matched or any(r.error for r in results):
-            return  # nothing to gain (or a pass failed): keep Dynamo's graph as it was
+        failed = [r.name for r in results if r.error]
+        if failed:  # the post-grad passes get the graph as Dynamo made it
+            return self._keep(f"pass {failed[0]} failed")
+        for result in results:
+            result.publish()
+        if not results[0].matched:
+            return  # no norm: keep Dynamo's graph as it was
         _adopt_constants(traced, graph.owning_module)
         replace_graph(graph, traced.graph)
 
