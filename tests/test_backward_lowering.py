@@ -22,6 +22,7 @@ from compile_norm.ops.norm import rms_norm_backward_ref
 from compile_norm.options import parse_options
 from compile_norm.passes import lower
 
+from helpers import interpreter_report
 from test_kernel_choice import BF16, cn_nodes, empty_measurements, fake_cuda, kernel_nodes  # noqa: F401
 
 cn = torch.ops.compile_norm
@@ -113,6 +114,44 @@ def test_auto_follows_the_table(backward_as_if_on_gpu, t, h, how):
         assert any(n.target is torch.ops.aten.rsqrt.default for n in graph.nodes)
 
 
+INTERPRETER_CASES = {  # name: (shape, weight, grad_residual)
+    "npow2_residual_3d": ((3, 7, 200), True, True),
+    "weightless_residual": ((5, 256), False, True),
+    "small_rows": ((40, 96), True, False),
+}
+
+
+def _child() -> None:
+    """Under TRITON_INTERPRET=1 (a child process): the traced body (wrap_triton launches, run
+    eagerly here) equals the eager provider bit for bit and the reference within fp32 noise."""
+    import json
+
+    assert triton_backward.SUPPORTED and triton_ops.INTERPRET, triton_backward.REASON
+    body = library_ops.functions()["rms_norm_backward"]
+    report = {}
+    for name, (shape, weight, residual) in INTERPRETER_CASES.items():
+        torch.manual_seed(0)
+        x = torch.randn(shape)
+        g, gr = torch.randn_like(x), (torch.randn_like(x) if residual else None)
+        w = 1 + 0.1 * torch.randn(shape[-1]) if weight else None
+        got = body(g, x, w, 1e-6, 0.0, None, gr)
+        eager = triton_backward.rms_norm_backward(g, x, w, 1e-6, 0.0, None, gr)
+        ref = rms_norm_backward_ref(g, x, w, 1e-6, 0.0, None, gr)
+        same = torch.equal(got[0], eager[0]) and (w is None or torch.equal(got[1], eager[1]))
+        close = torch.allclose(got[0], ref[0], rtol=1e-4, atol=1e-4) and (
+            w is None or torch.allclose(got[1], ref[1], rtol=1e-4, atol=1e-4))
+        report[name] = dict(same_as_provider=same, close_to_reference=close, dweight_none=got[1] is None)
+    print("REPORT" + json.dumps(report))
+
+
+@needs_triton
+def test_traced_body_runs_under_the_interpreter():
+    report = interpreter_report(__file__, timeout=600)
+    assert set(report) == set(INTERPRETER_CASES)
+    for name, (_, weight, _) in INTERPRETER_CASES.items():
+        assert report[name] == dict(same_as_provider=True, close_to_reference=True, dweight_none=not weight), name
+
+
 def test_cpu_backward_is_generated_code():
     x = torch.randn(8192, 4096, dtype=BF16)
     w = torch.randn(4096, dtype=BF16)
@@ -162,3 +201,7 @@ def test_compiled_training_uses_the_backward_kernel():
     assert "rms_norm_backward_kernel" in codes[-1] and "dweight_reduce_kernel" in codes[-1]
     for a, b, name in zip(got, want, ("dx", "dr", "dw")):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item(), msg=name)
+
+
+if __name__ == "__main__":
+    _child()
