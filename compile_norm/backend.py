@@ -5,7 +5,8 @@ the ``torch_dynamo_backends`` entry point (no import needed) and calls it with t
 dict (and ``mode``, if given). It compiles with Inductor inside ``lowerings.keep_ops()``, so
 the compile_norm ops' decompositions decline for this compile only (a context variable: other
 threads' compiles still inline them) and the passes see the IR ops, and installs the pass
-manager as the post-grad custom pass. Inductor config names in ``options`` pass through as
+manager as the post-grad custom pass (and, for graphs that need gradients, the pre-grad pass
+that makes the norms ops before AOTAutograd differentiates them). Inductor config names in ``options`` pass through as
 config patches.
 """
 
@@ -18,6 +19,7 @@ import torch
 from . import lowerings
 from .options import CompileOptions, parse_options
 from .passes.manager import CompileNormPass
+from .passes.pre_grad import PreGradPass
 
 
 def config_patches(options: CompileOptions, mode: str | None = None) -> dict[str, Any]:
@@ -28,6 +30,8 @@ def config_patches(options: CompileOptions, mode: str | None = None) -> dict[str
         patches.update(list_mode_options(mode))
     patches.update(options.inductor_config)
     patches["post_grad_custom_post_pass"] = CompileNormPass(options)
+    # training graphs: the norms become ops before AOTAutograd differentiates them
+    patches["pre_grad_custom_pass"] = PreGradPass(options)
     return patches
 
 

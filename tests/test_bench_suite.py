@@ -63,3 +63,21 @@ def test_timing_rows_and_tables_with_stand_in_timers(monkeypatch):
     assert small and all("ratio" not in r and r["graph_us"] > 0 and r["copy_us"] > 0 for r in small)
     md = suite.markdown({"torch": "t", "date": "d", "kernel_source": "k", "liger": "no"}, rows)
     assert "| 300x1024 | rms_fp8_static | 10.0 us |" in md and " us |" in md.split("| 2x1024 |")[1]
+
+
+def test_training_benchmark_dry_run_add_norm(tmp_path):
+    """benchmarks/training.py's CPU dry run on one shape, the compiled rows of the fused add
+    (the pre-grad pass fuses the norm and its add; lowering="kernel" falls back to generated
+    code off CUDA) and the eager rows of both families, all checked against fp32 autograd."""
+    import training
+
+    rc = training.main(["--dry-run", "--no-model", "--shapes", "3x384", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "training.json").read_text())
+    rows = {(r["family"], r["candidate"]): r for r in data["ops"]}
+    assert {c for f, c in rows} == {"compile_norm", "compile_norm kernel", "stock compile", "compile_norm eager"}
+    assert all(r["check"] == "ok" for r in rows.values()), rows
+    fusion = rows[("add_rms_bwd", "compile_norm")]["fusion"]
+    assert fusion.get("pre_grad_canonicalize_matched") == 1 and fusion.get("pre_grad_residual_matched") == 1, fusion
+    assert fusion.get("lower_matched") == 2, fusion  # the forward op and the backward op
+    assert rows[("add_rms_bwd", "stock compile")]["fusion"] == {}

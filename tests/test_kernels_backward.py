@@ -360,24 +360,31 @@ def test_backward_op_compiles_to_generated_code():
     torch.testing.assert_close(c.out[1], want[1], rtol=1e-5, atol=1e-5)
 
 
-def test_training_backward_is_traced_as_aten_ops():
-    # what AOTAutograd records for the forward op's backward: the reference's ATen ops, no
-    # rms_norm_backward node (Inductor fuses them; tests/test_training.py counts the kernels)
+def test_training_backward_is_traced_as_the_backward_op():
+    # what AOTAutograd records for the forward op's backward: one rms_norm_backward node (the
+    # compile_norm backend lowers it); with Inductor's decompositions (stock torch.compile)
+    # the op's reference is inlined instead: ATen ops, no compile_norm node
     from torch._functorch.aot_autograd import aot_function
     from torch._functorch.compilers import nop
-
-    graphs = []
-
-    def keep(gm, _):
-        graphs.append(gm)
-        return nop(gm, _)
+    from torch._inductor.decomposition import select_decomp_table
 
     x = torch.randn(4, 32, requires_grad=True)
     w = torch.randn(32, requires_grad=True)
-    f = aot_function(lambda x, w: cn.rms_norm(x, w, EPS), fw_compiler=keep, bw_compiler=keep)
-    f(x, w).sum().backward()
-    backward = graphs[-1]
-    targets = {str(n.target) for n in backward.graph.nodes if n.op == "call_function"}
+
+    def backward_targets(**kw):
+        graphs = []
+
+        def keep(gm, _):
+            graphs.append(gm)
+            return nop(gm, _)
+
+        f = aot_function(lambda x, w: cn.rms_norm(x, w, EPS), fw_compiler=keep, bw_compiler=keep, **kw)
+        f(x, w).sum().backward()
+        return {str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"}
+
+    targets = backward_targets()
+    assert "compile_norm.rms_norm_backward.default" in targets and not any("rsqrt" in t for t in targets), targets
+    targets = backward_targets(decompositions=select_decomp_table())
     assert not any("compile_norm" in t for t in targets), targets
     assert any("rsqrt" in t for t in targets), targets
 

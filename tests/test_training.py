@@ -2,13 +2,15 @@
 
 Two blocks: the norm written the Hugging Face way, and the norm as compile_norm ops
 (``rms_norm`` / ``fused_add_rms_norm``). Forward, loss and backward run compiled; loss and
-every gradient match eager, and neither the forward nor the backward code calls a compile_norm
-op as an extern kernel: the ops' autograd backward is traced into ATen ops and Inductor
-generates its kernels.
+every gradient match eager.
 
-In a training graph the hand-written norm's ``rsqrt`` (and its float32 input) are saved for
-backward, so canonicalize leaves that norm as it is ("intermediate used elsewhere"): the
-forward still becomes Inductor-generated fused code, just not through the compile_norm ops.
+Both arrive at AOTAutograd as the same ops: the pre-grad pass (passes/pre_grad.py) rewrites
+the hand-written norms (and their residual adds) before autograd splits them, so the forward
+graph holds ``rms_norm`` / ``fused_add_rms_norm``, their autograd formula saves x (or h) and
+the weight, not the normalized tensor or rstd, and the backward graph holds
+``rms_norm_backward`` (the fused add's residual gradient added inside it). The lower pass
+lowers both graphs' ops; neither the forward nor the backward code calls a compile_norm op as
+an extern kernel.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch import nn
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
-from compile_helpers import KERNEL_RE, TOL, no_caches
+from compile_helpers import KERNEL_RE, TOL, _op_names, no_caches
+from compile_norm.passes.base import observe_stages
 
 cn = torch.ops.compile_norm
 EPS = 1e-6
@@ -91,10 +94,13 @@ def run_both(use_ops, dtype, device="cpu", hidden=48):
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, backend="compile_norm", options={"strict": True})
-    with no_caches():
+    inputs = []  # the compile_norm ops of each post-grad graph as it reaches the passes
+    with no_caches(), observe_stages(
+            lambda stage, g, _: stage == "input" and inputs.append(_op_names(g))):
         loss, codes = run_and_get_code(step, compiled, x, target)
     got = {**grads(model), "x": x.grad.clone()}
-    return want_loss, loss, want, got, codes, dict(counters["compile_norm"])
+    counts = dict(counters["compile_norm"], graph_ops=inputs)
+    return want_loss, loss, want, got, codes, counts
 
 
 def check(want_loss, loss, want, got, dtype):
@@ -116,17 +122,37 @@ def test_training_step_matches_eager_cpu(use_ops):
     kernels_bwd = KERNEL_RE.findall(backward)
     assert kernels_bwd, "the backward norms are generated kernels"
     # Fused: three norm backwards (+ residual grads, weight-grad reductions, SwiGLU grad) in a
-    # handful of kernels, not one per ATen op (measured on CPU: 4 hf_norm, 3 ops forward;
-    # 5 and 4 backward).
-    assert len(kernels_bwd) <= 6 and len(KERNEL_RE.findall(forward)) <= 4
+    # handful of kernels, not one per ATen op (measured on CPU: 3 forward, 4 backward).
+    assert len(kernels_bwd) <= 5 and len(KERNEL_RE.findall(forward)) <= 4
+    # Both blocks reach AOTAutograd as ops: forward and backward graphs hold the ops, the
+    # lower pass lowers the three forward ops and the three backward ops.
+    assert counts["graph_ops"] == [{"rms_norm", "fused_add_rms_norm"}, {"rms_norm_backward"}], counts
+    assert counts.get("lower_matched", 0) == 6, counts
     if use_ops:
-        # The three norms arrive as ops and are lowered by the lower pass (fused add included).
-        assert counts.get("lower_matched", 0) == 3, counts
-        # canonicalize sees the ops' traced backward (ATen) in the backward graph and leaves it.
+        assert not any(k.startswith("pre_grad") and v for k, v in counts.items() if k != "graph_ops"), counts
     else:
-        # Documented behaviour: the hand-written norms stay hand-written in training graphs.
-        assert counts.get("canonicalize_matched", 0) == 0, counts
-        assert any("used elsewhere" in k for k in counts), counts
+        # the hand-written norms and both residual adds, rewritten before autograd
+        assert counts.get("pre_grad_canonicalize_matched") == 3, counts
+        assert counts.get("pre_grad_residual_matched") == 2, counts
+        assert counts.get("canonicalize_matched", 0) == 0, counts  # nothing left post-grad
+
+
+def test_forward_saves_no_normalized_tensor():
+    """The partitioner saves what the ops' autograd formulas save (x or h, the weight) and
+    nothing per norm in the compute dtype: no rstd, no normalized tensor."""
+    torch.manual_seed(0)
+    model = Block(48, torch.bfloat16, use_ops=False)
+    x = torch.randn(2, 5, 48, dtype=torch.bfloat16, requires_grad=True)
+    from test_training_hf import Recorder  # the pre-grad pass + AOTAutograd, graphs recorded
+
+    backend = Recorder()
+    torch._dynamo.reset()
+    with no_caches():
+        torch.compile(model, backend=backend)(x).float().sum().backward()
+    forward = backend.graphs[0]
+    outputs = forward.graph.find_nodes(op="output")[0].args[0]  # (block output, *saved)
+    dtypes = [n.meta["val"].dtype for n in outputs[1:] if hasattr(n.meta.get("val"), "dtype")]
+    assert torch.float32 not in dtypes, [(n.name, n.meta["val"].dtype) for n in outputs[1:]]
 
 
 @pytest.mark.cuda

@@ -3,7 +3,9 @@
 ``torch.ops.compile_norm_kernels.<op>`` has the schema of ``torch.ops.compile_norm.<op>`` (both
 inferred from the op's reference) and is implemented by one ``wrap_triton`` launch of
 ``triton_kernel.norm_quant_kernel``, prepared exactly as the eager provider prepares it
-(``triton_ops.prepare``). Because the implementation is traceable, Inductor sees a
+(``triton_ops.prepare``). ``functions()`` also has ``rms_norm_backward``: the two launches of
+its eager provider (``triton_backward``: dx with the residual gradient, then the dweight
+column sums), traced by the lower pass; it is not declared as a triton_op (see register()). Because the implementation is traceable, Inductor sees a
 user-defined Triton kernel, not an opaque extern call: it works under CUDA graphs and
 AOTInductor, and Inductor plans the outputs' memory.
 
@@ -27,6 +29,7 @@ import torch
 
 from ..ops import registry
 from ..ops.spec import OpSpec
+from . import triton_backward as B
 from . import triton_ops as T
 
 NAMESPACE = "compile_norm_kernels"
@@ -57,11 +60,17 @@ def _launch_wrapped(spec: OpSpec, args: tuple) -> Any:
     return launch.outputs
 
 
-def _implementation(spec: OpSpec) -> Callable[..., Any]:
+def _launch_backward(spec: OpSpec, args: tuple) -> Any:
+    # the eager provider's two launches (dx [+ grad_residual] and dweight partials, their
+    # column sums), through wrap_triton
+    return B.rms_norm_backward(*args, wrap=wrap_triton)
+
+
+def _implementation(spec: OpSpec, launch: Callable[[OpSpec, tuple], Any] = _launch_wrapped) -> Callable[..., Any]:
     """A function with the op's signature (triton_op infers the schema from it)."""
 
     def implementation(*args, **kwargs):
-        return _launch_wrapped(spec, spec.bind(args, kwargs))
+        return launch(spec, spec.bind(args, kwargs))
 
     implementation.__name__ = implementation.__qualname__ = spec.name
     implementation.__signature__ = inspect.signature(spec.reference, eval_str=True)
@@ -73,7 +82,9 @@ def functions() -> dict[str, Callable[..., Any]]:
     """{op name: traceable implementation with the op's signature} (no registration)."""
     if not AVAILABLE:
         raise RuntimeError(f"compile_norm: kernel library ops unavailable: {REASON}")
-    return {spec.name: _implementation(spec) for spec in T.kernel_specs()}
+    funcs = {spec.name: _implementation(spec) for spec in T.kernel_specs()}
+    funcs[B.OP] = _implementation(registry.spec(B.OP), _launch_backward)
+    return funcs
 
 
 def _arg_names() -> tuple:
@@ -89,6 +100,11 @@ def register() -> dict[str, Any]:
     with _LOCK:
         if not _OPS:
             for name, fn in functions().items():
+                if name == B.OP:
+                    # an optional output (dweight): triton_op infers its schema from the
+                    # annotations, which cannot say so (torch 2.13 ignores ``schema=``). The
+                    # lower pass traces ``functions()`` itself, so its lowering is the same.
+                    continue
                 triton_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
                 _OPS[name] = getattr(getattr(torch.ops, NAMESPACE), name).default
         return dict(_OPS)
@@ -101,7 +117,8 @@ def overload(name: str) -> Any:
 def supports(name: str, *args: Any) -> bool:
     """Whether the Triton kernel accepts these (fake or real) arguments."""
     try:
-        return bool(T.FUNCTIONS[name][1](*args))
+        check = B.supports if name == B.OP else T.FUNCTIONS[name][1]
+        return bool(check(*args))
     except Exception:  # a check that cannot judge these (symbolic) arguments: no kernel
         return False
 

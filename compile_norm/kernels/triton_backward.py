@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import pathlib
 from typing import NamedTuple
 
@@ -107,7 +108,11 @@ def _device_programs(x: torch.Tensor, per_sm: int) -> int:
     return _sm_count(index) * per_sm
 
 
-def _launch(grid, kernel, args, kwargs, x: torch.Tensor) -> None:
+def _launch(grid, kernel, args, kwargs, x: torch.Tensor, wrap=None) -> None:
+    if wrap is not None:  # traced for Inductor (library_ops): a user-defined kernel it launches
+        # wrap_triton takes num_warps / num_stages as launch options, not the register cap
+        wrap(kernel)[grid](*args, **{k: v for k, v in kwargs.items() if k != "maxnreg"})
+        return
     if not T.INTERPRET and x.device.index is not None and x.device.index != torch.cuda.current_device():
         with torch.cuda.device(x.device):
             kernel[grid](*args, **kwargs)
@@ -116,8 +121,9 @@ def _launch(grid, kernel, args, kwargs, x: torch.Tensor) -> None:
 
 
 def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=None,
-                      grad_residual=None):
-    """The provider: ``(dx, dweight)`` as ``rms_norm_backward_ref`` computes them."""
+                      grad_residual=None, *, wrap=None):
+    """The provider: ``(dx, dweight)`` as ``rms_norm_backward_ref`` computes them. ``wrap``
+    (``torch.library.wrap_triton``) launches through it instead: the library op's body."""
     hidden = x.shape[-1]
     dev = x.device
     dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
@@ -145,16 +151,26 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
     kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, HAS_WEIGHT=weight is not None,
                   HAS_VSIZE=vsize != hidden, HAS_GRES=grad_residual is not None,
                   PRECISE=not T.INTERPRET, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
-    _launch((programs,), K.rms_norm_backward_kernel, args, kwargs, x)
+    # traced (library_ops), the kernels are imported wherever triton is, GPU or not
+    kernels = K if wrap is None else importlib.import_module(f"{__package__}.triton_backward_kernel")
+    _launch((programs,), kernels.rms_norm_backward_kernel, args, kwargs, x, wrap)
     if weight is None:
         return dx, None
     dweight = torch.empty((hidden,), dtype=weight.dtype, device=dev)
     block_c = 256
     block_p = max(1, min(32, T._next_pow2(programs)))
-    _launch((-(-hidden // block_c),), K.dweight_reduce_kernel,
+    _launch((-(-hidden // block_c),), kernels.dweight_reduce_kernel,
             (partials, dweight, programs, hidden),
-            dict(BLOCK_P=block_p, BLOCK_C=block_c, PRECISE=not T.INTERPRET, num_warps=4), x)
+            dict(BLOCK_P=block_p, BLOCK_C=block_c, PRECISE=not T.INTERPRET, num_warps=4), x, wrap)
     return dx, dweight
+
+
+def written_args(kernel_name: str, kwargs: dict) -> list[str]:
+    """The pointer arguments each backward kernel stores to, given its launch kwargs (what
+    Triton's mutation analysis must find; CPU tests use it where it cannot run)."""
+    if kernel_name == "dweight_reduce_kernel":
+        return ["dw_ptr"]
+    return ["dx_ptr", "dw_ptr"] if kwargs.get("HAS_WEIGHT") else ["dx_ptr"]
 
 
 def register() -> None:

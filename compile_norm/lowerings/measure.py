@@ -121,12 +121,17 @@ def _geomean(values: Sequence[float]) -> float:
 
 
 def _time_candidates(op_name: str, fake_args: Sequence[Any], tokens: Sequence[int]):
-    """(generated us per token count, the best kernel config's us, that config)."""
+    """(generated us per token count, the best kernel config's us, that config or None)."""
     from ..kernels import library_ops, triton_ops
 
-    kernel = library_ops.register()[op_name]  # the op's eager path launches without HOP dispatch
-    spec = registry.spec(op_name)
-    configs = triton_ops.few_configs(int(fake_args[0].shape[-1]), triton_ops.quant_group(spec, tuple(fake_args)))
+    registered = library_ops.register()
+    if op_name in registered:  # the op's eager path launches without HOP dispatch
+        kernel = registered[op_name]
+        spec = registry.spec(op_name)
+        hidden = int(fake_args[0].shape[-1])
+        configs = triton_ops.few_configs(hidden, triton_ops.quant_group(spec, tuple(fake_args)))
+    else:  # the backward: its own launches (no forward launch configs), run eagerly
+        kernel, configs = library_ops.functions()[op_name], [None]
     generated_us, kernel_us = [], {cfg: [] for cfg in configs}
     for t in tokens:
         args = concrete_args(fake_args, t)
@@ -180,7 +185,7 @@ def measure_class(op_name: str, fake_args: Sequence[Any], key: str, device: str,
     from ..kernels import triton_ops
 
     picked = choice.record(key, device, tokens, generated_us, kernel_us, seconds,
-                           config=triton_ops.config_to_json(config))
+                           config=None if config is None else triton_ops.config_to_json(config))
     from torch._dynamo.utils import counters
 
     from ..passes.base import COUNTER_GROUP

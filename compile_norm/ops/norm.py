@@ -118,14 +118,17 @@ def empty_out(x: torch.Tensor) -> torch.Tensor:
 
 
 def _norm_backward(grad, x, weight, eps, weight_offset, variance_size, grad_residual=None):
-    """``(dx [+ grad_residual], dweight)`` of rms_norm: the registry's provider (a kernel on CUDA) for eager
-    calls on plain tensors; the reference's ATen ops when traced (AOTAutograd traces the
-    backward: Inductor fuses those ops into generated kernels) or when the backward itself is
-    differentiated (``create_graph=True``: the kernel has no autograd formula)."""
+    """``(dx [+ grad_residual], dweight)`` of rms_norm: the registry's provider (a kernel on CUDA)
+    for eager calls on plain tensors; the ``rms_norm_backward`` op when traced (AOTAutograd
+    traces the backward: stock Inductor inlines the op's reference, the compile_norm backend
+    lowers the op node); the reference's ATen ops when the backward itself is differentiated
+    (``create_graph=True``: the backward op has no autograd formula)."""
     args = (grad, x, weight, eps, weight_offset, variance_size, grad_residual)
-    if registry.eager_ready(args) and not registry.needs_grad(args):
+    if registry.needs_grad(args):
+        return rms_norm_backward_ref(*args)
+    if registry.eager_ready(args):
         return registry.dispatch("rms_norm_backward", *args)
-    return rms_norm_backward_ref(*args)
+    return torch.ops.compile_norm.rms_norm_backward.default(*args)
 
 
 def _setup_rms_norm(ctx, inputs, output):

@@ -30,7 +30,8 @@ section 3) computes ``y`` exactly as above, then ``(y.to(w.dtype) * w).to(x_in.d
 ``aten._fused_rms_norm`` nodes (left undecomposed on some devices / torch versions) become the
 same op with the numerics of torch's decomposition (weight promoted to cd). ``options`` is not
 used. Training forward graphs save rsqrt for the backward, so there the site is reported as
-"intermediate used elsewhere" and left alone (rewriting would compute the reduction twice).
+"intermediate used elsewhere" and left alone (rewriting would compute the reduction twice);
+the backend's pre-grad pass (pre_grad.py) runs this pass before autograd for that reason.
 A weight multiply that does not fit (another shape, a weight dtype the contract would round
 differently) stays in the graph after a weightless rms_norm, which keeps numerics exact.
 """

@@ -56,8 +56,9 @@ def _snapshot(graph: torch.fx.Graph) -> torch.fx.Graph:
     return copy
 
 
-def _restore(graph: torch.fx.Graph, snapshot: torch.fx.Graph) -> None:
-    """Make ``graph`` equal to ``snapshot`` again, keeping its own placeholder nodes."""
+def replace_graph(graph: torch.fx.Graph, snapshot: torch.fx.Graph) -> None:
+    """Make ``graph`` equal to ``snapshot`` (a copy of it, or a graph with the same inputs),
+    keeping its own placeholder nodes."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     rest = [n for n in graph.nodes if n.op != "placeholder"]
     for node in rest:  # drop every edge first, so erasing order does not matter
@@ -79,13 +80,13 @@ class CompileNormPass(CustomGraphPass):
     def __init__(self, options: CompileOptions | dict | None = None):
         self.options = parse_options(options)
 
-    def _priority(self):
+    def priority(self):
         if self.options.providers is None:
             return contextlib.nullcontext()
         return registry.providers_priority(thaw_providers(self.options.providers))
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        with self._priority():
+        with self.priority():
             notify_stage("input", graph)  # observers (the inspect tool) see every stage
             for name in PASS_ORDER:
                 if not self.options.enabled(name):
@@ -108,7 +109,7 @@ class CompileNormPass(CustomGraphPass):
         except Exception as e:
             if self.options.strict:
                 raise PassFailedError(f"compile_norm pass {name!r} failed: {e}") from e
-            _restore(graph, snapshot)
+            replace_graph(graph, snapshot)
             message = f"compile_norm pass {name!r} failed and was skipped (graph left unfused): {type(e).__name__}: {e}"
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             log.warning(message)
@@ -121,7 +122,7 @@ class CompileNormPass(CustomGraphPass):
     def state(self) -> tuple:
         """Everything that shapes the graph these passes make. Cheap: the sources are hashed
         once per process, and each distinct state once."""
-        with self._priority():
+        with self.priority():
             providers = registry.priority_state()  # the chains as this compile chooses them
         auto = self.options.lowering == "auto"  # then measured kernel choices pick the lowering
         return (

@@ -1,0 +1,246 @@
+"""Training benchmarks (issue 12): forward + backward of the norms, and a model training step.
+
+1. fwd+bwd of rms_norm and of fused add + rms_norm on the Hugging Face style code
+   (gpu_check.hf_rms / hf_add), bf16, per shape: ``compile_norm`` backend (``lowering="auto"``
+   and ``"kernel"``: the Triton backward kernels everywhere), stock ``torch.compile``, the eager ops (``compile_norm eager``: Triton forward + backward kernels),
+   Liger (if importable). Each candidate is checked against fp32 autograd first, then one
+   training step (``torch.autograd.grad``) is captured in a CUDA graph and its replay timed
+   (``lowerings.measure.graph_time_us``), next to a copy of the same element count. Minimal
+   bytes per element (bf16): rms_norm 10 (forward reads x, writes y; backward reads dy and x,
+   writes dx), fused add 16 (forward reads x and r, writes y and h; backward reads dy, dh and h,
+   writes dx, which is also dr); ratio = bandwidth / copy's (4 bytes per element).
+2. A training step (forward, loss, backward) of Hugging Face Llama (Llama-3-8B shapes) and
+   Gemma 3 (12B shapes), a few layers, bf16: compile_norm backend vs stock compile, median of
+   CUDA-event timed steps, with the compile_norm counters of the compile.
+
+    python benchmarks/training.py --out $OUT          # quick shape set, < 4 min on an H200
+    python benchmarks/training.py --full --out $OUT   # T 256..16384 x every H
+    python benchmarks/training.py --dry-run           # CPU: tiny shapes and models, checks only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import gpu_check as G  # noqa: E402  (HF style functions, timers)
+import suite as S  # noqa: E402  (backend registration, Liger, fresh(), fwd+bwd of rms_norm)
+
+from compile_norm.lowerings.measure import graph_time_us  # noqa: E402
+
+QUICK_SHAPES = "256x4096,2048x2048,2048x5376,8192x4096,16384x8192,16384x5376,65536x128"
+FULL_T = (256, 2048, 8192, 16384)
+FULL_H = (2048, 3584, 4096, 5376, 8192)
+DRY_SHAPES = "5x256,3x384"
+MODELS = {
+    "llama": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128),
+    "gemma3_text": dict(hidden_size=3840, intermediate_size=15360, num_attention_heads=16,
+                        num_key_value_heads=8, head_dim=256, sliding_window=1024),
+}
+DRY_MODEL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+
+
+def add_bwd_family(t: int, h: int, dev: str) -> dict:
+    """fused add + rms_norm forward + backward (dx, dr, dw); minimal bytes 16 per element."""
+    bf16 = torch.bfloat16
+    x = torch.randn(t, h, device=dev, dtype=bf16, requires_grad=True)
+    r = torch.randn(t, h, device=dev, dtype=bf16, requires_grad=True)
+    w = (1.0 + 0.1 * torch.randn(h, device=dev)).to(bf16).requires_grad_()
+    dy = torch.randn(t, h, device=dev, dtype=bf16)
+    dh = torch.randn(t, h, device=dev, dtype=bf16)
+
+    def train_step(f):
+        return lambda: torch.autograd.grad(f(x, r, w), (x, r, w), (dy, dh))
+
+    def reference():
+        xf, rf, wf = (a.detach().float().requires_grad_() for a in (x, r, w))
+        return torch.autograd.grad(G.hf_add(xf, rf, wf), (xf, rf, wf), (dy.float(), dh.float()))
+
+    return dict(step=train_step, hf=G.hf_add, bytes=16 * t * h + 4 * h, reference=reference,
+                op=lambda a, b, c: torch.ops.compile_norm.fused_add_rms_norm(a, b, c, G.EPS))
+
+
+def op_candidates(fam: str, t: int, h: int, dev: str, compile_: bool) -> tuple[list, dict]:
+    spec = S.bwd_family(t, h, dev) if fam == "rms_bwd" else add_bwd_family(t, h, dev)
+    ref = spec["reference"]()
+    cands = []
+    if compile_:
+        for name, kw in (("compile_norm", dict(backend="compile_norm")),
+                         ("compile_norm kernel", dict(backend="compile_norm", options={"lowering": "kernel"})),
+                         ("stock compile", {})):
+            cands.append((name, lambda kw=kw: spec["step"](torch.compile(S.fresh(spec["hf"]), dynamic=False, **kw)), True))
+    cands.append(("compile_norm eager", lambda: spec["step"](spec["op"]), False))
+    lig = S.liger() if dev == "cuda" else None
+    if lig is not None and fam == "rms_bwd":
+        cands.append(("Liger", lambda: spec["step"](lambda a, b: lig[0].apply(a, b, G.EPS, 0.0, "llama", False)), False))
+    elif lig is not None and lig[1] is not None:
+        cands.append(("Liger", lambda: spec["step"](lambda a, b, c: lig[1].apply(a, b, c, G.EPS, 0.0, "llama", False)), False))
+    return [(n, make, (lambda fn, ref=ref: S.check_grads(fn(), ref)), c) for n, make, c in cands], spec
+
+
+def run_ops(a) -> list[dict]:
+    rows = []
+    budget = S.Budget(a.budget_s)
+    for t, h in a.shape_list:
+        shape = f"{t}x{h}"
+        copy_us = None
+        if a.timing:
+            src = torch.randn(t, h, device=a.device, dtype=torch.bfloat16)
+            dst = torch.empty_like(src)
+            copy_us = graph_time_us(lambda: dst.copy_(src))
+        print(f"== {shape}" + (f": copy {copy_us:.1f} us" if copy_us else ""), flush=True)
+        for fam in ("rms_bwd", "add_rms_bwd"):
+            cands, spec = op_candidates(fam, t, h, a.device, not a.no_compile)
+            for name, make, check, is_compiled in cands:
+                row = dict(shape=shape, family=fam, candidate=name)
+                if is_compiled and budget.spent():
+                    rows.append({**row, "skipped": "time budget"})
+                    continue
+                try:
+                    torch._dynamo.utils.counters["compile_norm"].clear()
+                    fn = make()
+                    row["check"] = check(fn)  # the first call compiles
+                    if is_compiled:
+                        row["fusion"] = S.compile_counters()
+                    if a.timing:
+                        us = graph_time_us(fn)
+                        bw = spec["bytes"] / us / 1e3
+                        row.update(us=round(us, 2), gbps=round(bw, 1),
+                                   ratio=round(bw / (4 * t * h / copy_us / 1e3), 3))
+                except Exception as e:  # report and go on
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                rows.append(row)
+                print("   " + json.dumps(row), flush=True)
+    return rows
+
+
+def model_step_fn(model, ids):
+    def step():
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+        loss.backward()
+        return loss
+    return step
+
+
+def time_steps_ms(step, params, n: int) -> float:
+    times = []
+    for _ in range(n):
+        for p in params:
+            p.grad = None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def run_models(a) -> list[dict]:
+    import transformers
+
+    rows = []
+    for model_type, shape in MODELS.items():
+        cfg = dict(DRY_MODEL if a.dry_run else shape)
+        if a.dry_run:
+            cfg.pop("sliding_window", None)
+        config = transformers.AutoConfig.for_model(
+            model_type, num_hidden_layers=a.layers, vocab_size=a.vocab,
+            max_position_embeddings=max(a.seq, 64), **cfg)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, attn_implementation="eager" if a.dry_run else "sdpa")
+        model = model.to(device=a.device, dtype=torch.bfloat16).train()
+        params = list(model.parameters())
+        ids = torch.randint(0, a.vocab, (1, a.seq), device=a.device)
+        for name, kw in (("stock compile", {}), ("compile_norm", dict(backend="compile_norm"))):
+            row = dict(model=model_type, layers=a.layers, tokens=a.seq, candidate=name)
+            if a.total_budget.spent():
+                rows.append({**row, "skipped": "time budget (--total-budget-s)"})
+                continue
+            try:
+                torch._dynamo.reset()
+                torch._dynamo.utils.counters["compile_norm"].clear()
+                t0 = time.time()
+                step = model_step_fn(torch.compile(model, dynamic=False, **kw), ids)
+                row["loss"] = float(step())  # compiles
+                row["compile_s"] = round(time.time() - t0, 1)
+                if name == "compile_norm":
+                    row["fusion"] = S.compile_counters()
+                if a.timing:
+                    row["step_ms"] = round(time_steps_ms(step, params, a.steps), 3)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+            print("   " + json.dumps(row), flush=True)
+        stock, ours = (r.get("step_ms") for r in rows[-2:])
+        if stock and ours:
+            rows[-1]["speedup_vs_stock"] = round(stock / ours, 3)
+            print(f"   {model_type}: {stock / ours:.3f}x stock", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true", help="every T x H (and H=128 rows)")
+    p.add_argument("--shapes", help="TxH,... (overrides the set)")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, checks only")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-model", action="store_true", help="skip the model training steps")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--budget-s", type=float, default=90.0, help="compile budget of the op rows")
+    p.add_argument("--total-budget-s", type=float, default=200.0,
+                   help="no model compile starts after this (the run stays under 4 min)")
+    p.add_argument("--out", help="folder for training.json")
+    a = p.parse_args(argv)
+    a.device = "cpu" if a.dry_run else "cuda"
+    a.timing = not a.dry_run
+    if a.dry_run:
+        a.seq, a.vocab, a.steps = 12, 128, 1
+    if a.shapes:
+        text = a.shapes
+    elif a.dry_run:
+        text = DRY_SHAPES
+    elif a.full:
+        text = ",".join([f"{t}x{h}" for h in FULL_H for t in FULL_T] + [f"{32 * t}x128" for t in FULL_T])
+    else:
+        text = QUICK_SHAPES
+    a.shape_list = S.parse_shapes(text)
+    S.raise_recompile_limits()
+    S.ensure_backend()
+    a.total_budget = S.Budget(None if a.dry_run else a.total_budget_s)
+    t0 = time.time()
+    # compile for real: the passes run (and their counters prove the fusion) every time
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        result = dict(ops=run_ops(a), models=[] if a.no_model else run_models(a),
+                      env=S.env_info(a.dry_run), wall_s=None)
+    result["wall_s"] = round(time.time() - t0, 1)
+    print(f"done in {result['wall_s']} s", flush=True)
+    if a.out:
+        out = pathlib.Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "training.json").write_text(json.dumps(result, indent=1, default=str))
+    failed = [r for r in result["ops"] + result["models"] if "error" in r or r.get("check", "ok") != "ok"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
