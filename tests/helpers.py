@@ -66,6 +66,8 @@ def scheme_kwargs(scheme: str, hidden: int, variant: int = 0) -> dict:
     if scheme == "fp8_group":
         group = next(g for g in (128, 64, 32, 16, 8) if hidden % g == 0)
         return {"group_size": group, "column_major_scales": bool(variant), "use_ue8m0": bool(variant)}
+    if scheme == "mxfp8":
+        return {"scaling_mode": "rceil", "block_size": 64} if variant else {}
     if scheme == "int8_static":
         kw = {"scale": torch.tensor(0.011)}
         if variant:

@@ -108,6 +108,7 @@ SOURCE = hashlib.sha256(
 ).hexdigest()
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_E8M0 = torch.float8_e8m0fnu  # MX scales (stored by the kernel as their uint8 codes)
 
 
 def _recip32(c: float) -> float:
@@ -289,7 +290,8 @@ def kernel_quant(spec: OpSpec, x: Any, qargs: tuple) -> KernelQuant | None:
 
 @functools.lru_cache(maxsize=4096)
 def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight: bool,
-                w_offset: bool, vsize: bool, has_aux: bool, ue8m0: bool, full_blocks: bool):
+                w_offset: bool, vsize: bool, has_aux: bool, ue8m0: bool, full_blocks: bool,
+                mx_scale: int = 0):
     """The kernel's constexprs for one op, launch config and argument configuration (cached:
     the eager hot path computes them once per configuration)."""
     spec = registry.spec(name)
@@ -305,7 +307,7 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
         spec.residual, spec.normalizes, has_weight, w_offset, vsize,
         store_out, mode, has_aux, ue8m0,
         not INTERPRET, not INTERPRET, _FP8_RECIP, _INT8_RECIP, _U8_RECIP,
-        persistent, even_rows, even_cols,
+        persistent, even_rows, even_cols, mx_scale,
     )
 
 
@@ -333,12 +335,14 @@ def prepare(spec: OpSpec, args: tuple) -> Launch:
     r2 = None if residual is None else (
         residual if residual.dim() == 2 and residual.stride(1) == 1 else _rows(residual, hidden))
     q, scales, azp = (*outs[:n_quant], None, None, None)[:3]
+    if scales is not None and scales.dtype == _E8M0:  # Triton has no E8M0 pointers: bytes
+        scales = scales.view(torch.uint8)
     weight, vsize = call.weight, call.variance_size
     cfg = launch_config(hidden, kq.group)
     consts = _constexprs(
         spec.name, cfg, hidden, mode, weight is not None, call.weight_offset != 0.0,
         vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0,
-        isinstance(tokens, int) and tokens % cfg.block_m == 0,
+        isinstance(tokens, int) and tokens % cfg.block_m == 0, kq.mx_scale,
     )
     if kq.group:
         st, sg = (1, tokens) if kq.column_major else (hidden // kq.group, 1)
