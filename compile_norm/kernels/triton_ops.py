@@ -53,7 +53,7 @@ import torch
 
 from ..ops import registry
 from ..ops.quant import KernelQuant
-from ..ops.spec import Kind, OpSpec
+from ..ops.spec import ROW_KERNEL_KINDS, Kind, OpSpec
 from .quant_modes import QUANT_MODES
 
 PROVIDER = "triton"
@@ -465,7 +465,7 @@ def _provider_functions(spec: OpSpec) -> tuple:
 def kernel_specs() -> list[OpSpec]:
     """The ops this kernel implements: every forward op whose scheme (if any) has a kernel
     configuration and a mode in the kernel (the backward has a kernel of its own)."""
-    return [s for s in registry.specs() if s.kind != Kind.BACKWARD and (
+    return [s for s in registry.specs() if s.kind in ROW_KERNEL_KINDS and (
         s.scheme is None or (s.scheme.kernel is not None and s.scheme.name in QUANT_MODES))]
 
 
