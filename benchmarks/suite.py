@@ -239,16 +239,8 @@ def run(a) -> list[dict]:
     rows: list[dict] = []
     for t, h in a.shape_list:
         shape = f"{t}x{h}"
-        copy_us = None
-        if timing:
-            src = torch.randn(t, h, device=dev, dtype=torch.bfloat16)
-            dst = torch.empty_like(src)
-            copy_us = G.graph_time_us(lambda: dst.copy_(src))
-            rows.append(dict(shape=shape, family="copy", candidate="copy", graph_us=copy_us,
-                             copy_us=copy_us, gbps=4 * t * h / copy_us / 1e3, ratio=1.0,
-                             eager_us=G.eager_time_us(lambda: dst.copy_(src)), check="-"))
-            print(f"== {shape}: copy {copy_us:.1f} us", flush=True)
-        else:
+        copy_us = copy_row(rows, t, h, dev) if timing else None
+        if not timing:
             print(f"== {shape} (dry run)", flush=True)
         for fam in a.family_list:
             if h < 1024 and fam not in SMALL_H_FAMILIES and not a.dry_run:
@@ -261,25 +253,47 @@ def run(a) -> list[dict]:
                 if is_compiled and budget.spent():
                     rows.append({**row, "skipped": "time budget"})
                     continue
-                try:
-                    torch._dynamo.utils.counters["compile_norm"].clear()
-                    t0 = time.time()
-                    fn = make()
-                    row["check"] = chk(fn)  # first call compiles
-                    if is_compiled:
-                        row["compile_s"] = round(time.time() - t0, 2)
-                        row["fusion"] = compile_counters()
-                    if timing:
-                        g_us = G.graph_time_us(fn)
-                        row.update(graph_us=g_us, eager_us=G.eager_time_us(fn))
-                        if t > LATENCY_T:
-                            bw = meta["bytes"] / g_us / 1e3
-                            row.update(gbps=bw, ratio=bw / (4 * t * h / copy_us / 1e3))
-                except Exception as e:  # report and go on
-                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                measure(row, make, chk, is_compiled, timing, meta["bytes"], t, h, copy_us)
                 rows.append(row)
                 print("   " + fmt_row(row), flush=True)
     return rows
+
+
+def copy_row(rows: list[dict], t: int, h: int, dev: str) -> float:
+    """Time the bf16 copy of a [t, h] tensor (every row's baseline), add its row; its time."""
+    src = torch.randn(t, h, device=dev, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_us = G.graph_time_us(lambda: dst.copy_(src))
+    rows.append(dict(shape=f"{t}x{h}", family="copy", candidate="copy", graph_us=copy_us,
+                     copy_us=copy_us, gbps=4 * t * h / copy_us / 1e3, ratio=1.0,
+                     eager_us=G.eager_time_us(lambda: dst.copy_(src)), check="-"))
+    print(f"== {t}x{h}: copy {copy_us:.1f} us", flush=True)
+    return copy_us
+
+
+def measure(row: dict, make: Callable, chk: Callable, is_compiled: bool, timing: bool,
+            nbytes: int, t: int, h: int, copy_us: float | None) -> float | None:
+    """Build, check and (``timing``) time one candidate into ``row``; its graph time or None.
+    An exception is reported in the row ("error"), never raised."""
+    try:
+        torch._dynamo.utils.counters["compile_norm"].clear()
+        t0 = time.time()
+        fn = make()
+        row["check"] = chk(fn)  # first call compiles
+        if is_compiled:
+            row["compile_s"] = round(time.time() - t0, 2)
+            row["fusion"] = compile_counters()
+        if not timing:
+            return None
+        g_us = G.graph_time_us(fn)
+        row.update(graph_us=g_us, eager_us=G.eager_time_us(fn))
+        if t > LATENCY_T:
+            bw = nbytes / g_us / 1e3
+            row.update(gbps=bw, ratio=bw / (4 * t * h / copy_us / 1e3))
+        return g_us
+    except Exception as e:  # report and go on
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+        return None
 
 
 def fmt_row(r: dict) -> str:

@@ -12,6 +12,7 @@ from .ops import (
     fused_add_rms_norm,
     providers_priority,
     rms_norm,
+    rms_norm_gated,
     set_priority,
     which_provider,
 )

@@ -65,6 +65,20 @@ def compile_run(fn, *args, backend="compile_norm", options=None, dynamic=None, c
     return Compiled(out, "\n".join(codes), dict(counters["compile_norm"]), dict(counters["stats"]), stages)
 
 
+def compile_run_amax_left(fn, *args, **kw) -> tuple[Compiled, bool]:
+    """``compile_run``, plus whether an amax reduction is still in the graph after the quant
+    pass (a hand-written quantization that fused leaves none)."""
+    seen = {}
+
+    def observe(stage, graph, result):
+        if stage == "quant":
+            seen["amax"] = any(n.target is torch.ops.aten.amax.default for n in graph.nodes)
+
+    with observe_stages(observe):
+        c = compile_run(fn, *args, **kw)
+    return c, seen["amax"]
+
+
 def assert_close_q(actual: torch.Tensor, expected: torch.Tensor, scale=None) -> None:
     """Quantized outputs agree within one quantization step (Inductor keeps fp32 intermediates
     where eager rounds to x.dtype, which may move a value across a rounding boundary)."""

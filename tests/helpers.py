@@ -66,6 +66,8 @@ def scheme_kwargs(scheme: str, hidden: int, variant: int = 0) -> dict:
     if scheme == "fp8_group":
         group = next(g for g in (128, 64, 32, 16, 8) if hidden % g == 0)
         return {"group_size": group, "column_major_scales": bool(variant), "use_ue8m0": bool(variant)}
+    if scheme == "mxfp8":
+        return {"scaling_mode": "rceil", "block_size": 64} if variant else {}
     if scheme == "int8_static":
         kw = {"scale": torch.tensor(0.011)}
         if variant:
@@ -92,6 +94,13 @@ def opcheck_cases(name: str) -> list[tuple[str, tuple, dict]]:
             ("fp32_2d", (x2,), scheme_kwargs(scheme, h, 0)),
             ("bf16_3d", (x3,), scheme_kwargs(scheme, h, 1)),
             ("zero_tokens", (x0,), scheme_kwargs(scheme, h, 1)),
+        ]
+    if name == "rms_norm_gated":  # (x, gate, weight, eps, norm_before_gate, group_size)
+        return [
+            ("fp32_2d_after", (x2, randn(4, h), w32, 1e-6), {}),
+            ("bf16_3d_before_groups", (x3, randn(2, 3, h, dtype=torch.bfloat16), w32, 1e-6),
+             {"norm_before_gate": False, "group_size": 16}),
+            ("fp32_no_weight_zero_tokens", (x0, randn(0, h), None, 1e-6), {"norm_before_gate": False}),
         ]
     # rms_norm_backward(grad, x, ...) takes a second activation-shaped tensor like fused add
     fused_add = name.startswith("fused_add_") or name == "rms_norm_backward"
@@ -126,3 +135,22 @@ def interpreter_report(script: str, timeout: int) -> dict:
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("REPORT")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     return json.loads(lines[-1][len("REPORT"):])
+
+
+def count_kernel_launches(triton_ops) -> list:
+    """Wrap the row kernel that ``triton_ops`` launches: ``[count]`` of launches since."""
+    launches = [0]
+    real = triton_ops.K.norm_quant_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launch = real[grid]
+
+            def run(*args, **kwargs):
+                launches[0] += 1
+                return launch(*args, **kwargs)
+
+            return run
+
+    triton_ops.K = type("K", (), {"norm_quant_kernel": Counting()})
+    return launches

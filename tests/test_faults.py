@@ -24,14 +24,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def model(x, r, w, g):
-    """Hand-written Llama norm after a residual add, a Gemma norm, and a quantization:
-    work for every pass (canonicalize, gemma, residual, quant, lower)."""
+    """Hand-written Llama norm after a residual add, a Gemma norm, a quantization and a
+    gated norm: work for every pass (canonicalize, gemma, gated, residual, quant, lower)."""
     h = x + r
     hf = h.float()
     y = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype) * w
     q, s = cn.quant_int8_dynamic(y)
     z = cn.rms_norm(h, g.float() + 1.0, EPS)  # Gemma written with the offset in the weight
-    return q, s, h, z
+    u = cn.rms_norm(x, w, EPS) * torch.nn.functional.silu(r)  # Qwen3-Next's gated norm
+    return q, s, h, z, u
 
 
 def inputs(dtype=torch.float32):
@@ -63,14 +64,14 @@ def sabotage(monkeypatch, name):
 
 
 def test_every_pass_is_tested():
-    assert set(PASS_ORDER) == {"canonicalize", "gemma", "residual", "quant", "lower"}
+    assert set(PASS_ORDER) == {"canonicalize", "gemma", "gated", "residual", "quant", "lower"}
 
 
 def test_passes_do_work_on_the_model():
     a = inputs()
     c = compile_run(model, *a, dynamic=False, options={"strict": True})
     check_outputs(c.out, model(*a))
-    for name in ("canonicalize", "gemma", "residual", "quant", "lower"):
+    for name in ("canonicalize", "gemma", "gated", "residual", "quant", "lower"):
         assert c.counts.get(f"{name}_matched", 0) >= 1, (name, c.counts)
 
 
@@ -134,7 +135,9 @@ def test_unavailable_provider_is_skipped_with_reason(unavailable_provider):
 def test_triton_without_gpu_is_skipped_with_reason():
     from compile_norm.kernels import triton_ops
 
-    with_kernel = {s.name for s in triton_ops.kernel_specs()} | {"rms_norm_backward"}
+    from compile_norm.kernels import two_pass
+
+    with_kernel = {s.name for s in triton_ops.kernel_specs()} | {"rms_norm_backward"} | set(two_pass.PASSES)
     assert "rms_norm" in with_kernel and "rms_norm_fp8_group" in with_kernel
     for name in registry.ops():
         reasons = registry.unsupported_reasons(name)
@@ -172,7 +175,9 @@ def test_missing_triton_is_skipped_with_reason():
     assert len(lines) == len(registry.ops())
     from compile_norm.kernels import triton_ops
 
-    with_kernel = {s.name for s in triton_ops.kernel_specs()} | {"rms_norm_backward"}
+    from compile_norm.kernels import two_pass
+
+    with_kernel = {s.name for s in triton_ops.kernel_specs()} | {"rms_norm_backward"} | set(two_pass.PASSES)
     for line in lines:
         has_reason = "(unavailable: triton: triton is not importable (ModuleNotFoundError" in line
         assert has_reason == (line.split()[0].rstrip(":") in with_kernel), line

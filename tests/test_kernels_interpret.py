@@ -17,7 +17,7 @@ import json
 
 import pytest
 
-from helpers import interpreter_report
+from helpers import count_kernel_launches, interpreter_report
 
 def _child() -> None:
     import torch
@@ -27,20 +27,7 @@ def _child() -> None:
     from compile_norm.ops import registry
 
     assert triton_ops.INTERPRET and triton_ops.SUPPORTED, triton_ops.REASON
-    launches = [0]
-    real = triton_ops.K.norm_quant_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            launch = real[grid]
-
-            def run(*args, **kwargs):
-                launches[0] += 1
-                return launch(*args, **kwargs)
-
-            return run
-
-    triton_ops.K = type("K", (), {"norm_quant_kernel": Counting()})
+    launches = count_kernel_launches(triton_ops)
 
     bf16 = torch.bfloat16
     # 1400 = 1024 + 256 + 128 (masked) and 1408 (fp8 groups) run the multi-tile path

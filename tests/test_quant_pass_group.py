@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from compile_helpers import assert_close, assert_close_q, cn, compile_run
+from compile_helpers import assert_close, assert_close_q, cn
+from compile_helpers import compile_run_amax_left as run
 from compile_norm.ops import registry
-from compile_norm.passes.base import observe_stages
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_check  # noqa: E402
@@ -48,23 +48,6 @@ def add_norm_group(x, r, w, g, form):
     y, h = cn.fused_add_rms_norm(x, r, w, 1e-6)
     q, s = group_quant(y, g, form)
     return q, s, h
-
-
-def amax_left(graph) -> bool:
-    return any(n.target is torch.ops.aten.amax.default for n in graph.nodes)
-
-
-def run(fn, *args, **kw):
-    """compile_run, plus whether an amax reduction is still in the graph after the quant pass."""
-    seen = {}
-
-    def observe(stage, graph, result):
-        if stage == "quant":
-            seen["amax"] = amax_left(graph)
-
-    with observe_stages(observe):
-        c = compile_run(fn, *args, **kw)
-    return c, seen["amax"]
 
 
 def check_outputs(got, want, dtype):

@@ -19,12 +19,13 @@ EXPECTED_OPS = {
     "rms_norm",
     "fused_add_rms_norm",
     "rms_norm_backward",
+    "rms_norm_gated",
     *(
         f"{kind}{scheme}"
         for kind in ("quant_", "rms_norm_", "fused_add_rms_norm_")
         for scheme in (
             "fp8_static", "fp8_dynamic", "fp8_dynamic_tensor", "fp8_group", "int8_static",
-            "int8_dynamic", "int8_dynamic_asym",
+            "int8_dynamic", "int8_dynamic_asym", "mxfp8",
         )
     ),
 }

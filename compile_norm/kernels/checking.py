@@ -354,7 +354,7 @@ def _dequant(outs, q, static_scale):
     qf = q.float()
     if "scale" not in outs and "scales" not in outs:
         return qf * static_scale
-    scale = outs["scale"] if "scale" in outs else outs["scales"]
+    scale = (outs["scale"] if "scale" in outs else outs["scales"]).float()  # MX: E8M0 codes
     if scale.dim():  # per row or per group (a 0-d scale is per tensor)
         scale = scale.repeat_interleave(q.shape[-1] // scale.shape[-1], dim=-1)
     if "azp" in outs:

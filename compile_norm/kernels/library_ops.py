@@ -150,7 +150,7 @@ def written_args(kwargs: dict[str, Any]) -> list[str]:
     quant = kwargs.get("QUANT", 0)
     if quant:
         names.append("q_ptr")
-    if quant in (2, 3, 5, 6):
+    if quant in (2, 3, 5, 6, 7):
         names.append("s_ptr")
     if quant == 6:
         names.append("azp_ptr")

@@ -12,6 +12,7 @@ Q_FP8_GROUP = 3
 Q_INT8_STATIC = 4
 Q_INT8_DYNAMIC = 5
 Q_INT8_DYNAMIC_ASYM = 6
+Q_MXFP8 = 7
 # The scheme (compile_norm/ops/schemes/<name>.py) each mode implements.
 QUANT_MODES = {
     "fp8_static": Q_FP8_STATIC,
@@ -20,4 +21,5 @@ QUANT_MODES = {
     "int8_static": Q_INT8_STATIC,
     "int8_dynamic": Q_INT8_DYNAMIC,
     "int8_dynamic_asym": Q_INT8_DYNAMIC_ASYM,
+    "mxfp8": Q_MXFP8,
 }

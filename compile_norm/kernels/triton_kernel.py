@@ -141,6 +141,9 @@ def _sat_fp8(v, PRECISE: tl.constexpr):
         step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
         inv = ((127 - (e - 3)) << 23).to(tl.float32, bitcast=True)
         r = _rint(v * inv, PRECISE) * step
+        # _rint turns -0 into +0 (-0 + 2**23 - 2**23): give the result v's sign bit back
+        sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+        r = (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
         # A NaN whose top mantissa bits are 111 (and the next 0) is what that cast turns
         # into the e4m3 NaN code 0x7F.
         nan = tl.full(v.shape, 0x7FF00000, tl.int32).to(tl.float32, bitcast=True)
@@ -416,6 +419,53 @@ def _group_tile(v, mask, rmask, rows64, gidx, cols, C0: tl.constexpr, G: tl.cons
 
 
 @triton.jit
+def _mx_scale(amax, MX_SCALE: tl.constexpr, PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr,
+              FP8_RECIP: tl.constexpr):
+    """(E8M0 code as int32, the factor the elements are multiplied by) of MX blocks with
+    this amax, as ops/schemes/mxfp8.py computes them (``MX_SCALE``: its SCALING_MODES)."""
+    if MX_SCALE == 3:  # rceil: ceil(log2(amax / 448)), elements times 2^(127 - code)
+        descale = _div_scalar(amax, 448.0, FP8_RECIP, SCALAR_RECIP)
+        if PRECISE:
+            lg = libdevice.ceil(libdevice.log2(descale))
+        else:
+            lg = tl.math.ceil(tl.math.log2(descale))
+        code = (tl.minimum(tl.maximum(lg, -127.0), 127.0) + 127.0).to(tl.int32)
+        code = tl.where(descale == float("inf"), 254, code)
+        code = tl.where(descale != descale, 255, code)
+        pow2 = ((254 - tl.minimum(tl.maximum(code, 1), 253)) << 23).to(tl.float32, bitcast=True)
+        factor = tl.where(code == 0, 1.0, tl.where(code == 254, 5.877471754111438e-39, pow2))
+        factor = tl.where(code == 255, descale, factor)
+    else:  # floor / ceil / even: from amax's exponent bits, elements divided by 2^(code - 127)
+        bits = amax.to(tl.int32, bitcast=True)
+        if MX_SCALE == 2:  # even: the mantissa rounded to 3 bits first
+            bits = (bits + (1 << 19)) & -8388608
+        pow2 = ((bits >> 23) & 0xFF) - 127
+        if MX_SCALE == 1:  # ceil: up unless amax is a power of two
+            pow2 += ((bits & 0x7FFFFF) > 0).to(tl.int32)
+        code = tl.minimum(tl.maximum(pow2 - 8, -127), 128) + 127
+        code = tl.where(amax != amax, 255, code)
+        scale = tl.maximum((code << 23).to(tl.float32, bitcast=True), 1.1754943508222875e-38)
+        # a power of two (or inf): its reciprocal is exact, so the product is the quotient
+        factor = _recip(scale)
+    return code, factor
+
+
+@triton.jit
+def _mx_tile(v, mask, rmask, rows64, gidx, cols, C0: tl.constexpr, G: tl.constexpr, H,
+             q_ptr, s_ptr, stride_st, stride_sg, MX_SCALE: tl.constexpr, PRECISE: tl.constexpr,
+             SCALAR_RECIP: tl.constexpr, FP8_RECIP: tl.constexpr):
+    """MXFP8 of one tile: its blocks' E8M0 codes (uint8) and e4m3 elements."""
+    amax = _amax(tl.abs(v), 2, PRECISE)  # masked lanes hold 0
+    code, factor = _mx_scale(amax, MX_SCALE, PRECISE, SCALAR_RECIP, FP8_RECIP)
+    g = C0 // G + gidx
+    smask = rmask[:, None] & (g * G < H)[None, :]
+    tl.store(s_ptr + rows64[:, None] * stride_st + g[None, :] * stride_sg, code.to(tl.uint8),
+             mask=smask)
+    q = _sat_fp8(v * factor[:, :, None], PRECISE)
+    tl.store(q_ptr + rows64[:, None, None] * H + cols[None, :, :], q, mask=mask)
+
+
+@triton.jit
 def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_ptr, q_ptr,
              s_ptr, azp_ptr, scale_in_ptr, aux_in_ptr, stride_w, stride_st, stride_sg, eps,
              offset, V,
@@ -426,7 +476,7 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
              QUANT: tl.constexpr, HAS_AUX: tl.constexpr, UE8M0: tl.constexpr,
              PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr, FP8_RECIP: tl.constexpr,
              INT8_RECIP: tl.constexpr, U8_RECIP: tl.constexpr, EVEN_ROWS: tl.constexpr,
-             EVEN_COLS: tl.constexpr):
+             EVEN_COLS: tl.constexpr, MX_SCALE: tl.constexpr):
     """Everything after the loads for one block of rows, given its raw tiles
     (``_load_rows``): residual add -> norm -> weight -> quantize, and every store."""
     rmask = _row_mask(rows, T, EVEN_ROWS)
@@ -499,6 +549,15 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
         if NG2 > 0:
             _group_tile(v2, m2, rmask, rows64, gi2, cols2, C2, G2, H, q_ptr, s_ptr, aux_in_ptr,
                         stride_st, stride_sg, UE8M0, PRECISE, SCALAR_RECIP, FP8_RECIP)
+    elif QUANT == 7:  # MXFP8: blocks never straddle tiles
+        _mx_tile(v0, m0, rmask, rows64, gi0, cols0, 0, G0, H, q_ptr, s_ptr, stride_st,
+                 stride_sg, MX_SCALE, PRECISE, SCALAR_RECIP, FP8_RECIP)
+        if NG1 > 0:
+            _mx_tile(v1, m1, rmask, rows64, gi1, cols1, C1, G1, H, q_ptr, s_ptr, stride_st,
+                     stride_sg, MX_SCALE, PRECISE, SCALAR_RECIP, FP8_RECIP)
+        if NG2 > 0:
+            _mx_tile(v2, m2, rmask, rows64, gi2, cols2, C2, G2, H, q_ptr, s_ptr, stride_st,
+                     stride_sg, MX_SCALE, PRECISE, SCALAR_RECIP, FP8_RECIP)
     elif QUANT != 0:  # dynamic per token: statistics over all tiles
         s1, s2 = _stats(v0, m0, QUANT, PRECISE)
         if NG1 > 0:
@@ -548,6 +607,7 @@ def norm_quant_kernel(
     PERSISTENT: tl.constexpr = False,  # loop over row blocks, prefetching the next one
     EVEN_ROWS: tl.constexpr = False,  # every row block full (T % BLOCK_M == 0; not PERSISTENT)
     EVEN_COLS: tl.constexpr = False,  # the column tiles cover exactly H
+    MX_SCALE: tl.constexpr = 0,  # MXFP8: the scale mode (schemes/mxfp8.SCALING_MODES)
 ):
     # Inductor passes Python floats as fp64 (eager Triton: fp32): fp64 would make rstd and
     # every product with it fp64 (slower, and not the reference's fp32 arithmetic). tl.cast,
@@ -577,7 +637,7 @@ def norm_quant_kernel(
                      stride_sg, eps, offset, V, NG0, G0, NG1, G1, NG2, G2, HAS_RES, DO_NORM,
                      HAS_WEIGHT, W_OFFSET, HAS_VSIZE, STORE_OUT, QUANT, HAS_AUX, UE8M0,
                      PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, EVEN_ROWS,
-                     EVEN_COLS)
+                     EVEN_COLS, MX_SCALE)
             x0, r0, x1, r1, x2, r2 = n0, nr0, n1, nr1, n2, nr2
             blk += nprog
     else:
@@ -586,4 +646,4 @@ def norm_quant_kernel(
                  stride_sg, eps, offset, V, NG0, G0, NG1, G1, NG2, G2, HAS_RES, DO_NORM,
                  HAS_WEIGHT, W_OFFSET, HAS_VSIZE, STORE_OUT, QUANT, HAS_AUX, UE8M0,
                  PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, EVEN_ROWS,
-                 EVEN_COLS)
+                 EVEN_COLS, MX_SCALE)

@@ -56,7 +56,7 @@ import torch
 
 from ..ops import registry
 from ..ops.quant import KernelQuant
-from ..ops.spec import Kind, OpSpec
+from ..ops.spec import ROW_KERNEL_KINDS, Kind, OpSpec
 from .quant_modes import QUANT_MODES
 
 PROVIDER = "triton"
@@ -111,6 +111,7 @@ SOURCE = hashlib.sha256(
 ).hexdigest()
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_E8M0 = torch.float8_e8m0fnu  # MX scales (stored by the kernel as their uint8 codes)
 
 
 def _recip32(c: float) -> float:
@@ -354,7 +355,8 @@ def kernel_quant(spec: OpSpec, x: Any, qargs: tuple) -> KernelQuant | None:
 
 @functools.lru_cache(maxsize=4096)
 def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight: bool,
-                w_offset: bool, vsize: bool, has_aux: bool, ue8m0: bool, full_blocks: bool):
+                w_offset: bool, vsize: bool, has_aux: bool, ue8m0: bool, full_blocks: bool,
+                mx_scale: int = 0):
     """The kernel's constexprs for one op, launch config and argument configuration (cached:
     the eager hot path computes them once per configuration)."""
     spec = registry.spec(name)
@@ -370,7 +372,7 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
         spec.residual, spec.normalizes, has_weight, w_offset, vsize,
         store_out, mode, has_aux, ue8m0,
         not INTERPRET, not INTERPRET, _FP8_RECIP, _INT8_RECIP, _U8_RECIP,
-        persistent, even_rows, even_cols,
+        persistent, even_rows, even_cols, mx_scale,
     )
 
 
@@ -398,12 +400,14 @@ def prepare(spec: OpSpec, args: tuple) -> Launch:
     r2 = None if residual is None else (
         residual if residual.dim() == 2 and residual.stride(1) == 1 else _rows(residual, hidden))
     q, scales, azp = (*outs[:n_quant], None, None, None)[:3]
+    if scales is not None and scales.dtype == _E8M0:  # Triton has no E8M0 pointers: bytes
+        scales = scales.view(torch.uint8)
     weight, vsize = call.weight, call.variance_size
     cfg = _CONFIG_OVERRIDE.get() or launch_config(hidden, kq.group)
     consts = _constexprs(
         spec.name, cfg, hidden, mode, weight is not None, call.weight_offset != 0.0,
         vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0,
-        isinstance(tokens, int) and tokens % cfg.block_m == 0,
+        isinstance(tokens, int) and tokens % cfg.block_m == 0, kq.mx_scale,
     )
     if kq.group:
         st, sg = (1, tokens) if kq.column_major else (hidden // kq.group, 1)
@@ -526,7 +530,7 @@ def _provider_functions(spec: OpSpec) -> tuple:
 def kernel_specs() -> list[OpSpec]:
     """The ops this kernel implements: every forward op whose scheme (if any) has a kernel
     configuration and a mode in the kernel (the backward has a kernel of its own)."""
-    return [s for s in registry.specs() if s.kind != Kind.BACKWARD and (
+    return [s for s in registry.specs() if s.kind in ROW_KERNEL_KINDS and (
         s.scheme is None or (s.scheme.kernel is not None and s.scheme.name in QUANT_MODES))]
 
 

@@ -8,6 +8,7 @@ torch op.
 from . import registry
 from .fused import *  # noqa: F401,F403
 from .fused import FUSED_OPS
+from .gated import rms_norm_gated, rms_norm_gated_ref
 from .norm import (
     fused_add_rms_norm,
     fused_add_rms_norm_ref,

@@ -94,9 +94,9 @@ def check_scalar_tensor(
     check_device(op, name, t, x)
 
 
-def check_group_size(op: str, x: torch.Tensor, group_size: int) -> None:
+def check_group_size(op: str, x: torch.Tensor, group_size: int, name: str = "group_size") -> None:
     hidden = x.shape[-1]
     if not isinstance(group_size, int) or group_size <= 0:
-        fail(op, f"group_size must be a positive int, got {group_size!r}")
+        fail(op, f"{name} must be a positive int, got {group_size!r}")
     if hidden % group_size != 0:
-        fail(op, f"group_size={group_size} must divide the hidden size x.shape[-1]={hidden}")
+        fail(op, f"{name}={group_size} must divide the hidden size x.shape[-1]={hidden}")

@@ -89,6 +89,7 @@ class KernelQuant(NamedTuple):
     group: int = 0  # per-group: group size
     column_major: bool = False
     ue8m0: bool = False
+    mx_scale: int = 0  # MXFP8: the kernel's scale mode (schemes/mxfp8.SCALING_MODES)
 
 
 @dataclass(frozen=True)

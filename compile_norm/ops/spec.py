@@ -28,9 +28,12 @@ class Kind(enum.Enum):
     NORM_QUANT = "norm_quant"
     ADD_NORM_QUANT = "add_norm_quant"
     BACKWARD = "backward"
+    GATED_NORM = "gated_norm"  # RMSNorm with a SiLU gate (ops/gated.py)
 
 
 RESIDUAL_KINDS = (Kind.ADD_NORM, Kind.ADD_NORM_QUANT)
+# What the forward row kernel (kernels/triton_kernel.py) implements.
+ROW_KERNEL_KINDS = (Kind.NORM, Kind.ADD_NORM, Kind.QUANT, Kind.NORM_QUANT, Kind.ADD_NORM_QUANT)
 NORM_KINDS = (Kind.NORM, Kind.ADD_NORM, Kind.NORM_QUANT, Kind.ADD_NORM_QUANT)
 QUANT_KINDS = (Kind.QUANT, Kind.NORM_QUANT, Kind.ADD_NORM_QUANT)
 
@@ -41,6 +44,7 @@ _BASE_NAME = {
     Kind.NORM_QUANT: "rms_norm",
     Kind.ADD_NORM_QUANT: "fused_add_rms_norm",
     Kind.BACKWARD: "rms_norm_backward",
+    Kind.GATED_NORM: "rms_norm_gated",
 }
 # Choice families (lowerings/choice.py): the kernel-vs-generated table is kept per family.
 _FAMILY = {
@@ -50,6 +54,7 @@ _FAMILY = {
     Kind.NORM_QUANT: "norm",
     Kind.ADD_NORM_QUANT: "add_norm",
     Kind.BACKWARD: "backward",
+    Kind.GATED_NORM: "gated_norm",
 }
 
 

@@ -1,1 +1,1 @@
-"""Post-grad FX passes: canonicalize, gemma, residual, quant, lower (in that order)."""
+"""Post-grad FX passes: canonicalize, gemma, gated, residual, quant, lower (in that order)."""

@@ -28,6 +28,7 @@ from torch._dynamo.utils import counters
 from . import cache_key
 from .base import COUNTER_GROUP, GraphPass, PassResult, notify_stage
 from .canonicalize import CanonicalizePass
+from .gated import GatedPass
 from .gemma import GemmaPass
 from .lower import LowerPass
 from .quant import QuantPass
@@ -35,7 +36,7 @@ from .residual import ResidualPass
 
 log = logging.getLogger("compile_norm.passes")
 PASSES: dict[str, type[GraphPass]] = {
-    cls.name: cls for cls in (CanonicalizePass, GemmaPass, ResidualPass, QuantPass, LowerPass)
+    cls.name: cls for cls in (CanonicalizePass, GemmaPass, GatedPass, ResidualPass, QuantPass, LowerPass)
 }  # run in the order of options.PASS_ORDER
 
 
@@ -75,7 +76,7 @@ def replace_graph(graph: torch.fx.Graph, snapshot: torch.fx.Graph) -> None:
 
 
 class CompileNormPass(CustomGraphPass):
-    """canonicalize, gemma, residual, quant, lower — as enabled by the options."""
+    """canonicalize, gemma, gated, residual, quant, lower — as enabled by the options."""
 
     def __init__(self, options: CompileOptions | dict | None = None):
         self.options = parse_options(options)

@@ -263,6 +263,9 @@ def _divides_groups(divisor: Any, yv: torch.Tensor, g: int) -> bool:
     )
 
 
+from . import quant_mx  # noqa: E402  (its patterns reuse this module's pieces)
+
+
 class QuantPass(PatternPass):
     name = "quant"
 
@@ -270,6 +273,7 @@ class QuantPass(PatternPass):
         for spec in registry.specs():
             if spec.kind == Kind.QUANT:
                 yield CallFunctionVarArgs(P.overload(spec.name)), self._op_check, self._op_rewrite
+        yield from quant_mx.entries(self)  # MXFP8 (torchao's to_mx): passes/quant_mx.py
         # Dynamic forms first: their divide-by-scale tail also looks like a static site.
         for kind in ("fp8", "int8"):
             for q, scale in _dynamic_patterns(kind):

@@ -1,9 +1,10 @@
 """FP8 e4m3, one dynamic scale for the whole tensor (torchao's tensorwise recipe):
 ``scale = max(amax(|x|) / 448, 1 / (448 * 512))`` over every element, ``q = sat(x / scale)``.
 
-No Triton kernel yet: the whole-tensor amax is a reduction across every program (two passes
-over memory, or a grid-wide reduction), so eager calls take the reference and compiled graphs
-Inductor's generated code for the reference (a reduction kernel and a quantize kernel).
+The whole-tensor amax is a reduction across every program, so the row kernel has no mode for
+it (``kernel`` is None): kernels/two_pass.py runs it as two launches of the row kernel (per-row
+scales, then the static quantization with their max), the eager "triton" provider. Compiled
+graphs take Inductor's generated code for the reference unless a measured choice says otherwise.
 """
 
 from __future__ import annotations

@@ -1,0 +1,85 @@
+"""Per-tensor dynamic FP8 (fp8_dynamic_tensor) as two launches of the row kernel
+(kernels/two_pass.py), through the Triton interpreter (a child process: see
+test_kernels_interpret.py): tolerances of compile_norm.kernels.checking, the quantization
+alone bit for bit, two launches per call."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+from helpers import count_kernel_launches, interpreter_report
+
+
+def _child() -> None:
+    import torch
+
+    import compile_norm  # noqa: F401
+    from compile_norm.kernels import checking, triton_ops, two_pass
+    from compile_norm.ops import registry
+    from helpers import assert_bitwise_equal
+
+    assert triton_ops.INTERPRET and triton_ops.SUPPORTED, triton_ops.REASON
+    launches = count_kernel_launches(triton_ops)
+    ops = list(two_pass.PASSES)
+    cases = checking.default_cases(dtypes=(torch.bfloat16, torch.float32), hiddens=(128, 1400),
+                                   tokens=5, ops=ops)
+    results = []
+    for case in cases:
+        before = launches[0]
+        try:
+            res = checking.run_case(case, "cpu")
+            problems = res.problems
+        except Exception as e:  # report, don't stop the run
+            problems = [f"{type(e).__name__}: {e}"]
+        expected = 0 if 0 in case.shape else 2
+        if launches[0] - before != expected:
+            problems.append(f"{launches[0] - before} kernel launches, expected {expected}")
+        results.append({"name": case.name(), "problems": problems})
+    # the quantization alone: bit for bit, NaN and inf included
+    x = torch.randn(6, 1400) * 30
+    x[2, 7], x[4, 9] = float("nan"), float("inf")
+    for t in (x[:, :1000], x[3:4].clone().fill_(0.0), x[:5, :300].clone()):
+        got = registry.providers("quant_fp8_dynamic_tensor")["triton"].fn(t)
+        try:
+            assert_bitwise_equal(got, registry.ops()["quant_fp8_dynamic_tensor"].reference(t), nan_equal=True)
+            results.append({"name": f"quant bitwise {tuple(t.shape)}", "problems": []})
+        except AssertionError as e:
+            results.append({"name": f"quant bitwise {tuple(t.shape)}", "problems": [str(e)]})
+    dispatch = registry.which_provider("rms_norm_fp8_dynamic_tensor", x[:, :128].bfloat16(), None, 1e-6)
+    print("REPORT" + json.dumps({"results": results, "dispatch": dispatch}))
+
+
+@pytest.fixture(scope="module")
+def report():
+    return interpreter_report(__file__, timeout=600)
+
+
+def test_two_pass_kernel_matches_the_reference(report):
+    assert len(report["results"]) > 40
+    bad = [f"{r['name']}: {r['problems']}" for r in report["results"] if r["problems"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_two_pass_is_the_triton_provider(report):
+    assert report["dispatch"] == "triton"
+
+
+@pytest.mark.cuda
+def test_cuda_two_pass_matches_the_reference():
+    import torch
+
+    from compile_norm.kernels import checking, two_pass
+
+    cases = checking.default_cases(dtypes=(torch.bfloat16, torch.float16), hiddens=(4096, 5376),
+                                   tokens=64, ops=list(two_pass.PASSES))
+    bad = [f"{r.name}: {r.problems}" for r in (checking.run_case(c, "cuda") for c in cases) if not r.ok]
+    assert not bad, "\n".join(bad)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    _child()
