@@ -63,6 +63,15 @@ class _Skip(Exception):
     """A norm-like site that cannot be rewritten without changing numerics."""
 
 
+class _SymbolicSkip(_Skip):
+    """A site left alone because a value it needs as a constant is symbolic (dynamic shapes):
+    ``strict`` makes it an error, since the user asked for dynamic shapes and every norm."""
+
+
+class NotFusedUnderDynamicShapes(RuntimeError):
+    """Raised under ``strict`` for a ``_SymbolicSkip`` (the manager names the pass)."""
+
+
 class CanonicalizePass(GraphPass):
     name = "canonicalize"
 
@@ -74,6 +83,9 @@ class CanonicalizePass(GraphPass):
             try:
                 match = _match_fused(node) if node.target is _FUSED else _match(node, order)
             except _Skip as skip:
+                if isinstance(skip, _SymbolicSkip) and getattr(options, "strict", False):
+                    raise NotFusedUnderDynamicShapes(
+                        f"{site(node)} left unfused under dynamic shapes: {skip}") from None
                 result.skip(site(node), str(skip))
                 continue
             if match is not None:
@@ -207,7 +219,7 @@ def _mean_of_squares(r: Node):
         elif isinstance(b, Node) and _is_number(a):
             v, eps = b, a
         elif isinstance(a, Node) and isinstance(b, Node) and _mean_parts(a) is not None:
-            raise _Skip(_tensor_eps_reason(b))
+            raise _tensor_eps_skip(b)
         else:
             return None
         nodes.append(r.args[0])
@@ -218,7 +230,7 @@ def _mean_of_squares(r: Node):
     return sq, nodes + reduce_nodes, float(eps), divisor
 
 
-def _tensor_eps_reason(eps: Node) -> str:
+def _tensor_eps_skip(eps: Node) -> _Skip:
     reason = "eps is a tensor, not a constant"
     while _cast_dtype(eps) is not None:
         eps = eps.args[0]
@@ -226,12 +238,14 @@ def _tensor_eps_reason(eps: Node) -> str:
     if eps.op == "placeholder" and isinstance(v, torch.Tensor) and v.shape == () and (
         v.dtype == torch.float64
     ):
-        # How torch.compile(dynamic=True) passes a float attribute such as eps.
-        reason += (
-            " (a Python float made a graph input by dynamic=True?"
+        # How torch.compile(dynamic=True) passes a float attribute such as eps. The
+        # compile_norm backend has Dynamo specialize it (compile_norm/dynamic.py); another
+        # backend's graph, or a torch without that hook, still gets here.
+        return _SymbolicSkip(
+            reason + " (a Python float made a graph input by dynamic=True?"
             " torch._dynamo.config.specialize_float=True keeps it a constant)"
         )
-    return reason
+    return _Skip(reason)
 
 
 def _mean_parts(v):
@@ -342,6 +356,8 @@ def _match(r: Node, order: dict) -> _Match | None:
         ndim = _val(base).dim()
         dim, start = _arg(base, 1, "dim", 0), _arg(base, 2, "start")
         end, step = _arg(base, 3, "end"), _arg(base, 4, "step", 1)
+        if isinstance(end, torch.SymInt) or isinstance(_val(end), torch.SymInt):
+            raise _SymbolicSkip("squares of x[..., :n] with a symbolic n")
         if dim % ndim != ndim - 1 or start not in (None, 0) or step != 1 or not _is_number(end):
             raise _Skip("squares of a slice other than x[..., :n]")
         pre.append(base)
