@@ -336,6 +336,12 @@ def _weight_of(mul: Node, y: Node, order: dict) -> Node | None:
     return w
 
 
+def _normalizes(r: Node, n: Node) -> bool:
+    """``rsqrt`` node ``r``'s only use multiplies ``n`` (a norm of the slice ``n`` itself)."""
+    y = _only_user(r)
+    return y is not None and y.op == "call_function" and y.target in _MULS and _other(y, r) is n
+
+
 def _match(r: Node, order: dict) -> _Match | None:
     found = _mean_of_squares(r)
     if found is None:
@@ -352,7 +358,8 @@ def _match(r: Node, order: dict) -> _Match | None:
     m.anchor, m.eps = r, eps
     base = sq.args[0]
     pre = [sq]  # nodes between xf and the statistics
-    if base.op == "call_function" and base.target is aten.slice.Tensor:
+    if base.op == "call_function" and base.target is aten.slice.Tensor and not _normalizes(r, base):
+        # statistics over x[..., :n] of the x that is normalized: variance_size
         ndim = _val(base).dim()
         dim, start = _arg(base, 1, "dim", 0), _arg(base, 2, "start")
         end, step = _arg(base, 3, "end"), _arg(base, 4, "step", 1)
