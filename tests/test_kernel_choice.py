@@ -401,3 +401,59 @@ def test_mid_token_counts():
     assert choice.choose("rms_norm", [x4, w4, 1e-6, 0.0, None]) == "generated"
     _, (x8, w8) = fake_cuda((8192, 2304), (2304,))
     assert choice.choose("rms_norm", [x8, w8, 1e-6, 0.0, None]) == "generated"
+
+
+def fake_cuda_tokens(tokens, hidden, dtype=BF16):
+    """(mode, x [T, hidden], r, w): fake CUDA tensors whose token count T is symbolic, as in
+    a dynamic-shape graph (hint ``tokens``)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+    t = env.create_symintnode(env.create_symbol(tokens, ConstantSource("tokens")), hint=tokens)
+    with mode:
+        x, r = (torch.empty(t, hidden, dtype=dtype, device="cuda") for _ in range(2))
+        w = torch.empty(hidden, dtype=dtype, device="cuda")
+    return mode, x, r, w
+
+
+@pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
+def test_symbolic_token_count_takes_the_kernel_only_where_it_wins_at_every_count():
+    _, x, r, w = fake_cuda_tokens(64, 4096)
+    assert not isinstance(x.shape[0], int)
+    # group FP8 at a power-of-two hidden size: the kernel at decode, mid and bulk counts
+    how, why = choice.explain("rms_norm_fp8_group", [x, w, 1e-6, 128, False, False, 0.0, None])
+    assert how == "kernel" and "symbolic token count" in why
+    # int8 dynamic: kernel in bulk only, generated at decode -> generated for all counts
+    assert choice.choose("rms_norm_int8_dynamic", [x, w, 1e-6, 0.0, None]) == "generated"
+    assert choice.choose("fused_add_rms_norm", [x, r, w, 1e-6, 0.0, None]) == "generated"
+    # a measurement is per exact count: it does not decide for a symbolic one
+    choice.record("rms_norm", BF16, 4096, 64, generated_us=10.0, kernel_us=1.0)
+    assert choice.choose("rms_norm", [x, w, 1e-6, 0.0, None]) == "generated"
+    _, xf, _, wf = fake_cuda_tokens(64, 4096, torch.float32)
+    assert "float32 activations" in choice.explain("rms_norm_fp8_group", [xf, wf, 1e-6, 128, False, False, 0.0, None])[1]
+
+
+@pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
+@pytest.mark.parametrize("mode", ["kernel", "auto"])
+def test_lower_pass_traces_the_kernel_for_a_symbolic_token_count(triton_as_if_on_gpu, mode):
+    def f(x, w):
+        return cn.rms_norm_fp8_group(x, w, 1e-6, 128)
+
+    fake_mode, x, _, w = fake_cuda_tokens(64, 4096)
+    with fake_mode:
+        graph = make_fx(f)(x, w).graph
+    env = fake_mode.shape_env
+    guards_before = len(env.guards)
+    result = lower.LowerPass().run(graph, parse_options({"lowering": mode}))
+    graph.lint()
+    assert result.matched == 1 and not cn_nodes(graph)
+    (k,) = kernel_nodes(graph)
+    grid = k.kwargs["grid"][0][0]
+    assert isinstance(grid, torch.fx.Node), grid  # computed from the token count, not a constant
+    assert len(env.guards) == guards_before, "lowering put a guard on the token count"
+    out = [n for n in graph.nodes if n.op == "output"][0]
+    q, s = out.args[0]
+    assert str(q.meta["val"].shape[0]) == str(x.shape[0])  # the same symbol
+    assert tuple(s.meta["val"].shape[1:]) == (32,)

@@ -5,7 +5,9 @@ generates the fused code) or ``"kernel"`` (the Triton kernel, as a user-defined 
 ``compile_norm.kernels.library_ops``). Order of evidence:
 
 1. Hard rules: not CUDA, kernel library unavailable, or the kernel rejects the arguments ->
-   generated. Symbolic token count -> generated (the table is per token bucket).
+   generated. Symbolic hidden size -> generated. A symbolic token count (a dynamic-shape
+   graph serves every count) -> the kernel only where the table picks it at every token
+   class, else generated; measured entries (per exact count) do not apply.
 2. Measured entries (``record`` / ``benchmarks/suite.py --tune``), exact (op, dtype, H, T),
    in memory and in ``<inductor cache dir>/compile_norm/choice.json``.
 3. The seed table ``KERNEL_WINS`` (H100 runs, benchmarks/RESULTS.md): kernel where it beat
@@ -222,21 +224,34 @@ def explain(op_name: str, fake_args: Sequence[Any]) -> tuple[str, str]:
     if not library_ops.supports(op_name, *fake_args):
         return GENERATED, "the Triton kernel does not accept these arguments"
     hidden = _static_int(x.shape[-1])
+    if hidden is None:
+        return GENERATED, "symbolic hidden size: the table is per hidden size"
     tokens = _tokens(x)
-    if hidden is None or tokens is None:
-        return GENERATED, "symbolic shape: the table is per token and hidden size"
-    entry = _load().get(measured_key(op_name, x.dtype, hidden, tokens))
-    if entry is not None:
-        return entry["choice"], f"measured: generated {entry['generated_us']} us, kernel {entry['kernel_us']} us"
+    if tokens is not None:
+        entry = _load().get(measured_key(op_name, x.dtype, hidden, tokens))
+        if entry is not None:
+            return entry["choice"], f"measured: generated {entry['generated_us']} us, kernel {entry['kernel_us']} us"
     if dtype_class(x.dtype) != "16bit":
         return GENERATED, f"{x.dtype} activations: not in the table"
+    if tokens is None:  # one graph for every token count: the kernel only if it wins at all
+        keys = [(fam, hidden_class(hidden), tc) for tc in ("decode", "mid", "bulk")]
+        if all(_table(key) for key in keys):
+            return KERNEL, f"symbolic token count: table {keys[0][:2]} picks the kernel at every token class"
+        return GENERATED, f"symbolic token count: table {keys[0][:2]} does not pick the kernel at every token class"
     key = (fam, hidden_class(hidden), token_class(tokens))
-    source = KERNEL_WINS.get(key)
-    if source is None and key[2] == "mid":
-        source = KERNEL_WINS.get((fam, key[1], "bulk"))
+    source = _table(key)
     if source is not None:
         return KERNEL, f"table {key} ({source})"
     return GENERATED, f"table {key}: generated code wins or ties"
+
+
+def _table(key: tuple[str, str, str]) -> str | None:
+    """The source of ``KERNEL_WINS``' kernel entry for ``key``; a family without a "mid"
+    entry follows its "bulk" one."""
+    source = KERNEL_WINS.get(key)
+    if source is None and key[2] == "mid":
+        source = KERNEL_WINS.get((key[0], key[1], "bulk"))
+    return source
 
 
 def choose(op_name: str, fake_args: Sequence[Any]) -> str:
