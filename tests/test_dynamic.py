@@ -8,6 +8,7 @@ in the graph, generated kernels, and outputs against eager on fresh inputs.
 
 from __future__ import annotations
 
+import re
 from unittest import mock
 
 import pytest
@@ -205,3 +206,41 @@ def test_hf_llama_dynamic_true():
     assert counters["stats"]["unique_graphs"] == 1
     assert counts["canonicalize_matched"] == 3 and counts["canonicalize_unmatched"] == 0, dict(counts)
     assert counts["residual_matched"] == 2, dict(counts)
+
+
+DYNAMIC_FACTORY = '''
+import torch
+
+class Norm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(40))
+        self.eps = 1e-5  # a float attribute: a graph input under dynamic=True
+
+    def forward(self, x):
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y
+
+def build():
+    return Norm(), torch.randn(2, 7, 40)
+'''
+
+
+def test_inspect_compiles_with_dynamic_shapes(tmp_path, capsys):
+    import json
+
+    from compile_norm.cli import main
+
+    path = tmp_path / "factory.py"
+    path.write_text(DYNAMIC_FACTORY)
+    out = tmp_path / "out"
+    rc = main(["inspect", f"{path}:build", "--dynamic", "--device", "cpu", "--graphs",
+               "--out", str(out), "--options", '{"strict": true}'])
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    assert "dynamic shapes)" in stdout.splitlines()[0]
+    assert "fused   rms_norm" in stdout
+    data = json.loads((out / "report.json").read_text())
+    assert data["dynamic"] is True
+    texts = [n["text"] for n in data["graphs"][0]["stages"][0]["graph"]["nodes"]]
+    assert any(re.search(r"\[s\d+, s\d+, 40\]", t) for t in texts), texts  # symbolic sizes
