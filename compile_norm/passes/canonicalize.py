@@ -52,6 +52,7 @@ prims = torch.ops.prims
 _CASTS = (prims.convert_element_type.default, aten._to_copy.default)
 _ADDS = (aten.add.Tensor, aten.add.Scalar)
 _MULS = (aten.mul.Tensor,)
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _LOW = (torch.float16, torch.bfloat16)
 _FLOATS = (*_LOW, torch.float32, torch.float64)
 # torch's fused RMSNorm op; Inductor's decomposition table expands it, but a graph may hold it
@@ -342,6 +343,24 @@ def _normalizes(r: Node, n: Node) -> bool:
     return y is not None and y.op == "call_function" and y.target in _MULS and _other(y, r) is n
 
 
+def _factor_reason(r: Node, y: Node, p) -> str:
+    """Why the statistic ``r`` = rsqrt(mean(x**2) + eps) is not a norm of x: what it feeds
+    instead (a module that returns the factor alone, multiplied elsewhere)."""
+    cast = _cast_dtype(y)
+    if cast is not None and cast != _dtype(r):
+        # DeepSeek V4 / GLM-5 style ``x * rsqrt(...).to(x.dtype)`` on 16-bit x
+        return (f"rsqrt rounded to {str(cast).replace('torch.', '')} before it multiplies "
+                "(the op multiplies in float32 and rounds once)")
+    if p is not None:
+        # HY V4 style ``F.linear(x, w) * rsqrt(...)``: the factor scales another tensor
+        while isinstance(p, Node) and p.target in _VIEWS:  # the tensor, not its view
+            p = p.args[0]
+        what = p.target if isinstance(p, Node) and p.op == "call_function" else p
+        return (f"rsqrt(mean(x**2) + eps) multiplies another tensor ({what}), not the "
+                "normalized input: no op computes the factor alone")
+    return "rsqrt does not multiply the normalized input"
+
+
 def _match(r: Node, order: dict) -> _Match | None:
     found = _mean_of_squares(r)
     if found is None:
@@ -391,7 +410,7 @@ def _match(r: Node, order: dict) -> _Match | None:
     p = _other(y, r) if y.op == "call_function" and y.target in _MULS else None
     twin = _is_twin_cast(p, xf)
     if p is None or not (p is xf or twin or (x is not None and p is x)):
-        raise _Skip("rsqrt does not multiply the normalized input")
+        raise _Skip(_factor_reason(r, y, p))
     if _dtype(y) != cd or tuple(_val(y).shape) != tuple(_val(xf).shape):
         raise _Skip("normalized value is not the input's shape in the compute dtype")
 
