@@ -3,6 +3,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import compile_norm
+import models  # LlamaRMSNorm: Hugging Face's forward, the frame every instance shares
 from compile_helpers import assert_close, cn, no_caches
 
 
@@ -58,22 +59,6 @@ def test_fuse_rejects_bad_arguments_early():
         compile_norm.fuse(3)
 
 
-class HFNorm(torch.nn.Module):
-    """Hugging Face's LlamaRMSNorm forward: the frame every instance shares."""
-
-    def __init__(self, hidden, eps=1e-6):
-        super().__init__()
-        self.weight = torch.nn.Parameter(1.0 + 0.1 * torch.randn(hidden), requires_grad=False)
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-
 SIZES = (16, 24, 40, 48, 64, 72, 80, 96, 112, 136)  # more sizes than the recompile limit (8)
 
 
@@ -85,7 +70,7 @@ def test_500_norm_instances_of_mixed_sizes_stay_under_the_recompile_limit(how):
     assert torch._dynamo.config.recompile_limit == 8  # the default
     torch._dynamo.reset()
     counters.clear()
-    cls = compile_norm.fuse(HFNorm) if how == "class" else HFNorm
+    cls = compile_norm.fuse(models.LlamaRMSNorm) if how == "class" else models.LlamaRMSNorm
     norms = [cls(SIZES[i % len(SIZES)], eps=1e-5 if i % 3 == 0 else 1e-6) for i in range(500)]
     if how == "instance":
         norms = [compile_norm.fuse(n) for n in norms]
@@ -93,7 +78,7 @@ def test_500_norm_instances_of_mixed_sizes_stay_under_the_recompile_limit(how):
         for i, norm in enumerate(norms):
             x = torch.randn(2, 3, SIZES[i % len(SIZES)])
             plain = norm if how == "class" else norm._orig_mod
-            assert_close(norm(x), HFNorm.forward(plain, x), torch.float32)
+            assert_close(norm(x), models.LlamaRMSNorm.forward(plain, x), torch.float32)
     graphs = counters["stats"]["unique_graphs"]
     # a static graph for the first size, then a dynamic-size one per eps value
     assert graphs <= 4, graphs
@@ -105,7 +90,7 @@ def test_500_norm_instances_of_mixed_sizes_stay_under_the_recompile_limit(how):
 def test_dynamic_false_keeps_parameter_shapes_static():
     torch._dynamo.reset()
     counters.clear()
-    cls = compile_norm.fuse(HFNorm, dynamic=False)
+    cls = compile_norm.fuse(models.LlamaRMSNorm, dynamic=False)
     with torch.no_grad(), no_caches():
         for hidden in (16, 24):
             cls(hidden)(torch.randn(2, hidden))
