@@ -185,6 +185,56 @@ def test_a_real_tensor_eps_is_not_a_dynamic_shape_error():
     assert counters["compile_norm"]["canonicalize_unmatched: eps is a tensor, not a constant"] == 1
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("lowering", ["kernel", "generated"])
+def test_cuda_dynamic_graph_runs_the_chosen_lowering_for_every_length(lowering):
+    """On the GPU under dynamic=True: one graph for 7, 9, 13, 21 x 2 tokens, the Triton kernel
+    (as a user-defined kernel whose grid follows the token count) or generated code, equal to
+    eager."""
+    model = Block(models.LlamaRMSNorm, dtype=torch.bfloat16).cuda().eval()
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(model, backend="compile_norm", dynamic=True, fullgraph=True,
+                      options={"lowering": lowering, "strict": True})
+    codes = []
+    with torch.no_grad(), no_caches(), \
+            mock.patch.object(GraphLowering, "save_output_code", codes.append):
+        for seq in SEQS:
+            x = torch.randn(2, seq, HIDDEN, device="cuda", dtype=torch.bfloat16)
+            assert_close(f(x), model(x), torch.bfloat16)
+    assert counters["stats"]["unique_graphs"] == 1 and len(codes) == 1
+    assert counters["compile_norm"]["canonicalize_matched"] == 2
+    kernel = counters["compile_norm"]["lower_triton_kernel"]
+    assert kernel == (2 if lowering == "kernel" else 0)
+    assert ("norm_quant_kernel" in codes[0]) == (lowering == "kernel")
+
+
+@pytest.mark.cuda
+def test_cuda_auto_lowering_with_a_symbolic_token_count():
+    """auto under dynamic=True: group FP8 at a power-of-two hidden size takes the kernel (the
+    table picks it at every token class), the plain norm generated code."""
+    import compile_norm
+
+    w = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+
+    def f(x):
+        q, s = compile_norm.ops.rms_norm_fp8_group(x, w, 1e-6, 128)
+        return q, s, compile_norm.rms_norm(x, w, 1e-6)
+
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.compile(f, backend="compile_norm", dynamic=True, options={"strict": True})
+    with no_caches():
+        for tokens in (7, 300, 5000):
+            x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
+            q, s, y = g(x)
+            q0, s0, y0 = f(x)
+            assert torch.equal(s, s0) and torch.equal(q.view(torch.uint8), q0.view(torch.uint8))
+            assert_close(y, y0, torch.bfloat16)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["compile_norm"]["lower_triton_kernel"] == 1
+
+
 transformers = pytest.importorskip("transformers")
 
 
