@@ -185,6 +185,35 @@ def test_a_real_tensor_eps_is_not_a_dynamic_shape_error():
     assert counters["compile_norm"]["canonicalize_unmatched: eps is a tensor, not a constant"] == 1
 
 
+@pytest.mark.parametrize("name, fused_op", [
+    ("fp8_group", "fused_add_rms_norm_fp8_group"),  # its scale view holds the symbolic length
+    ("fp8_dynamic", "rms_norm_fp8_dynamic"),
+    ("int8_static", "fused_add_rms_norm_int8_static"),
+])
+def test_hand_written_quantization_fuses_with_a_dynamic_length(name, fused_op):
+    import test_quant_pass as quant
+    from compile_helpers import assert_close_q
+
+    fn = getattr(quant, name)
+    s = torch.tensor(0.02)
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(fn, backend="compile_norm", options={"strict": True})
+    with no_caches():
+        for seq in (7, 13):
+            x, r, w = quant.inputs(torch.bfloat16, (2, seq, quant.H))
+            torch._dynamo.mark_dynamic(x, 1)
+            torch._dynamo.mark_dynamic(r, 1)
+            got, want = f(x, r, w, s), fn(x, r, w, s)
+            got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+            assert_close_q(got[0], want[0])
+            for g, e in zip(got[1:], want[1:]):
+                torch.testing.assert_close(g, e, rtol=2e-2, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["compile_norm"]["quant_matched"] == 1, dict(counters["compile_norm"])
+    assert not [k for k in counters["compile_norm"] if k.endswith("_failed")]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("lowering", ["kernel", "generated"])
 def test_cuda_dynamic_graph_runs_the_chosen_lowering_for_every_length(lowering):
