@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import lowerings
+from . import dynamic, lowerings
 from .options import CompileOptions, parse_options
 from .passes.manager import CompileNormPass
 from .passes.pre_grad import PreGradPass
@@ -45,5 +45,6 @@ def compile_norm_backend(
     from torch._inductor.compile_fx import compile_fx
 
     opts = parse_options(options)
+    dynamic.specialize_eps(gm)  # eps made a graph input by dynamic=True: re-trace it constant
     with lowerings.keep_ops():  # the passes must see the IR ops; tracing runs in this thread
         return compile_fx(gm, example_inputs, config_patches=config_patches(opts, mode))

@@ -104,7 +104,8 @@ class GemmaBlocks(nn.Module):
 
 
 def build(tiny: bool, device: str):
-    """(model, inputs); also usable as ``compile-norm inspect examples/gemma_block.py:build``."""
+    """(model, inputs) at these shapes. ``compile-norm inspect`` calls a factory without
+    arguments: use ``compile-norm inspect examples/gemma_block.py:tiny_cpu``."""
     torch.manual_seed(0)
     dtype = default_dtype(device)
     if tiny:
@@ -124,6 +125,7 @@ def build(tiny: bool, device: str):
 
 
 def tiny_cpu():
+    """The tiny CPU build, a factory without arguments for ``compile-norm inspect``."""
     return build(True, "cpu")
 
 

@@ -128,3 +128,27 @@ def test_hf_example_with_standin_backend():
     _check_common(out)
     assert _fused_count(out) == 3  # one layer: two norms, plus the final norm
     assert "logits diff vs eager: max abs" in out
+
+
+# ``compile-norm inspect <file>:<factory>`` as the examples' docstrings and the README offer it
+_INSPECT_TARGET = re.compile(r"compile-norm inspect (examples/\w+\.py:\w+)")
+
+
+def _offered_targets():
+    found = set()
+    for path in [os.path.join(ROOT, "README.md")] + [
+        os.path.join(ROOT, "examples", f) for f in os.listdir(os.path.join(ROOT, "examples"))
+        if f.endswith(".py")
+    ]:
+        with open(path) as f:
+            found.update(_INSPECT_TARGET.findall(f.read()))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("target", _offered_targets())
+def test_offered_inspect_targets_are_factories(target, monkeypatch):
+    from compile_norm.inspect import targets
+
+    monkeypatch.chdir(ROOT)
+    model, inputs, _ = targets.from_factory(target)  # a TargetError names what is wrong
+    assert isinstance(model, torch.nn.Module) and inputs

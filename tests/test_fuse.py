@@ -3,6 +3,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import compile_norm
+import models  # LlamaRMSNorm: Hugging Face's forward, the frame every instance shares
 from compile_helpers import assert_close, cn, no_caches
 
 
@@ -56,3 +57,41 @@ def test_fuse_rejects_bad_arguments_early():
         compile_norm.fuse(Block(), backend="eager")
     with pytest.raises(ValueError, match="target must be"):
         compile_norm.fuse(3)
+
+
+SIZES = (16, 24, 40, 48, 64, 72, 80, 96, 112, 136)  # more sizes than the recompile limit (8)
+
+
+@pytest.mark.parametrize("how", ["class", "instance"])
+def test_500_norm_instances_of_mixed_sizes_stay_under_the_recompile_limit(how):
+    # Gemma-family models have hundreds of norms of several sizes (and eps values); with
+    # static parameter shapes each size is a graph of the one shared forward, and after 8
+    # Dynamo gives up and runs the rest eagerly, unfused.
+    assert torch._dynamo.config.recompile_limit == 8  # the default
+    torch._dynamo.reset()
+    counters.clear()
+    cls = compile_norm.fuse(models.LlamaRMSNorm) if how == "class" else models.LlamaRMSNorm
+    norms = [cls(SIZES[i % len(SIZES)], eps=1e-5 if i % 3 == 0 else 1e-6) for i in range(500)]
+    if how == "instance":
+        norms = [compile_norm.fuse(n) for n in norms]
+    with torch.no_grad(), no_caches():
+        for i, norm in enumerate(norms):
+            x = torch.randn(2, 3, SIZES[i % len(SIZES)])
+            plain = norm if how == "class" else norm._orig_mod
+            assert_close(norm(x), models.LlamaRMSNorm.forward(plain, x), torch.float32)
+    graphs = counters["stats"]["unique_graphs"]
+    # a static graph for the first size, then a dynamic-size one per eps value
+    assert graphs <= 4, graphs
+    assert counters["frames"]["total"] == counters["frames"]["ok"] == graphs
+    assert counters["compile_norm"]["canonicalize_matched"] == graphs  # every graph fused
+    assert counters["compile_norm"]["canonicalize_unmatched"] == 0
+
+
+def test_dynamic_false_keeps_parameter_shapes_static():
+    torch._dynamo.reset()
+    counters.clear()
+    cls = compile_norm.fuse(models.LlamaRMSNorm, dynamic=False)
+    with torch.no_grad(), no_caches():
+        for hidden in (16, 24):
+            cls(hidden)(torch.randn(2, hidden))
+    assert counters["stats"]["unique_graphs"] == 2  # one per size, as asked

@@ -490,3 +490,63 @@ def test_measured_launch_config_is_recorded_and_used_for_the_compiled_kernel():
     with triton_ops.launch_config_used(fast):
         assert triton_ops.prepare(spec, call).num_warps == fast.num_warps
     assert triton_ops.config_from_json(triton_ops.config_to_json(fast)) == fast
+
+
+def fake_cuda_tokens(tokens, hidden, dtype=BF16):
+    """(mode, x [T, hidden], r, w): fake CUDA tensors whose token count T is symbolic, as in
+    a dynamic-shape graph (hint ``tokens``)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+    t = env.create_symintnode(env.create_symbol(tokens, ConstantSource("tokens")), hint=tokens)
+    with mode:
+        x, r = (torch.empty(t, hidden, dtype=dtype, device="cuda") for _ in range(2))
+        w = torch.empty(hidden, dtype=dtype, device="cuda")
+    return mode, x, r, w
+
+
+@pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
+def test_symbolic_token_count_takes_the_shape_class_choice():
+    """A dynamic-shape graph serves every token count: under batch invariance its choice is
+    the shape class's, the same as for any static count; without it, generated code."""
+    _, x, r, w = fake_cuda_tokens(64, 4096)
+    assert not isinstance(x.shape[0], int)
+    _, (xs, rs, ws) = fake_cuda((8192, 4096), (8192, 4096), (4096,))
+    for op, tail in (("rms_norm_fp8_group", [1e-6, 128, False, False, 0.0, None]),
+                     ("rms_norm_int8_dynamic", [1e-6, 0.0, None]), ("rms_norm", [1e-6, 0.0, None])):
+        assert choice.choose(op, [x, w, *tail]) == choice.choose(op, [xs, ws, *tail]), op
+        assert choice.choose(op, [x, w, *tail], batch_invariant=False) == "generated"
+    assert choice.choose("fused_add_rms_norm", [x, r, w, 1e-6, 0.0, None]) == \
+        choice.choose("fused_add_rms_norm", [xs, rs, ws, 1e-6, 0.0, None])
+    # a measurement of the class decides for the symbolic graph too
+    args = [x, w, 1e-6, 0.0, None]
+    choice.record(choice.shape_class("rms_norm", args), choice.device_key(), (16, 8192), (10.0, 50.0), (1.0, 5.0))
+    assert choice.choose("rms_norm", args) == "kernel"
+    _, xf, _, wf = fake_cuda_tokens(64, 4096, torch.float32)
+    assert "float32 activations" in choice.explain("rms_norm_fp8_group", [xf, wf, 1e-6, 128, False, False, 0.0, None])[1]
+
+
+@pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
+@pytest.mark.parametrize("mode", ["kernel", "auto"])
+def test_lower_pass_traces_the_kernel_for_a_symbolic_token_count(triton_as_if_on_gpu, mode):
+    def f(x, w):
+        return cn.rms_norm_fp8_group(x, w, 1e-6, 128)
+
+    fake_mode, x, _, w = fake_cuda_tokens(64, 4096)
+    with fake_mode:
+        graph = make_fx(f)(x, w).graph
+    env = fake_mode.shape_env
+    guards_before = len(env.guards)
+    result = lower.LowerPass().run(graph, parse_options({"lowering": mode}))
+    graph.lint()
+    assert result.matched == 1 and not cn_nodes(graph)
+    (k,) = kernel_nodes(graph)
+    grid = k.kwargs["grid"][0][0]
+    assert isinstance(grid, torch.fx.Node), grid  # computed from the token count, not a constant
+    assert len(env.guards) == guards_before, "lowering put a guard on the token count"
+    out = [n for n in graph.nodes if n.op == "output"][0]
+    q, s = out.args[0]
+    assert str(q.meta["val"].shape[0]) == str(x.shape[0])  # the same symbol
+    assert tuple(s.meta["val"].shape[1:]) == (32,)

@@ -43,6 +43,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="cast the model and its floating "
                    "inputs")
     p.add_argument("--graphs", action="store_true", help="print every stage's graph too")
+    p.add_argument("--dynamic", action="store_true", help="compile with dynamic=True (symbolic "
+                   "shapes), as a model serving many sequence lengths is")
     p.add_argument("--backend", default="compile_norm", help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=20, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -108,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         report = inspect_model(
             model, inputs, options=options, backend=backend, code=args.code, bench=args.bench,
             out_dir=args.out, depyf=args.depyf, repeats=args.repeats, title=title,
+            dynamic=args.dynamic,
         )
     except ValueError as e:  # bad argument found by inspect_model (unknown backend, ...)
         return _fail(e)

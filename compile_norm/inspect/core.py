@@ -90,6 +90,7 @@ def inspect_model(
     tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
     repeats: int = 20,
     title: str | None = None,
+    dynamic: bool = False,
 ) -> InspectReport:
     """Compile ``model_or_fn`` with ``backend`` and report what every pass stage did.
 
@@ -99,6 +100,7 @@ def inspect_model(
     ``code=True``), the numerical difference per output, and with ``bench=True`` the time per
     call against stock ``torch.compile``. ``out_dir`` writes the stage graphs, report.json and
     report.html there; ``depyf=True`` (needs ``out_dir``) adds a depyf dump in ``out_dir/depyf``.
+    ``dynamic=True`` compiles with symbolic shapes, as a model serving many sequence lengths is.
     """
     if not callable(model_or_fn):
         raise ValueError(f"model_or_fn must be callable, got {type(model_or_fn).__name__}")
@@ -109,16 +111,18 @@ def inspect_model(
         raise ValueError("depyf=True needs out_dir (the dump is written to out_dir/depyf)")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not isinstance(dynamic, bool):
+        raise ValueError(f"dynamic must be a bool (torch.compile's dynamic=True or False), got {dynamic!r}")
     backend_name = _check_backend(backend)
     device = _device_of(model_or_fn, inputs)
     report = InspectReport(
         title=title or _title(model_or_fn),
         backend=backend_name, options=dict(options or {}), device=device,
-        torch_version=torch.__version__, code_included=code,
+        torch_version=torch.__version__, code_included=code, dynamic=dynamic,
     )
 
     def compile_with(b, opts):
-        kwargs = {"backend": b, "dynamic": False}
+        kwargs = {"backend": b, "dynamic": dynamic}
         if opts:
             kwargs["options"] = opts
         return torch.compile(model_or_fn, **kwargs)

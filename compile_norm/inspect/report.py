@@ -21,6 +21,7 @@ class InspectReport:
     options: dict
     device: str
     torch_version: str
+    dynamic: bool = False  # compiled with dynamic=True (symbolic shapes)
     graphs: list[GraphRecord] = field(default_factory=list)
     kernels: list[Kernel] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)  # extern / fallback op calls
@@ -72,7 +73,7 @@ class InspectReport:
     def to_text(self, graphs: bool = False) -> str:
         """A console summary; ``graphs=True`` adds every stage's graph."""
         out = [f"== {self.title}: backend {self.backend!r} on {self.device} "
-               f"(torch {self.torch_version})"]
+               f"(torch {self.torch_version}{', dynamic shapes' if self.dynamic else ''})"]
         if self.options:
             out.append(f"options: {json.dumps(self.options)}")
         out.extend(f"warning: {w}" for w in self.warnings)

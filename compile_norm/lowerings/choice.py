@@ -5,7 +5,8 @@ generates the fused code) or ``("kernel", why)`` (the Triton kernel, as a user-d
 through ``compile_norm.kernels.library_ops``). Order of evidence:
 
 1. Hard rules: not CUDA, kernel library unavailable, or the kernel rejects the arguments ->
-   generated. A symbolic hidden size (or, without batch invariance, token count) -> generated.
+   generated. A symbolic hidden size -> generated; so is a symbolic token count without batch
+   invariance (with it, a dynamic-shape graph's choice is the shape class's, as for any count).
 2. A measurement of the node's shape class on this device (card, torch, Triton): taken at
    compile time by ``lowerings/measure.py`` when none is on record (the ``measure`` option),
    kept in memory and in ``<inductor cache dir>/compile_norm/choice.json``.
@@ -187,10 +188,17 @@ def device_key(device: torch.device | None = None) -> str:
     return f"{name}|torch {torch.__version__}|triton {triton_version()}"
 
 
+def shaped_like(a: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``a`` has x's shape, judged without guarding a symbolic token count."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return a.dim() == x.dim() and all(statically_known_true(p == q) for p, q in zip(a.shape, x.shape))
+
+
 def _arg_kind(a: Any, x: torch.Tensor) -> str:
     """What of an argument can change the speed: dtypes, shapes other than x's, flags, ints."""
     if isinstance(a, torch.Tensor):
-        return f"{str(a.dtype).replace('torch.', '')}{'' if a.shape == x.shape else list(a.shape)}"
+        return f"{str(a.dtype).replace('torch.', '')}{'' if shaped_like(a, x) else list(a.shape)}"
     if a is None or isinstance(a, (bool, int)):
         return repr(a)
     return type(a).__name__  # a float's value (eps, an offset) does not change the kernel's speed
@@ -308,9 +316,7 @@ def explain(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True
         tclass = "bulk"  # one choice for every token count: the bandwidth-bound one
     hidden = _static_int(x.shape[-1])
     table_key = (fam, hidden_class(hidden), tclass)
-    source = KERNEL_WINS.get(table_key)
-    if source is None and tclass == "mid":
-        source = KERNEL_WINS.get((fam, table_key[1], "bulk"))
+    source = _table(table_key)
     if source is not None:
         return KERNEL, f"table {table_key} ({source})"
     return GENERATED, f"table {table_key}: generated code wins or ties"
@@ -326,6 +332,15 @@ def kernel_config(op_name: str, fake_args: Sequence[Any], batch_invariant: bool 
     from ..kernels import triton_ops
 
     return triton_ops.config_from_json(entry["config"])
+
+
+def _table(key: tuple[str, str, str]) -> str | None:
+    """The source of ``KERNEL_WINS``' kernel entry for ``key``; a family without a "mid"
+    entry follows its "bulk" one."""
+    source = KERNEL_WINS.get(key)
+    if source is None and key[2] == "mid":
+        source = KERNEL_WINS.get((key[0], key[1], "bulk"))
+    return source
 
 
 def choose(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True) -> str:

@@ -82,7 +82,7 @@ def concrete_args(fake_args: Sequence[Any], tokens: int) -> list:
     for a in fake_args:
         if not isinstance(a, torch.Tensor):
             out.append(a)
-        elif a.shape == x.shape:
+        elif choice.shaped_like(a, x):
             out.append(torch.randn(tokens, hidden, device="cuda").to(a.dtype))
         elif a.dtype.is_floating_point:
             out.append((0.5 + 0.5 * torch.rand(tuple(int(d) for d in a.shape), device="cuda")).to(a.dtype))

@@ -53,6 +53,7 @@ prims = torch.ops.prims
 _CASTS = (prims.convert_element_type.default, aten._to_copy.default)
 _ADDS = (aten.add.Tensor, aten.add.Scalar)
 _MULS = (aten.mul.Tensor,)
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _LOW = (torch.float16, torch.bfloat16)
 _FLOATS = (*_LOW, torch.float32, torch.float64)
 # torch's fused RMSNorm op; Inductor's decomposition table expands it, but a graph may hold it
@@ -62,6 +63,15 @@ _FUSED = getattr(getattr(aten, "_fused_rms_norm", None), "default", object())
 
 class _Skip(Exception):
     """A norm-like site that cannot be rewritten without changing numerics."""
+
+
+class _SymbolicSkip(_Skip):
+    """A site left alone because a value it needs as a constant is symbolic (dynamic shapes):
+    ``strict`` makes it an error, since the user asked for dynamic shapes and every norm."""
+
+
+class NotFusedUnderDynamicShapes(RuntimeError):
+    """Raised under ``strict`` for a ``_SymbolicSkip`` (the manager names the pass)."""
 
 
 class CanonicalizePass(GraphPass):
@@ -75,6 +85,9 @@ class CanonicalizePass(GraphPass):
             try:
                 match = _match_fused(node) if node.target is _FUSED else _match(node, order)
             except _Skip as skip:
+                if isinstance(skip, _SymbolicSkip) and getattr(options, "strict", False):
+                    raise NotFusedUnderDynamicShapes(
+                        f"{site(node)} left unfused under dynamic shapes: {skip}") from None
                 result.skip(site(node), str(skip))
                 continue
             if match is not None:
@@ -208,7 +221,7 @@ def _mean_of_squares(r: Node):
         elif isinstance(b, Node) and _is_number(a):
             v, eps = b, a
         elif isinstance(a, Node) and isinstance(b, Node) and _mean_parts(a) is not None:
-            raise _Skip(_tensor_eps_reason(b))
+            raise _tensor_eps_skip(b)
         else:
             return None
         nodes.append(r.args[0])
@@ -219,7 +232,7 @@ def _mean_of_squares(r: Node):
     return sq, nodes + reduce_nodes, float(eps), divisor
 
 
-def _tensor_eps_reason(eps: Node) -> str:
+def _tensor_eps_skip(eps: Node) -> _Skip:
     reason = "eps is a tensor, not a constant"
     while _cast_dtype(eps) is not None:
         eps = eps.args[0]
@@ -227,12 +240,14 @@ def _tensor_eps_reason(eps: Node) -> str:
     if eps.op == "placeholder" and isinstance(v, torch.Tensor) and v.shape == () and (
         v.dtype == torch.float64
     ):
-        # How torch.compile(dynamic=True) passes a float attribute such as eps.
-        reason += (
-            " (a Python float made a graph input by dynamic=True?"
+        # How torch.compile(dynamic=True) passes a float attribute such as eps. The
+        # compile_norm backend has Dynamo specialize it (compile_norm/dynamic.py); another
+        # backend's graph, or a torch without that hook, still gets here.
+        return _SymbolicSkip(
+            reason + " (a Python float made a graph input by dynamic=True?"
             " torch._dynamo.config.specialize_float=True keeps it a constant)"
         )
-    return reason
+    return _Skip(reason)
 
 
 def _mean_parts(v):
@@ -323,6 +338,30 @@ def _weight_of(mul: Node, y: Node, order: dict) -> Node | None:
     return w
 
 
+def _normalizes(r: Node, n: Node) -> bool:
+    """``rsqrt`` node ``r``'s only use multiplies ``n`` (a norm of the slice ``n`` itself)."""
+    y = _only_user(r)
+    return y is not None and y.op == "call_function" and y.target in _MULS and _other(y, r) is n
+
+
+def _factor_reason(r: Node, y: Node, p) -> str:
+    """Why the statistic ``r`` = rsqrt(mean(x**2) + eps) is not a norm of x: what it feeds
+    instead (a module that returns the factor alone, multiplied elsewhere)."""
+    cast = _cast_dtype(y)
+    if cast is not None and cast != _dtype(r):
+        # DeepSeek V4 / GLM-5 style ``x * rsqrt(...).to(x.dtype)`` on 16-bit x
+        return (f"rsqrt rounded to {str(cast).replace('torch.', '')} before it multiplies "
+                "(the op multiplies in float32 and rounds once)")
+    if p is not None:
+        # HY V4 style ``F.linear(x, w) * rsqrt(...)``: the factor scales another tensor
+        while isinstance(p, Node) and p.target in _VIEWS:  # the tensor, not its view
+            p = p.args[0]
+        what = p.target if isinstance(p, Node) and p.op == "call_function" else p
+        return (f"rsqrt(mean(x**2) + eps) multiplies another tensor ({what}), not the "
+                "normalized input: no op computes the factor alone")
+    return "rsqrt does not multiply the normalized input"
+
+
 def _match(r: Node, order: dict) -> _Match | None:
     found = _mean_of_squares(r)
     if found is None:
@@ -339,10 +378,13 @@ def _match(r: Node, order: dict) -> _Match | None:
     m.anchor, m.eps = r, eps
     base = sq.args[0]
     pre = [sq]  # nodes between xf and the statistics
-    if base.op == "call_function" and base.target is aten.slice.Tensor:
+    if base.op == "call_function" and base.target is aten.slice.Tensor and not _normalizes(r, base):
+        # statistics over x[..., :n] of the x that is normalized: variance_size
         ndim = _val(base).dim()
         dim, start = _arg(base, 1, "dim", 0), _arg(base, 2, "start")
         end, step = _arg(base, 3, "end"), _arg(base, 4, "step", 1)
+        if isinstance(end, torch.SymInt) or isinstance(_val(end), torch.SymInt):
+            raise _SymbolicSkip("squares of x[..., :n] with a symbolic n")
         if dim % ndim != ndim - 1 or start not in (None, 0) or step != 1 or not _is_number(end):
             raise _Skip("squares of a slice other than x[..., :n]")
         pre.append(base)
@@ -369,7 +411,7 @@ def _match(r: Node, order: dict) -> _Match | None:
     p = _other(y, r) if y.op == "call_function" and y.target in _MULS else None
     twin = _is_twin_cast(p, xf)
     if p is None or not (p is xf or twin or (x is not None and p is x)):
-        raise _Skip("rsqrt does not multiply the normalized input")
+        raise _Skip(_factor_reason(r, y, p))
     if _dtype(y) != cd or tuple(_val(y).shape) != tuple(_val(xf).shape):
         raise _Skip("normalized value is not the input's shape in the compute dtype")
 

@@ -91,7 +91,8 @@ def _fake_mode(args: tuple) -> Any:
 def call(graph: torch.fx.Graph, target: Any, args: tuple) -> torch.fx.Node:
     """Insert ``target(*args)`` at the graph's insert point, with its fake value in meta."""
     node = graph.call_function(target, args)
-    fake_args = tuple(val(a) if isinstance(a, torch.fx.Node) else a for a in args)
+    # nested too: a view's size list holds symbolic sizes as nodes under dynamic shapes
+    fake_args = torch.fx.node.map_arg(args, val)
     mode = _fake_mode(args)
     if mode is not None:
         with mode:
