@@ -6,7 +6,9 @@ dict (and ``mode``, if given). It compiles with Inductor inside ``lowerings.keep
 the compile_norm ops' decompositions decline for this compile only (a context variable: other
 threads' compiles still inline them) and the passes see the IR ops, and installs the pass
 manager as the post-grad custom pass. Inductor config names in ``options`` pass through as
-config patches.
+config patches. Pass results that a compile cache brings back instead of running the passes
+are published when the compile returns (``passes/results_cache.py``), for a backward graph
+compiled later too (``_inner_compile``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from . import lowerings
 from .options import CompileOptions, parse_options
+from .passes import results_cache
 from .passes.manager import CompileNormPass
 
 
@@ -41,5 +44,15 @@ def compile_norm_backend(
     from torch._inductor.compile_fx import compile_fx
 
     opts = parse_options(options)
-    with lowerings.keep_ops():  # the passes must see the IR ops; tracing runs in this thread
-        return compile_fx(gm, example_inputs, config_patches=config_patches(opts, mode))
+    # the passes must see the IR ops; tracing runs in this thread
+    with lowerings.keep_ops(), results_cache.replaying():  # an AOTAutograd cache hit
+        return compile_fx(gm, example_inputs, inner_compile=_inner_compile,
+                          config_patches=config_patches(opts, mode))
+
+
+def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
+    """Inductor's compile of one forward or backward graph (an FX graph cache hit or not)."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    with results_cache.replaying():
+        return compile_fx_inner(gm, example_inputs, **kwargs)
