@@ -60,7 +60,7 @@ def inspect_and_print(model, inputs, args, title: str, tolerances=None):
     )
     print(f"== {title} on {report.device}")
     counts = report.fused_counts()
-    print(f"fused sites: {len(report.fused)}")
+    print(f"fused sites: {report.fused_summary()}")
     for op, n in sorted(counts.items()):
         sources = sorted({s.source for s in report.fused if s.op == op and s.source})
         print(f"  {op} x{n}")

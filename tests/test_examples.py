@@ -56,7 +56,7 @@ def run_example(name, *args):
 
 
 def _fused_count(out):
-    m = re.search(r"^fused sites: (\d+)$", out, re.M)
+    m = re.search(r"^fused sites: (\d+)(?: \(rewrites per stage: [\w ,]+\))?$", out, re.M)
     assert m, out
     return int(m.group(1))
 

@@ -36,6 +36,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;font-family:var(--mono
 .tag{display:inline-block;padding:1px 8px;border-radius:99px;font-size:12px;font-weight:600}
 .tag.fused{background:var(--add);color:#1d7f43}.tag.unfused{background:var(--rem);color:#b02a2a}
 .tag.lowered{background:var(--rew);color:var(--ir)}
+.tag.absorbed,.tag.rewritten{background:var(--rew);color:#6b6b6b}
 .src{font-family:var(--mono);font-size:12.5px;color:#374151}
 .legend{display:flex;gap:18px;flex-wrap:wrap;font-size:13px;color:var(--mut);margin:8px 0 14px}
 .sw{display:inline-block;width:14px;height:14px;border-radius:3px;vertical-align:-2px;margin-right:6px;border-left:3px solid}
@@ -161,11 +162,13 @@ def _stages_html(report) -> str:
 def _sites_html(report) -> str:
     rows = []
     for g in report.graphs:
+        sites = {s.node for s in g.sites()}
         for st in g.stages:
-            for s in st.fused:
-                rows.append(("fused", st.name, g.label, f"{s.node} = {s.op}", s.source or "", ""))
+            for s in st.fused:  # a node a later pass fused further is a step, not a site
+                tag = "fused" if s.node in sites else "rewritten"
+                rows.append((tag, st.name, g.label, f"{s.node} = {s.op}", s.source or "", ""))
             for s in st.removed_ir:
-                rows.append(("lowered", st.name, g.label, f"{s.node} = {s.op}", s.source or "", ""))
+                rows.append((st.removed_as, st.name, g.label, f"{s.node} = {s.op}", s.source or "", ""))
             for u in st.unmatched:
                 rows.append(("unfused", st.name, g.label, u.site, "", u.reason))
     if not rows:
@@ -250,11 +253,13 @@ def _counters_html(report) -> str:
 
 def render(report) -> str:
     fused = report.fused
+    stages = ", ".join(f"{name} {n}" for name, n in report.rewrites().items())
     n_kern = len(report.kernels)
     ok = report.numerics_ok
     speed = f"{report.bench.speedup:.2f}&times;" if report.bench else "&ndash;"
     cards = (
-        f'<div class="card"><div class="k">fused sites</div><div class="v">{len(fused)}</div></div>'
+        f'<div class="card" title="rewrites per stage: {escape(stages)}"><div class="k">fused sites'
+        f'</div><div class="v">{len(fused)}</div><div class="k">{escape(stages)}</div></div>'
         f'<div class="card"><div class="k">left unfused</div><div class="v">{len(report.unmatched)}</div></div>'
         f'<div class="card"><div class="k">graphs</div><div class="v">{len(report.graphs)}</div></div>'
         f'<div class="card"><div class="k">kernels</div><div class="v">{n_kern}</div></div>'
