@@ -35,6 +35,31 @@ class Block(torch.nn.Module):
         return self.n2(self.proj(self.n1(h)) + h)
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def clear(self):
+        self.records.clear()
+
+
+@pytest.fixture
+def cn_log():
+    """The compile_norm logger's records, read at the logger itself: once torch's logging set it
+    up (TORCH_LOGS, set_logs) it no longer propagates to the root logger, as torch's own do not."""
+    logger, records = logging.getLogger("compile_norm"), _Records()
+    level = logger.level
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(records)
+    logger.setLevel(level)
+
+
 def _hits() -> int:
     return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
 
@@ -61,12 +86,11 @@ def _compile_twice(model, *args, aot_cache=True, train=False, caplog=None):
 
 
 @pytest.mark.parametrize("aot_cache", [True, False], ids=["aot_hit", "fx_graph_hit"])
-def test_counters_and_logs_same_on_warm_cache(aot_cache, caplog):
+def test_counters_and_logs_same_on_warm_cache(aot_cache, cn_log):
     model = Block().eval()
     x, r = randn(2, 7, H), randn(2, 7, H)
-    caplog.set_level(logging.INFO, logger="compile_norm")
     (cold, cold_log, cold_hits, out0), (warm, warm_log, warm_hits, out1) = _compile_twice(
-        model, x, r, aot_cache=aot_cache, caplog=caplog)
+        model, x, r, aot_cache=aot_cache, caplog=cn_log)
     assert cold_hits == 0 and warm_hits >= 1  # the second compile was a cache hit
     assert cold["canonicalize_matched"] == 2 and cold["residual_matched"] == 2
     assert warm == cold
@@ -80,14 +104,13 @@ def test_counters_and_logs_same_on_warm_cache(aot_cache, caplog):
     assert_close(out1, want, torch.float32)
 
 
-def test_backward_graph_compiled_later_reported_on_warm_cache(caplog):
+def test_backward_graph_compiled_later_reported_on_warm_cache(cn_log):
     # Without the AOTAutograd cache the backward graph is compiled (an FX graph cache hit)
     # at .backward(), after the backend's call returned: its results arrive then.
     model = Block()
     x = randn(3, H).requires_grad_(True)
-    caplog.set_level(logging.INFO, logger="compile_norm")
     (cold, cold_log, cold_hits, _), (warm, warm_log, warm_hits, _) = _compile_twice(
-        model, x, randn(3, H), aot_cache=False, train=True, caplog=caplog)
+        model, x, randn(3, H), aot_cache=False, train=True, caplog=cn_log)
     assert cold_hits == 0 and warm_hits >= 2  # forward and backward
     assert cold["canonicalize_unmatched"] == 2  # the forward keeps rsqrt for the backward
     assert warm == cold and [m for m in warm_log if "unfused" in m] == [m for m in cold_log if "unfused" in m]

@@ -23,7 +23,7 @@ from ..lowerings import choice as lowering_choice
 from ..ops import registry
 from ..options import PASS_ORDER, CompileOptions, parse_options, thaw_providers
 
-from . import cache_key, results_cache
+from . import cache_key, results_cache, trace
 from .base import GraphPass, PassResult, notify_stage
 from .canonicalize import CanonicalizePass
 from .gemma import GemmaPass
@@ -85,6 +85,7 @@ class CompileNormPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         with self._priority():
             notify_stage("input", graph)  # observers (the inspect tool) see every stage
+            trace.stage("input", graph)
             results: list[PassResult] = []
             for name in PASS_ORDER:
                 if not self.options.enabled(name):
@@ -96,7 +97,9 @@ class CompileNormPass(CustomGraphPass):
                 result = self.run_pass(cls(), graph)
                 result.publish()
                 notify_stage(name, graph, result)
+                trace.stage(name, graph)
                 results.append(result)
+            trace.results(results, cached=False)
             results_cache.stamp(results)  # travels with the compiled graph into the caches
 
     def run_pass(self, graph_pass: GraphPass, graph: torch.fx.Graph) -> PassResult:

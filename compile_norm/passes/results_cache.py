@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 from torch._dynamo.utils import counters
 
+from . import trace
 from .base import PassResult
 
 log = logging.getLogger("compile_norm.passes")
@@ -66,6 +67,7 @@ def drain() -> int:
         log.info("compile_norm: a graph loaded from a compile cache; its pass results:")
         for result in results:
             result.publish()
+        trace.results(results, cached=True)
     return len(replays)
 
 
