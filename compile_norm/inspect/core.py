@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 from torch._dynamo.utils import counters
 
+from ..options import parse_options
 from ..passes.base import COUNTER_GROUP, observe_stages
 from . import bench as bench_mod
 from . import kernels as kernels_mod
@@ -110,6 +111,8 @@ def inspect_model(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     backend_name = _check_backend(backend)
+    if backend_name == "compile_norm":
+        parse_options(options)  # a typo is found before the compile, with the option's name
     device = _device_of(model_or_fn, inputs)
     report = InspectReport(
         title=title or _title(model_or_fn),
