@@ -108,7 +108,8 @@ class LlamaBlocks(nn.Module):
 
 
 def build(tiny: bool, device: str):
-    """(model, inputs); also usable as ``compile-norm inspect examples/llama_block.py:build``."""
+    """(model, inputs). ``compile-norm inspect examples/llama_block.py:tiny_cpu`` inspects the tiny
+    CPU block (a target is called without arguments)."""
     torch.manual_seed(0)
     dtype = default_dtype(device)
     if tiny:

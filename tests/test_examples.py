@@ -62,7 +62,9 @@ def _fused_count(out):
 
 
 def _check_common(out):
-    assert re.search(r"^time per call: .* us, stock torch.compile [\d.]+ us", out, re.M), out
+    assert re.search(r"^time per call: .* us \[[\d.]+-[\d.]+\], stock torch.compile [\d.]+ us "
+                     r"\[[\d.]+-[\d.]+\], .*candidates interleaved", out, re.M), out
+    assert re.search(r"^  on (a CPU expect parity|CUDA the quantizing norms)", out, re.M), out
     assert "FAIL" not in out, out
     assert "warning:" not in out, out
 
@@ -128,3 +130,18 @@ def test_hf_example_with_standin_backend():
     _check_common(out)
     assert _fused_count(out) == 3  # one layer: two norms, plus the final norm
     assert "logits diff vs eager: max abs" in out
+
+
+def test_inspect_targets_named_in_the_examples_load():
+    # every "compile-norm inspect examples/<file>:<factory>" an example's text offers works
+    from compile_norm.inspect import targets
+
+    offered = []
+    for name in sorted(os.listdir(os.path.join(ROOT, "examples"))):
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, "examples", name)) as f:
+                offered += re.findall(r"compile-norm inspect (examples/\w+\.py:\w+)", f.read())
+    assert offered
+    for target in offered:
+        model, inputs, _ = targets.from_factory(os.path.join(ROOT, target))
+        assert callable(model) and inputs

@@ -107,6 +107,10 @@ def test_numerics_and_bench(inspected):
     b = report.bench
     assert b.backend_us > 0 and b.stock_us > 0 and b.eager_us > 0 and b.repeats == 2
     assert b.speedup == pytest.approx(b.stock_us / b.backend_us)
+    for name, median in (("backend", b.backend_us), ("stock", b.stock_us), ("eager", b.eager_us)):
+        lo, hi = b.spread[name]
+        assert lo <= median <= hi
+    assert "parity" in b.expectation and "interleaved" in report.to_text()
 
 
 def test_renderings_and_files(inspected):
@@ -358,3 +362,21 @@ def test_real_backend_counts_each_site_once(tmp_path):
     assert sorted(tags["canonicalize"]) == ["rewritten"] * 2
     assert sorted(tags["residual"]) == ["absorbed"] * 2 + ["fused"] * 2
     assert sorted(tags["lower"]) == ["lowered"] * 2
+
+
+def test_print_gives_the_text_report(inspected):
+    report, _ = inspected
+    assert str(report) == report.to_text()
+    assert repr(report) == "<InspectReport 'Model': 1 fused site(s), 1 unfused, %d kernel(s), numerics ok>" % len(report.kernels)
+
+
+def test_bench_interleaves_candidates_and_rotates_the_first():
+    from compile_norm.inspect import bench
+
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    times = bench.interleaved_us(fns, "cpu", repeats=3, inner=2, warmup=1)
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert "".join(order[3:]) == "aabbcc" + "bbccaa" + "ccaabb"  # after one warm-up call each
+    assert bench.median_and_spread([5.0, 1.0, 3.0, 100.0, 2.0]) == (3.0, (2.0, 5.0))
+    assert bench.median_and_spread([4.0]) == (4.0, (4.0, 4.0))

@@ -229,18 +229,25 @@ def _bench_html(report) -> str:
                 '(<code>bench=True</code>).</p>')
     top = max(b.backend_us, b.stock_us, b.eager_us) or 1.0
     rows = "".join(
-        f'<tr><td>{label}</td><td class="num">{us:.1f}</td><td><span class="bar{me}" '
-        f'style="width:{max(2, 320 * us / top):.0f}px"></span></td></tr>'
-        for label, us, me in ((f"torch.compile backend={escape(report.backend)}", b.backend_us, " me"),
-                              ("stock torch.compile (inductor)", b.stock_us, ""),
-                              ("eager", b.eager_us, "")))
+        f'<tr><td>{label}</td><td class="num">{us:.1f}</td><td class="num">{spread}</td>'
+        f'<td><span class="bar{me}" style="width:{max(2, 320 * us / top):.0f}px"></span></td></tr>'
+        for label, us, spread, me in (
+            (f"torch.compile backend={escape(report.backend)}", b.backend_us, _spread(b, "backend"), " me"),
+            ("stock torch.compile (inductor)", b.stock_us, _spread(b, "stock"), ""),
+            ("eager", b.eager_us, _spread(b, "eager"), "")))
     cls = "good" if b.speedup >= 1 else "bad"
     return (f'<p><span class="{cls}" style="font-size:20px;font-weight:650">{b.speedup:.2f}&times;'
             f'</span> against stock torch.compile &middot; <span class="meta">{escape(b.device)}, '
-            f'wall clock per call, median of {b.repeats} repeats of {b.calls_per_repeat} calls'
-            f'{", synchronized" if b.device.startswith("cuda") else ""}</span></p>'
-            '<table class="data"><thead><tr><th>candidate</th><th>&micro;s / call</th><th></th>'
-            f'</tr></thead><tbody>{rows}</tbody></table>')
+            f'wall clock per call, candidates interleaved, median of {b.repeats} repeats of '
+            f'{b.calls_per_repeat} calls{", synchronized" if b.device.startswith("cuda") else ""}'
+            f'</span></p><p class="meta">{escape(b.expectation)}</p>'
+            '<table class="data"><thead><tr><th>candidate</th><th>&micro;s / call (median)</th>'
+            f'<th>25th&ndash;75th percentile</th><th></th></tr></thead><tbody>{rows}</tbody></table>')
+
+
+def _spread(b, name: str) -> str:
+    lo, hi = b.spread.get(name, (None, None))
+    return "&ndash;" if lo is None else f"{lo:.1f}&ndash;{hi:.1f}"
 
 
 def _counters_html(report) -> str:

@@ -14,7 +14,7 @@ from .numerics import OutputCheck
 from .record import LOWER_STAGE, GraphRecord, Site, Unmatched
 
 
-@dataclass
+@dataclass(repr=False)  # the generated repr of every graph is tens of KB
 class InspectReport:
     title: str
     backend: str
@@ -69,6 +69,14 @@ class InspectReport:
         return out
 
     # --- renderings --------------------------------------------------------------------------
+
+    def __str__(self) -> str:  # print(report): the console summary
+        return self.to_text()
+
+    def __repr__(self) -> str:
+        return (f"<InspectReport {self.title!r}: {len(self.fused)} fused site(s), "
+                f"{len(self.unmatched)} unfused, {len(self.kernels)} kernel(s), numerics "
+                f"{'ok' if self.numerics_ok else 'FAIL'}>")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -130,9 +138,11 @@ class InspectReport:
                        f"{'ok' if c.ok else 'FAIL'}{' ' + c.note if c.note else ''}")
         if self.bench:
             b = self.bench
-            out.append(f"time per call ({b.device}, median of {b.repeats}): backend "
-                       f"{b.backend_us:.1f} us, stock torch.compile {b.stock_us:.1f} us, eager "
-                       f"{b.eager_us:.1f} us -> {b.speedup:.2f}x vs stock")
+            out.append(f"time per call ({b.device}, interleaved, median [25th-75th percentile] "
+                       f"of {b.repeats}): backend {b.describe('backend', b.backend_us)}, stock "
+                       f"torch.compile {b.describe('stock', b.stock_us)}, eager "
+                       f"{b.describe('eager', b.eager_us)} -> {b.speedup:.2f}x vs stock")
+            out.append(f"  ({b.expectation})")
         if self.counters:
             out.append("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(self.counters.items())))
         if self.depyf_dir:
