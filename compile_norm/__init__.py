@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from . import lowerings  # noqa: F401  (plain Inductor inlines our ops' references)
 from . import ops
 from . import kernels  # noqa: F401  (registers the device-kernel providers)
+from .passes import trace  # noqa: F401  (names the log and its artifact for TORCH_LOGS)
 
 ops.registry.check_env_priority()  # a typo'd COMPILE_NORM_PROVIDERS is said, not ignored
 from .fuse import fuse

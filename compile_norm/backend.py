@@ -6,8 +6,10 @@ dict (and ``mode``, if given). It compiles with Inductor inside ``lowerings.keep
 the compile_norm ops' decompositions decline for this compile only (a context variable: other
 threads' compiles still inline them) and the passes see the IR ops, and installs the pass
 manager as the post-grad custom pass (and, for graphs that need gradients, the pre-grad pass
-that makes the norms ops before AOTAutograd differentiates them). Inductor config names in ``options`` pass through as
-config patches.
+that makes the norms ops before AOTAutograd differentiates them). Inductor config names in
+``options`` pass through as config patches. Pass results that a compile cache brings back
+instead of running the passes are published when the compile returns
+(``passes/results_cache.py``), for a backward graph compiled later too (``_inner_compile``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from . import dynamic, lowerings
 from .options import CompileOptions, parse_options
+from .passes import results_cache
 from .passes.manager import CompileNormPass
 from .passes.pre_grad import PreGradPass
 
@@ -46,5 +49,15 @@ def compile_norm_backend(
 
     opts = parse_options(options)
     dynamic.specialize_eps(gm)  # eps made a graph input by dynamic=True: re-trace it constant
-    with lowerings.keep_ops():  # the passes must see the IR ops; tracing runs in this thread
-        return compile_fx(gm, example_inputs, config_patches=config_patches(opts, mode))
+    # the passes must see the IR ops; tracing runs in this thread
+    with lowerings.keep_ops(), results_cache.replaying():  # an AOTAutograd cache hit
+        return compile_fx(gm, example_inputs, inner_compile=_inner_compile,
+                          config_patches=config_patches(opts, mode))
+
+
+def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
+    """Inductor's compile of one forward or backward graph (an FX graph cache hit or not)."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    with results_cache.replaying():
+        return compile_fx_inner(gm, example_inputs, **kwargs)

@@ -32,6 +32,7 @@ Numerics: compiled code gives eager's bits by default.
 
 from __future__ import annotations
 
+import difflib
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -105,13 +106,16 @@ def parse_options(options: Mapping[str, Any] | CompileOptions | None) -> Compile
     known = _inductor_config_keys()
     unknown = sorted(str(k) for k in rest if k not in known)
     if unknown:
+        close = [m for k in unknown for m in difflib.get_close_matches(k, (*_OWN_KEYS, *known), n=1)]
         raise ValueError(
             f"compile_norm: unknown option(s) {', '.join(map(repr, unknown))}; compile_norm "
             f"options are {', '.join(_OWN_KEYS)}, and Inductor config names pass through"
+            + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
         )
     passes = own.get("passes", PASS_ORDER)
-    if isinstance(passes, str) or not all(isinstance(p, str) for p in passes):
-        raise ValueError(f"compile_norm: option 'passes' must be a list of pass names, got {passes!r}")
+    if isinstance(passes, str) or not isinstance(passes, (list, tuple)) or not all(isinstance(p, str) for p in passes):
+        raise ValueError(f"compile_norm: option 'passes' must be a list of pass names (of "
+                         f"{list(PASS_ORDER)}), got {passes!r}")
     bad = [p for p in passes if p not in PASS_ORDER]
     if bad:
         raise ValueError(
@@ -124,7 +128,7 @@ def parse_options(options: Mapping[str, Any] | CompileOptions | None) -> Compile
         )
     for key in ("quant_fusion", "strict", "measure", "batch_invariant"):
         if key in own and not isinstance(own[key], bool):
-            raise ValueError(f"compile_norm: option {key!r} must be a bool, got {own[key]!r}")
+            raise ValueError(f"compile_norm: option {key!r} must be a bool (True or False), got {own[key]!r}")
     providers = own.get("providers")
     if providers is not None and not isinstance(providers, (str, Mapping, list, tuple)):
         raise ValueError(

@@ -60,7 +60,7 @@ def inspect_and_print(model, inputs, args, title: str, tolerances=None):
     )
     print(f"== {title} on {report.device}")
     counts = report.fused_counts()
-    print(f"fused sites: {len(report.fused)}")
+    print(f"fused sites: {report.fused_summary()}")
     for op, n in sorted(counts.items()):
         sources = sorted({s.source for s in report.fused if s.op == op and s.source})
         print(f"  {op} x{n}")
@@ -74,9 +74,11 @@ def inspect_and_print(model, inputs, args, title: str, tolerances=None):
         print(f"numerics {c.name}: max abs diff {c.max_abs:.3g} vs eager "
               f"({'pass' if c.ok else 'FAIL'} at atol {c.atol:g}, rtol {c.rtol:g})")
     b = report.bench
-    print(f"time per call: {report.backend} {b.backend_us:.1f} us, stock torch.compile "
-          f"{b.stock_us:.1f} us, eager {b.eager_us:.1f} us ({b.speedup:.2f}x vs stock; "
-          f"wall clock, median of {b.repeats})")
+    print(f"time per call: {report.backend} {b.describe('backend', b.backend_us)}, stock "
+          f"torch.compile {b.describe('stock', b.stock_us)}, eager {b.describe('eager', b.eager_us)} "
+          f"({b.speedup:.2f}x vs stock; wall clock, candidates interleaved, median "
+          f"[25th-75th percentile] of {b.repeats})")
+    print(f"  {b.expectation}")
     for w in report.warnings:
         print(f"warning: {w}")
     if args.out:

@@ -108,8 +108,8 @@ class LlamaBlocks(nn.Module):
 
 
 def build(tiny: bool, device: str):
-    """(model, inputs) at these shapes. ``compile-norm inspect`` calls a factory without
-    arguments: use ``compile-norm inspect examples/llama_block.py:tiny_cpu``."""
+    """(model, inputs). ``compile-norm inspect examples/llama_block.py:tiny_cpu`` inspects the tiny
+    CPU block (a target is called without arguments)."""
     torch.manual_seed(0)
     dtype = default_dtype(device)
     if tiny:

@@ -46,7 +46,7 @@ def _op_names(graph: torch.fx.Graph) -> set[str]:
 @contextlib.contextmanager
 def no_caches():
     """Compile for real (the passes run) instead of loading a cached graph."""
-    with torch._inductor.config.patch(fx_graph_cache=False, force_disable_caches=True), \
+    with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         yield
 

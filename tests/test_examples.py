@@ -56,13 +56,15 @@ def run_example(name, *args):
 
 
 def _fused_count(out):
-    m = re.search(r"^fused sites: (\d+)$", out, re.M)
+    m = re.search(r"^fused sites: (\d+)(?: \(rewrites per stage: [\w ,]+\))?$", out, re.M)
     assert m, out
     return int(m.group(1))
 
 
 def _check_common(out):
-    assert re.search(r"^time per call: .* us, stock torch.compile [\d.]+ us", out, re.M), out
+    assert re.search(r"^time per call: .* us \[[\d.]+-[\d.]+\], stock torch.compile [\d.]+ us "
+                     r"\[[\d.]+-[\d.]+\], .*candidates interleaved", out, re.M), out
+    assert re.search(r"^  on (a CPU expect parity|CUDA the quantizing norms)", out, re.M), out
     assert "FAIL" not in out, out
     assert "warning:" not in out, out
 

@@ -205,5 +205,8 @@ def test_inspect_cli_hf_config():
     assert counts["canonicalize_matched"] == str(norms), out
     assert counts["residual_matched"] == str(FAMILIES["qwen3"].residual), out
     assert re.search(r"^unfused sites: 0$", out, re.M), out
+    # each norm site once, beside what each pass rewrote (a residual fusion rewrites a norm)
+    assert re.search(rf"^fused sites: {norms} \(rewrites per stage: canonicalize {norms}, "
+                     rf"residual {FAMILIES['qwen3'].residual}\)$", out, re.M), out
     assert re.search(r"^numerics out .* ok$", out, re.M), out
     assert "modeling_qwen3.py" in out, out

@@ -3,6 +3,7 @@ that need no compile: graph snapshots and diffs, numerics, kernel parsing."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -106,6 +107,10 @@ def test_numerics_and_bench(inspected):
     b = report.bench
     assert b.backend_us > 0 and b.stock_us > 0 and b.eager_us > 0 and b.repeats == 2
     assert b.speedup == pytest.approx(b.stock_us / b.backend_us)
+    for name, median in (("backend", b.backend_us), ("stock", b.stock_us), ("eager", b.eager_us)):
+        lo, hi = b.spread[name]
+        assert lo <= median <= hi
+    assert "parity" in b.expectation and "interleaved" in report.to_text()
 
 
 def test_renderings_and_files(inspected):
@@ -323,3 +328,55 @@ def test_report_with_nothing_renders():
     assert "fused: nothing" in r.to_text()
     assert json.loads(r.to_json())["graphs"] == []
     assert "<html" in r.to_html()
+
+
+class ResidualBlock(torch.nn.Module):
+    """Two norms, each behind a residual add: canonicalized, then fused with the add."""
+
+    def __init__(self, hidden=40):
+        super().__init__()
+        self.n1, self.n2 = Norm(hidden), Norm(hidden)
+        self.lin = torch.nn.Linear(hidden, hidden)
+
+    def forward(self, x, r):
+        h = x + r
+        return self.n2(self.lin(self.n1(h)) + h)
+
+
+def test_real_backend_counts_each_site_once(tmp_path):
+    x, r = torch.randn(3, 5, 40), torch.randn(3, 5, 40)
+    report = inspect_model(ResidualBlock(), (x, r), out_dir=str(tmp_path))
+    assert report.numerics_ok
+    assert [s.op for s in report.fused] == ["compile_norm.fused_add_rms_norm.default"] * 2
+    assert report.rewrites() == {"canonicalize": 2, "residual": 2}
+    text = report.to_text()
+    assert "fused sites: 2 (rewrites per stage: canonicalize 2, residual 2)" in text
+    assert "fused: compile_norm.fused_add_rms_norm.default x2" in text
+    html = (tmp_path / "report.html").read_text()
+    assert '<div class="k">fused sites</div><div class="v">2</div>' in html
+    tags = {stage: [] for stage in ("canonicalize", "residual", "lower")}
+    for tag, stage in re.findall(r'<span class="tag (\w+)">\w+</span></td><td>(\w+)</td>', html):
+        tags[stage].append(tag)
+    # canonicalize's rms_norm nodes are steps the residual pass absorbed; its fused_add nodes
+    # are the sites, and the lower pass lowers them
+    assert sorted(tags["canonicalize"]) == ["rewritten"] * 2
+    assert sorted(tags["residual"]) == ["absorbed"] * 2 + ["fused"] * 2
+    assert sorted(tags["lower"]) == ["lowered"] * 2
+
+
+def test_print_gives_the_text_report(inspected):
+    report, _ = inspected
+    assert str(report) == report.to_text()
+    assert repr(report) == "<InspectReport 'Model': 1 fused site(s), 1 unfused, %d kernel(s), numerics ok>" % len(report.kernels)
+
+
+def test_bench_interleaves_candidates_and_rotates_the_first():
+    from compile_norm.inspect import bench
+
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    times = bench.interleaved_us(fns, "cpu", repeats=3, inner=2, warmup=1)
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert "".join(order[3:]) == "aabbcc" + "bbccaa" + "ccaabb"  # after one warm-up call each
+    assert bench.median_and_spread([5.0, 1.0, 3.0, 100.0, 2.0]) == (3.0, (2.0, 5.0))
+    assert bench.median_and_spread([4.0]) == (4.0, (4.0, 4.0))

@@ -48,6 +48,9 @@ def bad_inputs():
     return Norm(), {"x": torch.randn(2)}
 
 not_callable = 7
+
+def broken_backend(gm, example_inputs):
+    raise RuntimeError("the backend gave up\\nbecause of this second line")
 '''
 
 
@@ -113,6 +116,21 @@ def test_bad_arguments(capsys, factories, argv, words):
     if "--backend" not in argv:
         argv += ["--backend", STANDIN]
     assert words in _error(capsys, argv)
+
+
+def test_option_typo_found_before_the_model_is_built(capsys, factories):
+    # the factory would raise if it were called: the options are checked first
+    line = _error(capsys, [factories + ":raises", "--options", '{"lowring": "kernel"}'])
+    assert "--options: compile_norm: unknown option(s) 'lowring'" in line
+    assert "did you mean 'lowering'?" in line and "no weights here" not in line
+    line = _error(capsys, [factories + ":raises", "--options", '{"strict": "yes"}'])
+    assert "option 'strict' must be a bool (True or False), got 'yes'" in line
+
+
+def test_failed_compile_keeps_its_whole_reason(capsys, factories):
+    line = _error(capsys, [factories + ":good", "--backend", factories + ":broken_backend",
+                           "--device", "cpu"], code=1)
+    assert "failed: RuntimeError: the backend gave up because of this second line" in line
 
 
 def test_hf_config_file_with_bad_content(capsys, tmp_path):

@@ -17,6 +17,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import compile_norm  # noqa: F401  (registers torch.ops.compile_norm)
 from compile_norm.passes.base import PassResult, notify_stage
+from compile_helpers import no_caches
 
 aten = torch.ops.aten
 
@@ -92,7 +93,7 @@ def test_standin_rewrites_a_handwritten_norm():
     counters.clear()
     x = torch.randn(3, 20)
     # A warm FX graph cache would skip the post-grad pass whose run this test counts.
-    with torch._inductor.config.patch(force_disable_caches=True):
+    with no_caches():
         out = torch.compile(f, backend=backend)(x)
     torch.testing.assert_close(out, f(x))
     assert counters["compile_norm"]["canonicalize_matched"] == 1

@@ -52,7 +52,8 @@ RANK_SCRIPT = textwrap.dedent(
         args = (x_shard, proj_shard, residual, nw)
         eager = [t.clone() for t in block(*args)]
         counters.clear()
-        with torch._inductor.config.patch(fx_graph_cache=False, force_disable_caches=True):
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
             compiled = torch.compile(block, backend="compile_norm", fullgraph=True,
                                      options={"strict": True})
             got = [t.clone() for t in compiled(*args)]

@@ -56,6 +56,20 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
+def _reason(e: BaseException) -> str:
+    """The innermost cause of a failed compile, whole: Dynamo and Inductor wrap it
+    (BackendCompilerFailed, InductorError) in a message whose first line only says that the
+    backend raised."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "inner_exception", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    return f"{type(e).__name__}: {e}"
+
+
 def _prepare(args):
     from . import targets
 
@@ -78,6 +92,13 @@ def _prepare(args):
         if not isinstance(options, dict):
             raise TargetError("--options must be a JSON object")
     backend = args.backend
+    if backend == "compile_norm":  # before building the model and a compile of many seconds
+        from ..options import parse_options
+
+        try:
+            parse_options(options)
+        except ValueError as e:
+            raise TargetError(f"--options: {e}") from None
     if ":" in backend:  # tests point at a stand-in backend function
         backend = targets.load_object(backend, "--backend")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,9 +136,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # bad argument found by inspect_model (unknown backend, ...)
         return _fail(e)
     except Exception as e:  # noqa: BLE001  (the compile itself failed)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return _fail(f"compiling {title} with backend {args.backend!r} failed: "
-                     f"{type(e).__name__}: {first}", code=1)
+        return _fail(f"compiling {title} with backend {args.backend!r} failed: {_reason(e)}", code=1)
     print(report.to_text(graphs=args.graphs))
     if args.out:
         print(f"report: {args.out}/report.html (stage graphs, report.json, report.txt beside it)")

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 from torch._dynamo.utils import counters
 
+from ..options import parse_options
 from ..passes.base import COUNTER_GROUP, observe_stages
 from . import bench as bench_mod
 from . import kernels as kernels_mod
@@ -45,11 +46,12 @@ def _device_of(model, inputs: tuple) -> str:
 
 
 def _no_caches():
-    """Inductor's FX graph cache and AOTAutograd's cache skip the post-grad passes on a hit."""
+    """Inductor's FX graph cache and AOTAutograd's cache skip the post-grad passes on a hit, so
+    the stages would not be seen. These two only: ``force_disable_caches`` would also turn off
+    Dynamo's profile-guided dynamic shapes, with a warning on every run."""
     stack = contextlib.ExitStack()
     stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
-    if hasattr(torch.compiler.config, "force_disable_caches"):
-        stack.enter_context(torch.compiler.config.patch(force_disable_caches=True))
+    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
     return stack
 
 
@@ -114,6 +116,8 @@ def inspect_model(
     if not isinstance(dynamic, bool):
         raise ValueError(f"dynamic must be a bool (torch.compile's dynamic=True or False), got {dynamic!r}")
     backend_name = _check_backend(backend)
+    if backend_name == "compile_norm":
+        parse_options(options)  # a typo is found before the compile, with the option's name
     device = _device_of(model_or_fn, inputs)
     report = InspectReport(
         title=title or _title(model_or_fn),
@@ -178,11 +182,12 @@ def _bench(model, compiled, compile_with, inputs, device, repeats) -> bench_mod.
     def call(fn):
         return lambda: fn(*inputs)
 
-    inner = bench_mod.calls_per_repeat(call(compiled), device)
-    backend_us = bench_mod.median_us(call(compiled), device, repeats, inner)
-    eager_us = bench_mod.median_us(call(model), device, repeats, inner)
-    torch._dynamo.reset()  # the stock compile must not reuse the backend's cache entry
+    # a compile of its own: Dynamo's cache entries are per backend, so the backend's stays
     stock = compile_with("inductor", None)
     stock(*inputs)
-    stock_us = bench_mod.median_us(call(stock), device, repeats, inner)
-    return bench_mod.Bench(device, repeats, inner, backend_us, stock_us, eager_us)
+    fns = {"backend": call(compiled), "stock": call(stock), "eager": call(model)}
+    inner = bench_mod.calls_per_repeat(fns["backend"], device)
+    stats = {name: bench_mod.median_and_spread(times)
+             for name, times in bench_mod.interleaved_us(fns, device, repeats, inner).items()}
+    return bench_mod.Bench(device, repeats, inner, stats["backend"][0], stats["stock"][0],
+                           stats["eager"][0], spread={name: s for name, (_, s) in stats.items()})

@@ -36,6 +36,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;font-family:var(--mono
 .tag{display:inline-block;padding:1px 8px;border-radius:99px;font-size:12px;font-weight:600}
 .tag.fused{background:var(--add);color:#1d7f43}.tag.unfused{background:var(--rem);color:#b02a2a}
 .tag.lowered{background:var(--rew);color:var(--ir)}
+.tag.absorbed,.tag.rewritten{background:var(--rew);color:#6b6b6b}
 .src{font-family:var(--mono);font-size:12.5px;color:#374151}
 .legend{display:flex;gap:18px;flex-wrap:wrap;font-size:13px;color:var(--mut);margin:8px 0 14px}
 .sw{display:inline-block;width:14px;height:14px;border-radius:3px;vertical-align:-2px;margin-right:6px;border-left:3px solid}
@@ -161,11 +162,13 @@ def _stages_html(report) -> str:
 def _sites_html(report) -> str:
     rows = []
     for g in report.graphs:
+        sites = {s.node for s in g.sites()}
         for st in g.stages:
-            for s in st.fused:
-                rows.append(("fused", st.name, g.label, f"{s.node} = {s.op}", s.source or "", ""))
+            for s in st.fused:  # a node a later pass fused further is a step, not a site
+                tag = "fused" if s.node in sites else "rewritten"
+                rows.append((tag, st.name, g.label, f"{s.node} = {s.op}", s.source or "", ""))
             for s in st.removed_ir:
-                rows.append(("lowered", st.name, g.label, f"{s.node} = {s.op}", s.source or "", ""))
+                rows.append((st.removed_as, st.name, g.label, f"{s.node} = {s.op}", s.source or "", ""))
             for u in st.unmatched:
                 rows.append(("unfused", st.name, g.label, u.site, "", u.reason))
     if not rows:
@@ -226,18 +229,25 @@ def _bench_html(report) -> str:
                 '(<code>bench=True</code>).</p>')
     top = max(b.backend_us, b.stock_us, b.eager_us) or 1.0
     rows = "".join(
-        f'<tr><td>{label}</td><td class="num">{us:.1f}</td><td><span class="bar{me}" '
-        f'style="width:{max(2, 320 * us / top):.0f}px"></span></td></tr>'
-        for label, us, me in ((f"torch.compile backend={escape(report.backend)}", b.backend_us, " me"),
-                              ("stock torch.compile (inductor)", b.stock_us, ""),
-                              ("eager", b.eager_us, "")))
+        f'<tr><td>{label}</td><td class="num">{us:.1f}</td><td class="num">{spread}</td>'
+        f'<td><span class="bar{me}" style="width:{max(2, 320 * us / top):.0f}px"></span></td></tr>'
+        for label, us, spread, me in (
+            (f"torch.compile backend={escape(report.backend)}", b.backend_us, _spread(b, "backend"), " me"),
+            ("stock torch.compile (inductor)", b.stock_us, _spread(b, "stock"), ""),
+            ("eager", b.eager_us, _spread(b, "eager"), "")))
     cls = "good" if b.speedup >= 1 else "bad"
     return (f'<p><span class="{cls}" style="font-size:20px;font-weight:650">{b.speedup:.2f}&times;'
             f'</span> against stock torch.compile &middot; <span class="meta">{escape(b.device)}, '
-            f'wall clock per call, median of {b.repeats} repeats of {b.calls_per_repeat} calls'
-            f'{", synchronized" if b.device.startswith("cuda") else ""}</span></p>'
-            '<table class="data"><thead><tr><th>candidate</th><th>&micro;s / call</th><th></th>'
-            f'</tr></thead><tbody>{rows}</tbody></table>')
+            f'wall clock per call, candidates interleaved, median of {b.repeats} repeats of '
+            f'{b.calls_per_repeat} calls{", synchronized" if b.device.startswith("cuda") else ""}'
+            f'</span></p><p class="meta">{escape(b.expectation)}</p>'
+            '<table class="data"><thead><tr><th>candidate</th><th>&micro;s / call (median)</th>'
+            f'<th>25th&ndash;75th percentile</th><th></th></tr></thead><tbody>{rows}</tbody></table>')
+
+
+def _spread(b, name: str) -> str:
+    lo, hi = b.spread.get(name, (None, None))
+    return "&ndash;" if lo is None else f"{lo:.1f}&ndash;{hi:.1f}"
 
 
 def _counters_html(report) -> str:
@@ -250,11 +260,13 @@ def _counters_html(report) -> str:
 
 def render(report) -> str:
     fused = report.fused
+    stages = ", ".join(f"{name} {n}" for name, n in report.rewrites().items())
     n_kern = len(report.kernels)
     ok = report.numerics_ok
     speed = f"{report.bench.speedup:.2f}&times;" if report.bench else "&ndash;"
     cards = (
-        f'<div class="card"><div class="k">fused sites</div><div class="v">{len(fused)}</div></div>'
+        f'<div class="card" title="rewrites per stage: {escape(stages)}"><div class="k">fused sites'
+        f'</div><div class="v">{len(fused)}</div><div class="k">{escape(stages)}</div></div>'
         f'<div class="card"><div class="k">left unfused</div><div class="v">{len(report.unmatched)}</div></div>'
         f'<div class="card"><div class="k">graphs</div><div class="v">{len(report.graphs)}</div></div>'
         f'<div class="card"><div class="k">kernels</div><div class="v">{n_kern}</div></div>'

@@ -10,6 +10,9 @@ from . import graphs
 from .graphs import GraphSnapshot
 
 
+LOWER_STAGE = "lower"  # the pass that turns IR nodes into code (passes.lower.LowerPass.name)
+
+
 @dataclass
 class Site:
     """A compile_norm IR node a stage added (a fused site) or removed (e.g. lowered)."""
@@ -44,6 +47,12 @@ class StageRecord:
     def changed(self) -> bool:
         return bool(self.added or self.removed or self.rewired)
 
+    @property
+    def removed_as(self) -> str:
+        """What became of the IR nodes this stage removed: the lower pass lowers them to code,
+        a fusion pass absorbs them into the fused node it adds."""
+        return "lowered" if self.name == LOWER_STAGE else "absorbed"
+
 
 @dataclass
 class GraphRecord:
@@ -53,6 +62,16 @@ class GraphRecord:
     def pairs(self):
         """(before, after) stage pairs, one per pass."""
         return list(zip(self.stages, self.stages[1:]))
+
+    def sites(self) -> list[Site]:
+        """Every fused site once: the IR nodes the fusion passes added that are still in the
+        graph they hand on (the lower pass's input); a node a later pass absorbed (an
+        ``rms_norm`` the residual pass turned into ``fused_add_rms_norm``) is not a site."""
+        fusion = [st for st in self.stages[1:] if st.name != LOWER_STAGE]
+        if not fusion:
+            return []
+        final = fusion[-1].graph.by_name()
+        return [s for st in fusion for s in st.fused if s.node in final]
 
 
 def _compile_id() -> str | None:

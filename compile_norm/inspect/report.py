@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from .bench import Bench
 from .kernels import Kernel
 from .numerics import OutputCheck
-from .record import GraphRecord, Site, Unmatched
+from .record import LOWER_STAGE, GraphRecord, Site, Unmatched
 
 
-@dataclass
+@dataclass(repr=False)  # the generated repr of every graph is tens of KB
 class InspectReport:
     title: str
     backend: str
@@ -36,7 +36,23 @@ class InspectReport:
 
     @property
     def fused(self) -> list[Site]:
-        return [s for g in self.graphs for st in g.stages for s in st.fused]
+        """Every fused site once (``GraphRecord.sites``), over all graphs."""
+        return [s for g in self.graphs for s in g.sites()]
+
+    def rewrites(self) -> dict[str, int]:
+        """Fusion stage -> IR nodes it added, over all graphs: the per-stage breakdown (a site
+        canonicalized and then given its residual add counts once in each stage)."""
+        out: dict[str, int] = {}
+        for g in self.graphs:
+            for st in g.stages[1:]:
+                if st.fused and st.name != LOWER_STAGE:
+                    out[st.name] = out.get(st.name, 0) + len(st.fused)
+        return out
+
+    def fused_summary(self) -> str:
+        """``"5 (rewrites per stage: canonicalize 5, residual 4)"``."""
+        stages = ", ".join(f"{name} {n}" for name, n in self.rewrites().items())
+        return f"{len(self.fused)}" + (f" (rewrites per stage: {stages})" if stages else "")
 
     @property
     def unmatched(self) -> list[Unmatched]:
@@ -47,13 +63,21 @@ class InspectReport:
         return all(c.ok for c in self.numerics)
 
     def fused_counts(self) -> dict[str, int]:
-        """IR op -> how many nodes of it the passes added (over all graphs and stages)."""
+        """IR op -> how many fused sites are of it (over all graphs)."""
         out: dict[str, int] = {}
         for s in self.fused:
             out[s.op] = out.get(s.op, 0) + 1
         return out
 
     # --- renderings --------------------------------------------------------------------------
+
+    def __str__(self) -> str:  # print(report): the console summary
+        return self.to_text()
+
+    def __repr__(self) -> str:
+        return (f"<InspectReport {self.title!r}: {len(self.fused)} fused site(s), "
+                f"{len(self.unmatched)} unfused, {len(self.kernels)} kernel(s), numerics "
+                f"{'ok' if self.numerics_ok else 'FAIL'}>")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -90,7 +114,7 @@ class InspectReport:
                 for s in st.fused:
                     out.append(f"    fused   {s.node} = {s.op}  @ {s.source or 'source unknown'}")
                 for s in st.removed_ir:
-                    out.append(f"    removed {s.node} = {s.op}")
+                    out.append(f"    {st.removed_as:8s}{s.node} = {s.op}")
                 for u in st.unmatched:
                     out.append(f"    unfused {u.site}: {u.reason}")
             if graphs:
@@ -98,8 +122,9 @@ class InspectReport:
                     out.append(f"\n   [{g.label} / {st.name}]")
                     out.append(st.graph.text())
         counts = self.fused_counts()
-        out.append("\nfused: " + (", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))
-                                  if counts else "nothing"))
+        out.append(f"\nfused sites: {self.fused_summary()}")
+        out.append("fused: " + (", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))
+                                if counts else "nothing"))
         out.append(f"unfused sites: {len(self.unmatched)}")
         out.append(f"kernels: {len(self.kernels)}"
                    + (f" ({', '.join(k.name for k in self.kernels)})" if self.kernels else ""))
@@ -114,9 +139,11 @@ class InspectReport:
                        f"{'ok' if c.ok else 'FAIL'}{' ' + c.note if c.note else ''}")
         if self.bench:
             b = self.bench
-            out.append(f"time per call ({b.device}, median of {b.repeats}): backend "
-                       f"{b.backend_us:.1f} us, stock torch.compile {b.stock_us:.1f} us, eager "
-                       f"{b.eager_us:.1f} us -> {b.speedup:.2f}x vs stock")
+            out.append(f"time per call ({b.device}, interleaved, median [25th-75th percentile] "
+                       f"of {b.repeats}): backend {b.describe('backend', b.backend_us)}, stock "
+                       f"torch.compile {b.describe('stock', b.stock_us)}, eager "
+                       f"{b.describe('eager', b.eager_us)} -> {b.speedup:.2f}x vs stock")
+            out.append(f"  ({b.expectation})")
         if self.counters:
             out.append("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(self.counters.items())))
         if self.depyf_dir:

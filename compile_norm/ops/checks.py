@@ -100,3 +100,16 @@ def check_group_size(op: str, x: torch.Tensor, group_size: int, name: str = "gro
         fail(op, f"{name} must be a positive int, got {group_size!r}")
     if hidden % group_size != 0:
         fail(op, f"{name}={group_size} must divide the hidden size x.shape[-1]={hidden}")
+
+
+
+def check_scale(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    """A static scale (or scale bound): one float32 element, a finite number > 0 (a scale of 0
+    turns every code into inf / NaN, a negative one flips the signs). The value is read only
+    where that is free, a plain CPU tensor: on CUDA reading it would wait for the device on
+    every call, and a traced (fake) tensor has no value."""
+    check_scalar_tensor(op, name, t, x, torch.float32)
+    if type(t) is torch.Tensor and t.device.type == "cpu":
+        value = t.item()
+        if not (value > 0 and math.isfinite(value)):
+            fail(op, f"{name} must be a finite number > 0, got {value!r}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
@@ -30,21 +31,41 @@ class PassResult:
     # (site, reason) for every norm-like site the pass saw but left alone; ``site`` names the
     # node and, where known, the model source line.
     unmatched: list[tuple[str, str]] = field(default_factory=list)
-    error: str | None = None
+    error: str | None = None  # the pass raised: "<type>: <message>"; the graph was restored
+    counts: dict[str, int] = field(default_factory=dict)  # further counters, e.g. lower_triton_kernel
 
     def skip(self, site: str, reason: str) -> None:
         self.unmatched.append((site, reason))
 
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PassResult":
+        return cls(d["name"], d["matched"], [tuple(u) for u in d["unmatched"]], d["error"], dict(d["counts"]))
+
     def publish(self) -> None:
-        """Add the counts to ``torch._dynamo.utils.counters["compile_norm"]`` and log them."""
+        """Add the counts to ``torch._dynamo.utils.counters["compile_norm"]``, log them and warn
+        of a failure. Called for every pass run and for every pass result a compile cache hit
+        brings back (``results_cache.py``), so a warm compile reports what the cold one did."""
         group = counters[COUNTER_GROUP]
         group[f"{self.name}_matched"] += self.matched
         group[f"{self.name}_unmatched"] += len(self.unmatched)
+        for key, n in self.counts.items():
+            group[key] += n
         for site, reason in self.unmatched:
             group[f"{self.name}_unmatched: {reason}"] += 1
             log.info("compile_norm %s: left %s unfused: %s", self.name, site, reason)
         if self.matched:
             log.info("compile_norm %s: rewrote %d site(s)", self.name, self.matched)
+        if self.error:
+            group[f"{self.name}_failed"] += 1
+            message = f"compile_norm pass {self.name!r} failed and was skipped (graph left unfused): {self.error}"
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            log.warning(message)
 
 
 class GraphPass:

@@ -15,14 +15,13 @@ import contextlib
 import logging
 
 import torch
-from torch._dynamo.utils import counters
 from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match
 
 from ..lowerings import choice as lowering_choice
 from ..lowerings import reference_for
 from ..ops import registry
 from . import patterns as P
-from .base import COUNTER_GROUP, PassResult
+from .base import PassResult
 from .pattern_pass import PatternPass
 
 log = logging.getLogger("compile_norm.passes")
@@ -77,7 +76,7 @@ class LowerPass(PatternPass):
             traced, why = _trace_kernel(node, config)
             if traced is not None:
                 match.replace_by_example(traced, P.norm_args(node), trace_fn=lambda gm, _args: gm)
-                counters[COUNTER_GROUP][KERNEL_COUNTER] += 1  # lowered (matched), to the kernel
+                self.result.count(KERNEL_COUNTER)  # lowered (matched), to the kernel
                 self.result.matched += 1
                 return
             if mode == "auto":  # inline rather than an opaque call

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -23,10 +22,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from ..lowerings import choice as lowering_choice
 from ..ops import registry
 from ..options import PASS_ORDER, CompileOptions, parse_options, thaw_providers
-from torch._dynamo.utils import counters
 
-from . import cache_key
-from .base import COUNTER_GROUP, GraphPass, PassResult, notify_stage
+from . import cache_key, results_cache, trace
+from .base import GraphPass, PassResult, notify_stage
 from .canonicalize import CanonicalizePass
 from .gated import GatedPass
 from .gemma import GemmaPass
@@ -89,6 +87,8 @@ class CompileNormPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         with self.priority():
             notify_stage("input", graph)  # observers (the inspect tool) see every stage
+            trace.stage("input", graph)
+            results: list[PassResult] = []
             for name in PASS_ORDER:
                 if not self.options.enabled(name):
                     continue
@@ -99,6 +99,10 @@ class CompileNormPass(CustomGraphPass):
                 result = self.run_pass(cls(), graph)
                 result.publish()
                 notify_stage(name, graph, result)
+                trace.stage(name, graph)
+                results.append(result)
+            trace.results(results, cached=False)
+            results_cache.stamp(results)  # travels with the compiled graph into the caches
 
     def run_pass(self, graph_pass: GraphPass, graph: torch.fx.Graph) -> PassResult:
         name = graph_pass.name
@@ -111,11 +115,7 @@ class CompileNormPass(CustomGraphPass):
             if self.options.strict:
                 raise PassFailedError(f"compile_norm pass {name!r} failed: {e}") from e
             replace_graph(graph, snapshot)
-            message = f"compile_norm pass {name!r} failed and was skipped (graph left unfused): {type(e).__name__}: {e}"
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-            log.warning(message)
-            counters[COUNTER_GROUP][f"{name}_failed"] += 1
-            return PassResult(name, error=f"{type(e).__name__}: {e}")
+            return PassResult(name, error=f"{type(e).__name__}: {e}")  # publish() warns
 
     def uuid(self) -> str:
         return cache_key.hash_state(self.state())

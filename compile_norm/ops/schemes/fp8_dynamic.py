@@ -22,7 +22,7 @@ def reference(
 
 def check(op, x, scale_ub=None):
     if scale_ub is not None:
-        checks.check_scalar_tensor(op, "scale_ub", scale_ub, x, torch.float32)
+        checks.check_scale(op, "scale_ub", scale_ub, x)
 
 
 SCHEME = QuantScheme(

@@ -13,7 +13,7 @@ def reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def check(op, x, scale):
-    checks.check_scalar_tensor(op, "scale", scale, x, torch.float32)
+    checks.check_scale(op, "scale", scale, x)
 
 
 SCHEME = QuantScheme(

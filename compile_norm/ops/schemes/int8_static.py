@@ -19,7 +19,7 @@ def reference(
 
 
 def check(op, x, scale, azp=None):
-    checks.check_scalar_tensor(op, "scale", scale, x, torch.float32)
+    checks.check_scale(op, "scale", scale, x)
     if azp is not None:
         checks.check_scalar_tensor(op, "azp", azp, x, torch.int32)
 
