@@ -50,6 +50,7 @@ from ..ops import quant as Q
 from ..ops import registry
 from ..ops.quant import SCHEMES
 from ..ops.spec import Kind
+from . import fp8_scale
 from . import patterns as P
 from .base import PassResult
 from .pattern_pass import PatternPass
@@ -161,6 +162,24 @@ def _static_patterns(kind: str) -> tuple:
 
 
 @functools.cache
+def _fp8_dynamic_patterns(grouped: bool) -> tuple[tuple[Any, bool], ...]:
+    """``(q pattern, multiplies)``: ``to_fp8([clamp](z / s))`` or ``z * s``, ``z`` the float32
+    view of ``y`` (or ``y``), grouped: a view of it ``[..., H/g, g]`` and ``q`` viewed back.
+    ``s`` is any node: ``fp8_scale.read_scale`` reads its arithmetic."""
+    out = []
+    for yf in (_conv(KeywordArg("y"), F32, MULTIPLE), KeywordArg("y")):
+        z = CallFunction(_VIEW, yf, KeywordArg("gshape"), _users=MULTIPLE) if grouped else yf
+        for multiply, target in ((False, aten.div.Tensor), (True, aten.mul.Tensor)):
+            core = CallFunction(target, z, KeywordArg("s"))
+            for c in [*_clamps(core, "lo", "hi"), core]:  # a dynamic scale bounds the quotient
+                q = _conv(c, KeywordArg("qdtype"))
+                if grouped:
+                    q = CallFunction(_VIEW, q, KeywordArg("qshape"))
+                out.append((q, multiply))
+    return tuple(out)
+
+
+@functools.cache
 def _dynamic_patterns(kind: str) -> tuple[tuple[Any, Any], ...]:
     """``(q pattern, scale pattern)`` pairs; the scale is also an output (MULTIPLE users)."""
     out = []
@@ -211,58 +230,6 @@ def _common_reason(m: Match, kind: str) -> str | None:
 _VIEW = [aten.view.default, aten.reshape.default]
 
 
-@functools.cache
-def _group_patterns() -> tuple[tuple[Any, Any, Any], ...]:
-    """``(q pattern, scale pattern, divisor pattern)`` triples. The divisor is the scale as
-    broadcast over each group: the ``amax(-1, keepdim=True)`` scale itself, or a no-keepdim
-    scale put back as ``[..., H/g, 1]`` by ``unsqueeze(-1)`` (also ``s[..., None]``) or a view.
-    ``_group_check`` decides from shapes which combinations are per-group quantization."""
-    out = []
-    for yf in (_conv(KeywordArg("y"), F32), KeywordArg("y")):
-        groups = CallFunction(_VIEW, yf, KeywordArg("gshape"), _users=MULTIPLE)
-        magnitude = CallFunction(aten.abs.default, groups)
-        for amax in (
-            CallFunction(aten.amax.default, magnitude, KeywordArg("dims"), KeywordArg("keepdim")),
-            CallFunction(aten.amax.default, magnitude, KeywordArg("dims")),  # keepdim=False is dropped
-        ):
-            scale = CallFunction(
-                aten.clamp_min.default,
-                CallFunction(aten.div.Tensor, amax, KeywordArg("qmax")),
-                KeywordArg("min_scale"),
-                _users=MULTIPLE,
-            )
-            for divisor in (
-                scale,
-                CallFunction(aten.unsqueeze.default, scale, KeywordArg("bdim"), _users=MULTIPLE),
-                CallFunction(_VIEW, scale, KeywordArg("bshape"), _users=MULTIPLE),
-            ):
-                for c in _clamps(CallFunction(aten.div.Tensor, groups, divisor), "lo", "hi"):
-                    q = CallFunction(_VIEW, _conv(c, KeywordArg("qdtype")), KeywordArg("qshape"))
-                    out.append((q, scale, divisor))
-    return tuple(out)
-
-
-def _group_size(m: Match) -> int | None:
-    """The group size when the grouping view splits exactly the last dim of y, else None."""
-    yv, gshape = P.val(m.kwargs["y"]), m.kwargs["gshape"]
-    if not isinstance(gshape, (list, tuple)) or len(gshape) != yv.dim() + 1:
-        return None
-    g = gshape[-1]
-    if not isinstance(g, int) or g <= 0 or yv.shape[-1] % g != 0:
-        return None
-    return g
-
-
-def _divides_groups(divisor: Any, yv: torch.Tensor, g: int) -> bool:
-    """Whether ``divisor`` has shape ``[..., H/g, 1]``: one scale per group of ``y``."""
-    want = (*yv.shape[:-1], yv.shape[-1] // g, 1)
-    return (
-        isinstance(divisor, torch.Tensor)
-        and divisor.dim() == len(want)
-        and all(statically_known_true(a == b) for a, b in zip(divisor.shape, want))
-    )
-
-
 class QuantPass(PatternPass):
     name = "quant"
 
@@ -271,11 +238,11 @@ class QuantPass(PatternPass):
             if spec.kind == Kind.QUANT:
                 yield CallFunctionVarArgs(P.overload(spec.name)), self._op_check, self._op_rewrite
         # Dynamic forms first: their divide-by-scale tail also looks like a static site.
-        for kind in ("fp8", "int8"):
-            for q, scale in _dynamic_patterns(kind):
-                yield q, functools.partial(self._dynamic_check, kind), functools.partial(self._dynamic_rewrite, kind, scale)
-        for q, scale, divisor in _group_patterns():
-            yield q, functools.partial(self._group_check, scale, divisor), functools.partial(self._group_rewrite, scale)
+        for q, scale in _dynamic_patterns("int8"):
+            yield q, functools.partial(self._dynamic_check, "int8"), functools.partial(self._dynamic_rewrite, "int8", scale)
+        for grouped in (False, True):
+            for q, multiply in _fp8_dynamic_patterns(grouped):
+                yield q, functools.partial(self._fp8_check, grouped, multiply), functools.partial(self._fp8_rewrite, grouped)
         for kind in ("fp8", "fp8_mul", "int8"):
             for pattern in _static_patterns(kind):
                 yield pattern, functools.partial(self._static_check, kind), functools.partial(self._static_rewrite, kind)
@@ -354,7 +321,7 @@ class QuantPass(PatternPass):
             self._fuse(kw["y"], "int8_static", [kw["scale"], kw.get("azp")], [m.output_node()], m.output_node(), m.nodes)
 
     def _dynamic_check(self, kind: str, m: Match) -> bool:
-        qmax, min_scale = (Q.FP8_MAX, Q.FP8_MIN_SCALE) if kind == "fp8" else (float(Q.INT8_MAX), Q.INT8_MIN_SCALE)
+        qmax, min_scale = float(Q.INT8_MAX), Q.INT8_MIN_SCALE
         kw = m.kwargs
         if kw["qdtype"] not in (Q.FP8_DTYPE, torch.int8) or norm_of(kw["y"]) is None:
             return False
@@ -376,62 +343,88 @@ class QuantPass(PatternPass):
         return True
 
     def _dynamic_rewrite(self, kind: str, scale_pattern: Any, m: Match, *args, **kwargs) -> None:
-        scheme = "fp8_dynamic" if kind == "fp8" else "int8_dynamic"
         scale = m.ctx.pattern_to_node[scale_pattern]
-        qargs = [None] if kind == "fp8" else []  # fp8_dynamic: scale_ub=None
-        self._fuse(m.kwargs["y"], scheme, qargs, [m.output_node(), scale], m.output_node(), m.nodes)
+        self._fuse(m.kwargs["y"], "int8_dynamic", [], [m.output_node(), scale], m.output_node(), m.nodes)
 
-    def _group_check(self, scale_pattern: Any, divisor_pattern: Any, m: Match) -> bool:
+    # --- hand-written dynamic FP8 (per token, per group): the scale read by fp8_scale
+
+    def _fp8_check(self, grouped: bool, multiply: bool, m: Match) -> bool:
         kw = m.kwargs
         if kw["qdtype"] != Q.FP8_DTYPE or norm_of(kw["y"]) is None:
             return False
-        reason = _common_reason(m, "fp8")
-        yv = P.val(kw["y"])
-        scale, divisor = (m.ctx.pattern_to_node[p] for p in (scale_pattern, divisor_pattern))
-        g = _group_size(m) if reason is None else None
-        if reason is None and g is None:
-            reason = "grouping view does not split the last dim into whole groups"
-        if reason is None:
-            dims = [d % (yv.dim() + 1) for d in kw["dims"]] if isinstance(kw["dims"], (list, tuple)) else None
-            if dims != [yv.dim()]:
-                reason = "group amax is not over the group dim"
-        if reason is None:
-            # Whatever the spelling (keepdim, unsqueeze, view), the scale must divide each
-            # group as [..., H/g, 1]; unsqueeze/view keep the order, so the shape decides.
-            if not _divides_groups(P.val(divisor), yv, g):
-                reason = "group scale does not divide its group as [..., H/g, 1] (keepdim or unsqueeze(-1))"
-            elif P.val(scale).dtype != F32:
-                reason = "group scale is not float32"
-        if reason is None and _f32(kw["qmax"]) != Q.FP8_MAX:
-            reason = f"scale divides amax by {kw['qmax']}, not {Q.FP8_MAX}"
-        if reason is None and _f32(kw["min_scale"]) != _f32(Q.FP8_MIN_SCALE):
-            reason = f"minimum scale {kw['min_scale']} differs from the op's {Q.FP8_MIN_SCALE}"
-        if reason is None and not P.same_shape(P.val(m.output_node()), yv):
-            reason = "quantized value is not viewed back to the shape of y"
-        if reason is None:
-            reason = _norm_reason(kw["y"], set(m.nodes))
-        if reason is None:
-            # Only the scale (and its broadcast) may be read outside: a grouped value used
-            # elsewhere would keep the unfused norm alive next to the fused op.
-            inside, shared = set(m.nodes), {m.output_node(), scale, divisor}
-            if any(u not in inside for n in inside - shared for u in n.users):
-                reason = "an intermediate of the group quantization has other users"
+        sv = P.val(kw["s"])
+        if not isinstance(sv, torch.Tensor) or sv.dim() == 0:
+            return False  # a per-tensor scale: the static patterns' business
+        read = fp8_scale.read_scale(kw["s"], multiply)
+        if isinstance(read, str) and sv.numel() == 1:
+            return False  # a one-element static scale
+        reason = read if isinstance(read, str) else self._fp8_reason(grouped, m, read)
         if reason:
             self.result.skip(P.site(m.output_node()), reason)
             return False
+        m.kwargs["_read"] = read
         return True
 
-    def _group_rewrite(self, scale_pattern: Any, m: Match, *args, **kwargs) -> None:
-        scale, anchor = m.ctx.pattern_to_node[scale_pattern], m.output_node()
-        gshape = list(m.kwargs["gshape"])
-        norm, _ = norm_of(m.kwargs["y"])
-        fused = self._fuse(m.kwargs["y"], "fp8_group", [gshape[-1], False, False], [anchor, None], anchor, [])
+    def _fp8_reason(self, grouped: bool, m: Match, read: fp8_scale.ScaleRead) -> str | None:
+        kw = m.kwargs
+        yv = P.val(kw["y"])
+        if yv.dtype not in (torch.float16, torch.bfloat16, F32):
+            return "quantized value is not float16/bfloat16/float32"
+        if "lo" in kw and (_f32(kw["lo"]), _f32(kw["hi"])) != (-Q.FP8_MAX, Q.FP8_MAX):
+            return f"clamp bounds ({kw['lo']}, {kw['hi']}) differ from {(-Q.FP8_MAX, Q.FP8_MAX)}"
+        zv = P.val(read.z)
+        z_chain = fp8_scale.source_chain(read.z)
+        if z_chain[-1] is not kw["y"]:
+            return "the scale's amax is not of the quantized value"
+        read.nodes += z_chain[:-1]  # its own y.float() / grouping view
+        if grouped:
+            g = zv.shape[-1]
+            if not (isinstance(g, int) and zv.dim() >= 2 and yv.shape[-1] % g == 0
+                    and statically_known_true(zv.shape[-2] * g == yv.shape[-1])
+                    and statically_known_true(zv.numel() == yv.numel())):
+                return "grouping view does not split the last dim into whole groups"
+        elif not P.same_shape(zv, yv):
+            return "the scale's amax is not of the quantized value"
+        want = (*zv.shape[:-1], 1)
+        sv = P.val(kw["s"])
+        if sv.dim() != len(want) or not all(statically_known_true(a == b) for a, b in zip(sv.shape, want)):
+            return ("group scale does not divide its group as [..., H/g, 1]" if grouped
+                    else "scale is not one per token ([..., 1])")
+        inside = {*m.nodes, *read.nodes, *read.broadcast, read.scale}
+        reason = _norm_reason(kw["y"], inside)
+        if reason:
+            return reason
+        # Only the scale (and its broadcast) may be read outside: an intermediate used
+        # elsewhere would keep the unfused norm alive next to the fused op.
+        shared = {m.output_node(), read.scale, *read.broadcast}
+        if any(u not in inside for n in inside - shared for u in n.users):
+            return "an intermediate of the quantization has other users"
+        return None
+
+    def _fp8_rewrite(self, grouped: bool, m: Match, *args, **kwargs) -> None:
+        read, q, y = m.kwargs["_read"], m.output_node(), m.kwargs["y"]
+        norm, _ = norm_of(y)
+        zv = P.val(read.z)
+        if grouped:
+            scheme, qargs = "fp8_group", [zv.shape[-1], False, False, *read.qargs()]
+        else:
+            scheme, qargs = "fp8_dynamic", [None, *read.qargs()]  # scale_ub=None
+        fused = self._fuse(y, scheme, qargs, [None, None], q, [])
         graph = fused.graph
         with graph.inserting_after(fused):
-            scales = P.getitem(graph, fused, 1)  # row-major [..., H/g], as the user's math gives
-        if P.val(scale).dim() == len(gshape):  # amax keepdim: the user's scale is [..., H/g, 1]
+            new_q, scales = P.getitem(graph, fused, 0), P.getitem(graph, fused, 1)
+        if grouped and "qshape" in m.kwargs and not P.same_shape(P.val(q), P.val(new_q)):
+            with graph.inserting_after(new_q):
+                new_q = P.call(graph, aten.view.default, (new_q, m.kwargs["qshape"]))
+        want = P.val(read.scale)
+        if not P.same_shape(want, P.val(scales)):  # the user's scale is a view of the op's
             with graph.inserting_after(scales):
-                scales = P.call(graph, aten.view.default, (scales, [*gshape[:-1], 1]))
-        # An unsqueeze/view of the scale used outside the match now reads the op's scales.
-        scale.replace_all_uses_with(scales)
-        _erase_unused([*m.nodes, m.kwargs["y"], norm])
+                if not grouped:  # a per-token scale before its unsqueeze(-1)
+                    scales = P.call(graph, aten.squeeze.dim, (scales, -1))
+                else:
+                    gshape = m.kwargs["gshape"]
+                    shape = [*gshape[:-1], 1] if want.dim() == zv.dim() else [*gshape[:-1]]
+                    scales = P.call(graph, aten.view.default, (scales, shape))
+        q.replace_all_uses_with(new_q)
+        read.scale.replace_all_uses_with(scales)
+        _erase_unused([*m.nodes, *read.nodes, *read.broadcast, read.scale, y, norm])
