@@ -348,14 +348,20 @@ def _fp8_scale(amax, X_DT: tl.constexpr, SCALE_FORM: tl.constexpr, MIN_AT: tl.co
                PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr, FP8_RECIP: tl.constexpr):
     """The dynamic FP8 scale of ``amax`` (quant.fp8_dynamic_scale; "inverse": 448 / amax).
 
-    MIN_AT 0: no minimum, 1: on the scale, 2: on amax. "inverse" (SCALE_FORM 2) is the
-    float32 quotient (equal to the reference's float64 one, see quant.fp8_kernel_scale) and
-    its float64 clamp is ``amax < MIN_VALUE -> INV_MIN``; NaN stays NaN (the compare is false).
+    MIN_AT 0: no minimum, 1: on the scale, 2: on amax. "inverse" (SCALE_FORM 2; 3: rounded
+    down to a power of two) is the float32 quotient (equal to the reference's float64 one,
+    see quant.fp8_kernel_scale) and its float64 clamp is ``amax < MIN_VALUE -> INV_MIN``;
+    NaN stays NaN (the compare is false).
     """
-    if SCALE_FORM == 2:
+    if SCALE_FORM >= 2:
         scale = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
         if MIN_AT != 0:
             scale = tl.where(amax < MIN_VALUE, INV_MIN, scale)
+        if SCALE_FORM == 3:  # the reference's exp2(floor(log2(r)))
+            if PRECISE:
+                scale = libdevice.exp2(libdevice.floor(libdevice.log2(scale)))
+            else:
+                scale = tl.math.exp2(tl.math.floor(tl.math.log2(scale)))
     else:
         if MIN_AT == 2:
             amax = tl.maximum(amax, MIN_VALUE, propagate_nan=tl.PropagateNan.ALL)
@@ -396,7 +402,7 @@ def _dyn_scale(s1, s2, aux_in_ptr, QUANT: tl.constexpr, HAS_AUX: tl.constexpr,
         scale = tl.maximum(scale, 1e-10, propagate_nan=tl.PropagateNan.ALL)
         azp = _rint(-128.0 - tl.math.div_rn(s2, scale), PRECISE)
         azp = tl.where(azp != azp, 0.0, azp)
-    if SCALE_FORM == 2:
+    if SCALE_FORM >= 2:
         rscale = scale
     else:
         rscale = _recip(scale)

@@ -169,7 +169,8 @@ class KernelQuant(NamedTuple):
     group: int = 0  # per-group: group size
     column_major: bool = False
     ue8m0: bool = False
-    # dynamic FP8 scale arithmetic (fp8_kernel_scale): SCALE_FORMS index; where the minimum
+    # dynamic FP8 scale arithmetic (fp8_kernel_scale): SCALE_FORMS index (3: "inverse"
+    # rounded down to a power of two); where the minimum
     # applies (0 none, 1 the scale, 2 amax); its float32 value; "inverse": 448 / minimum
     scale_form: int = 0
     min_at: int = 1

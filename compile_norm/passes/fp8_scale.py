@@ -32,6 +32,7 @@ from . import patterns as P
 
 aten, prims = P.aten, P.prims
 _HALF = (torch.float16, torch.bfloat16)
+PER_TENSOR = "a dynamic per-tensor scale"  # reason prefix: amax over the whole tensor
 _VIEWS = (aten.view.default, aten.reshape.default, aten.unsqueeze.default,
           aten._unsafe_view.default)
 
@@ -46,6 +47,7 @@ class ScaleRead:
     clamp_amax: bool = False
     scale_form: str = "divide"
     scale_in_x_dtype: bool = False
+    pow2: bool = False  # "inverse" rounded down to a power of two
     scale: Any = None
     z: Any = None
     nodes: list = field(default_factory=list)
@@ -116,6 +118,10 @@ def _amax(node: Any, read: ScaleRead) -> str | None:
         dims = [node.args[1]]
     elif _is(node, aten.amax.default):
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if not dims or len(dims) == P.val(node.args[0]).dim() > 1:
+            return f"{PER_TENSOR} (amax over every element)"
+    elif _is(node, aten.max.default):
+        return f"{PER_TENSOR} (amax over every element)"
     else:
         return "the scale is not computed from an amax of |y|"
     read.nodes.append(node)
@@ -168,7 +174,12 @@ def _read_scale(node: Any, read: ScaleRead) -> str | None:
 
 
 def _read_inverse(node: Any, read: ScaleRead) -> str | None:
-    """``r = float32(448 * reciprocal(float64(amax)[.clamp(min)]))``."""
+    """``r = float32(448 * reciprocal(float64(amax)[.clamp(min)]))``, optionally rounded down
+    to a power of two as ``exp2(floor(log2(r)))`` (torchao's round_scales_to_power_of_2)."""
+    if _is(node, aten.exp2.default) and _is(node.args[0], aten.floor.default) \
+            and _is(node.args[0].args[0], aten.log2.default):
+        read.nodes += [node, node.args[0], node.args[0].args[0]]
+        node, read.pow2 = node.args[0].args[0].args[0], True
     inner = _convert(node, torch.float32)
     if inner is None or _dtype(inner) != torch.float64:
         return ("the inverse scale is computed in float32 (448 * reciprocal(amax) rounds "

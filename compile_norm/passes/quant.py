@@ -118,6 +118,53 @@ def _erase_unused(nodes: list) -> None:
                 changed = True
 
 
+# --- one quantization per norm output ---------------------------------------------------------
+
+# Value-only ops a hand-written quantization is made of (no mutation, no randomness).
+_PURE = frozenset({
+    prims.convert_element_type.default, aten.abs.default, aten.amax.default, aten.max.dim,
+    operator.getitem, aten.div.Tensor, aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor,
+    aten.clamp_min.default, aten.clamp_max.default, aten.clamp.default, aten.reciprocal.default,
+    aten.round.default, aten.view.default, aten.reshape.default, aten.unsqueeze.default,
+    aten.minimum.default, aten.exp2.default, aten.log2.default, aten.ceil.default,
+    aten.floor.default,
+})
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    return value
+
+
+def merge_repeated_quantizations(graph: torch.fx.Graph) -> int:
+    """Merge identical value-only nodes downstream of norm outputs; returns how many.
+
+    torchao quantizes an activation once per linear that reads it (a Llama block's q, k and
+    v projections: three identical amax / scale / cast chains of one norm output), which no
+    earlier pass merges; one chain with shared users is what fuses with the norm."""
+    downstream, seen, merged = set(), {}, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if P.op_name(node) in (P.NORM, P.ADD_NORM):
+            downstream.add(node)
+            continue
+        if node.target not in _PURE or not any(i in downstream for i in node.all_input_nodes):
+            continue
+        key = (node.target, _frozen(node.args), _frozen(node.kwargs))
+        first = seen.setdefault(key, node)
+        if first is node:
+            downstream.add(node)
+            continue
+        node.replace_all_uses_with(first)
+        graph.erase_node(node)
+        merged += 1
+    return merged
+
+
 # --- hand-written quantization: its patterns, and what the checks compare -------------------
 
 
@@ -249,6 +296,7 @@ class QuantPass(PatternPass):
 
     def run(self, graph: torch.fx.Graph, options) -> PassResult:
         with self.running(options) as result:
+            merge_repeated_quantizations(graph)
             if self.patterns.apply(graph):
                 stable_topological_sort(graph)  # residual_out users may sit before the quant
                 graph.eliminate_dead_code()
@@ -353,11 +401,15 @@ class QuantPass(PatternPass):
         if kw["qdtype"] != Q.FP8_DTYPE or norm_of(kw["y"]) is None:
             return False
         sv = P.val(kw["s"])
-        if not isinstance(sv, torch.Tensor) or sv.dim() == 0:
-            return False  # a per-tensor scale: the static patterns' business
+        if not isinstance(sv, torch.Tensor):
+            return False
         read = fp8_scale.read_scale(kw["s"], multiply)
+        if isinstance(read, str) and read.startswith(fp8_scale.PER_TENSOR):
+            self.result.skip(P.site(m.output_node()), f"{read}: the fp8_dynamic_tensor scheme "
+                             "takes no scale arguments yet")
+            return False
         if isinstance(read, str) and sv.numel() == 1:
-            return False  # a one-element static scale
+            return False  # a static scale: the static patterns' business
         reason = read if isinstance(read, str) else self._fp8_reason(grouped, m, read)
         if reason:
             self.result.skip(P.site(m.output_node()), reason)
@@ -377,6 +429,8 @@ class QuantPass(PatternPass):
         if z_chain[-1] is not kw["y"]:
             return "the scale's amax is not of the quantized value"
         read.nodes += z_chain[:-1]  # its own y.float() / grouping view
+        if grouped and read.pow2:
+            return "a power-of-two inverse scale per group (fp8_group rounds scales up: use_ue8m0)"
         if grouped:
             g = zv.shape[-1]
             if not (isinstance(g, int) and zv.dim() >= 2 and yv.shape[-1] % g == 0
@@ -408,7 +462,7 @@ class QuantPass(PatternPass):
         if grouped:
             scheme, qargs = "fp8_group", [zv.shape[-1], False, False, *read.qargs()]
         else:
-            scheme, qargs = "fp8_dynamic", [None, *read.qargs()]  # scale_ub=None
+            scheme, qargs = "fp8_dynamic", [None, *read.qargs(), read.pow2]  # scale_ub=None
         fused = self._fuse(y, scheme, qargs, [None, None], q, [])
         graph = fused.graph
         with graph.inserting_after(fused):
