@@ -4,12 +4,16 @@ compiled results equal the eager function (the op with the arguments read from t
 reproduces the eager codes and scales bit for bit; the compiled graph within Inductor's
 rounding of the norm output).
 
-vLLM is not installable here: its forms are written out below as vLLM computes them (the file
-and function each mirrors is named). DeepSeek-V3's ``act_quant`` is a Triton kernel; its torch
-form is written the same way. torchao (installed) runs for real in test_torchao_float8.py.
+The forms live in benchmarks/quant_forms.py (which times them): vLLM is not installable here,
+so its forms are written out as vLLM computes them (the file and function each mirrors is
+named); DeepSeek-V3's ``act_quant`` is a Triton kernel, its torch form is written the same way. torchao (installed) runs for real in test_torchao_float8.py.
 """
 
 from __future__ import annotations
+
+import json
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -17,68 +21,17 @@ import torch
 from compile_helpers import assert_close, assert_close_q, cn, compile_run
 from helpers import assert_bitwise_equal
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
-MIN_SCALING_FACTOR = 1.0 / (FP8_MAX * 512.0)  # vLLM's _FP8_MIN_SCALING_FACTOR
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import quant_forms  # noqa: E402  (the forms, as the benchmark times them)
+
+FP8, FP8_MAX = quant_forms.FP8, quant_forms.FP8_MAX
 
 
-def vllm_per_token(x, w):
-    """vllm/model_executor/layers/quantization/input_quant_fp8.py, QuantFP8.forward_native,
-    dynamic per-token branch (no scale_ub)."""
-    y = cn.rms_norm(x, w, 1e-6)
-    x_max, _ = y.abs().max(dim=-1)
-    x_max = x_max.unsqueeze(-1).to(torch.float32)
-    scale = (x_max / FP8_MAX).clamp(min=MIN_SCALING_FACTOR)
-    out = (y.to(torch.float32) * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return out, scale
-
-
-def vllm_per_token_group(x, w, group_size=128):
-    """vllm/model_executor/layers/quantization/input_quant_fp8.py, QuantFP8._quantize_group_native
-    (hidden a multiple of the group: no padding; row-major scales)."""
-    y = cn.rms_norm(x, w, 1e-6)
-    hidden = y.shape[-1]
-    num_groups = hidden // group_size
-    x_grouped = y.view(-1, num_groups, group_size)
-    absmax = x_grouped.abs().max(dim=-1, keepdim=True)[0].float()
-    scales = (absmax / FP8_MAX).clamp(min=MIN_SCALING_FACTOR)
-    x_quant = (x_grouped / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(-1, hidden)
-    return x_quant, scales.reshape(y.shape[:-1] + (num_groups,))
-
-
-def deepseek_act_quant(x, w, block_size=128):
-    """DeepSeek-V3 inference/kernel.py, act_quant_kernel as torch: per block of 128,
-    amax clamped to 1e-4, s = amax / 448, y = x / s cast to FP8 (no clamp)."""
-    y = cn.rms_norm(x, w, 1e-6)
-    g = y.float().view(*y.shape[:-1], y.shape[-1] // block_size, block_size)
-    amax = g.abs().amax(-1).clamp(min=1e-4)
-    s = amax / 448.0
-    return (g / s.unsqueeze(-1)).to(FP8).view(y.shape), s
-
-
-def deepseek_act_quant_no_clamp(x, w, block_size=128):
-    """DeepSeek-V3 inference/kernel.py's first act_quant (no clamp of amax)."""
-    y = cn.rms_norm(x, w, 1e-6)
-    g = y.float().view(*y.shape[:-1], y.shape[-1] // block_size, block_size)
-    s = g.abs().amax(-1) / 448.0
-    return (g / s.unsqueeze(-1)).to(FP8).view(y.shape), s
-
-
-def torchao_inference_row(x, w):
-    """torchao quant_primitives._choose_scale_float8 + _quantize_affine_float8 (per row, no
-    bounds): the scale computed in the activation's dtype."""
-    y = cn.rms_norm(x, w, 1e-6)
-    scale = (y.abs().amax(dim=-1, keepdim=True) / FP8_MAX).to(torch.float32)
-    return (y.to(torch.float32) / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def torchao_training_row(x, w):
-    """torchao float8_utils.tensor_to_scale (axiswise, dim -1) -> amax_to_scale (float64,
-    EPS 1e-12) and hp_tensor_and_scale_to_float8 (multiply, to_fp8_saturated)."""
-    y = cn.rms_norm(x, w, 1e-6)
-    amax = torch.amax(torch.abs(y), dim=-1, keepdim=True).to(torch.float64)
-    scale = (FP8_MAX / torch.clamp(amax, min=1e-12)).to(torch.float32)
-    return (y.to(torch.float32) * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+def after_norm(form):
+    def fn(x, w):
+        return form(cn.rms_norm(x, w, 1e-6))
+    fn.__name__ = form.__name__
+    return fn
 
 
 def fp32_inverse(x, w):
@@ -88,15 +41,7 @@ def fp32_inverse(x, w):
     return (y.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-FORMS = [  # (form, fused op, expected scheme arguments)
-    (vllm_per_token, "rms_norm_fp8_dynamic", dict(scale_form="multiply")),
-    (vllm_per_token_group, "rms_norm_fp8_group", dict(group_size=128)),
-    (deepseek_act_quant, "rms_norm_fp8_group", dict(min_scale=1e-4, clamp_amax=True)),
-    (deepseek_act_quant_no_clamp, "rms_norm_fp8_group", dict(min_scale=None)),
-    (torchao_inference_row, "rms_norm_fp8_dynamic", dict(min_scale=None, scale_in_x_dtype=True)),
-    (torchao_training_row, "rms_norm_fp8_dynamic",
-     dict(min_scale=1e-12, clamp_amax=True, scale_form="inverse")),
-]
+FORMS = [(after_norm(form), op, args) for form, op, args in quant_forms.FORMS]
 
 
 def _close_q(got, want):
@@ -111,7 +56,7 @@ def _close_q(got, want):
 @pytest.mark.parametrize("dtype, shape", [(torch.bfloat16, (5, 256)), (torch.float16, (2, 3, 384)),
                                           (torch.float32, (4, 640))])
 def test_library_form_fuses_bit_for_bit(form, fused_op, expected, dtype, shape):
-    if form is vllm_per_token_group and len(shape) == 3:
+    if form.__name__ == "vllm_per_token_group" and len(shape) == 3:
         shape = (6, shape[-1])  # vLLM flattens the tokens before its group view
     x, w = torch.randn(shape, dtype=dtype), torch.randn(shape[-1], dtype=dtype)
     x[0] = 0.0  # an all-zero token: the minimum (or its absence) decides its scale
@@ -150,3 +95,13 @@ def test_inverse_scale_float32_equals_torchaos_float64():
         wide = (FP8_MAX * torch.reciprocal(values.double())).float()
         narrow = torch.tensor(FP8_MAX) / values
         assert torch.equal(wide.view(torch.int32), narrow.view(torch.int32))
+
+
+def test_benchmark_dry_run_fuses_every_form(tmp_path):
+    # benchmarks/quant_forms.py on the CPU: the Hugging Face norm + each form, both compiles
+    assert quant_forms.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "quant_forms.json").read_text())
+    ours = [r for r in rows if r["candidate"] == "compile_norm"]
+    assert len(ours) == len(quant_forms.FORMS)
+    assert all(r["fusion"].get("quant_matched") == 1 for r in ours), ours
+    assert all(not r["fusion"] for r in rows if r["candidate"] == "stock compile")
