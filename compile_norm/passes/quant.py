@@ -7,21 +7,23 @@ Two kinds of site:
 2. Hand-written quantization of ``y`` as it appears in post-grad graphs (``y.float()`` is
    ``prims.convert_element_type``; ``clamp`` is ``clamp_min`` + ``clamp_max`` or ``clamp``):
    - FP8 static: ``(y.float() / scale).clamp(-448, 448).to(float8_e4m3fn)``;
-   - FP8 dynamic per token: ``s = (|y|.amax(-1, keepdim) / 448).clamp(min=1/(448*512))``,
-     ``q = (y.float() / s).clamp(-448, 448).to(float8_e4m3fn)``;
    - INT8 static: ``(y.float() / scale).round() [+ azp]).clamp(-128, 127).to(int8)``;
    - INT8 dynamic per token: ``s = (amax / 127).clamp(min=1e-10)``,
      ``q = (y.float() / s).round().clamp(-128, 127).to(int8)``;
-   - FP8 per group (any group size g dividing H, e.g. 128 or 64): ``g = y.float().view(..., H/g, g)``,
-     ``s = (|g|.amax(-1, keepdim) / 448).clamp(min=1/(448*512))``,
-     ``q = (g / s).clamp(-448, 448).to(float8_e4m3fn).view(y.shape)``; the user's ``s``
-     (``[..., H/g, 1]``) becomes a view of the op's row-major ``[..., H/g]`` scales. Also the
-     DeepSeek/vLLM reference spelling ``s = (|g|.amax(-1) / 448).clamp(...)`` (no keepdim,
-     ``s`` is ``[..., H/g]``) with ``g / s.unsqueeze(-1)`` (or ``s[..., None]``, or a view to
-     ``[..., H/g, 1]``): that ``s`` is the op's scales as they are.
+   - FP8 dynamic, per token or per group (``g = y.view(..., H/g, g)``, any g dividing H):
+     ``q = [clamp(-448, 448)](z / s or z * r).to(float8_e4m3fn)`` [viewed back], with the scale
+     read by ``fp8_scale.read_scale``: the spellings of vLLM, DeepSeek-V3 and torchao (its
+     minimum, where it clamps, ``y / s``, ``y * reciprocal(s)``, torchao's float64 inverse,
+     a scale in x's dtype) become the scheme's arguments; the user's scale (``[..., 1]``,
+     ``[..., H/g, 1]`` or ``[..., H/g]``) becomes a view of the op's. The cast may omit the
+     clamp: a dynamic scale without ``scale_ub`` bounds the quotient by 448 (1 + 2**-8),
+     which the cast rounds to 448 as the clamp would.
    The constants (448, 127, the clamp bounds, the minimum scale) are matched as arguments and
-   compared with the op's contract; anything else is refused with a reason. Multiplying by a
-   reciprocal scale is refused: ``y * (1 / s)`` is not bit-identical to ``y / s``.
+   compared with the op's contract; anything else is refused with a reason. A static FP8
+   scale applied as ``y * (1 / s)`` is refused: it is not bit-identical to ``y / s``.
+
+Identical quantization chains of one norm output are merged first (torchao quantizes an
+activation once per linear that reads it).
 
 Guard: every user of the norm output ``y`` must be inside the matched quantization; a norm
 whose output is also used elsewhere is left unfused (the fused ops do not return ``y``).
