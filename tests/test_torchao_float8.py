@@ -62,6 +62,19 @@ def compile_logits(model, ids, grad=False):
     return out, dict(counters["compile_norm"]), ops
 
 
+def run_quantized(monkeypatch, quantize):
+    """Compile the quantized tiny Llama without gradients; its logits must be eager's (FP8
+    codes within one step: Inductor's norm keeps float32 where eager rounds). Returns the
+    counters and the ops after the quant pass."""
+    model = tiny_llama(monkeypatch, quantize)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = model(input_ids=ids, use_cache=False).logits
+    out, counts, ops = compile_logits(model, ids)
+    torch.testing.assert_close(out.float(), eager.float(), atol=0.1, rtol=0.05)
+    return counts, ops
+
+
 def inference(granularity):
     return lambda layer: quantize_(layer, Float8DynamicActivationFloat8WeightConfig(
         granularity=granularity))
@@ -79,30 +92,19 @@ FUSED = {"compile_norm.rms_norm_fp8_dynamic.default",
 @pytest.mark.parametrize("quantize", [inference(PerRow()), training("rowwise")],
                          ids=["inference_per_row", "training_rowwise"])
 def test_activation_quantization_after_each_norm_fuses(monkeypatch, quantize):
-    model = tiny_llama(monkeypatch, quantize)
-    ids = torch.randint(0, TINY["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        eager = model(input_ids=ids, use_cache=False).logits
-    out, counts, ops = compile_logits(model, ids)
+    counts, ops = run_quantized(monkeypatch, quantize)
     assert counts["quant_matched"] == 2 * LAYERS, counts  # input and post-attention norms
     assert counts.get("quant_unmatched", 0) == 0, counts
     assert FUSED <= ops, ops
     # the final add + norm feeds the unquantized head (o_proj / down_proj inputs, not norm
     # outputs, keep their own quantization)
     assert "compile_norm.fused_add_rms_norm.default" in ops
-    # codes within one FP8 step of eager's (Inductor's norm keeps float32): the logits agree
-    torch.testing.assert_close(out.float(), eager.float(), atol=0.1, rtol=0.05)
 
 
 @pytest.mark.parametrize("quantize", [inference(PerTensor()), training("tensorwise")],
                          ids=["inference_per_tensor", "training_tensorwise"])
 def test_per_tensor_activation_quantization_stays_with_a_reason(monkeypatch, quantize):
-    model = tiny_llama(monkeypatch, quantize)
-    ids = torch.randint(0, TINY["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        eager = model(input_ids=ids, use_cache=False).logits
-    out, counts, ops = compile_logits(model, ids)
+    counts, ops = run_quantized(monkeypatch, quantize)
     assert counts.get("quant_matched", 0) == 0, counts
     assert any(k.startswith("quant_unmatched: a dynamic per-tensor scale") for k in counts), counts
     assert not ops & FUSED
-    torch.testing.assert_close(out.float(), eager.float(), atol=0.1, rtol=0.05)
