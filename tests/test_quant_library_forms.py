@@ -53,8 +53,7 @@ def _close_q(got, want):
 
 
 @pytest.mark.parametrize("form, fused_op, expected", FORMS, ids=[f[0].__name__ for f in FORMS])
-@pytest.mark.parametrize("dtype, shape", [(torch.bfloat16, (5, 256)), (torch.float16, (2, 3, 384)),
-                                          (torch.float32, (4, 640))])
+@pytest.mark.parametrize("dtype, shape", [(torch.bfloat16, (5, 256)), (torch.float16, (2, 3, 384))])
 def test_library_form_fuses_bit_for_bit(form, fused_op, expected, dtype, shape):
     if form.__name__ == "vllm_per_token_group" and len(shape) == 3:
         shape = (6, shape[-1])  # vLLM flattens the tokens before its group view
