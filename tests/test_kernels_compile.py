@@ -11,6 +11,7 @@ spills.)
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import pytest
@@ -24,7 +25,7 @@ from compile_norm.kernels import triton_ops as O  # noqa: E402
 
 
 def _compile(mode, hidden, *, group=0, xdt="bf16", wdt="bf16", res=True, norm=True, store=False,
-             aux=False, ue=False, woff=False):
+             aux=False, ue=False, woff=False, scale=None):
     from triton.backends.compiler import GPUTarget
 
     cfg = O.launch_config(hidden, group if mode == 3 else 0)
@@ -40,6 +41,12 @@ def _compile(mode, hidden, *, group=0, xdt="bf16", wdt="bf16", res=True, norm=Tr
                  W_OFFSET=woff, HAS_VSIZE=False, STORE_OUT=store, QUANT=mode, HAS_AUX=aux,
                  UE8M0=ue, PRECISE=True, SCALAR_RECIP=True, FP8_RECIP=O._FP8_RECIP,
                  INT8_RECIP=O._INT8_RECIP, U8_RECIP=O._U8_RECIP)
+    # dynamic FP8 scale arithmetic (quant.fp8_kernel_scale's fields), else the defaults
+    names = ("SCALE_FORM", "MIN_AT", "MIN_VALUE", "INV_MIN", "SCALE_X_DT")
+    const.update(zip(names, scale or ()))
+    for name, p in inspect.signature(K.norm_quant_kernel.fn).parameters.items():
+        if p.default is not inspect.Parameter.empty:
+            const.setdefault(name, p.default)
     sig.update({k: "constexpr" for k in const})
     names = K.norm_quant_kernel.arg_names
     aligned = [n for n in names if n.endswith("_ptr")] + ["H", "stride_x", "stride_r"]
@@ -59,6 +66,11 @@ VARIANTS = {
     "int8_static_azp": dict(mode=4, hidden=4096, aux=True),
     "int8_dynamic_qk": dict(mode=5, hidden=128),
     "int8_asym_fp16": dict(mode=6, hidden=4096, xdt="fp16", wdt="fp16"),
+    # torchao's rowwise training form: float64 inverse clamped at 1e-12, power of two
+    "add_fp8_inverse_pow2": dict(mode=2, hidden=4096, scale=(3, 2, 1e-12, 4.48e14, False)),
+    # vLLM's native form (multiply by reciprocal(scale)); torchao inference (bf16 scale)
+    "fp8_dynamic_multiply": dict(mode=2, hidden=5376, res=False, scale=(1, 1, 2.2e-6, 0.0, False)),
+    "fp8_group_x_dtype_scale": dict(mode=3, hidden=7168, group=128, scale=(0, 0, 0.0, 0.0, True)),
 }
 
 
@@ -73,7 +85,7 @@ def test_compiles_for_sm90(name):
         raise
     ptx = ck.asm["ptx"]
     assert re.search(r"ld\.global\.L1::evict_first[^ ]*\.v[24]", ptx), "x is not loaded as vectors"
-    if kw["mode"] in (2, 5, 6):
+    if kw["mode"] in (2, 5, 6) and not kw.get("scale"):
         # one correctly rounded reciprocal per row, then a * (1/b) plus an fma correction
         # per element instead of a division each (static scales keep a div.rn branch for
         # scales outside the normal range; per-group FP8 divides once per group)

@@ -91,8 +91,10 @@ def test_positional_scheme_arguments():
         op("rms_norm_int8_static")(x, w, EPS, scale=s, azp=azp, weight_offset=1.0, variance_size=64),
     )
     assert_bitwise_equal(
-        op("fused_add_rms_norm_fp8_group")(x, r, w, EPS, 64, True, True, 1.0),
+        op("fused_add_rms_norm_fp8_group")(x, r, w, EPS, 64, True, True, 0.02, True, "multiply",
+                                           True, 1.0),
         op("fused_add_rms_norm_fp8_group")(
-            x, r, w, EPS, group_size=64, column_major_scales=True, use_ue8m0=True, weight_offset=1.0
+            x, r, w, EPS, group_size=64, column_major_scales=True, use_ue8m0=True, min_scale=0.02,
+            clamp_amax=True, scale_form="multiply", scale_in_x_dtype=True, weight_offset=1.0
         ),
     )

@@ -164,9 +164,9 @@ def groups_used_elsewhere(x, r, w, g, form):
 
 
 NEGATIVE = [
-    (amax_over_group_index, 64, "group amax is not over the group dim"),
+    (amax_over_group_index, 64, "amax is not over the last dim"),
     (unsqueeze_wrong_dim, 16, "group scale does not divide its group as [..., H/g, 1]"),
-    (groups_used_elsewhere, 64, "an intermediate of the group quantization has other users"),
+    (groups_used_elsewhere, 64, "an intermediate of the quantization has other users"),
 ]
 
 

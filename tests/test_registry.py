@@ -175,9 +175,10 @@ def test_supports_sees_normalized_arguments(fake):
 
 def test_fused_op_provider_choice(fake):
     # A kernel that only does 128-wide groups with row-major scales, told apart by position:
-    # (x, weight, eps, group_size, column_major_scales, use_ue8m0, weight_offset, variance_size).
+    # (x, weight, eps, group_size, column_major_scales, use_ue8m0, <scale arithmetic>,
+    # weight_offset, variance_size).
     op = "rms_norm_fp8_group"
-    fake.add("k", op=op, supports=lambda x, w, eps, g, col, ue8m0, off, vs: g == 128 and not col)
+    fake.add("k", op=op, supports=lambda x, w, eps, g, col, ue8m0, *rest: g == 128 and not col)
     x, w = randn(2, 256), randn(256)
     for kwargs, name in (
         ({}, "k"),

@@ -407,6 +407,7 @@ def default_cases(
                 dict(shape=(tokens, h), offset=1.0, dtype=torch.float16),
                 dict(shape=(tokens, h), weight="none"),
                 dict(shape=(tokens, h), weight="float32"),  # mixed weight dtype
+                dict(shape=(tokens, h), offset=1.0, weight="float32"),  # Gemma: bf16 x, fp32 w
                 dict(shape=(tokens, h), dtype=torch.float32, weight="bfloat16"),
                 dict(shape=(tokens, h), variance_size=h // 2),
             ]

@@ -346,16 +346,50 @@ def _merge(a1, a2, b1, b2, QUANT: tl.constexpr):
 
 
 @triton.jit
+def _fp8_scale(amax, X_DT: tl.constexpr, SCALE_FORM: tl.constexpr, MIN_AT: tl.constexpr,
+               MIN_VALUE: tl.constexpr, INV_MIN: tl.constexpr, SCALE_X_DT: tl.constexpr,
+               PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr, FP8_RECIP: tl.constexpr):
+    """The dynamic FP8 scale of ``amax`` (quant.fp8_dynamic_scale; "inverse": 448 / amax).
+
+    MIN_AT 0: no minimum, 1: on the scale, 2: on amax. "inverse" (SCALE_FORM 2; 3: rounded
+    down to a power of two) is the float32 quotient (equal to the reference's float64 one,
+    see quant.fp8_kernel_scale) and its float64 clamp is ``amax < MIN_VALUE -> INV_MIN``;
+    NaN stays NaN (the compare is false).
+    """
+    if SCALE_FORM >= 2:
+        scale = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
+        if MIN_AT != 0:
+            scale = tl.where(amax < MIN_VALUE, INV_MIN, scale)
+        if SCALE_FORM == 3:  # the reference's exp2(floor(log2(r)))
+            if PRECISE:
+                scale = libdevice.exp2(libdevice.floor(libdevice.log2(scale)))
+            else:
+                scale = tl.math.exp2(tl.math.floor(tl.math.log2(scale)))
+    else:
+        if MIN_AT == 2:
+            amax = tl.maximum(amax, MIN_VALUE, propagate_nan=tl.PropagateNan.ALL)
+        scale = _div_scalar(amax, 448.0, FP8_RECIP, SCALAR_RECIP)
+        if SCALE_X_DT:
+            scale = _round_to(scale, X_DT, PRECISE)
+        if MIN_AT == 1:
+            scale = tl.maximum(scale, MIN_VALUE, propagate_nan=tl.PropagateNan.ALL)
+    return scale
+
+
+@triton.jit
 def _dyn_scale(s1, s2, aux_in_ptr, QUANT: tl.constexpr, HAS_AUX: tl.constexpr,
                UE8M0: tl.constexpr, PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr,
-               FP8_RECIP: tl.constexpr, INT8_RECIP: tl.constexpr, U8_RECIP: tl.constexpr):
-    """(scale, 1 / scale, azp) from the statistics of a dynamic mode."""
+               FP8_RECIP: tl.constexpr, INT8_RECIP: tl.constexpr, U8_RECIP: tl.constexpr,
+               X_DT: tl.constexpr, SCALE_FORM: tl.constexpr, MIN_AT: tl.constexpr,
+               MIN_VALUE: tl.constexpr, INV_MIN: tl.constexpr, SCALE_X_DT: tl.constexpr):
+    """(scale, what ``_quantize`` takes with it, azp) from the statistics of a dynamic mode:
+    ``1 / scale``, or for FP8 "inverse" the stored inverse scale itself."""
     if QUANT == 2 or QUANT == 3:
         amax = s1
         if HAS_AUX:
             amax = tl.minimum(amax, tl.load(aux_in_ptr), propagate_nan=tl.PropagateNan.ALL)
-        scale = _div_scalar(amax, 448.0, FP8_RECIP, SCALAR_RECIP)
-        scale = tl.maximum(scale, 1.0 / (448.0 * 512.0), propagate_nan=tl.PropagateNan.ALL)
+        scale = _fp8_scale(amax, X_DT, SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT,
+                           PRECISE, SCALAR_RECIP, FP8_RECIP)
         if UE8M0:
             if PRECISE:
                 scale = libdevice.exp2(libdevice.ceil(libdevice.log2(scale)))
@@ -371,19 +405,27 @@ def _dyn_scale(s1, s2, aux_in_ptr, QUANT: tl.constexpr, HAS_AUX: tl.constexpr,
         scale = tl.maximum(scale, 1e-10, propagate_nan=tl.PropagateNan.ALL)
         azp = _rint(-128.0 - tl.math.div_rn(s2, scale), PRECISE)
         azp = tl.where(azp != azp, 0.0, azp)
-    return scale, _recip(scale), azp
+    if SCALE_FORM >= 2:
+        rscale = scale
+    else:
+        rscale = _recip(scale)
+    return scale, rscale, azp
 
 
 @triton.jit
 def _quantize(v, mask, q_ptr, rows64, cols, H, scale, rscale, azp, aux_in_ptr,
               QUANT: tl.constexpr, HAS_AUX: tl.constexpr, PRECISE: tl.constexpr,
-              FAST: tl.constexpr):
-    """Quantize one tile and store it. ``scale`` / ``rscale`` / ``azp`` broadcast to v."""
+              FAST: tl.constexpr, SCALE_FORM: tl.constexpr):
+    """Quantize one tile and store it. ``scale`` / ``rscale`` / ``azp`` broadcast to v.
+    FP8 SCALE_FORM 1 / 2 multiply by ``rscale`` (``reciprocal(scale)`` / the inverse scale)."""
     qoffs = q_ptr + rows64[:, None, None] * H + cols[None, :, :]
     # Dynamic scales bound the quotient, except with scale_ub (fp8 dynamic) or an
     # asymmetric range (int8 asym: min and max far from 0): those keep the per-element guard.
     GUARD: tl.constexpr = QUANT == 1 or QUANT == 4 or QUANT == 6 or HAS_AUX
-    t = _fast_div(v, scale, rscale, FAST, GUARD, QUANT <= 3)
+    if SCALE_FORM != 0:
+        t = v * rscale
+    else:
+        t = _fast_div(v, scale, rscale, FAST, GUARD, QUANT <= 3)
     if QUANT <= 3:  # fp8
         q = _sat_fp8(t, PRECISE)
     elif PRECISE and (QUANT == 5 or (QUANT == 4 and not HAS_AUX)):
@@ -406,16 +448,19 @@ def _quantize(v, mask, q_ptr, rows64, cols, H, scale, rscale, azp, aux_in_ptr,
 def _group_tile(v, mask, rmask, rows64, gidx, cols, C0: tl.constexpr, G: tl.constexpr, H,
                 q_ptr, s_ptr, aux_in_ptr, stride_st, stride_sg,
                 UE8M0: tl.constexpr, PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr,
-                FP8_RECIP: tl.constexpr):
+                FP8_RECIP: tl.constexpr, X_DT: tl.constexpr, SCALE_FORM: tl.constexpr,
+                MIN_AT: tl.constexpr, MIN_VALUE: tl.constexpr, INV_MIN: tl.constexpr,
+                SCALE_X_DT: tl.constexpr):
     """Per-group FP8 of one tile: its groups' scales are its own."""
     s1, s2 = _stats(v, mask, 3, PRECISE)
     scale, rscale, azp = _dyn_scale(s1, s2, aux_in_ptr, 3, False, UE8M0, PRECISE, SCALAR_RECIP,
-                                    FP8_RECIP, 1.0, 1.0)
+                                    FP8_RECIP, 1.0, 1.0, X_DT, SCALE_FORM, MIN_AT, MIN_VALUE,
+                                    INV_MIN, SCALE_X_DT)
     g = C0 // G + gidx
     smask = rmask[:, None] & (g * G < H)[None, :]
     tl.store(s_ptr + rows64[:, None] * stride_st + g[None, :] * stride_sg, scale, mask=smask)
     _quantize(v, mask, q_ptr, rows64, cols, H, scale[:, :, None], rscale[:, :, None], azp,
-              aux_in_ptr, 3, False, PRECISE, PRECISE)
+              aux_in_ptr, 3, False, PRECISE, PRECISE, SCALE_FORM)
 
 
 @triton.jit
@@ -476,7 +521,9 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
              QUANT: tl.constexpr, HAS_AUX: tl.constexpr, UE8M0: tl.constexpr,
              PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr, FP8_RECIP: tl.constexpr,
              INT8_RECIP: tl.constexpr, U8_RECIP: tl.constexpr, EVEN_ROWS: tl.constexpr,
-             EVEN_COLS: tl.constexpr, MX_SCALE: tl.constexpr):
+             EVEN_COLS: tl.constexpr, MX_SCALE: tl.constexpr, SCALE_FORM: tl.constexpr,
+             MIN_AT: tl.constexpr, MIN_VALUE: tl.constexpr, INV_MIN: tl.constexpr,
+             SCALE_X_DT: tl.constexpr):
     """Everything after the loads for one block of rows, given its raw tiles
     (``_load_rows``): residual add -> norm -> weight -> quantize, and every store."""
     rmask = _row_mask(rows, T, EVEN_ROWS)
@@ -524,31 +571,34 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
         if fast:
             rs = _recip(s)
             _quantize(v0, m0, q_ptr, rows64, cols0, H, s, rs, s, aux_in_ptr, QUANT, HAS_AUX,
-                      PRECISE, PRECISE)
+                      PRECISE, PRECISE, 0)
             if NG1 > 0:
                 _quantize(v1, m1, q_ptr, rows64, cols1, H, s, rs, s, aux_in_ptr, QUANT, HAS_AUX,
-                          PRECISE, PRECISE)
+                          PRECISE, PRECISE, 0)
             if NG2 > 0:
                 _quantize(v2, m2, q_ptr, rows64, cols2, H, s, rs, s, aux_in_ptr, QUANT, HAS_AUX,
-                          PRECISE, PRECISE)
+                          PRECISE, PRECISE, 0)
         else:
             _quantize(v0, m0, q_ptr, rows64, cols0, H, s, s, s, aux_in_ptr, QUANT, HAS_AUX,
-                      PRECISE, False)
+                      PRECISE, False, 0)
             if NG1 > 0:
                 _quantize(v1, m1, q_ptr, rows64, cols1, H, s, s, s, aux_in_ptr, QUANT, HAS_AUX,
-                          PRECISE, False)
+                          PRECISE, False, 0)
             if NG2 > 0:
                 _quantize(v2, m2, q_ptr, rows64, cols2, H, s, s, s, aux_in_ptr, QUANT, HAS_AUX,
-                          PRECISE, False)
+                          PRECISE, False, 0)
     elif QUANT == 3:  # fp8 per group: groups never straddle tiles
         _group_tile(v0, m0, rmask, rows64, gi0, cols0, 0, G0, H, q_ptr, s_ptr, aux_in_ptr,
-                    stride_st, stride_sg, UE8M0, PRECISE, SCALAR_RECIP, FP8_RECIP)
+                    stride_st, stride_sg, UE8M0, PRECISE, SCALAR_RECIP, FP8_RECIP, X_DT,
+                    SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)
         if NG1 > 0:
             _group_tile(v1, m1, rmask, rows64, gi1, cols1, C1, G1, H, q_ptr, s_ptr, aux_in_ptr,
-                        stride_st, stride_sg, UE8M0, PRECISE, SCALAR_RECIP, FP8_RECIP)
+                        stride_st, stride_sg, UE8M0, PRECISE, SCALAR_RECIP, FP8_RECIP, X_DT,
+                    SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)
         if NG2 > 0:
             _group_tile(v2, m2, rmask, rows64, gi2, cols2, C2, G2, H, q_ptr, s_ptr, aux_in_ptr,
-                        stride_st, stride_sg, UE8M0, PRECISE, SCALAR_RECIP, FP8_RECIP)
+                        stride_st, stride_sg, UE8M0, PRECISE, SCALAR_RECIP, FP8_RECIP, X_DT,
+                    SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)
     elif QUANT == 7:  # MXFP8: blocks never straddle tiles
         _mx_tile(v0, m0, rmask, rows64, gi0, cols0, 0, G0, H, q_ptr, s_ptr, stride_st,
                  stride_sg, MX_SCALE, PRECISE, SCALAR_RECIP, FP8_RECIP)
@@ -567,7 +617,8 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
             t1, t2 = _stats(v2, m2, QUANT, PRECISE)
             s1, s2 = _merge(s1, s2, t1, t2, QUANT)
         scale, rscale, azp = _dyn_scale(s1, s2, aux_in_ptr, QUANT, HAS_AUX, UE8M0, PRECISE,
-                                        SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP)
+                                        SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, X_DT,
+                                        SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)
         smask = rmask[:, None]  # [BLOCK_M, 1]
         soffs = rows64[:, None] * stride_st
         tl.store(s_ptr + soffs, scale, mask=smask)
@@ -575,13 +626,13 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
             tl.store(azp_ptr + soffs, azp.to(tl.int32), mask=smask)
         scale, rscale, azp = scale[:, :, None], rscale[:, :, None], azp[:, :, None]
         _quantize(v0, m0, q_ptr, rows64, cols0, H, scale, rscale, azp, aux_in_ptr, QUANT,
-                  HAS_AUX, PRECISE, PRECISE)
+                  HAS_AUX, PRECISE, PRECISE, SCALE_FORM)
         if NG1 > 0:
             _quantize(v1, m1, q_ptr, rows64, cols1, H, scale, rscale, azp, aux_in_ptr, QUANT,
-                      HAS_AUX, PRECISE, PRECISE)
+                      HAS_AUX, PRECISE, PRECISE, SCALE_FORM)
         if NG2 > 0:
             _quantize(v2, m2, q_ptr, rows64, cols2, H, scale, rscale, azp, aux_in_ptr, QUANT,
-                      HAS_AUX, PRECISE, PRECISE)
+                      HAS_AUX, PRECISE, PRECISE, SCALE_FORM)
 
 
 @triton.jit(do_not_specialize=["T", "stride_st", "stride_sg"])
@@ -608,6 +659,10 @@ def norm_quant_kernel(
     EVEN_ROWS: tl.constexpr = False,  # every row block full (T % BLOCK_M == 0; not PERSISTENT)
     EVEN_COLS: tl.constexpr = False,  # the column tiles cover exactly H
     MX_SCALE: tl.constexpr = 0,  # MXFP8: the scale mode (schemes/mxfp8.SCALING_MODES)
+    # dynamic FP8 scale arithmetic (ops/quant.py fp8_kernel_scale; KernelQuant's fields)
+    SCALE_FORM: tl.constexpr = 0, MIN_AT: tl.constexpr = 1,
+    MIN_VALUE: tl.constexpr = 1.0 / (448.0 * 512.0), INV_MIN: tl.constexpr = 0.0,
+    SCALE_X_DT: tl.constexpr = False,
 ):
     # Inductor passes Python floats as fp64 (eager Triton: fp32): fp64 would make rstd and
     # every product with it fp64 (slower, and not the reference's fp32 arithmetic). tl.cast,
@@ -637,7 +692,7 @@ def norm_quant_kernel(
                      stride_sg, eps, offset, V, NG0, G0, NG1, G1, NG2, G2, HAS_RES, DO_NORM,
                      HAS_WEIGHT, W_OFFSET, HAS_VSIZE, STORE_OUT, QUANT, HAS_AUX, UE8M0,
                      PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, EVEN_ROWS,
-                     EVEN_COLS, MX_SCALE)
+                     EVEN_COLS, MX_SCALE, SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)
             x0, r0, x1, r1, x2, r2 = n0, nr0, n1, nr1, n2, nr2
             blk += nprog
     else:
@@ -646,4 +701,4 @@ def norm_quant_kernel(
                  stride_sg, eps, offset, V, NG0, G0, NG1, G1, NG2, G2, HAS_RES, DO_NORM,
                  HAS_WEIGHT, W_OFFSET, HAS_VSIZE, STORE_OUT, QUANT, HAS_AUX, UE8M0,
                  PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, EVEN_ROWS,
-                 EVEN_COLS, MX_SCALE)
+                 EVEN_COLS, MX_SCALE, SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)

@@ -320,6 +320,7 @@ def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
 
 _NUM_RUNTIME_ARGS = 20  # norm_quant_kernel's arguments before the constexprs
 _NO_QUANT = KernelQuant()
+_SCALE_FIELDS = KernelQuant._fields.index("scale_form")  # KernelQuant[_SCALE_FIELDS:]: the scale arithmetic
 
 
 class Launch(NamedTuple):
@@ -355,8 +356,8 @@ def kernel_quant(spec: OpSpec, x: Any, qargs: tuple) -> KernelQuant | None:
 
 @functools.lru_cache(maxsize=4096)
 def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight: bool,
-                w_offset: bool, vsize: bool, has_aux: bool, ue8m0: bool, full_blocks: bool,
-                mx_scale: int = 0):
+                w_offset: bool, vsize: bool, has_aux: bool, ue8m0: bool, scale_args: tuple,
+                full_blocks: bool, mx_scale: int = 0):
     """The kernel's constexprs for one op, launch config and argument configuration (cached:
     the eager hot path computes them once per configuration)."""
     spec = registry.spec(name)
@@ -373,6 +374,7 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
         store_out, mode, has_aux, ue8m0,
         not INTERPRET, not INTERPRET, _FP8_RECIP, _INT8_RECIP, _U8_RECIP,
         persistent, even_rows, even_cols, mx_scale,
+        *scale_args,  # SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT
     )
 
 
@@ -406,7 +408,7 @@ def prepare(spec: OpSpec, args: tuple) -> Launch:
     cfg = _CONFIG_OVERRIDE.get() or launch_config(hidden, kq.group)
     consts = _constexprs(
         spec.name, cfg, hidden, mode, weight is not None, call.weight_offset != 0.0,
-        vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0,
+        vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0, kq[_SCALE_FIELDS:],
         isinstance(tokens, int) and tokens % cfg.block_m == 0, kq.mx_scale,
     )
     if kq.group:

@@ -44,13 +44,19 @@ def _tensor_scale(row_scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return row_scales.amax()
 
 
+def _per_row(first, call):
+    """Pass 1's arguments: the norm's, and the per-token scheme's defaults (no scale_ub, the
+    minimum scale the per-tensor reference takes)."""
+    return first.join(call._replace(qargs=first.split(first.defaults).qargs))
+
+
 def run(name: str, args: tuple) -> Any:
     """``name`` (a ``*_fp8_dynamic_tensor`` op) on positional ``args``: two kernel launches."""
     first, second = (registry.spec(n) for n in PASSES[name])
     spec = registry.spec(name)
     call = spec.split(args)
     # pass 1: per-row scales (the fp8_dynamic launch; scale_ub None)
-    out1 = T.run(first, first.join(call._replace(qargs=(None,))))
+    out1 = T.run(first, _per_row(first, call))
     scale = _tensor_scale(out1[1], call.x)
     if spec.residual:  # pass 2 normalizes residual_out, which pass 1 wrote
         h = out1[2]
@@ -63,7 +69,7 @@ def run(name: str, args: tuple) -> Any:
 def accepts(name: str, args: tuple) -> bool:
     """Whether both launches take these arguments (the pass-1 kernel decides)."""
     spec, first = registry.spec(name), registry.spec(PASSES[name][0])
-    return T.accepts(first, first.join(spec.split(args)._replace(qargs=(None,))))
+    return T.accepts(first, _per_row(first, spec.split(args)))
 
 
 def _functions(name: str) -> tuple:

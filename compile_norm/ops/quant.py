@@ -53,6 +53,86 @@ def saturate_int8(v: torch.Tensor) -> torch.Tensor:
     return v.clamp(INT8_MIN, INT8_MAX).to(torch.int8)
 
 
+# --- dynamic FP8 scales: how libraries compute them (arguments of the dynamic FP8 schemes) ---
+
+# scale_form: "divide" s = amax / 448, q = sat(y / s), returns s (vLLM's kernels, torchao
+# inference); "multiply" s = amax / 448, q = sat(y * reciprocal(s)), returns s (vLLM's native
+# quantizer); "inverse" r = 448 * reciprocal(amax) in float64 rounded to float32,
+# q = sat(y * r), returns r (torchao float8 training's scale).
+SCALE_FORMS = ("divide", "multiply", "inverse")
+
+
+def fp8_dynamic_scale(amax: torch.Tensor, x_dtype: torch.dtype, min_scale: float | None,
+                      clamp_amax: bool, scale_form: str, scale_in_x_dtype: bool) -> torch.Tensor:
+    """The scale (the inverse scale for "inverse") of the fp32 ``amax`` of values of ``x_dtype``.
+
+    ``min_scale`` (None: no minimum) clamps the scale after the division or, with
+    ``clamp_amax`` (always for "inverse"), ``amax`` before it. ``scale_in_x_dtype`` rounds
+    ``amax / 448`` to ``x_dtype`` (the division done in the activation's dtype)."""
+    if scale_form == "inverse":  # torchao's amax_to_scale: float64, then float32
+        a = amax.double()
+        if min_scale is not None:
+            a = a.clamp(min=min_scale)
+        return (FP8_MAX * torch.reciprocal(a)).float()
+    if min_scale is not None and clamp_amax:
+        amax = amax.clamp(min=min_scale)
+    scale = amax / FP8_MAX
+    if scale_in_x_dtype:
+        scale = scale.to(x_dtype).float()
+    if min_scale is not None and not clamp_amax:
+        scale = scale.clamp(min=min_scale)
+    return scale
+
+
+def fp8_apply_scale(y: torch.Tensor, scale: torch.Tensor, scale_form: str) -> torch.Tensor:
+    """``q`` of the float32 ``y`` for a scale from ``fp8_dynamic_scale`` (broadcast to y)."""
+    if scale_form == "divide":
+        return saturate_fp8(y / scale)
+    return saturate_fp8(y * (scale if scale_form == "inverse" else torch.reciprocal(scale)))
+
+
+def check_fp8_scale_args(op: str, min_scale: Any, clamp_amax: Any, scale_form: Any,
+                         scale_in_x_dtype: Any) -> None:
+    if min_scale is not None and not (isinstance(min_scale, (int, float))
+                                      and not isinstance(min_scale, bool) and min_scale > 0):
+        raise ValueError(f"compile_norm.{op}: min_scale must be a positive float or None, "
+                         f"got {min_scale!r}")
+    if scale_form not in SCALE_FORMS:
+        raise ValueError(f"compile_norm.{op}: scale_form must be one of {SCALE_FORMS}, "
+                         f"got {scale_form!r}")
+    if scale_form == "inverse" and min_scale is not None and not clamp_amax:
+        raise ValueError(f"compile_norm.{op}: scale_form='inverse' clamps amax: "
+                         f"pass clamp_amax=True with min_scale")
+    if scale_form == "inverse" and scale_in_x_dtype:
+        raise ValueError(f"compile_norm.{op}: scale_in_x_dtype applies to amax / 448, "
+                         f"not to scale_form='inverse'")
+
+
+def fp8_kernel_scale(min_scale: float | None, clamp_amax: bool, scale_form: str,
+                     scale_in_x_dtype: bool) -> dict:
+    """``KernelQuant`` fields of the scale arguments (the kernel's constexprs).
+
+    The kernel computes "inverse" in float32: ``448 / amax`` correctly rounded equals the
+    float64 ``448 * (1 / amax)`` rounded to float32 (a quotient of two floats is never
+    within 2**-49 of a float32 rounding boundary, the float64 error is below 2**-52). Its
+    float64 clamp becomes ``amax < min_at -> inv_min``, with ``min_at`` the least float32
+    >= min_scale (the amaxes below min_scale) and ``inv_min`` torchao's constant."""
+    form = SCALE_FORMS.index(scale_form)
+    if min_scale is None:
+        return dict(scale_form=form, min_at=0, min_value=0.0, inv_min=0.0,
+                    scale_in_x_dtype=scale_in_x_dtype)
+    if scale_form == "inverse":
+        at = torch.tensor(min_scale, dtype=torch.float64).float()
+        if at.double().item() < min_scale:
+            at = torch.nextafter(at, torch.tensor(float("inf")))
+        inv = torch.tensor(FP8_MAX * (1.0 / min_scale), dtype=torch.float64).float()
+        return dict(scale_form=form, min_at=2, min_value=at.item(), inv_min=inv.item(),
+                    scale_in_x_dtype=False)
+    value = torch.tensor(min_scale, dtype=torch.float32).item()  # as clamp rounds it
+    return dict(scale_form=form, min_at=2 if clamp_amax else 1, min_value=value, inv_min=0.0,
+                scale_in_x_dtype=scale_in_x_dtype)
+
+
 def row_scale_shape(x: torch.Tensor) -> tuple:
     return (*x.shape[:-1], 1)
 
@@ -90,6 +170,14 @@ class KernelQuant(NamedTuple):
     column_major: bool = False
     ue8m0: bool = False
     mx_scale: int = 0  # MXFP8: the kernel's scale mode (schemes/mxfp8.SCALING_MODES)
+    # dynamic FP8 scale arithmetic (fp8_kernel_scale): SCALE_FORMS index (3: "inverse"
+    # rounded down to a power of two); where the minimum
+    # applies (0 none, 1 the scale, 2 amax); its float32 value; "inverse": 448 / minimum
+    scale_form: int = 0
+    min_at: int = 1
+    min_value: float = FP8_MIN_SCALE
+    inv_min: float = 0.0
+    scale_in_x_dtype: bool = False
 
 
 @dataclass(frozen=True)

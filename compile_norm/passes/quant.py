@@ -7,21 +7,23 @@ Two kinds of site:
 2. Hand-written quantization of ``y`` as it appears in post-grad graphs (``y.float()`` is
    ``prims.convert_element_type``; ``clamp`` is ``clamp_min`` + ``clamp_max`` or ``clamp``):
    - FP8 static: ``(y.float() / scale).clamp(-448, 448).to(float8_e4m3fn)``;
-   - FP8 dynamic per token: ``s = (|y|.amax(-1, keepdim) / 448).clamp(min=1/(448*512))``,
-     ``q = (y.float() / s).clamp(-448, 448).to(float8_e4m3fn)``;
    - INT8 static: ``(y.float() / scale).round() [+ azp]).clamp(-128, 127).to(int8)``;
    - INT8 dynamic per token: ``s = (amax / 127).clamp(min=1e-10)``,
      ``q = (y.float() / s).round().clamp(-128, 127).to(int8)``;
-   - FP8 per group (any group size g dividing H, e.g. 128 or 64): ``g = y.float().view(..., H/g, g)``,
-     ``s = (|g|.amax(-1, keepdim) / 448).clamp(min=1/(448*512))``,
-     ``q = (g / s).clamp(-448, 448).to(float8_e4m3fn).view(y.shape)``; the user's ``s``
-     (``[..., H/g, 1]``) becomes a view of the op's row-major ``[..., H/g]`` scales. Also the
-     DeepSeek/vLLM reference spelling ``s = (|g|.amax(-1) / 448).clamp(...)`` (no keepdim,
-     ``s`` is ``[..., H/g]``) with ``g / s.unsqueeze(-1)`` (or ``s[..., None]``, or a view to
-     ``[..., H/g, 1]``): that ``s`` is the op's scales as they are.
+   - FP8 dynamic, per token or per group (``g = y.view(..., H/g, g)``, any g dividing H):
+     ``q = [clamp(-448, 448)](z / s or z * r).to(float8_e4m3fn)`` [viewed back], with the scale
+     read by ``fp8_scale.read_scale``: the spellings of vLLM, DeepSeek-V3 and torchao (its
+     minimum, where it clamps, ``y / s``, ``y * reciprocal(s)``, torchao's float64 inverse,
+     a scale in x's dtype) become the scheme's arguments; the user's scale (``[..., 1]``,
+     ``[..., H/g, 1]`` or ``[..., H/g]``) becomes a view of the op's. The cast may omit the
+     clamp: a dynamic scale without ``scale_ub`` bounds the quotient by 448 (1 + 2**-8),
+     which the cast rounds to 448 as the clamp would.
    The constants (448, 127, the clamp bounds, the minimum scale) are matched as arguments and
-   compared with the op's contract; anything else is refused with a reason. Multiplying by a
-   reciprocal scale is refused: ``y * (1 / s)`` is not bit-identical to ``y / s``.
+   compared with the op's contract; anything else is refused with a reason. A static FP8
+   scale applied as ``y * (1 / s)`` is refused: it is not bit-identical to ``y / s``.
+
+Identical quantization chains of one norm output are merged first (torchao quantizes an
+activation once per linear that reads it).
 
 Guard: every user of the norm output ``y`` must be inside the matched quantization; a norm
 whose output is also used elsewhere is left unfused (the fused ops do not return ``y``).
@@ -50,6 +52,7 @@ from ..ops import quant as Q
 from ..ops import registry
 from ..ops.quant import SCHEMES
 from ..ops.spec import Kind
+from . import fp8_scale
 from . import patterns as P
 from .base import PassResult
 from .pattern_pass import PatternPass
@@ -117,6 +120,53 @@ def _erase_unused(nodes: list) -> None:
                 changed = True
 
 
+# --- one quantization per norm output ---------------------------------------------------------
+
+# Value-only ops a hand-written quantization is made of (no mutation, no randomness).
+_PURE = frozenset({
+    prims.convert_element_type.default, aten.abs.default, aten.amax.default, aten.max.dim,
+    operator.getitem, aten.div.Tensor, aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor,
+    aten.clamp_min.default, aten.clamp_max.default, aten.clamp.default, aten.reciprocal.default,
+    aten.round.default, aten.view.default, aten.reshape.default, aten.unsqueeze.default,
+    aten.minimum.default, aten.exp2.default, aten.log2.default, aten.ceil.default,
+    aten.floor.default,
+})
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    return value
+
+
+def merge_repeated_quantizations(graph: torch.fx.Graph) -> int:
+    """Merge identical value-only nodes downstream of norm outputs; returns how many.
+
+    torchao quantizes an activation once per linear that reads it (a Llama block's q, k and
+    v projections: three identical amax / scale / cast chains of one norm output), which no
+    earlier pass merges; one chain with shared users is what fuses with the norm."""
+    downstream, seen, merged = set(), {}, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if P.op_name(node) in (P.NORM, P.ADD_NORM):
+            downstream.add(node)
+            continue
+        if node.target not in _PURE or not any(i in downstream for i in node.all_input_nodes):
+            continue
+        key = (node.target, _frozen(node.args), _frozen(node.kwargs))
+        first = seen.setdefault(key, node)
+        if first is node:
+            downstream.add(node)
+            continue
+        node.replace_all_uses_with(first)
+        graph.erase_node(node)
+        merged += 1
+    return merged
+
+
 # --- hand-written quantization: its patterns, and what the checks compare -------------------
 
 
@@ -157,6 +207,24 @@ def _static_patterns(kind: str) -> tuple:
             cores = [rounded, CallFunction(aten.add.Tensor, rounded, KeywordArg("azp"))]
         for core in cores:
             out += [_conv(c, KeywordArg("qdtype")) for c in _clamps(core, "lo", "hi")]
+    return tuple(out)
+
+
+@functools.cache
+def _fp8_dynamic_patterns(grouped: bool) -> tuple[tuple[Any, bool], ...]:
+    """``(q pattern, multiplies)``: ``to_fp8([clamp](z / s))`` or ``z * s``, ``z`` the float32
+    view of ``y`` (or ``y``), grouped: a view of it ``[..., H/g, g]`` and ``q`` viewed back.
+    ``s`` is any node: ``fp8_scale.read_scale`` reads its arithmetic."""
+    out = []
+    for yf in (_conv(KeywordArg("y"), F32, MULTIPLE), KeywordArg("y")):
+        z = CallFunction(_VIEW, yf, KeywordArg("gshape"), _users=MULTIPLE) if grouped else yf
+        for multiply, target in ((False, aten.div.Tensor), (True, aten.mul.Tensor)):
+            core = CallFunction(target, z, KeywordArg("s"))
+            for c in [*_clamps(core, "lo", "hi"), core]:  # a dynamic scale bounds the quotient
+                q = _conv(c, KeywordArg("qdtype"))
+                if grouped:
+                    q = CallFunction(_VIEW, q, KeywordArg("qshape"))
+                out.append((q, multiply))
     return tuple(out)
 
 
@@ -211,37 +279,6 @@ def _common_reason(m: Match, kind: str) -> str | None:
 _VIEW = [aten.view.default, aten.reshape.default]
 
 
-@functools.cache
-def _group_patterns() -> tuple[tuple[Any, Any, Any], ...]:
-    """``(q pattern, scale pattern, divisor pattern)`` triples. The divisor is the scale as
-    broadcast over each group: the ``amax(-1, keepdim=True)`` scale itself, or a no-keepdim
-    scale put back as ``[..., H/g, 1]`` by ``unsqueeze(-1)`` (also ``s[..., None]``) or a view.
-    ``_group_check`` decides from shapes which combinations are per-group quantization."""
-    out = []
-    for yf in (_conv(KeywordArg("y"), F32), KeywordArg("y")):
-        groups = CallFunction(_VIEW, yf, KeywordArg("gshape"), _users=MULTIPLE)
-        magnitude = CallFunction(aten.abs.default, groups)
-        for amax in (
-            CallFunction(aten.amax.default, magnitude, KeywordArg("dims"), KeywordArg("keepdim")),
-            CallFunction(aten.amax.default, magnitude, KeywordArg("dims")),  # keepdim=False is dropped
-        ):
-            scale = CallFunction(
-                aten.clamp_min.default,
-                CallFunction(aten.div.Tensor, amax, KeywordArg("qmax")),
-                KeywordArg("min_scale"),
-                _users=MULTIPLE,
-            )
-            for divisor in (
-                scale,
-                CallFunction(aten.unsqueeze.default, scale, KeywordArg("bdim"), _users=MULTIPLE),
-                CallFunction(_VIEW, scale, KeywordArg("bshape"), _users=MULTIPLE),
-            ):
-                for c in _clamps(CallFunction(aten.div.Tensor, groups, divisor), "lo", "hi"):
-                    q = CallFunction(_VIEW, _conv(c, KeywordArg("qdtype")), KeywordArg("qshape"))
-                    out.append((q, scale, divisor))
-    return tuple(out)
-
-
 def _group_size(m: Match) -> int | None:
     """The group size when the grouping view splits exactly the last dim of y, else None."""
     yv, gshape = P.val(m.kwargs["y"]), m.kwargs["gshape"]
@@ -251,16 +288,6 @@ def _group_size(m: Match) -> int | None:
     if not isinstance(g, int) or g <= 0 or yv.shape[-1] % g != 0:
         return None
     return g
-
-
-def _divides_groups(divisor: Any, yv: torch.Tensor, g: int) -> bool:
-    """Whether ``divisor`` has shape ``[..., H/g, 1]``: one scale per group of ``y``."""
-    want = (*yv.shape[:-1], yv.shape[-1] // g, 1)
-    return (
-        isinstance(divisor, torch.Tensor)
-        and divisor.dim() == len(want)
-        and all(statically_known_true(a == b) for a, b in zip(divisor.shape, want))
-    )
 
 
 from . import quant_mx  # noqa: E402  (its patterns reuse this module's pieces)
@@ -275,17 +302,18 @@ class QuantPass(PatternPass):
                 yield CallFunctionVarArgs(P.overload(spec.name)), self._op_check, self._op_rewrite
         yield from quant_mx.entries(self)  # MXFP8 (torchao's to_mx): passes/quant_mx.py
         # Dynamic forms first: their divide-by-scale tail also looks like a static site.
-        for kind in ("fp8", "int8"):
-            for q, scale in _dynamic_patterns(kind):
-                yield q, functools.partial(self._dynamic_check, kind), functools.partial(self._dynamic_rewrite, kind, scale)
-        for q, scale, divisor in _group_patterns():
-            yield q, functools.partial(self._group_check, scale, divisor), functools.partial(self._group_rewrite, scale)
+        for q, scale in _dynamic_patterns("int8"):
+            yield q, functools.partial(self._dynamic_check, "int8"), functools.partial(self._dynamic_rewrite, "int8", scale)
+        for grouped in (False, True):
+            for q, multiply in _fp8_dynamic_patterns(grouped):
+                yield q, functools.partial(self._fp8_check, grouped, multiply), functools.partial(self._fp8_rewrite, grouped)
         for kind in ("fp8", "fp8_mul", "int8"):
             for pattern in _static_patterns(kind):
                 yield pattern, functools.partial(self._static_check, kind), functools.partial(self._static_rewrite, kind)
 
     def run(self, graph: torch.fx.Graph, options) -> PassResult:
         with self.running(options) as result:
+            merge_repeated_quantizations(graph)
             if self.patterns.apply(graph):
                 stable_topological_sort(graph)  # residual_out users may sit before the quant
                 graph.eliminate_dead_code()
@@ -358,7 +386,7 @@ class QuantPass(PatternPass):
             self._fuse(kw["y"], "int8_static", [kw["scale"], kw.get("azp")], [m.output_node()], m.output_node(), m.nodes)
 
     def _dynamic_check(self, kind: str, m: Match) -> bool:
-        qmax, min_scale = (Q.FP8_MAX, Q.FP8_MIN_SCALE) if kind == "fp8" else (float(Q.INT8_MAX), Q.INT8_MIN_SCALE)
+        qmax, min_scale = float(Q.INT8_MAX), Q.INT8_MIN_SCALE
         kw = m.kwargs
         if kw["qdtype"] not in (Q.FP8_DTYPE, torch.int8) or norm_of(kw["y"]) is None:
             return False
@@ -380,62 +408,94 @@ class QuantPass(PatternPass):
         return True
 
     def _dynamic_rewrite(self, kind: str, scale_pattern: Any, m: Match, *args, **kwargs) -> None:
-        scheme = "fp8_dynamic" if kind == "fp8" else "int8_dynamic"
         scale = m.ctx.pattern_to_node[scale_pattern]
-        qargs = [None] if kind == "fp8" else []  # fp8_dynamic: scale_ub=None
-        self._fuse(m.kwargs["y"], scheme, qargs, [m.output_node(), scale], m.output_node(), m.nodes)
+        self._fuse(m.kwargs["y"], "int8_dynamic", [], [m.output_node(), scale], m.output_node(), m.nodes)
 
-    def _group_check(self, scale_pattern: Any, divisor_pattern: Any, m: Match) -> bool:
+    # --- hand-written dynamic FP8 (per token, per group): the scale read by fp8_scale
+
+    def _fp8_check(self, grouped: bool, multiply: bool, m: Match) -> bool:
         kw = m.kwargs
         if kw["qdtype"] != Q.FP8_DTYPE or norm_of(kw["y"]) is None:
             return False
-        reason = _common_reason(m, "fp8")
-        yv = P.val(kw["y"])
-        scale, divisor = (m.ctx.pattern_to_node[p] for p in (scale_pattern, divisor_pattern))
-        g = _group_size(m) if reason is None else None
-        if reason is None and g is None:
-            reason = "grouping view does not split the last dim into whole groups"
-        if reason is None:
-            dims = [d % (yv.dim() + 1) for d in kw["dims"]] if isinstance(kw["dims"], (list, tuple)) else None
-            if dims != [yv.dim()]:
-                reason = "group amax is not over the group dim"
-        if reason is None:
-            # Whatever the spelling (keepdim, unsqueeze, view), the scale must divide each
-            # group as [..., H/g, 1]; unsqueeze/view keep the order, so the shape decides.
-            if not _divides_groups(P.val(divisor), yv, g):
-                reason = "group scale does not divide its group as [..., H/g, 1] (keepdim or unsqueeze(-1))"
-            elif P.val(scale).dtype != F32:
-                reason = "group scale is not float32"
-        if reason is None and _f32(kw["qmax"]) != Q.FP8_MAX:
-            reason = f"scale divides amax by {kw['qmax']}, not {Q.FP8_MAX}"
-        if reason is None and _f32(kw["min_scale"]) != _f32(Q.FP8_MIN_SCALE):
-            reason = f"minimum scale {kw['min_scale']} differs from the op's {Q.FP8_MIN_SCALE}"
-        if reason is None and not P.same_shape(P.val(m.output_node()), yv):
-            reason = "quantized value is not viewed back to the shape of y"
-        if reason is None:
-            reason = _norm_reason(kw["y"], set(m.nodes))
-        if reason is None:
-            # Only the scale (and its broadcast) may be read outside: a grouped value used
-            # elsewhere would keep the unfused norm alive next to the fused op.
-            inside, shared = set(m.nodes), {m.output_node(), scale, divisor}
-            if any(u not in inside for n in inside - shared for u in n.users):
-                reason = "an intermediate of the group quantization has other users"
+        sv = P.val(kw["s"])
+        if not isinstance(sv, torch.Tensor):
+            return False
+        read = fp8_scale.read_scale(kw["s"], multiply)
+        if isinstance(read, str) and read.startswith(fp8_scale.PER_TENSOR):
+            self.result.skip(P.site(m.output_node()), f"{read}: the fp8_dynamic_tensor scheme "
+                             "takes no scale arguments yet")
+            return False
+        if isinstance(read, str) and sv.numel() == 1:
+            return False  # a static scale: the static patterns' business
+        reason = read if isinstance(read, str) else self._fp8_reason(grouped, m, read)
         if reason:
             self.result.skip(P.site(m.output_node()), reason)
             return False
+        m.kwargs["_read"] = read
         return True
 
-    def _group_rewrite(self, scale_pattern: Any, m: Match, *args, **kwargs) -> None:
-        scale, anchor = m.ctx.pattern_to_node[scale_pattern], m.output_node()
-        gshape = list(m.kwargs["gshape"])
-        norm, _ = norm_of(m.kwargs["y"])
-        fused = self._fuse(m.kwargs["y"], "fp8_group", [gshape[-1], False, False], [anchor, None], anchor, [])
+    def _fp8_reason(self, grouped: bool, m: Match, read: fp8_scale.ScaleRead) -> str | None:
+        kw = m.kwargs
+        yv = P.val(kw["y"])
+        if yv.dtype not in (torch.float16, torch.bfloat16, F32):
+            return "quantized value is not float16/bfloat16/float32"
+        if "lo" in kw and (_f32(kw["lo"]), _f32(kw["hi"])) != (-Q.FP8_MAX, Q.FP8_MAX):
+            return f"clamp bounds ({kw['lo']}, {kw['hi']}) differ from {(-Q.FP8_MAX, Q.FP8_MAX)}"
+        zv = P.val(read.z)
+        z_chain = fp8_scale.source_chain(read.z)
+        if z_chain[-1] is not kw["y"]:
+            return "the scale's amax is not of the quantized value"
+        read.nodes += z_chain[:-1]  # its own y.float() / grouping view
+        if grouped and read.pow2:
+            return "a power-of-two inverse scale per group (fp8_group rounds scales up: use_ue8m0)"
+        if grouped:
+            g = zv.shape[-1]
+            if not (isinstance(g, int) and zv.dim() >= 2 and yv.shape[-1] % g == 0
+                    and statically_known_true(zv.shape[-2] * g == yv.shape[-1])
+                    and statically_known_true(zv.numel() == yv.numel())):
+                return "grouping view does not split the last dim into whole groups"
+        elif not P.same_shape(zv, yv):
+            return "the scale's amax is not of the quantized value"
+        want = (*zv.shape[:-1], 1)
+        sv = P.val(kw["s"])
+        if sv.dim() != len(want) or not all(statically_known_true(a == b) for a, b in zip(sv.shape, want)):
+            return ("group scale does not divide its group as [..., H/g, 1]" if grouped
+                    else "scale is not one per token ([..., 1])")
+        inside = {*m.nodes, *read.nodes, *read.broadcast, read.scale}
+        reason = _norm_reason(kw["y"], inside)
+        if reason:
+            return reason
+        # Only the scale (and its broadcast) may be read outside: an intermediate used
+        # elsewhere would keep the unfused norm alive next to the fused op.
+        shared = {m.output_node(), read.scale, *read.broadcast}
+        if any(u not in inside for n in inside - shared for u in n.users):
+            return "an intermediate of the quantization has other users"
+        return None
+
+    def _fp8_rewrite(self, grouped: bool, m: Match, *args, **kwargs) -> None:
+        read, q, y = m.kwargs["_read"], m.output_node(), m.kwargs["y"]
+        norm, _ = norm_of(y)
+        zv = P.val(read.z)
+        if grouped:
+            scheme, qargs = "fp8_group", [zv.shape[-1], False, False, *read.qargs()]
+        else:
+            scheme, qargs = "fp8_dynamic", [None, *read.qargs(), read.pow2]  # scale_ub=None
+        fused = self._fuse(y, scheme, qargs, [None, None], q, [])
         graph = fused.graph
         with graph.inserting_after(fused):
-            scales = P.getitem(graph, fused, 1)  # row-major [..., H/g], as the user's math gives
-        if P.val(scale).dim() == len(gshape):  # amax keepdim: the user's scale is [..., H/g, 1]
+            new_q, scales = P.getitem(graph, fused, 0), P.getitem(graph, fused, 1)
+        if grouped and "qshape" in m.kwargs and not P.same_shape(P.val(q), P.val(new_q)):
+            with graph.inserting_after(new_q):
+                new_q = P.call(graph, aten.view.default, (new_q, m.kwargs["qshape"]))
+        want = P.val(read.scale)
+        if not P.same_shape(want, P.val(scales)):  # the user's scale is a view of the op's
             with graph.inserting_after(scales):
-                scales = P.call(graph, aten.view.default, (scales, [*gshape[:-1], 1]))
-        # An unsqueeze/view of the scale used outside the match now reads the op's scales.
-        scale.replace_all_uses_with(scales)
-        _erase_unused([*m.nodes, m.kwargs["y"], norm])
+                if not grouped:  # a per-token scale before its unsqueeze(-1)
+                    scales = P.call(graph, aten.squeeze.dim, (scales, -1))
+                else:
+                    gshape = m.kwargs["gshape"]
+                    shape = [*gshape[:-1], 1] if want.dim() == zv.dim() else [*gshape[:-1]]
+                    scales = P.call(graph, aten.view.default, (scales, shape))
+        q.replace_all_uses_with(new_q)
+        read.scale.replace_all_uses_with(scales)
+        _erase_unused([*m.nodes, *read.nodes, *read.broadcast, read.scale, y, norm])

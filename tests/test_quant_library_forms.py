@@ -1,0 +1,106 @@
+"""The dynamic FP8 quantizers of the libraries users run, after a compile_norm norm: each
+fuses into one norm + quant op whose arguments carry the library's scale arithmetic, and the
+compiled results equal the eager function (the op with the arguments read from the graph
+reproduces the eager codes and scales bit for bit; the compiled graph within Inductor's
+rounding of the norm output).
+
+The forms live in benchmarks/quant_forms.py (which times them): vLLM is not installable here,
+so its forms are written out as vLLM computes them (the file and function each mirrors is
+named); DeepSeek-V3's ``act_quant`` is a Triton kernel, its torch form is written the same way. torchao (installed) runs for real in test_torchao_float8.py.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import pytest
+import torch
+
+from compile_helpers import assert_close, assert_close_q, cn, compile_run
+from helpers import assert_bitwise_equal
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import quant_forms  # noqa: E402  (the forms, as the benchmark times them)
+
+FP8, FP8_MAX = quant_forms.FP8, quant_forms.FP8_MAX
+
+
+def after_norm(form):
+    def fn(x, w):
+        return form(cn.rms_norm(x, w, 1e-6))
+    fn.__name__ = form.__name__
+    return fn
+
+
+def fp32_inverse(x, w):
+    """An inverse scale computed in float32: 448 / amax rounds twice (reciprocal, multiply)."""
+    y = cn.rms_norm(x, w, 1e-6)
+    scale = FP8_MAX / y.float().abs().amax(-1, keepdim=True).clamp(min=1e-12)
+    return (y.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+FORMS = [(after_norm(form), op, args) for form, op, args in quant_forms.FORMS]
+
+
+def _close_q(got, want):
+    """FP8 codes within one step, NaN (a zero token without a minimum scale) where eager has it."""
+    nan = want.float().isnan()
+    assert torch.equal(got.float().isnan(), nan)
+    zero = torch.zeros((), dtype=want.dtype)
+    assert_close_q(torch.where(nan, zero, got), torch.where(nan, zero, want))
+
+
+@pytest.mark.parametrize("form, fused_op, expected", FORMS, ids=[f[0].__name__ for f in FORMS])
+@pytest.mark.parametrize("dtype, shape", [(torch.bfloat16, (5, 256)), (torch.float16, (2, 3, 384))])
+def test_library_form_fuses_bit_for_bit(form, fused_op, expected, dtype, shape):
+    if form.__name__ == "vllm_per_token_group" and len(shape) == 3:
+        shape = (6, shape[-1])  # vLLM flattens the tokens before its group view
+    x, w = torch.randn(shape, dtype=dtype), torch.randn(shape[-1], dtype=dtype)
+    x[0] = 0.0  # an all-zero token: the minimum (or its absence) decides its scale
+    c = compile_run(form, x, w, options={"strict": True})
+    assert c.counts["quant_matched"] == 1, c.counts
+    assert c.ops("quant", "after") == {fused_op}
+    assert len(c.kernels) == 1, c.kernels
+    want = form(x, w)
+    # Inductor's generated norm keeps float32 where eager rounds y to x.dtype: codes within
+    # one step, scales within y's rounding
+    _close_q(c.out[0], want[0])
+    assert_close(c.out[1], want[1], dtype)
+    # the op, with the arguments the pass read, is the library's arithmetic bit for bit
+    op = getattr(torch.ops.compile_norm, fused_op)
+    got = op(x, w, 1e-6, **expected)
+    assert_bitwise_equal(got[0].view(want[0].shape), want[0], nan_equal=True)
+    assert_bitwise_equal(got[1].view(want[1].shape), want[1], nan_equal=True)
+
+
+def test_float32_inverse_scale_is_refused_with_a_reason():
+    x, w = torch.randn(4, 256), torch.randn(256)
+    c = compile_run(fp32_inverse, x, w, options={"strict": True})
+    assert c.counts.get("quant_matched", 0) == 0
+    assert any(k.startswith("quant_unmatched: the inverse scale is computed in float32")
+               for k in c.counts), c.counts
+    q, scale = fp32_inverse(x, w)  # left to Inductor, whose 448 / amax is its own
+    assert_close_q(c.out[0], q)
+    assert_close(c.out[1], scale, torch.float32)
+
+
+def test_inverse_scale_float32_equals_torchaos_float64():
+    # The kernel's float32 448 / amax against torchao's float64 448 * (1 / amax): every
+    # float32 of one binade, scaled to the extremes, and subnormals.
+    a = (torch.arange(2 ** 23, dtype=torch.int32) + (127 << 23)).view(torch.float32)
+    for values in (a, a * 2.0 ** -100, a * 2.0 ** 100, a[1:] * 2.0 ** -149 / 2.0 ** -149 * 2.0 ** -140):
+        wide = (FP8_MAX * torch.reciprocal(values.double())).float()
+        narrow = torch.tensor(FP8_MAX) / values
+        assert torch.equal(wide.view(torch.int32), narrow.view(torch.int32))
+
+
+def test_benchmark_dry_run_fuses_every_form(tmp_path):
+    # benchmarks/quant_forms.py on the CPU: the Hugging Face norm + each form, both compiles
+    assert quant_forms.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "quant_forms.json").read_text())
+    ours = [r for r in rows if r["candidate"] == "compile_norm"]
+    assert len(ours) == len(quant_forms.FORMS)
+    assert all(r["fusion"].get("quant_matched") == 1 for r in ours), ours
+    assert all(not r["fusion"] for r in rows if r["candidate"] == "stock compile")
