@@ -26,8 +26,9 @@ def test_dry_run(tmp_path):
     fused = row["compile_norm"]["fused"]
     for key, n in {"canonicalize_matched": 2, "residual_matched": 2, "quant_matched": 2}.items():
         assert fused.get(key) == n, fused
-    # both compile the same fp32 chain (bitwise equal here); eager rounds to bf16 in between
-    assert row["rel_err_cn_vs_inductor"] <= 1e-2, row
+    # the backend rounds where eager rounds (emulate_precision_casts): at least as close to
+    # eager as stock Inductor, which keeps fp32 in between
+    assert row["compile_norm"]["rel_err_vs_eager"] <= row["inductor"]["rel_err_vs_eager"] + 1e-3, row
     assert not row["inductor"]["fused"]  # stock Inductor runs none of the passes
     assert row["compile_norm"]["kernels"] >= 1 and row["inductor"]["kernels"] >= 1
     assert "| 5 |" in (tmp_path / "results.md").read_text()

@@ -67,7 +67,13 @@ def test_500_norm_instances_of_mixed_sizes_stay_under_the_recompile_limit(how):
     # Gemma-family models have hundreds of norms of several sizes (and eps values); with
     # static parameter shapes each size is a graph of the one shared forward, and after 8
     # Dynamo gives up and runs the rest eagerly, unfused.
-    assert torch._dynamo.config.recompile_limit == 8  # the default
+    # torch's default limits (a benchmark run in-process by another test may have raised them)
+    limits = {"recompile_limit": 8, "accumulated_recompile_limit": 256}
+    with torch._dynamo.config.patch(**{k: v for k, v in limits.items() if hasattr(torch._dynamo.config, k)}):
+        _compile_500_norms(how)
+
+
+def _compile_500_norms(how):
     torch._dynamo.reset()
     counters.clear()
     cls = compile_norm.fuse(models.LlamaRMSNorm) if how == "class" else models.LlamaRMSNorm

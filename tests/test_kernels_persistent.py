@@ -13,6 +13,7 @@ the raw tiles that exist, and the next block's loads precede the current block's
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -223,6 +224,9 @@ def _compile_sm90(mode, hidden, group, res, persistent):
                  STORE_OUT=mode == 0, QUANT=mode, HAS_AUX=False, UE8M0=False, PRECISE=True,
                  SCALAR_RECIP=True, FP8_RECIP=O._FP8_RECIP, INT8_RECIP=O._INT8_RECIP,
                  U8_RECIP=O._U8_RECIP, PERSISTENT=persistent)
+    for name, p in inspect.signature(K.norm_quant_kernel.fn).parameters.items():
+        if p.default is not inspect.Parameter.empty:  # the constexprs set here only by default
+            const.setdefault(name, p.default)
     sig.update({k: "constexpr" for k in const})
     names = K.norm_quant_kernel.arg_names
     aligned = [n for n in names if n.endswith("_ptr")] + ["H", "stride_x", "stride_r"]
