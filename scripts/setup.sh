@@ -21,5 +21,7 @@ else
   say "torch $(python -c 'import torch; print(torch.__version__)') already installed"
 fi
 say "installing compile_norm and its dev, hf extras (editable)"
-python -m pip install -q -e ".[dev,hf]"
+# setuptools' editable build warns (a box of asterisks) that a folder named like the package
+# may shadow it on import: that folder is the package itself here.
+PYTHONWARNINGS="ignore::UserWarning" python -m pip install -q -e ".[dev,hf]"
 say "done: $(python -c 'import compile_norm; print("compile_norm", compile_norm.__version__)') in .venv"
