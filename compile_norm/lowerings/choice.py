@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import pathlib
+import statistics
 import threading
 from typing import Any, Sequence
 
@@ -239,7 +239,7 @@ def record(key: str, device: str, tokens: Sequence[int], generated_us: Sequence[
     time is below TIE x generated code's (geometric mean), else generated (ties go to
     generated: it fuses with its neighbours). Written through to disk. Returns the choice."""
     ratios = [k / g for g, k in zip(generated_us, kernel_us)]
-    ratio = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    ratio = statistics.geometric_mean(ratios)
     entry = dict(choice=KERNEL if ratio < TIE else GENERATED, tokens=list(tokens),
                  generated_us=[round(v, 3) for v in generated_us],
                  kernel_us=[round(v, 3) for v in kernel_us], seconds=round(seconds, 2))

@@ -27,8 +27,8 @@ device), so a class is measured once per card and software stack.
 from __future__ import annotations
 
 import logging
-import math
 import os
+import statistics
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -116,10 +116,6 @@ def _generated(op_name: str, args: list) -> Callable[[], Any]:
     return lambda: compiled(*tensors)
 
 
-def _geomean(values: Sequence[float]) -> float:
-    return math.exp(sum(map(math.log, values)) / len(values))
-
-
 def _time_candidates(op_name: str, fake_args: Sequence[Any], tokens: Sequence[int]):
     """(generated us per token count, the best kernel config's us, that config or None)."""
     from ..kernels import library_ops, triton_ops
@@ -139,7 +135,7 @@ def _time_candidates(op_name: str, fake_args: Sequence[Any], tokens: Sequence[in
         for cfg in configs:
             with triton_ops.launch_config_used(cfg):
                 kernel_us[cfg].append(graph_time_us(lambda: kernel(*args)))
-    best = min(configs, key=lambda cfg: _geomean(kernel_us[cfg]))
+    best = min(configs, key=lambda cfg: statistics.geometric_mean(kernel_us[cfg]))
     return generated_us, kernel_us[best], best
 
 
