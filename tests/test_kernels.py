@@ -136,6 +136,15 @@ def test_large_and_edge_shapes_cuda(case):
     assert res.ok, f"{res.name}: {res.problems} errors={res.errors}"
 
 
+def cuda_kernels(fn) -> list[str]:
+    """Names of the CUDA kernels one call of ``fn`` launches (profiled)."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("op", OPS)
 def test_eager_call_is_one_kernel_launch(op):
@@ -144,12 +153,8 @@ def test_eager_call_is_one_kernel_launch(op):
     fn = getattr(torch.ops.compile_norm, op)
     assert registry.which_provider(op, *args, **kwargs) == "triton"
     fn(*args, **kwargs)  # compile outside the profile
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn(*args, **kwargs)
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert len(kernels) == 1, [e.name for e in kernels]
+    kernels = cuda_kernels(lambda: fn(*args, **kwargs))
+    assert len(kernels) == 1, kernels
 
 
 @pytest.mark.cuda
@@ -163,12 +168,8 @@ def test_public_callable_is_one_kernel_launch_and_the_torch_op(op):
     for g, w in zip(got, want):
         assert torch.equal(g.view(torch.uint8), w.view(torch.uint8)) if g.dtype == torch.float8_e4m3fn \
             else torch.equal(g, w)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        public(*args, **kwargs)
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert len(kernels) == 1, [e.name for e in kernels]
+    kernels = cuda_kernels(lambda: public(*args, **kwargs))
+    assert len(kernels) == 1, kernels
 
 
 @pytest.mark.cuda
