@@ -16,6 +16,7 @@ cn = torch.ops.compile_norm
 import compile_norm.ops  # noqa: E402  (the schemes, each from its file in ops/schemes/)
 
 SCHEME_NAMES = tuple(compile_norm.ops.SCHEMES)
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -124,14 +125,30 @@ def opcheck_cases(name: str) -> list[tuple[str, tuple, dict]]:
     return cases
 
 
+def skip_without_cpu_rowwise_scaled_mm() -> None:
+    """Skip where this torch's CPU ``_scaled_mm`` takes per-tensor scales only (torch 2.11;
+    2.13 takes per-row ones): torchao's rowwise recipe runs on it."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    b = torch.ones(16, 16).to(torch.float8_e4m3fn).t()
+    try:
+        torch._scaled_mm(a, b, scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError as e:
+        pytest.skip(f"torch {torch.__version__}: CPU _scaled_mm has no per-row scales ({str(e)[:80]})")
+
+
+def child_env(**extra: str) -> dict:
+    """The environment of a child Python process: this checkout first on PYTHONPATH, what was
+    there kept (the GPU machine finds its carried wheels through it)."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, **extra, PYTHONPATH=path)
+
+
 def interpreter_report(script: str, timeout: int) -> dict:
     """Run a test file as a script under TRITON_INTERPRET=1 (a fresh process: Triton picks the
     interpreter at import) and return the JSON it prints after ``REPORT``."""
     pytest.importorskip("triton")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env,
-                         timeout=timeout, cwd=root)
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True,
+                         env=child_env(TRITON_INTERPRET="1"), timeout=timeout, cwd=ROOT)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("REPORT")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     return json.loads(lines[-1][len("REPORT"):])

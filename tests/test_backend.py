@@ -9,6 +9,7 @@ import torch
 from compile_helpers import assert_close, cn, compile_run
 from compile_norm.backend import compile_norm_backend, config_patches
 from compile_norm.options import parse_options
+from helpers import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,7 @@ def test_listed_and_usable_without_importing_compile_norm():
         print(compile_norm.__file__)
         """
     )
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = child_env()
     p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip().splitlines()[-1].startswith(ROOT)

@@ -135,6 +135,15 @@ def _child() -> None:
 
     assert triton_backward.SUPPORTED and triton_ops.INTERPRET, triton_backward.REASON
     body = library_ops.functions()["rms_norm_backward"]
+    try:
+        from torch._library.triton import wrap_triton
+
+        from compile_norm.kernels import triton_backward_kernel
+
+        wrap_triton(triton_backward_kernel.rms_norm_backward_kernel)
+    except RuntimeError as e:  # torch 2.11: wrap_triton refuses the interpreter's functions
+        print("REPORT" + json.dumps({"skip": f"torch {torch.__version__}: {e}"}))
+        return
     report = {}
     for name, (shape, weight, residual) in INTERPRETER_CASES.items():
         torch.manual_seed(0)
@@ -154,6 +163,8 @@ def _child() -> None:
 @needs_triton
 def test_traced_body_runs_under_the_interpreter():
     report = interpreter_report(__file__, timeout=600)
+    if "skip" in report:
+        pytest.skip(report["skip"])
     assert set(report) == set(INTERPRETER_CASES)
     for name, (_, weight, _) in INTERPRETER_CASES.items():
         assert report[name] == dict(same_as_provider=True, close_to_reference=True, dweight_none=not weight), name

@@ -20,6 +20,7 @@ from torch._inductor.graph import GraphLowering
 import models
 from compile_helpers import KERNEL_RE, assert_close, no_caches
 from compile_norm import dynamic
+from compile_norm.lowerings import choice
 
 SEQS = (7, 9, 13, 21)
 HIDDEN = 40
@@ -258,10 +259,13 @@ def test_cuda_auto_lowering_with_a_symbolic_token_count():
             x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
             q, s, y = g(x)
             q0, s0, y0 = f(x)
-            assert torch.equal(s, s0) and torch.equal(q.view(torch.uint8), q0.view(torch.uint8))
+            differ = (q.view(torch.uint8) != q0.view(torch.uint8)).sum().item()
+            assert torch.equal(s, s0) and differ == 0, (tokens, differ)
             assert_close(y, y0, torch.bfloat16)
     assert counters["stats"]["unique_graphs"] == 1
-    assert counters["compile_norm"]["lower_triton_kernel"] == 1
+    # without Inductor's batch_invariant setting (torch 2.11) the norm takes the kernel too
+    kernels = 1 if choice.inductor_has("batch_invariant") else 2
+    assert counters["compile_norm"]["lower_triton_kernel"] == kernels
 
 
 transformers = pytest.importorskip("transformers")

@@ -7,12 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from helpers import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_dry_run(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = child_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     r = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "e2e_fp8_layer.py"), "--dry-run",
          "--tokens", "5", "--out", str(tmp_path)],
@@ -38,6 +39,6 @@ def test_bad_tokens():
     r = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "e2e_fp8_layer.py"), "--dry-run",
          "--tokens", "0"],
-        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300,
+        capture_output=True, text=True, env=child_env(), timeout=300,
     )
     assert r.returncode != 0 and "--tokens must be positive" in r.stderr

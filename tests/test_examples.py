@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from helpers import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STANDIN = os.path.join(ROOT, "tests", "test_inspect_standin.py") + ":backend"
@@ -46,7 +47,7 @@ def _fp8_gpu():
 
 
 def run_example(name, *args):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = child_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     r = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", name), "--tiny", *args],
         capture_output=True, text=True, env=env, timeout=600,

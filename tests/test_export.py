@@ -76,7 +76,7 @@ def run_export(tmp_path, device, dtype, hidden):
         [sys.executable, "-X", "faulthandler", "-c", LOADER, str(path), str(tmp_path / "args.pt"), str(tmp_path / "out.pt")],
         capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path),
     )
-    if p.returncode < 0 and device == "cuda":
+    if p.returncode < 0:  # torch 2.11 (GPU machine): also CPU packages
         why = plain_package_crashes(tmp_path, device)
         if why:
             pytest.skip(why)

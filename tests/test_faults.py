@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -18,9 +17,9 @@ from compile_norm.ops.registry import Provider
 from compile_norm.options import PASS_ORDER
 from compile_norm.passes import manager
 from compile_norm.passes.base import observe_stages
+from helpers import child_env
 
 EPS = 1e-6
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def model(x, r, w, g):
@@ -168,7 +167,7 @@ cli.main(["providers"])
 
 def test_missing_triton_is_skipped_with_reason():
     # TRITON_INTERPRET=1 makes compile_norm try to import triton even without a GPU.
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    env = child_env(TRITON_INTERPRET="1")
     p = subprocess.run([sys.executable, "-c", NO_TRITON], env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [l for l in p.stdout.splitlines() if l.strip()]

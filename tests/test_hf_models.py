@@ -38,10 +38,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from helpers import child_env
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = 2
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
@@ -189,7 +189,7 @@ def test_family_bf16_cuda(model_type):
 def test_inspect_cli_hf_config():
     """The CLI path: ``compile-norm inspect --hf-config`` on a Qwen3 config (q/k norms)."""
     cfg = dict(TINY, model_type="qwen3")
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = child_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     r = subprocess.run(
         [sys.executable, "-m", "compile_norm.cli", "inspect", "--hf-config", json.dumps(cfg),
          "--seq", "12", "--device", "cpu"],

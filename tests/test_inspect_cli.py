@@ -10,6 +10,7 @@ import torch
 
 from compile_norm.cli import main
 from compile_norm.inspect import targets
+from helpers import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STANDIN = os.path.join(ROOT, "tests", "test_inspect_standin.py") + ":backend"
@@ -162,7 +163,7 @@ def test_inspect_a_factory_in_process(capsys, factories, tmp_path):
 def test_cli_subprocess_end_to_end(factories, tmp_path):
     """The console path as a user runs it: exit 0, summary on stdout, --code, --depyf."""
     out = tmp_path / "o"
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     r = subprocess.run(
         [sys.executable, "-m", "compile_norm.cli", "inspect", factories + ":good",
          "--backend", STANDIN, "--code", "--out", str(out), "--depyf", "--device", "cpu"],
@@ -176,7 +177,7 @@ def test_cli_subprocess_end_to_end(factories, tmp_path):
 
 def test_help_lists_inspect():
     r = subprocess.run([sys.executable, "-m", "compile_norm.cli", "inspect", "--help"],
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+                       capture_output=True, text=True, env=child_env())
     assert r.returncode == 0 and "--hf-config" in r.stdout and "--bench" in r.stdout
     assert "--backend" not in r.stdout  # hidden: for tests
 

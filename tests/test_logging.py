@@ -13,8 +13,8 @@ import torch
 
 from compile_norm.options import PASS_ORDER
 from compile_norm.passes import trace
+from helpers import child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent(
     """
@@ -45,7 +45,7 @@ def _read_trace(folder) -> list[tuple[dict, str]]:
 
 
 def test_torch_logs_and_structured_trace(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, TORCH_TRACE=str(tmp_path / "trace"),
+    env = child_env(TORCH_TRACE=str(tmp_path / "trace"),
                TORCH_LOGS="+compile_norm", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
     p = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                        timeout=300)

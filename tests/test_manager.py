@@ -14,6 +14,7 @@ from compile_norm.ops import registry
 from compile_norm.options import NUMERICS_DEFAULTS
 from compile_norm.passes import cache_key, manager, residual
 from compile_norm.passes.manager import CompileNormPass
+from helpers import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,7 +126,7 @@ def test_uuid_is_the_same_in_fresh_processes(tmp_path, monkeypatch):
     # The same (empty) table of measured kernel choices here and in the children.
     monkeypatch.setenv("COMPILE_NORM_CHOICE_CACHE", str(tmp_path / "choice.json"))
     choice.reset_measured()
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = child_env()
 
     def uuid(mode):
         p = subprocess.run([sys.executable, "-c", UUID_SCRIPT, mode], env=env, capture_output=True,
@@ -183,7 +184,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_stale_graph_never_reused_across_processes(tmp_path):
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=ROOT)
+    env = child_env(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
 
     def run(options):
         p = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(options)], env=env,

@@ -6,14 +6,13 @@ computes what eager computes (and what one process computes with the full weight
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import torch
+from helpers import child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RANK_SCRIPT = textwrap.dedent(
     """
@@ -74,7 +73,7 @@ RANK_SCRIPT = textwrap.dedent(
 
 def test_norm_after_all_reduce_fuses_on_each_rank(tmp_path):
     init = f"file://{tmp_path / 'rendezvous'}"
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(rank), init, str(tmp_path / f"rank{rank}.json")],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -18,6 +18,7 @@ from torch._dynamo.utils import counters
 
 from compile_helpers import no_caches
 from compile_norm.passes.base import observe_stages
+from helpers import skip_without_cpu_rowwise_scaled_mm
 
 transformers = pytest.importorskip("transformers")
 torchao = pytest.importorskip("torchao")
@@ -92,6 +93,7 @@ FUSED = {"compile_norm.rms_norm_fp8_dynamic.default",
 @pytest.mark.parametrize("quantize", [inference(PerRow()), training("rowwise")],
                          ids=["inference_per_row", "training_rowwise"])
 def test_activation_quantization_after_each_norm_fuses(monkeypatch, quantize):
+    skip_without_cpu_rowwise_scaled_mm()
     counts, ops = run_quantized(monkeypatch, quantize)
     assert counts["quant_matched"] == 2 * LAYERS, counts  # input and post-attention norms
     assert counts.get("quant_unmatched", 0) == 0, counts
