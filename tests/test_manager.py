@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 from compile_helpers import assert_close, assert_close_q, cn, compile_run
 from compile_norm import parse_options
 from compile_norm.ops import registry
-from compile_norm.options import NUMERICS_DEFAULTS
+from compile_norm.options import NUMERICS_DEFAULTS, inductor_has
 from compile_norm.passes import cache_key, manager, residual
 from compile_norm.passes.manager import CompileNormPass
 from helpers import child_env
@@ -36,9 +36,11 @@ def test_options_parse_and_reject_unknown_keys():
     o = parse_options({"lowering": "kernel", "passes": ["residual", "gemma"], "max_autotune": False})
     assert o.passes == ("gemma", "residual") and o.lowering == "kernel"
     # eager's numerics by default
-    assert o.inductor_config == {"max_autotune": False, **NUMERICS_DEFAULTS, "batch_invariant": True}
+    # batch_invariant is forwarded to Inductor where it has the setting (torch >= 2.12)
+    forwarded = lambda v: {"batch_invariant": v} if inductor_has("batch_invariant") else {}  # noqa: E731
+    assert o.inductor_config == {"max_autotune": False, **NUMERICS_DEFAULTS, **forwarded(True)}
     off = parse_options({"batch_invariant": False, "emulate_precision_casts": False})
-    assert off.inductor_config == {"batch_invariant": False, "emulate_precision_casts": False}
+    assert off.inductor_config == {**forwarded(False), "emulate_precision_casts": False}
     assert not off.batch_invariant and o.batch_invariant
     with pytest.raises(ValueError, match="'measure' must be a bool"):
         parse_options({"measure": "yes"})

@@ -68,30 +68,32 @@ class BackwardConfig(NamedTuple):
     block_h: int  # the row padded to a power of two
     num_warps: int
     programs_per_sm: int
-    maxnreg: int  # register cap per thread (ptxas)
+    maxnreg: int | None  # register cap per thread (ptxas); None: none
+    num_stages: int = 1  # software pipelining of the row-block loop (1: none)
 
 
-WARPS_PER_SM = 32
+WARPS_PER_SM = 16
 
 
 @functools.lru_cache(maxsize=None)
 def launch_config(hidden: int) -> BackwardConfig:
     """Rows per block, padded row width, warps, programs per SM and register cap.
 
-    Small rows take several rows per block (~2K elements: QK norm's 128 gets 16 rows). Warps
-    give each thread 8 elements of the block (8 to 32 warps). Compiled for sm_90 (ptxas -v),
-    the kernel needs ~10 registers per element per thread: 157 at 16 elements, 85 at 8;
-    capped at 64 (a few spilled bytes at 8 elements, none at 8192 x 32 warps) so that
-    ``WARPS_PER_SM`` warps stay resident per SM: 2 programs of 16 warps at hidden 4096, 4 of
-    8 up to 2048. The persistent grid is that many programs per SM, so the fp32 dweight
-    partials (written and read once) cost ~4% of the traffic at 8192 x 4096. Rows of 16K
-    columns and more spill (correct, slower). Not measured on a GPU yet: a sweep may
-    monkeypatch this function.
+    Measured on the H200 (benchmarks/backward_sweep.py, RESULTS.md run 20; bf16, 2048-8192
+    columns): 8 warps on a block of ~4K elements (16 per thread and operand), two programs
+    per SM capped at 128 registers per thread, beat the H100-era guess (16-32 warps, 32
+    warps per SM, 64 registers) by 1.16-1.33x: 8192x4096 72 vs 84 us, 16384x8192 256 vs 340,
+    8192x5376 111 vs 145, 2048x2048 22.6 vs 26.3 (two rows per block). Fewer resident warps
+    with more registers each win: every thread keeps x, grad and the fp32 dweight sums of its
+    columns in registers. Without the cap (what a compiled graph launches: wrap_triton takes
+    no register cap) the same config was as fast. Rows wider than 8192 take more warps so a
+    thread never holds more than 32 elements. The persistent grid is that many programs per
+    SM; the fp32 dweight partials (written and read once) cost ~2% of the traffic.
     """
     block_h = T._next_pow2(hidden)
-    block_m = max(1, 2048 // block_h)
+    block_m = max(1, 4096 // block_h)
     elems = block_m * block_h
-    num_warps = min(32, max(4, elems // 256))
+    num_warps = 8 if elems <= 8192 else min(32, elems // 1024)
     per_sm = max(1, WARPS_PER_SM // num_warps)
     return BackwardConfig(block_m, block_h, num_warps, per_sm, 65536 // (32 * num_warps * per_sm))
 
@@ -150,7 +152,8 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
     )
     kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, HAS_WEIGHT=weight is not None,
                   HAS_VSIZE=vsize != hidden, HAS_GRES=grad_residual is not None,
-                  PRECISE=not T.INTERPRET, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
+                  PRECISE=not T.INTERPRET, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+                  maxnreg=cfg.maxnreg)
     # traced (library_ops), the kernels are imported wherever triton is, GPU or not
     kernels = K if wrap is None else importlib.import_module(f"{__package__}.triton_backward_kernel")
     _launch((programs,), kernels.rms_norm_backward_kernel, args, kwargs, x, wrap)

@@ -76,7 +76,7 @@ def rms_norm_backward_kernel(
     eps, offset, V,  # V: number of columns in the variance (variance_size)
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_VSIZE: tl.constexpr, HAS_GRES: tl.constexpr,
-    PRECISE: tl.constexpr,
+    PRECISE: tl.constexpr, NUM_STAGES: tl.constexpr = 1,
 ):
     if PRECISE:  # compiled: Python floats may arrive as fp64; the reference works in fp32
         # tl.cast, not .to(): Inductor's mutation analysis hands the floats in as Python floats,
@@ -93,8 +93,8 @@ def rms_norm_backward_kernel(
     if HAS_WEIGHT:
         w = tl.load(w_ptr + cols * stride_w, mask=cmask, other=0.0).to(tl.float32) + offset
     n_blocks = tl.cdiv(T, BLOCK_M)
-    if PRECISE:
-        for block in range(pid, n_blocks, n_programs):
+    if PRECISE:  # NUM_STAGES > 1: the next blocks' loads are issued while this one computes
+        for block in tl.range(pid, n_blocks, n_programs, num_stages=NUM_STAGES):
             acc = _row_block(block, acc, w, g_ptr, x_ptr, gr_ptr, dx_ptr, T, H, stride_g, stride_x,
                              stride_gr, eps, V, cols, cmask, in_var, BLOCK_M, HAS_WEIGHT,
                              HAS_VSIZE, HAS_GRES, PRECISE)
