@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -96,3 +97,21 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 def assert_close(actual, expected, dtype) -> None:
     torch.testing.assert_close(actual, expected, rtol=TOL[dtype], atol=TOL[dtype] * 2)
+
+
+@functools.cache
+def inductor_cpu_rounds_like_eager() -> bool:
+    """Whether this torch's Inductor CPU code, with ``emulate_precision_casts``, rounds a
+    bf16 intermediate between two pointwise ops as eager does (torch 2.13: yes; 2.11: no, it
+    keeps float32 there, so no lowering can give eager's bits on that CPU backend)."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0)).bfloat16()
+    w = (1 + 0.1 * torch.randn(4096, generator=torch.Generator().manual_seed(1))).bfloat16()
+
+    def f(x, w):
+        return x.float().mul(1.7).to(torch.bfloat16) * w
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(emulate_precision_casts=True, fx_graph_cache=False):
+        got = torch.compile(f, backend="inductor", fullgraph=True)(x, w)
+    torch._dynamo.reset()
+    return torch.equal(got, f(x, w))

@@ -47,7 +47,7 @@ def fake_cuda(*shapes, dtype=BF16):
 
 def group_args(t, h, dtype=BF16):
     _, (x, w) = fake_cuda((t, h), (h,), dtype=dtype)
-    return [x, w, 1e-6, 128, False, False, 0.0, None]
+    return [x, w, 1e-6, 128]
 
 
 def test_cpu_is_always_generated():
@@ -323,7 +323,7 @@ def test_imports_and_chooses_generated_without_triton():
         with FakeTensorMode():
             x = torch.empty(8192, 4096, dtype=torch.bfloat16, device="cuda")
             w = torch.empty(4096, dtype=torch.bfloat16, device="cuda")
-        c, why = choice.explain("rms_norm_fp8_group", [x, w, 1e-6, 128, False, False, 0.0, None])
+        c, why = choice.explain("rms_norm_fp8_group", [x, w, 1e-6, 128])
         assert c == "generated" and "triton" in why, why
         print("OK")
     """)
@@ -361,7 +361,7 @@ def test_tune_measures_once_and_auto_follows_it():
 
     x = torch.randn(2048, 4096, device="cuda", dtype=BF16)
     w = torch.randn(4096, device="cuda", dtype=BF16)
-    args = [x, w, 1e-6, 128, False, False, 0.0, None]
+    args = [x, w, 1e-6, 128]
     picked = measure.tune("rms_norm_fp8_group", *args)
     entry = choice.measured(choice.shape_class("rms_norm_fp8_group", args), choice.device_key())
     assert entry["choice"] == picked and entry["tokens"] == list(choice.MEASURE_TOKENS["any"])
@@ -387,7 +387,7 @@ def test_compile_measures_a_missing_class_once(monkeypatch):
     torch._dynamo.reset()
     out = torch.compile(f, backend="compile_norm", options={"passes": []})(x, w)
     assert counters["compile_norm"]["choice_measured"] == 1
-    key = choice.shape_class("rms_norm_fp8_group", [x, w, 1e-6, 128, False, False, 0.0, None])
+    key = choice.shape_class("rms_norm_fp8_group", [x, w, 1e-6, 128])
     entry = choice.measured(key, choice.device_key())
     assert entry is not None and triton_ops.config_from_json(entry["config"]) in triton_ops.few_configs(3072, 128)
     ref = f(x, w)
@@ -515,7 +515,7 @@ def test_symbolic_token_count_takes_the_shape_class_choice():
     _, x, r, w = fake_cuda_tokens(64, 4096)
     assert not isinstance(x.shape[0], int)
     _, (xs, rs, ws) = fake_cuda((8192, 4096), (8192, 4096), (4096,))
-    for op, tail in (("rms_norm_fp8_group", [1e-6, 128, False, False, 0.0, None]),
+    for op, tail in (("rms_norm_fp8_group", [1e-6, 128]),
                      ("rms_norm_int8_dynamic", [1e-6, 0.0, None]), ("rms_norm", [1e-6, 0.0, None])):
         assert choice.choose(op, [x, w, *tail]) == choice.choose(op, [xs, ws, *tail]), op
         assert choice.choose(op, [x, w, *tail], batch_invariant=False) == "generated"
@@ -526,7 +526,7 @@ def test_symbolic_token_count_takes_the_shape_class_choice():
     choice.record(choice.shape_class("rms_norm", args), choice.device_key(), (16, 8192), (10.0, 50.0), (1.0, 5.0))
     assert choice.choose("rms_norm", args) == "kernel"
     _, xf, _, wf = fake_cuda_tokens(64, 4096, torch.float32)
-    assert "float32 activations" in choice.explain("rms_norm_fp8_group", [xf, wf, 1e-6, 128, False, False, 0.0, None])[1]
+    assert "float32 activations" in choice.explain("rms_norm_fp8_group", [xf, wf, 1e-6, 128])[1]
 
 
 @pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
@@ -568,7 +568,7 @@ def test_inductor_mutation_analysis_of_the_backward_kernel(cuda_target_for_trito
     w, partials = torch.randn(384, dtype=BF16), torch.empty(4, 384)
     names = BK.rms_norm_backward_kernel.arg_names
     values = (g, x, w if weight else x, gr, dx, partials if weight else x, 8, 384, 384, 384, 1, 384,
-              1e-6, 0.0, 384, 1, 512, weight, False, False, True)
+              1e-6, 0.0, 384, 1, 512, weight, False, False, True, 3)
     kwargs = dict(zip(names, values))
     if hasattr(tkw, "identify_accessed_tensors"):  # torch >= 2.12
         access = tkw.identify_accessed_tensors(BK.rms_norm_backward_kernel, kwargs, {})

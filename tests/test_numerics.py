@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from compile_helpers import compile_run
+from compile_helpers import compile_run, inductor_cpu_rounds_like_eager
 from helpers import bits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -29,6 +29,12 @@ FUSED_BY = {  # family -> the counter that says its sites fused
 }
 TOKENS = (33, 1)
 HIDDEN = {"rms_fp8_group128": 384}  # group 128 needs hidden % 128 == 0; others: not a power of two
+
+
+def xfail_without_cpu_rounding(differ: int) -> None:
+    if differ and not inductor_cpu_rounds_like_eager():
+        pytest.xfail(f"torch {torch.__version__}: Inductor's CPU code keeps float32 between pointwise "
+                     f"ops under emulate_precision_casts ({differ} elements differ from eager)")
 
 
 def _outputs(v):
@@ -54,7 +60,9 @@ def test_compiled_equals_eager_and_rows_are_batch_invariant(family):
         sub = _rows(args, big, t)
         c = compile_run(fn, *sub, dynamic=False)
         assert c.counts.get(FUSED_BY[family], 0) >= 1, c.counts
-        assert differing(c.out, fn(*sub)) == 0, f"{family} T={t}: compiled bits differ from eager"
+        differ = differing(c.out, fn(*sub))
+        xfail_without_cpu_rounding(differ)
+        assert differ == 0, f"{family} T={t}: compiled bits differ from eager"
         if full is None:
             full = c.out
         else:  # the same rows within a bigger call
@@ -69,7 +77,9 @@ def test_3d_and_non_contiguous_inputs_equal_eager():
     with torch.no_grad():
         c = compile_run(norm, x, dynamic=False)
         assert c.counts.get("canonicalize_matched") == 1
-        assert differing(c.out, norm(x)) == 0
+        differ = differing(c.out, norm(x))
+        xfail_without_cpu_rounding(differ)
+        assert differ == 0
 
 
 def test_the_trade_off_options_change_the_numerics():

@@ -77,24 +77,33 @@ WARPS_PER_SM = 16
 
 @functools.lru_cache(maxsize=None)
 def launch_config(hidden: int) -> BackwardConfig:
-    """Rows per block, padded row width, warps, programs per SM and register cap.
+    """Rows per block, padded row width, warps, programs per SM, register cap, loop stages.
 
-    Measured on the H200 (benchmarks/backward_sweep.py, RESULTS.md run 20; bf16, 2048-8192
-    columns): 8 warps on a block of ~4K elements (16 per thread and operand), two programs
-    per SM capped at 128 registers per thread, beat the H100-era guess (16-32 warps, 32
-    warps per SM, 64 registers) by 1.16-1.33x: 8192x4096 72 vs 84 us, 16384x8192 256 vs 340,
-    8192x5376 111 vs 145, 2048x2048 22.6 vs 26.3 (two rows per block). Fewer resident warps
-    with more registers each win: every thread keeps x, grad and the fp32 dweight sums of its
-    columns in registers. Without the cap (what a compiled graph launches: wrap_triton takes
-    no register cap) the same config was as fast. Rows wider than 8192 take more warps so a
-    thread never holds more than 32 elements. The persistent grid is that many programs per
-    SM; the fp32 dweight partials (written and read once) cost ~2% of the traffic.
+    Measured on the H200 (benchmarks/backward_sweep.py; RESULTS.md runs 20-21; bf16, the
+    backward alone, ratio to copy at 6 bytes per element):
+
+    - 8 warps on a block of ~4K elements (16 per thread and operand) and two programs per SM
+      beat the H100-era guess (16-32 warps, 32 warps per SM, 64 registers) by 1.16-1.33x;
+    - rows of 2K columns and more: the row-block loop software-pipelined over 3 stages (the
+      next blocks' x and grad loads in flight while one block computes) with no register cap:
+      8192x4096 65 us (0.84; 73 capped without pipelining, 84 before), 16384x8192 217 (0.90;
+      260, 340), 8192x5376 99 (0.71; 113, 145), 2048x2048 21 (0.69; 23, 26). With the cap,
+      pipelining spills and loses; a compiled graph launches without one anyway (wrap_triton
+      takes no register cap), so eager and compiled run the same code;
+    - narrow rows (hidden 128, 32 rows per block): no pipelining, 128 registers (65536x128:
+      28 us, 0.73; pipelined 29-32).
+
+    Rows wider than 8192 take more warps so a thread never holds more than 32 elements. The
+    persistent grid is that many programs per SM; the fp32 dweight partials (written and read
+    once) cost ~2% of the traffic.
     """
     block_h = T._next_pow2(hidden)
     block_m = max(1, 4096 // block_h)
     elems = block_m * block_h
     num_warps = 8 if elems <= 8192 else min(32, elems // 1024)
     per_sm = max(1, WARPS_PER_SM // num_warps)
+    if block_m <= 2:
+        return BackwardConfig(block_m, block_h, num_warps, per_sm, maxnreg=None, num_stages=3)
     return BackwardConfig(block_m, block_h, num_warps, per_sm, 65536 // (32 * num_warps * per_sm))
 
 

@@ -76,7 +76,7 @@ def rms_norm_backward_kernel(
     eps, offset, V,  # V: number of columns in the variance (variance_size)
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_VSIZE: tl.constexpr, HAS_GRES: tl.constexpr,
-    PRECISE: tl.constexpr, NUM_STAGES: tl.constexpr = 1,
+    PRECISE: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     if PRECISE:  # compiled: Python floats may arrive as fp64; the reference works in fp32
         # tl.cast, not .to(): Inductor's mutation analysis hands the floats in as Python floats,

@@ -205,7 +205,11 @@ def _arg_kind(a: Any, x: torch.Tensor) -> str:
 
 
 def shape_class(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True) -> str | None:
-    """The key a measurement is kept under; None for a symbolic shape."""
+    """The key a measurement is kept under; None for a symbolic shape. Trailing arguments
+    left at their defaults key as if given (a call and its FX node may spell them or not)."""
+    from ..ops import registry
+
+    fake_args = registry.spec(op_name).bind(tuple(fake_args), {})
     x = fake_args[0]
     hidden, tokens = _static_int(x.shape[-1]), _tokens(x)
     if hidden is None or (tokens is None and not batch_invariant):
@@ -282,6 +286,8 @@ def explain(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True
     with positional ``fake_args`` (fake or real), as ``lowering="auto"`` decides it.
     ``batch_invariant``: one choice for every token count. ``measure``: time the candidates
     now where this shape class has no measurement on this device (lowerings/measure.py)."""
+    from ..ops import registry
+
     fam = family(op_name)
     x = fake_args[0] if fake_args else None
     if not isinstance(x, torch.Tensor):
@@ -294,6 +300,7 @@ def explain(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True
         return GENERATED, library_ops.REASON
     if not library_ops.supports(op_name, *fake_args):
         return GENERATED, "the Triton kernel does not accept these arguments"
+    fake_args = registry.spec(op_name).bind(tuple(fake_args), {})  # measuring needs them all
     key = shape_class(op_name, fake_args, batch_invariant)
     if key is None:
         return GENERATED, "symbolic shape: choices are per token class and hidden size"
