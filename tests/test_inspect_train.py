@@ -25,27 +25,14 @@ import torch
 from compile_norm.cli import main
 from compile_norm.inspect import inspect_model, targets
 from compile_norm.inspect.core import _train_mode, _train_warnings
+from test_inspect_cli import FACTORIES as CLI_FACTORIES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = os.path.join(ROOT, "examples", "llama_block.py") + ":tiny_cpu"
 FP32_GRAD_RTOL = 1e-5  # the issue's fp32 bound; the report's own limit (rtol 1e-3) is looser
 
-FACTORIES = '''
-import torch
-
-
-class Norm(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.randn(40))
-
-    def forward(self, x):
-        return self.w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
-
-
-def good():
-    return Norm(), torch.randn(6, 40)
-
+# test_inspect_cli.py's factories (its Norm module and good()), and targets that cannot train
+FACTORIES = CLI_FACTORIES + '''
 
 def frozen():
     model = Norm()
@@ -326,3 +313,28 @@ def test_a_training_graph_kept_by_the_pre_grad_pass_is_shown_with_its_reason():
         with observe_stages(recorder):
             PreGradPass()(gm.graph)
         assert recorder.graphs == []
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_backward_lowered_to_the_kernel():
+    """On the GPU, bf16, hidden 1024 (1 + 2 norms of a Llama-style layer), 512 tokens: the
+    lowering table takes the Triton backward kernels for ``rms_norm_backward``; the report says
+    so for each node, the backward graph has the kernels, and the bf16 gradients pass."""
+    blocks = targets.load_object(BLOCK.rpartition(":")[0] + ":LlamaBlocks")
+    torch.manual_seed(0)
+    model = blocks(1, 1024, 8, 4, 2048, max_pos=512).to("cuda", torch.bfloat16)
+    x = torch.randn(1, 512, 1024, device="cuda", dtype=torch.bfloat16)
+    report = inspect_model(model, (x,), train=True)
+    assert report.train.ok, report.to_text()
+    assert {g.dtype for g in report.train.grads} == {"bfloat16"}
+    pre, fwd, bwd = report.graphs
+    assert (pre.kind, fwd.kind, bwd.kind) == ("pre-grad", "forward", "backward")
+    assert bwd.ir_ops() == {"rms_norm_backward": 3}, bwd.ir_ops()
+    became = [s.lowered_to for s in bwd.lowered()]
+    assert became == ["kernel"] * 3, [(s.lowered_to, s.why) for s in bwd.lowered()]
+    assert sum(s.lowered_to == "kernel" for g in report.graphs for s in g.lowered()) == \
+        report.counters.get("lower_triton_kernel", 0)
+    names = [k.name for k in report.graph_kernels(2)]  # user-defined kernels keep their name
+    assert any(n.startswith("rms_norm_backward_kernel") for n in names), names
+    assert not any("rms_norm_backward_kernel" in k.name for k in report.graph_kernels(1))
+    assert "-> kernel x3" in report.graph_summary(2)
