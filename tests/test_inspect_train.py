@@ -338,3 +338,30 @@ def test_cuda_bf16_backward_lowered_to_the_kernel():
     assert any(n.startswith("rms_norm_backward_kernel") for n in names), names
     assert not any("rms_norm_backward_kernel" in k.name for k in report.graph_kernels(1))
     assert "-> kernel x3" in report.graph_summary(2)
+
+
+def test_output_code_goes_to_the_graph_being_compiled():
+    """Each output module is assigned to the graph whose stages came last from the compiling
+    thread; code generated in another thread (a lowering measurement's candidate) is dropped."""
+    import threading
+
+    from torch._inductor.graph import GraphLowering
+
+    from compile_norm.inspect.core import _run_and_get_code
+    from compile_norm.inspect.record import StageRecorder
+
+    graph = torch.fx.symbolic_trace(lambda x: x + 1).graph
+    recorder = StageRecorder()
+
+    def compile_twice():
+        for name in ("first", "second"):
+            recorder("input", graph)
+            GraphLowering.save_output_code(f"{name} = async_compile.cpp_pybinding(['x'], '''')")
+        worker = threading.Thread(target=GraphLowering.save_output_code, args=("candidate",))
+        worker.start()
+        worker.join()
+        return "done"
+
+    result, codes, owners = _run_and_get_code(compile_twice, recorder)
+    assert result == "done" and [c.split(" ")[0] for c in codes] == ["first", "second"]
+    assert owners == [0, 1]

@@ -231,6 +231,8 @@ def _run_and_get_code(fn, recorder: StageRecorder):
     owners: list[int | None] = []
 
     def save_output_code(code: str) -> None:
+        if recorder.other_thread():  # a measurement's candidate, not the model's code
+            return
         if code not in codes:
             codes.append(code)
             owners.append(recorder.compiling())

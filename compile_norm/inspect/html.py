@@ -325,13 +325,13 @@ def render(report) -> str:
               'inputs</span><span><i class="sw ir"></i><b style="color:var(--ir)">compile_norm.*'
               '</b> IR op</span><span>hover a node for its model source line</span></div>')
     sections = [
+        *([("train", "Training step: forward and backward", _train_html(report))]
+          if report.train else []),
         ("summary", "Fused and unfused sites", _sites_html(report)),
         ("stages", "Graphs, pass by pass", legend + (_stages_html(report) or
                                                      "<p>No stage was observed.</p>")),
         ("kernels", f"Generated kernels ({n_kern})", _kernels_html(report)),
         ("numerics", "Numerics: compiled vs eager", _numerics_html(report)),
-        *([("train", "Training step: forward and backward", _train_html(report))]
-          if report.train else []),
         ("bench", "Time", _bench_html(report)),
         ("counters", "Counters", _counters_html(report)),
     ]

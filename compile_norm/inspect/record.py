@@ -134,11 +134,16 @@ class StageRecorder:
         self.problems: list[str] = []
         self._thread: int | None = None  # the thread whose compile the last stage belonged to
 
+    def other_thread(self) -> bool:
+        """Code generated now comes from a thread other than the one whose stages were seen:
+        a lowering measurement's candidate (lowerings/measure.py compiles in a worker thread),
+        not the model's code."""
+        return self._thread is not None and self._thread != threading.get_ident()
+
     def compiling(self) -> int | None:
-        """Index of the graph Inductor is generating code for: the last one staged from this
-        thread (code is generated right after the passes, in the compile's thread; a
-        measurement compiled in a worker thread belongs to no recorded graph), None if none."""
-        if self._thread != threading.get_ident():
+        """Index of the graph Inductor is generating code for: the last one staged (code is
+        generated right after the passes, in the compile's thread), None if none."""
+        if self.other_thread():
             return None
         for i in range(len(self.graphs) - 1, -1, -1):
             if self.graphs[i].kind != PRE_GRAD:  # pre-grad graphs are compiled as their forward
