@@ -27,6 +27,7 @@ class Bench:
     stock_us: float
     eager_us: float
     spread: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (p25, p75) us
+    what: str = "call"  # what one timed call does: "call", "training step (forward + backward)"
 
     @property
     def speedup(self) -> float:

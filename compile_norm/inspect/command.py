@@ -45,6 +45,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--graphs", action="store_true", help="print every stage's graph too")
     p.add_argument("--dynamic", action="store_true", help="compile with dynamic=True (symbolic "
                    "shapes), as a model serving many sequence lengths is")
+    p.add_argument("--train", action="store_true", help="inspect a training step: train mode, "
+                   "loss = the output's .loss or the sum of its float32 output, forward + "
+                   "backward; shows the pre-grad, forward and backward graphs and the loss and "
+                   "gradients against eager (--bench times the step)")
     p.add_argument("--backend", default="compile_norm", help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=20, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -111,7 +115,7 @@ def _prepare(args):
     dtype = _DTYPES.get(args.dtype)
     if isinstance(model, torch.nn.Module):
         model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
-        model.eval()
+        model.train(args.train)
     inputs = tuple(
         x.to(device=device, dtype=dtype if dtype and x.is_floating_point() else x.dtype)
         if isinstance(x, torch.Tensor) else x
@@ -131,9 +135,10 @@ def run(args: argparse.Namespace) -> int:
         report = inspect_model(
             model, inputs, options=options, backend=backend, code=args.code, bench=args.bench,
             out_dir=args.out, depyf=args.depyf, repeats=args.repeats, title=title,
-            dynamic=args.dynamic,
+            dynamic=args.dynamic, train=args.train,
         )
-    except ValueError as e:  # bad argument found by inspect_model (unknown backend, ...)
+    except ValueError as e:  # bad argument found by inspect_model (unknown backend, a target
+        # that cannot train, ...)
         return _fail(e)
     except Exception as e:  # noqa: BLE001  (the compile itself failed)
         return _fail(f"compiling {title} with backend {args.backend!r} failed: {_reason(e)}", code=1)
@@ -141,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"report: {args.out}/report.html (stage graphs, report.json, report.txt beside it)")
     if not report.numerics_ok:
-        print("compile-norm: compiled outputs differ from eager beyond the tolerance",
+        what = "outputs, loss or gradients" if report.train else "outputs"
+        print(f"compile-norm: compiled {what} differ from eager beyond the tolerance",
               file=sys.stderr)
         return 1
     return 0

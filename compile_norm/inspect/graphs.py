@@ -77,6 +77,12 @@ def target_name(node: torch.fx.Node) -> str:
     return str(t)
 
 
+def op_short_name(target: str) -> str:
+    """``"compile_norm.rms_norm_backward.default"`` -> ``"rms_norm_backward"``."""
+    parts = target.split(".")
+    return parts[1] if len(parts) == 3 else target
+
+
 def is_ir(node: torch.fx.Node) -> bool:
     t = node.target
     return isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and (

@@ -168,7 +168,9 @@ def _sites_html(report) -> str:
                 tag = "fused" if s.node in sites else "rewritten"
                 rows.append((tag, st.name, g.label, f"{s.node} = {s.op}", s.source or "", ""))
             for s in st.removed_ir:
-                rows.append((st.removed_as, st.name, g.label, f"{s.node} = {s.op}", s.source or "", ""))
+                how = f" \u2192 {s.lowered_to} ({s.why})" if s.lowered_to else ""
+                rows.append((st.removed_as, st.name, g.label, f"{s.node} = {s.op}{how}",
+                             s.source or "", ""))
             for u in st.unmatched:
                 rows.append(("unfused", st.name, g.label, u.site, "", u.reason))
     if not rows:
@@ -188,7 +190,9 @@ def _kernels_html(report) -> str:
     else:
         out = []
         for k in report.kernels:
-            head = f'<code>{escape(k.name)}</code> <span class="meta">{escape(k.kind)}, module {k.module}</span>'
+            graph = f", {report.graphs[k.graph].label}" if k.graph is not None else ""
+            head = (f'<code>{escape(k.name)}</code> <span class="meta">{escape(k.kind)}, module '
+                    f'{k.module}{escape(graph)}</span>')
             if k.source is not None:
                 out.append(f'<details class="kernel"><summary>{head}</summary>'
                            f'<pre class="code">{escape(k.source)}</pre></details>')
@@ -212,8 +216,7 @@ def _numerics_html(report) -> str:
         f'<tr><td class="src">{escape(c.name)}</td><td>{escape(c.dtype)}</td>'
         f'<td class="src">{escape(str(c.shape))}</td><td class="num">{c.max_abs:.3g}</td>'
         f'<td class="num">{c.max_rel:.3g}</td><td class="num">{c.atol:g}</td>'
-        f'<td class="num">{c.rtol:g}</td><td class="{"good" if c.ok else "bad"}">'
-        f'{"pass" if c.ok else "FAIL"}</td><td>{escape(c.note)}</td></tr>'
+        f'<td class="num">{c.rtol:g}</td>{_verdict(c.ok, c.note)}</tr>'
         for c in report.numerics)
     return ('<p class="meta">Compiled against eager on the same inputs; an element passes when '
             '|compiled &minus; eager| &le; atol + rtol &middot; |eager|. Relative error is taken '
@@ -238,11 +241,47 @@ def _bench_html(report) -> str:
     cls = "good" if b.speedup >= 1 else "bad"
     return (f'<p><span class="{cls}" style="font-size:20px;font-weight:650">{b.speedup:.2f}&times;'
             f'</span> against stock torch.compile &middot; <span class="meta">{escape(b.device)}, '
-            f'wall clock per call, candidates interleaved, median of {b.repeats} repeats of '
+            f'wall clock per {escape(b.what)}, candidates interleaved, median of {b.repeats} repeats of '
             f'{b.calls_per_repeat} calls{", synchronized" if b.device.startswith("cuda") else ""}'
             f'</span></p><p class="meta">{escape(b.expectation)}</p>'
-            '<table class="data"><thead><tr><th>candidate</th><th>&micro;s / call (median)</th>'
+            '<table class="data"><thead><tr><th>candidate</th><th>&micro;s (median)</th>'
             f'<th>25th&ndash;75th percentile</th><th></th></tr></thead><tbody>{rows}</tbody></table>')
+
+
+def _train_html(report) -> str:
+    t = report.train
+    rows = "".join(
+        f'<tr><td>{escape(g.label)}</td><td class="src">{escape(report.graph_summary(i))}</td></tr>'
+        for i, g in enumerate(report.graphs))
+    c = t.loss
+    loss = (f'<table class="data"><thead><tr><th>loss</th><th>eager</th><th>compiled</th><th>max abs'
+            f'</th><th>max rel</th><th>atol</th><th>rtol</th><th>result</th><th></th></tr></thead><tbody><tr>'
+            f'<td>{escape(t.loss_rule)}</td><td class="num">{t.eager_loss:.6g}</td><td class="num">'
+            f'{t.compiled_loss:.6g}</td><td class="num">{c.max_abs:.3g}</td><td class="num">'
+            f'{c.max_rel:.3g}</td><td class="num">{c.atol:g}</td><td class="num">{c.rtol:g}</td>'
+            f'{_verdict(c.ok, c.note)}</tr></tbody></table>')
+    grads = "".join(
+        f'<tr><td class="src">{escape(g.group)}</td><td>{escape(g.dtype)}</td><td class="num">'
+        f'{g.params}</td><td class="num">{g.max_abs:.3g}</td><td class="num">{g.max_rel:.3g}</td>'
+        f'<td class="num">{g.rtol:g}</td>{_verdict(g.ok, g.note)}</tr>' for g in t.grads)
+    no_grad = (f'<p class="meta">No gradient, eager or compiled: <code>'
+               f'{escape(", ".join(t.no_grad))}</code></p>' if t.no_grad else "")
+    return (f'<p>One step: loss = {escape(t.loss_rule)}, then <code>loss.backward()</code>, eagerly '
+            f'and compiled; {t.trainable} tensor(s) require grad. The pre-grad pass makes the '
+            'norms ops before AOTAutograd splits the graph into the forward and the backward '
+            'Inductor compiles.</p><h3>Graphs</h3><table class="data"><thead><tr><th>graph</th>'
+            f'<th>compile_norm ops at the lower pass, what they became, kernels</th></tr></thead>'
+            f'<tbody>{rows}</tbody></table><h3>Loss</h3>{loss}<h3>Gradients: '
+            f'{escape(t.summary())}</h3><p class="meta">Per parameter group (layer indices as '
+            '<code>*</code>): max |compiled &minus; eager| / max |eager| over the group\'s '
+            'gradients, against the dtype\'s rtol.</p><table class="data"><thead><tr><th>group'
+            '</th><th>dtype</th><th>tensors</th><th>max abs</th><th>max rel</th><th>rtol</th>'
+            f'<th>result</th><th></th></tr></thead><tbody>{grads}</tbody></table>{no_grad}')
+
+
+def _verdict(ok: bool, note: str) -> str:
+    return (f'<td class="{"good" if ok else "bad"}">{"pass" if ok else "FAIL"}</td>'
+            f'<td>{escape(note)}</td>')
 
 
 def _spread(b, name: str) -> str:
@@ -273,6 +312,11 @@ def render(report) -> str:
         f'<div class="card"><div class="k">numerics</div><div class="v {"good" if ok else "bad"}">'
         f'{"pass" if ok else "FAIL"}</div></div>'
         f'<div class="card"><div class="k">vs stock compile</div><div class="v">{speed}</div></div>')
+    if report.train:
+        t_ok = report.train.ok
+        cards += (f'<div class="card" title="{escape(report.train.summary(), quote=True)}"><div '
+                  f'class="k">training step</div><div class="v {"good" if t_ok else "bad"}">'
+                  f'{"pass" if t_ok else "FAIL"}</div><div class="k">loss and gradients</div></div>')
     warnings = "".join(f'<div class="warn">{escape(w)}</div>' for w in report.warnings)
     opts = escape(json.dumps(report.options)) if report.options else "none"
     legend = ('<div class="legend"><span><i class="sw added"></i>added (fused IR node in bold blue)'
@@ -281,6 +325,8 @@ def render(report) -> str:
               'inputs</span><span><i class="sw ir"></i><b style="color:var(--ir)">compile_norm.*'
               '</b> IR op</span><span>hover a node for its model source line</span></div>')
     sections = [
+        *([("train", "Training step: forward and backward", _train_html(report))]
+          if report.train else []),
         ("summary", "Fused and unfused sites", _sites_html(report)),
         ("stages", "Graphs, pass by pass", legend + (_stages_html(report) or
                                                      "<p>No stage was observed.</p>")),

@@ -62,11 +62,12 @@ def compare(compiled, eager, tolerances=None) -> list[OutputCheck]:
             checks.append(OutputCheck(_name(path), type(e).__name__, [], 0.0, 0.0, 0, 0, bool(ok),
                                       "" if ok else f"{c!r} != {e!r}"))
             continue
-        checks.append(_compare_tensor(_name(path), c, e, tols))
+        checks.append(compare_tensor(_name(path), c, e, tols))
     return checks
 
 
-def _compare_tensor(name, c, e, tols) -> OutputCheck:
+def compare_tensor(name, c, e, tols) -> OutputCheck:
+    """One compiled tensor against its eager one; ``tols``: dtype -> (atol, rtol)."""
     atol, rtol = tols.get(e.dtype, (0.0, 0.0))
     shape = list(e.shape)
     if not isinstance(c, torch.Tensor) or c.shape != e.shape or c.dtype != e.dtype:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
+from ..passes import pre_grad
 from . import graphs
 from .graphs import GraphSnapshot
 
 
 LOWER_STAGE = "lower"  # the pass that turns IR nodes into code (passes.lower.LowerPass.name)
+# the first stage of a graph: the post-grad manager's, or the pre-grad pass's (training)
+INPUT_STAGES = ("input", pre_grad.INPUT_STAGE)
+PRE_GRAD, FORWARD, BACKWARD = "pre-grad", "forward", "backward"  # GraphRecord.kind
 
 
 @dataclass
@@ -21,6 +27,8 @@ class Site:
     node: str
     op: str
     source: str | None
+    lowered_to: str | None = None  # lower stage: "generated" or "kernel" (PassResult.lowered)
+    why: str | None = None  # why the lowering chose it
 
 
 @dataclass
@@ -58,6 +66,8 @@ class StageRecord:
 class GraphRecord:
     label: str  # "graph 0/0 (forward)"
     stages: list[StageRecord] = field(default_factory=list)
+    # PRE_GRAD (a training graph before AOTAutograd), FORWARD (an inference graph too) or BACKWARD
+    kind: str = FORWARD
 
     def pairs(self):
         """(before, after) stage pairs, one per pass."""
@@ -73,6 +83,19 @@ class GraphRecord:
         final = fusion[-1].graph.by_name()
         return [s for st in fusion for s in st.fused if s.node in final]
 
+    def ir_ops(self) -> dict[str, int]:
+        """compile_norm op -> nodes of it in the graph the fusion passes hand on (the lower
+        pass's input): fused here or arriving as ops (a training graph's forward from the
+        pre-grad pass, its backward's ``rms_norm_backward`` from AOTAutograd)."""
+        fusion = [st for st in self.stages if st.name != LOWER_STAGE]
+        if not fusion:
+            return {}
+        return dict(Counter(graphs.op_short_name(n.target) for n in fusion[-1].graph.nodes if n.ir))
+
+    def lowered(self) -> list[Site]:
+        """The IR nodes the lower pass replaced, each with what it became and why."""
+        return [s for st in self.stages if st.name == LOWER_STAGE for s in st.removed_ir]
+
 
 def _compile_id() -> str | None:
     try:
@@ -82,11 +105,13 @@ def _compile_id() -> str | None:
     return str(cid) if cid is not None else None
 
 
-def _graph_kind(graph: torch.fx.Graph) -> str:
+def _graph_kind(stage: str, graph: torch.fx.Graph) -> str:
+    if stage == pre_grad.INPUT_STAGE:
+        return PRE_GRAD
     names = [n.name for n in graph.find_nodes(op="placeholder")]
-    if any(n.startswith("tangents") for n in names):
-        return "backward"
-    return "forward"
+    if any(n.startswith("tangents") for n in names):  # AOTAutograd's names for the grad_outputs
+        return BACKWARD
+    return FORWARD
 
 
 def _replaced_sources(before: GraphSnapshot, after: GraphSnapshot) -> dict[str, str]:
@@ -107,15 +132,33 @@ class StageRecorder:
     def __init__(self) -> None:
         self.graphs: list[GraphRecord] = []
         self.problems: list[str] = []
+        self._thread: int | None = None  # the thread whose compile the last stage belonged to
+
+    def other_thread(self) -> bool:
+        """Code generated now comes from a thread other than the one whose stages were seen:
+        a lowering measurement's candidate (lowerings/measure.py compiles in a worker thread),
+        not the model's code."""
+        return self._thread is not None and self._thread != threading.get_ident()
+
+    def compiling(self) -> int | None:
+        """Index of the graph Inductor is generating code for: the last one staged (code is
+        generated right after the passes, in the compile's thread), None if none."""
+        if self.other_thread():
+            return None
+        for i in range(len(self.graphs) - 1, -1, -1):
+            if self.graphs[i].kind != PRE_GRAD:  # pre-grad graphs are compiled as their forward
+                return i
+        return None
 
     def __call__(self, stage: str, graph: torch.fx.Graph, result=None) -> None:
         snap = graphs.snapshot(graph)
-        if stage == "input" or not self.graphs:
-            if stage != "input":
+        self._thread = threading.get_ident()
+        if stage in INPUT_STAGES or not self.graphs:
+            if stage not in INPUT_STAGES:
                 self.problems.append(f"stage {stage!r} came before any 'input' stage")
             cid = _compile_id()
-            label = f"graph {cid or len(self.graphs)} ({_graph_kind(graph)})"
-            self.graphs.append(GraphRecord(label))
+            kind = _graph_kind(stage, graph)
+            self.graphs.append(GraphRecord(f"graph {cid or len(self.graphs)} ({kind})", kind=kind))
         rec = self.graphs[-1]
         st = StageRecord(stage, snap)
         if result is not None:
@@ -132,8 +175,9 @@ class StageRecorder:
                 Site(stage, n, after_nodes[n].target, after_nodes[n].source or fallback.get(n))
                 for n in d.added if after_nodes[n].ir
             ]
+            lowered = {name: (how, why) for name, how, why in getattr(result, "lowered", ())}
             st.removed_ir = [
-                Site(stage, n, before_nodes[n].target, before_nodes[n].source)
+                Site(stage, n, before_nodes[n].target, before_nodes[n].source, *lowered.get(n, ()))
                 for n in d.removed if before_nodes[n].ir
             ]
         rec.stages.append(st)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from .bench import Bench
 from .kernels import Kernel
 from .numerics import OutputCheck
-from .record import LOWER_STAGE, GraphRecord, Site, Unmatched
+from .record import LOWER_STAGE, PRE_GRAD, GraphRecord, Site, Unmatched
+from .training import TrainStep
 
 
 @dataclass(repr=False)  # the generated repr of every graph is tens of KB
@@ -31,6 +32,7 @@ class InspectReport:
     counters: dict[str, int] = field(default_factory=dict)  # this run's compile_norm counters
     warnings: list[str] = field(default_factory=list)
     depyf_dir: str | None = None
+    train: TrainStep | None = None  # inspect_model(train=True): the step's loss and gradients
 
     # --- summaries ---------------------------------------------------------------------------
 
@@ -60,7 +62,37 @@ class InspectReport:
 
     @property
     def numerics_ok(self) -> bool:
-        return all(c.ok for c in self.numerics)
+        """Every output, and in a training step the loss and every gradient, within tolerance."""
+        return all(c.ok for c in self.numerics) and (self.train is None or self.train.ok)
+
+    def graph_kernels(self, index: int) -> list[Kernel]:
+        """The kernels generated for ``self.graphs[index]``."""
+        return [k for k in self.kernels if k.graph == index]
+
+    def graph_summary(self, index: int) -> str:
+        """What one graph holds at the lower pass and what each op became, for the training
+        view: ``"compile_norm ops rms_norm_backward x3 -> generated x3 (why); 4 kernels"``."""
+        g = self.graphs[index]
+        ops = g.ir_ops()
+        text = "compile_norm ops " + (", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
+                                      if ops else "none")
+        if g.kind == PRE_GRAD:
+            canon = next((st for st in g.stages if st.name.endswith("canonicalize")), None)
+            error = next((st.error for st in g.stages if st.error), None)
+            if error:
+                return f"{text}; left to the post-grad passes: {error}"
+            if canon is None or not canon.matched:
+                return f"{text}; no norm matched: Dynamo's graph kept"
+            return (f"{text} ({canon.matched} norm site(s) matched): replaces Dynamo's graph, "
+                    "AOTAutograd differentiates the ops")
+        ways: dict[tuple[str, str], int] = {}  # (became, why) -> nodes
+        for s in g.lowered():
+            way = (s.lowered_to or "lowered", s.why or "")
+            ways[way] = ways.get(way, 0) + 1
+        if ways:
+            text += " -> " + ", ".join(f"{how} x{n}" + (f" ({why})" if why else "")
+                                       for (how, why), n in ways.items())
+        return f"{text}; {len(self.graph_kernels(index))} kernel(s)"
 
     def fused_counts(self) -> dict[str, int]:
         """IR op -> how many fused sites are of it (over all graphs)."""
@@ -84,6 +116,13 @@ class InspectReport:
         if self.bench is not None:
             d["bench"]["speedup"] = self.bench.speedup
         d["numerics_ok"] = self.numerics_ok
+        if self.train is not None:  # per graph what the training view shows
+            d["train"]["ok"] = self.train.ok
+            d["train"]["graphs"] = [
+                {"label": g.label, "kind": g.kind, "ir_ops": g.ir_ops(),
+                 "lowered": [(s.node, s.lowered_to, s.why) for s in g.lowered()],
+                 "kernels": len(self.graph_kernels(i)), "summary": self.graph_summary(i)}
+                for i, g in enumerate(self.graphs)]
         return d
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -114,13 +153,16 @@ class InspectReport:
                 for s in st.fused:
                     out.append(f"    fused   {s.node} = {s.op}  @ {s.source or 'source unknown'}")
                 for s in st.removed_ir:
-                    out.append(f"    {st.removed_as:8s}{s.node} = {s.op}")
+                    how = f" -> {s.lowered_to} ({s.why})" if s.lowered_to else ""
+                    out.append(f"    {st.removed_as:8s} {s.node} = {s.op}{how}")
                 for u in st.unmatched:
                     out.append(f"    unfused {u.site}: {u.reason}")
             if graphs:
                 for st in g.stages:
                     out.append(f"\n   [{g.label} / {st.name}]")
                     out.append(st.graph.text())
+        if self.train:
+            out.extend(self._train_text())
         counts = self.fused_counts()
         out.append(f"\nfused sites: {self.fused_summary()}")
         out.append("fused: " + (", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))
@@ -139,7 +181,7 @@ class InspectReport:
                        f"{'ok' if c.ok else 'FAIL'}{' ' + c.note if c.note else ''}")
         if self.bench:
             b = self.bench
-            out.append(f"time per call ({b.device}, interleaved, median [25th-75th percentile] "
+            out.append(f"time per {b.what} ({b.device}, interleaved, median [25th-75th percentile] "
                        f"of {b.repeats}): backend {b.describe('backend', b.backend_us)}, stock "
                        f"torch.compile {b.describe('stock', b.stock_us)}, eager "
                        f"{b.describe('eager', b.eager_us)} -> {b.speedup:.2f}x vs stock")
@@ -149,6 +191,23 @@ class InspectReport:
         if self.depyf_dir:
             out.append(f"depyf dump: {self.depyf_dir}")
         return "\n".join(out)
+
+    def _train_text(self) -> list[str]:
+        t = self.train
+        out = [f"\ntraining step: loss = {t.loss_rule}, then loss.backward() "
+               f"({t.trainable} tensor(s) require grad)"]
+        out.extend(f"  {g.label}: {self.graph_summary(i)}" for i, g in enumerate(self.graphs))
+        c = t.loss
+        out.append(f"  loss: eager {t.eager_loss:.6g}, compiled {t.compiled_loss:.6g}: max abs "
+                   f"{c.max_abs:.3g}, max rel {c.max_rel:.3g} (atol {c.atol:g}, rtol {c.rtol:g}) "
+                   f"{'ok' if c.ok else 'FAIL'}{' ' + c.note if c.note else ''}")
+        out.append(f"  gradients: {t.summary()}")
+        out.extend(f"    {g.group} ({g.dtype} x{g.params}): max abs {g.max_abs:.3g}, max rel "
+                   f"{g.max_rel:.3g} {'ok' if g.ok else 'FAIL'}{' ' + g.note if g.note else ''}"
+                   for g in t.grads)
+        if t.no_grad:
+            out.append(f"  no gradient, eager or compiled: {', '.join(t.no_grad)}")
+        return out
 
     def write(self, out_dir: str) -> list[str]:
         """Stage graphs as text files, report.json, report.html, report.txt; returns the paths."""

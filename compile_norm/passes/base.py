@@ -33,6 +33,9 @@ class PassResult:
     unmatched: list[tuple[str, str]] = field(default_factory=list)
     error: str | None = None  # the pass raised: "<type>: <message>"; the graph was restored
     counts: dict[str, int] = field(default_factory=dict)  # further counters, e.g. lower_triton_kernel
+    # (node, implementation, why) for every IR node the lower pass replaced: what the inspect
+    # report shows beside each lowered node ("generated", "kernel").
+    lowered: list[tuple[str, str, str]] = field(default_factory=list)
 
     def skip(self, site: str, reason: str) -> None:
         self.unmatched.append((site, reason))
@@ -45,7 +48,8 @@ class PassResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PassResult":
-        return cls(d["name"], d["matched"], [tuple(u) for u in d["unmatched"]], d["error"], dict(d["counts"]))
+        return cls(d["name"], d["matched"], [tuple(u) for u in d["unmatched"]], d["error"], dict(d["counts"]),
+                   [tuple(x) for x in d.get("lowered", ())])
 
     def publish(self) -> None:
         """Add the counts to ``torch._dynamo.utils.counters["compile_norm"]``, log them and warn

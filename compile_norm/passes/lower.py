@@ -75,17 +75,20 @@ class LowerPass(PatternPass):
             config = lowering_choice.kernel_config(P.op_name(node), _fake_args(node), self.options.batch_invariant)
             traced, why = _trace_kernel(node, config)
             if traced is not None:
+                self.result.lowered.append((node.name, how, why))
                 match.replace_by_example(traced, P.norm_args(node), trace_fn=lambda gm, _args: gm)
                 self.result.count(KERNEL_COUNTER)  # lowered (matched), to the kernel
                 self.result.matched += 1
                 return
             if mode == "auto":  # inline rather than an opaque call
                 log.info("compile_norm lower: %s inlined, kernel unusable: %s", P.site(node), why)
+                how, why = lowering_choice.GENERATED, f"the kernel is unusable: {why}"
             else:
                 how, why = lowering_choice.CALL, f"kept as a call to kernel 'triton' ({why})"
         if how == lowering_choice.CALL:
             self.result.skip(P.site(node), why)
             return
+        self.result.lowered.append((node.name, how, why))
         match.replace_by_example(reference_for(node.target), P.norm_args(node))
         self.result.matched += 1
 

@@ -19,6 +19,9 @@ matched, or the re-trace or a pass fails, the Dynamo graph is kept as it was (a 
 counted as ``pre_grad_unmatched: <reason>``; ``strict`` raises instead).
 
 Counters: ``pre_grad_<pass>_matched`` / ``_unmatched`` for canonicalize, gemma, residual.
+Stage observers (``base.observe_stages``, the inspect tool) see ``pre_grad_input`` (the
+re-trace) and ``pre_grad_<pass>`` after each pass; a graph kept before any pass ran is seen
+as ``pre_grad_input`` (Dynamo's graph) and a ``pre_grad`` stage carrying the reason as its error.
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..options import CompileOptions, parse_options
 from . import cache_key
-from .base import COUNTER_GROUP
+from .base import COUNTER_GROUP, PassResult, notify_stage
 from .canonicalize import CanonicalizePass
 from .gemma import GemmaPass
 from .residual import ResidualPass
 
 log = logging.getLogger("compile_norm.passes")
 PREFIX = "pre_grad"
+INPUT_STAGE = f"{PREFIX}_input"  # the stage observers see first: the re-traced graph, no pass yet
 # The passes that make the float ops (the ops with an autograd formula); quant and lower wait
 # for the post-grad graph.
 PASSES = (CanonicalizePass, GemmaPass, ResidualPass)
@@ -156,25 +160,27 @@ class PreGradPass(CustomGraphPass):
         if CanonicalizePass not in enabled:
             return
         if not any(isinstance(v, torch._subclasses.FakeTensor) for v in values):
-            return self._keep("graph inputs have no fake example values")
+            return self._keep("graph inputs have no fake example values", graph)
         try:
             traced = retrace(graph.owning_module, values)
         except Exception as e:
             if self.options.strict:
                 raise
-            return self._keep(f"re-tracing to ATen failed ({type(e).__name__})", e)
+            return self._keep(f"re-tracing to ATen failed ({type(e).__name__})", graph, e)
         manager = CompileNormPass(self.options)
         results = []
+        notify_stage(INPUT_STAGE, traced.graph)  # observers (the inspect tool) see every stage
         # No tracing context while the passes build nodes: its fake mode is the backend's
         # (AOTAutograd's inputs), the traced graph's values are in Dynamo's (its inputs' own).
         with manager.priority(), torch._guards.tracing(None):
             for cls in enabled:
                 result = manager.run_pass(cls(), traced.graph)  # strict: raises
                 result.name = f"{PREFIX}_{cls.name}"
+                notify_stage(result.name, traced.graph, result)
                 results.append(result)
         failed = [r.name for r in results if r.error]
         if failed:  # the post-grad passes get the graph as Dynamo made it
-            return self._keep(f"pass {failed[0]} failed")
+            return self._keep(f"pass {failed[0]} failed")  # its stage shows the error
         for result in results:
             result.publish()
         if not results[0].matched:
@@ -182,7 +188,13 @@ class PreGradPass(CustomGraphPass):
         _adopt_constants(traced, graph.owning_module)
         replace_graph(graph, traced.graph)
 
-    def _keep(self, reason: str, error: Exception | None = None) -> None:
+    def _keep(self, reason: str, graph: torch.fx.Graph | None = None,
+              error: Exception | None = None) -> None:
+        """Leave the graph to the post-grad passes, counted; with ``graph`` (Dynamo's, nothing
+        re-traced), observers see it as a pre-grad stage that failed, with the reason."""
+        if graph is not None:
+            notify_stage(INPUT_STAGE, graph)
+            notify_stage(PREFIX, graph, PassResult(PREFIX, error=reason + (f": {error}" if error else "")))
         counters[COUNTER_GROUP][f"{PREFIX}_unmatched: {reason}"] += 1
         log.warning("compile_norm %s: training graph left to the post-grad passes: %s%s",
                     PREFIX, reason, f": {error}" if error else "")
