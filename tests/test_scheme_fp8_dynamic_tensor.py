@@ -9,6 +9,7 @@ import compile_norm  # noqa: F401
 from compile_norm import ops
 from compile_norm.kernels import checking, triton_ops
 from compile_norm.ops import registry
+from compile_norm.ops.quant import SCHEMES
 
 FP8 = torch.float8_e4m3fn
 SHAPES = [(7, 3000), (2, 3, 256), (256,), (0, 512)]
@@ -47,6 +48,27 @@ def test_fused_ops_equal_their_parts(shape):
     y, wh = ops.fused_add_rms_norm(x, r, w, 1e-6)
     wq, ws = ops.quant_fp8_dynamic_tensor(y)
     assert torch.equal(bits(q), bits(wq)) and torch.equal(s, ws) and torch.equal(h, wh)
+
+
+FORMS = [{}, *({k: v for k, v in var.items() if k != "dtype"}
+               for var in SCHEMES["fp8_dynamic_tensor"].variants)]
+
+
+@pytest.mark.parametrize("how", FORMS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_each_scale_form_is_the_per_token_one_over_a_single_row(how, dtype):
+    """The scale arguments are fp8_dynamic's: a tensor's scale is the per-token scale of the
+    tensor seen as one row (3-D, non-contiguous, a non-power-of-two hidden size, a NaN)."""
+    base = (torch.randn(2, 5, 3 * 333) * 3).to(dtype)
+    for x in (base, base[:, :, ::3], base[:, 1].clone().fill_(0.0)):
+        q, s = ops.quant_fp8_dynamic_tensor(x, **how)
+        wq, ws = ops.quant_fp8_dynamic(x.reshape(1, -1), **how)
+        assert s.shape == ()
+        assert torch.equal(bits(q), bits(wq).reshape(x.shape)) and torch.equal(s, ws.reshape(()))
+    x = base.clone()
+    x[1, 2, 7] = float("nan")
+    q, s = ops.quant_fp8_dynamic_tensor(x, **how)
+    assert s.isnan() and q.float().isnan().all()
 
 
 def test_zero_tokens_get_the_minimum_scale():
