@@ -21,7 +21,8 @@ Two kinds of site:
      the quotient by 448 (1 + 2**-8), which the cast rounds to 448 as the clamp would.
    The constants (448, 127, the clamp bounds, the minimum scale) are matched as arguments and
    compared with the op's contract; anything else is refused with a reason. A static FP8
-   scale applied as ``y * (1 / s)`` is refused: it is not bit-identical to ``y / s``.
+   scale applied as a multiply, ``y * m`` (``m = 1 / s`` or any one-element multiplier), is
+   ``fp8_static`` with ``scale_form="inverse"`` and ``m`` as its scale: the same product.
 
 Identical quantization chains of one norm output are merged first (torchao quantizes an
 activation once per linear that reads it).
@@ -377,8 +378,6 @@ class QuantPass(PatternPass):
         if m.kwargs["qdtype"] not in (Q.FP8_DTYPE, torch.int8) or norm_of(m.kwargs["y"]) is None:
             return False  # not a quantization of a norm: nothing to report
         reason = _common_reason(m, kind)
-        if reason is None and kind == "fp8_mul":
-            reason = "FP8 quantization multiplies by a reciprocal scale: not bit-identical to y / scale"
         if _depends_on(m.kwargs["scale"], m.kwargs["y"]):
             return False  # a dynamic scale: the dynamic patterns' business (and their reason)
         if reason is None and not _scale_tensor_ok(m.kwargs["scale"], F32):
@@ -397,8 +396,9 @@ class QuantPass(PatternPass):
 
     def _static_rewrite(self, kind: str, m: Match, *args, **kwargs) -> None:
         kw = m.kwargs
-        if kind == "fp8":
-            self._fuse(kw["y"], "fp8_static", [kw["scale"], "divide"], [m.output_node()], m.output_node(), m.nodes)
+        if kind.startswith("fp8"):  # y / s, or y * m: m is the inverse scale
+            form = "inverse" if kind == "fp8_mul" else "divide"
+            self._fuse(kw["y"], "fp8_static", [kw["scale"], form], [m.output_node()], m.output_node(), m.nodes)
         else:
             self._fuse(kw["y"], "int8_static", [kw["scale"], kw.get("azp")], [m.output_node()], m.output_node(), m.nodes)
 
