@@ -1,5 +1,6 @@
 """The fp8_dynamic_tensor scheme (one dynamic FP8 scale for the whole tensor): reference,
-fused ops equal to their parts, torch.library contract, and fusion under the backend."""
+each scale form (the dynamic FP8 schemes' shared arguments), fused ops equal to their parts,
+torch.library contract, and fusion under the backend."""
 
 import pytest
 import torch
@@ -84,6 +85,8 @@ def test_opcheck(name):
     args = {"quant_fp8_dynamic_tensor": (x,), "rms_norm_fp8_dynamic_tensor": (x, x[0], 1e-6),
             "fused_add_rms_norm_fp8_dynamic_tensor": (x, x.clone(), x[0], 1e-6)}[name]
     torch.library.opcheck(registry.overload(spec), args)
+    torch.library.opcheck(registry.overload(spec), args,  # torchao's tensorwise arithmetic
+                          dict(min_scale=1e-12, clamp_amax=True, scale_form="inverse"))
 
 
 def test_no_triton_kernel_yet():
