@@ -20,7 +20,8 @@ import inspect
 import pkgutil
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 
@@ -165,7 +166,8 @@ def check_fp8_scale_args(op: str, how: FP8Scale) -> None:
                          f"scale_form='inverse', got {scale_form!r}")
 
 
-def fp8_kernel_scale(how: FP8Scale) -> dict:
+@functools.lru_cache(maxsize=256)  # on the eager hot path: the float32 roundings cost ~4 us
+def fp8_kernel_scale(how: FP8Scale) -> Mapping[str, Any]:
     """``KernelQuant`` fields of the scale arguments (the kernel's constexprs).
 
     The kernel computes "inverse" in float32: ``448 / amax`` correctly rounded equals the
@@ -173,7 +175,11 @@ def fp8_kernel_scale(how: FP8Scale) -> dict:
     within 2**-49 of a float32 rounding boundary, the float64 error is below 2**-52). Its
     float64 clamp becomes ``amax < min_at -> inv_min``, with ``min_at`` the least float32
     >= min_scale (the amaxes below min_scale) and ``inv_min`` torchao's constant.
-    ``pow2_inverse`` is the kernel's scale form 3."""
+    ``pow2_inverse`` is the kernel's scale form 3. Read-only: the result is cached."""
+    return MappingProxyType(_kernel_scale(how))
+
+
+def _kernel_scale(how: FP8Scale) -> dict:
     min_scale, scale_form = how.min_scale, how.scale_form
     form = 3 if how.pow2_inverse else SCALE_FORMS.index(scale_form)
     if min_scale is None:
