@@ -79,6 +79,31 @@ def test_library_form_fuses_bit_for_bit(form, fused_op, expected, dtype, shape):
     assert_bitwise_equal(got[1].view(want[1].shape), want[1], nan_equal=True)
 
 
+PER_TENSOR = [f for f in FORMS if f[1].endswith("_tensor")]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("form, fused_op, expected", PER_TENSOR, ids=[f[0].__name__ for f in PER_TENSOR])
+def test_cuda_per_tensor_form_fuses(form, fused_op, expected):
+    """On the GPU: fused, codes within one step of eager, the op with the read arguments (the
+    two-pass provider) equal to the form on its own norm output within one step, and never
+    more generated kernels than stock compile of the same code (the site is inlined: the
+    two-pass kernels serve eager calls)."""
+    x = torch.randn(64, 5376, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(5376, device="cuda", dtype=torch.bfloat16)
+    c = compile_run(form, x, w, options={"strict": True})
+    assert c.counts["quant_matched"] == 1, c.counts
+    assert c.ops("quant", "after") == {fused_op}
+    stock = compile_run(form, x, w, backend="inductor")
+    assert len(c.kernels) <= len(stock.kernels), (c.kernels, stock.kernels)
+    want = form(x, w)
+    _close_q(c.out[0], want[0])
+    assert_close(c.out[1], want[1], torch.bfloat16)
+    got = getattr(torch.ops.compile_norm, fused_op)(x, w, 1e-6, **expected)
+    _close_q(got[0], want[0])
+    assert_close(got[1].view(want[1].shape), want[1], torch.bfloat16)
+
+
 def fp32_inverse_per_tensor(x, w):
     """torchao's tensorwise inverse scale computed in float32 instead of float64."""
     y = cn.rms_norm(x, w, 1e-6)
