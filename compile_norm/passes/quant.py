@@ -474,6 +474,7 @@ class QuantPass(PatternPass):
         want = (1,) * min(sv.dim(), yv.dim()) if read.per_tensor else (*zv.shape[:-1], 1)
         if sv.dim() != len(want) or not all(statically_known_true(a == b) for a, b in zip(sv.shape, want)):
             return ("group scale does not divide its group as [..., H/g, 1]" if grouped
+                    else "a per-tensor scale of more than one element" if read.per_tensor
                     else "scale is not one per token ([..., 1])")
         inside = {*m.nodes, *read.nodes, *read.broadcast, read.scale}
         reason = _norm_reason(kw["y"], inside)
