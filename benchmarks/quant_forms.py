@@ -85,6 +85,31 @@ def torchao_training_row(y):
     return (y.to(torch.float32) * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def vllm_per_tensor(y):
+    """vllm/model_executor/layers/quantization/input_quant_fp8.py, QuantFP8.forward_native,
+    dynamic per-tensor branch (``scaled_fp8_quant`` without a scale, in PyTorch)."""
+    x_max = y.abs().max().unsqueeze(-1).to(torch.float32)
+    scale = (x_max / FP8_MAX).clamp(min=MIN_SCALING_FACTOR)
+    out = (y.to(torch.float32) * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return out, scale
+
+
+def torchao_inference_tensor(y):
+    """torchao quant_primitives._choose_scale_float8 with block_size = y.shape (PerTensor) +
+    _quantize_affine_float8: amax over every dim, the scale in the activation's dtype."""
+    amax = y.abs().amax(dim=tuple(range(y.dim())), keepdim=True)
+    scale = (amax / FP8_MAX).to(torch.float32)
+    return (y.to(torch.float32) / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def torchao_training_tensor(y):
+    """torchao float8_utils.tensor_to_scale (tensorwise: torch.max(torch.abs(y))) ->
+    amax_to_scale (float64, EPS 1e-12) and hp_tensor_and_scale_to_float8 (multiply)."""
+    amax = torch.max(torch.abs(y)).to(torch.float64)
+    scale = (FP8_MAX / torch.clamp(amax, min=1e-12)).to(torch.float32)
+    return (y.to(torch.float32) * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
 # (form, fused op, the scheme arguments the quant pass reads from it)
 FORMS = [
     (vllm_per_token, "rms_norm_fp8_dynamic", dict(scale_form="multiply")),
@@ -93,6 +118,11 @@ FORMS = [
     (deepseek_act_quant_no_clamp, "rms_norm_fp8_group", dict(min_scale=None)),
     (torchao_inference_row, "rms_norm_fp8_dynamic", dict(min_scale=None, scale_in_x_dtype=True)),
     (torchao_training_row, "rms_norm_fp8_dynamic",
+     dict(min_scale=1e-12, clamp_amax=True, scale_form="inverse")),
+    (vllm_per_tensor, "rms_norm_fp8_dynamic_tensor", dict(scale_form="multiply")),
+    (torchao_inference_tensor, "rms_norm_fp8_dynamic_tensor",
+     dict(min_scale=None, scale_in_x_dtype=True)),
+    (torchao_training_tensor, "rms_norm_fp8_dynamic_tensor",
      dict(min_scale=1e-12, clamp_amax=True, scale_form="inverse")),
 ]
 SHAPES = "2048x4096,16384x4096,8192x5376,16384x5376"
@@ -120,6 +150,8 @@ def run(shapes, dev: str, timing: bool, budget_s: float | None = None) -> list[d
         # minimal bytes: x and w read, q written (1 byte), scales (small) ignored
         nbytes = 2 * t * h + 2 * h + t * h
         for form, fused_op, _ in FORMS:
+            # a per-tensor scale needs every row's amax first: x is read twice at the least
+            form_bytes = nbytes + (2 * t * h if fused_op.endswith("_tensor") else 0)
             fn = hand_written(form)
             want = fn(x, w)
             for name, kw in (("compile_norm", dict(backend="compile_norm")), ("stock compile", {})):
@@ -137,7 +169,7 @@ def run(shapes, dev: str, timing: bool, budget_s: float | None = None) -> list[d
                     row["q_max_diff"] = float(diff.max())
                     if timing:
                         us = G.graph_time_us(lambda: c(x, w))
-                        bw = nbytes / us / 1e3
+                        bw = form_bytes / us / 1e3
                         row.update(graph_us=us, gbps=bw, ratio_to_copy=bw / (4 * t * h / copy_us / 1e3))
                 except Exception as e:  # report and go on
                     row["error"] = f"{type(e).__name__}: {e}"[:300]

@@ -92,7 +92,7 @@ def test_positional_scheme_arguments():
     )
     assert_bitwise_equal(
         op("fused_add_rms_norm_fp8_group")(x, r, w, EPS, 64, True, True, 0.02, True, "multiply",
-                                           True, 1.0),
+                                           True, False, 1.0),
         op("fused_add_rms_norm_fp8_group")(
             x, r, w, EPS, group_size=64, column_major_scales=True, use_ue8m0=True, min_scale=0.02,
             clamp_amax=True, scale_form="multiply", scale_in_x_dtype=True, weight_offset=1.0

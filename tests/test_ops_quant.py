@@ -120,6 +120,19 @@ def test_fp8_static(shape, dtype):
     assert bool((err <= y.abs() * 2**-4 + scale * 2**-10)[inside].all())
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp8_static_scale_forms(dtype):
+    # "multiply": y * reciprocal(s) (the two-pass path of a per-tensor "multiply" scale),
+    # "inverse": y * r; neither is y / s bit for bit in general
+    x = randn(5, 300, dtype=dtype, scale=2.0)
+    s = torch.tensor(0.0123)
+    y = x.float()
+    assert_bitwise_equal(cn.quant_fp8_static(x, s, scale_form="multiply"),
+                         (y * torch.reciprocal(s)).clamp(-448, 448).to(FP8))
+    assert_bitwise_equal(cn.quant_fp8_static(x, s, scale_form="inverse"),
+                         (y * s).clamp(-448, 448).to(FP8))
+
+
 def test_fp8_static_saturates_large_values():
     x = torch.tensor([[1000.0, -1000.0, 448.0, 449.0, -460.0, 3e38, 0.5]])
     q = cn.quant_fp8_static(x, torch.tensor(1.0)).float()

@@ -62,6 +62,10 @@ def test_library_form_fuses_bit_for_bit(form, fused_op, expected, dtype, shape):
     c = compile_run(form, x, w, options={"strict": True})
     assert c.counts["quant_matched"] == 1, c.counts
     assert c.ops("quant", "after") == {fused_op}
+    # one kernel, per tensor too: a whole-tensor amax needs every row before any row is
+    # quantized, so a GPU needs two launches at least (kernels/two_pass.py gives two); the
+    # CPU's C++ kernel runs its loop nests one after another (per tensor: sums of squares,
+    # amax, quantize, each reading x)
     assert len(c.kernels) == 1, c.kernels
     want = form(x, w)
     # Inductor's generated norm keeps float32 where eager rounds y to x.dtype: codes within
@@ -75,13 +79,47 @@ def test_library_form_fuses_bit_for_bit(form, fused_op, expected, dtype, shape):
     assert_bitwise_equal(got[1].view(want[1].shape), want[1], nan_equal=True)
 
 
-def test_float32_inverse_scale_is_refused_with_a_reason():
+PER_TENSOR = [f for f in FORMS if f[1].endswith("_tensor")]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("form, fused_op, expected", PER_TENSOR, ids=[f[0].__name__ for f in PER_TENSOR])
+def test_cuda_per_tensor_form_fuses(form, fused_op, expected):
+    """On the GPU: fused, codes within one step of eager, the op with the read arguments (the
+    two-pass provider) equal to the form on its own norm output within one step, and never
+    more generated kernels than stock compile of the same code (the site is inlined: the
+    two-pass kernels serve eager calls)."""
+    x = torch.randn(64, 5376, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(5376, device="cuda", dtype=torch.bfloat16)
+    c = compile_run(form, x, w, options={"strict": True})
+    assert c.counts["quant_matched"] == 1, c.counts
+    assert c.ops("quant", "after") == {fused_op}
+    stock = compile_run(form, x, w, backend="inductor")
+    assert len(c.kernels) <= len(stock.kernels), (c.kernels, stock.kernels)
+    want = form(x, w)
+    _close_q(c.out[0], want[0])
+    assert_close(c.out[1], want[1], torch.bfloat16)
+    got = getattr(torch.ops.compile_norm, fused_op)(x, w, 1e-6, **expected)
+    _close_q(got[0], want[0])
+    assert_close(got[1].view(want[1].shape), want[1], torch.bfloat16)
+
+
+def fp32_inverse_per_tensor(x, w):
+    """torchao's tensorwise inverse scale computed in float32 instead of float64."""
+    y = cn.rms_norm(x, w, 1e-6)
+    scale = FP8_MAX / torch.clamp(torch.max(torch.abs(y.float())), min=1e-12)
+    return (y.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+@pytest.mark.parametrize("form", [fp32_inverse, fp32_inverse_per_tensor])
+def test_float32_inverse_scale_is_refused_with_a_reason(form):
     x, w = torch.randn(4, 256), torch.randn(256)
-    c = compile_run(fp32_inverse, x, w, options={"strict": True})
+    c = compile_run(form, x, w, options={"strict": True})
     assert c.counts.get("quant_matched", 0) == 0
-    assert any(k.startswith("quant_unmatched: the inverse scale is computed in float32")
-               for k in c.counts), c.counts
-    q, scale = fp32_inverse(x, w)  # left to Inductor, whose 448 / amax is its own
+    reasons = [k for k in c.counts if k.startswith("quant_unmatched: ")]
+    assert reasons and all(k.startswith("quant_unmatched: the inverse scale is computed in "
+                                        "float32") for k in reasons), c.counts
+    q, scale = form(x, w)  # left to Inductor, whose 448 / amax is its own
     assert_close_q(c.out[0], q)
     assert_close(c.out[1], scale, torch.float32)
 

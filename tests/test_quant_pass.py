@@ -73,6 +73,11 @@ def int8_static(x, r, w, s):
     return (torch.round(y.float() / s) + azp).clamp(-128, 127).to(torch.int8)
 
 
+def fp8_reciprocal(x, r, w, s):
+    y = cn.rms_norm(x, w, 1e-6)
+    return (y.float() * (1.0 / s)).clamp(-448, 448).to(FP8)
+
+
 def int8_dynamic(x, r, w, s):
     y = cn.rms_norm(x, w, 1e-6)
     yf = y.float()
@@ -84,6 +89,7 @@ def int8_dynamic(x, r, w, s):
     "fn, fused_op",
     [
         (fp8_static, "fused_add_rms_norm_fp8_static"),
+        (fp8_reciprocal, "rms_norm_fp8_static"),  # y * m: scale_form="inverse", m the scale
         (fp8_dynamic, "rms_norm_fp8_dynamic"),
         (int8_static, "fused_add_rms_norm_int8_static"),
         (int8_dynamic, "rms_norm_int8_dynamic"),
@@ -105,11 +111,6 @@ def test_hand_written_quant_fuses(fn, fused_op, dtype):
         assert_close_q(got, want)
 
 
-def fp8_reciprocal(x, r, w, s):
-    y = cn.rms_norm(x, w, 1e-6)
-    return (y.float() * (1.0 / s)).clamp(-448, 448).to(FP8)
-
-
 def norm_used_elsewhere(x, r, w, s):
     y = cn.rms_norm(x, w, 1e-6)
     return (y.float() / s).clamp(-448, 448).to(FP8), y
@@ -124,7 +125,6 @@ def other_min_scale(x, r, w, s):
 @pytest.mark.parametrize(
     "fn, reason",
     [
-        (fp8_reciprocal, "FP8 quantization multiplies by a reciprocal scale: not bit-identical to y / scale"),
         (norm_used_elsewhere, "norm output has other users"),
         (other_min_scale, "minimum scale 1e-05 differs from the op's 1e-10"),
     ],

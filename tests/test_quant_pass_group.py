@@ -135,6 +135,32 @@ def test_gpu_check_hf_fp8_group128_fuses(shape, dtype):
     assert_close(c.out[1], s_ref, dtype)
 
 
+def pow2_inverse_group(x, r, w, g, form):
+    """torchao's rowwise training arithmetic (float64 inverse, EPS 1e-12, rounded down to a
+    power of two) per group of g: fp8_group's shared scale arguments with pow2_inverse."""
+    y = cn.rms_norm(x, w, 1e-6)
+    groups = y.float().reshape(*y.shape[:-1], y.shape[-1] // g, g)
+    amax = groups.abs().amax(-1, keepdim=True).to(torch.float64)
+    r = (448.0 / torch.clamp(amax, min=1e-12)).to(torch.float32)
+    r = torch.exp2(torch.floor(torch.log2(r)))
+    return (groups * r).clamp(-448.0, 448.0).to(FP8).reshape(y.shape), r
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pow2_inverse_group_fuses_bit_for_bit(dtype):
+    x, w = torch.randn(3, 5, 384, dtype=dtype), torch.randn(384, dtype=dtype)
+    x[0, 0] = 0.0
+    c, amax = run(pow2_inverse_group, x, None, w, 64, None, options={"strict": True})
+    assert c.counts["quant_matched"] == 1 and not amax, c.counts
+    assert c.ops("quant", "after") == {"rms_norm_fp8_group"}
+    check_outputs(c.out, pow2_inverse_group(x, None, w, 64, None), dtype)
+    q, r = pow2_inverse_group(x, None, w, 64, None)
+    got = cn.rms_norm_fp8_group(x, w, 1e-6, 64, min_scale=1e-12, clamp_amax=True,
+                                scale_form="inverse", pow2_inverse=True)
+    assert torch.equal(got[0].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(got[1], r.squeeze(-1))
+
+
 # --- look-alikes that must not fuse -----------------------------------------------------------
 
 

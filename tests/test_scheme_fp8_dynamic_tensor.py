@@ -1,5 +1,6 @@
 """The fp8_dynamic_tensor scheme (one dynamic FP8 scale for the whole tensor): reference,
-fused ops equal to their parts, torch.library contract, and fusion under the backend."""
+each scale form (the dynamic FP8 schemes' shared arguments), fused ops equal to their parts,
+torch.library contract, and fusion under the backend."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import compile_norm  # noqa: F401
 from compile_norm import ops
 from compile_norm.kernels import checking, triton_ops
 from compile_norm.ops import registry
+from compile_norm.ops.quant import SCHEMES
 
 FP8 = torch.float8_e4m3fn
 SHAPES = [(7, 3000), (2, 3, 256), (256,), (0, 512)]
@@ -49,6 +51,27 @@ def test_fused_ops_equal_their_parts(shape):
     assert torch.equal(bits(q), bits(wq)) and torch.equal(s, ws) and torch.equal(h, wh)
 
 
+FORMS = [{}, *({k: v for k, v in var.items() if k != "dtype"}
+               for var in SCHEMES["fp8_dynamic_tensor"].variants)]
+
+
+@pytest.mark.parametrize("how", FORMS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_each_scale_form_is_the_per_token_one_over_a_single_row(how, dtype):
+    """The scale arguments are fp8_dynamic's: a tensor's scale is the per-token scale of the
+    tensor seen as one row (3-D, non-contiguous, a non-power-of-two hidden size, a NaN)."""
+    base = (torch.randn(2, 5, 3 * 333) * 3).to(dtype)
+    for x in (base, base[:, :, ::3], base[:, 1].clone().fill_(0.0)):
+        q, s = ops.quant_fp8_dynamic_tensor(x, **how)
+        wq, ws = ops.quant_fp8_dynamic(x.reshape(1, -1), **how)
+        assert s.shape == ()
+        assert torch.equal(bits(q), bits(wq).reshape(x.shape)) and torch.equal(s, ws.reshape(()))
+    x = base.clone()
+    x[1, 2, 7] = float("nan")
+    q, s = ops.quant_fp8_dynamic_tensor(x, **how)
+    assert s.isnan() and q.float().isnan().all()
+
+
 def test_zero_tokens_get_the_minimum_scale():
     q, s = ops.quant_fp8_dynamic_tensor(torch.empty(0, 64))
     assert q.shape == (0, 64) and s == torch.tensor(1.0 / (448.0 * 512.0))  # fp32 minimum
@@ -62,6 +85,8 @@ def test_opcheck(name):
     args = {"quant_fp8_dynamic_tensor": (x,), "rms_norm_fp8_dynamic_tensor": (x, x[0], 1e-6),
             "fused_add_rms_norm_fp8_dynamic_tensor": (x, x.clone(), x[0], 1e-6)}[name]
     torch.library.opcheck(registry.overload(spec), args)
+    torch.library.opcheck(registry.overload(spec), args,  # torchao's tensorwise arithmetic
+                          dict(min_scale=1e-12, clamp_amax=True, scale_form="inverse"))
 
 
 def test_no_triton_kernel_yet():

@@ -1,7 +1,8 @@
 """Per-tensor dynamic FP8 (fp8_dynamic_tensor) as two launches of the row kernel
 (kernels/two_pass.py), through the Triton interpreter (a child process: see
-test_kernels_interpret.py): tolerances of compile_norm.kernels.checking, the quantization
-alone bit for bit, two launches per call."""
+test_kernels_interpret.py): tolerances of compile_norm.kernels.checking (every scale form:
+the scheme's variants), the quantization alone bit for bit for every scale form, two
+launches per call."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def _child() -> None:
     import compile_norm  # noqa: F401
     from compile_norm.kernels import checking, triton_ops, two_pass
     from compile_norm.ops import registry
+    from compile_norm.ops.quant import SCHEMES
     from helpers import assert_bitwise_equal
 
     assert triton_ops.INTERPRET and triton_ops.SUPPORTED, triton_ops.REASON
@@ -39,16 +41,23 @@ def _child() -> None:
         if launches[0] - before != expected:
             problems.append(f"{launches[0] - before} kernel launches, expected {expected}")
         results.append({"name": case.name(), "problems": problems})
-    # the quantization alone: bit for bit, NaN and inf included
+    # the quantization alone, for every scale form (the scheme's variants): bit for bit, NaN
+    # and inf included (a NaN row makes the tensor's scale NaN in both)
     x = torch.randn(6, 1400) * 30
     x[2, 7], x[4, 9] = float("nan"), float("inf")
-    for t in (x[:, :1000], x[3:4].clone().fill_(0.0), x[:5, :300].clone()):
-        got = registry.providers("quant_fp8_dynamic_tensor")["triton"].fn(t)
-        try:
-            assert_bitwise_equal(got, registry.ops()["quant_fp8_dynamic_tensor"].reference(t), nan_equal=True)
-            results.append({"name": f"quant bitwise {tuple(t.shape)}", "problems": []})
-        except AssertionError as e:
-            results.append({"name": f"quant bitwise {tuple(t.shape)}", "problems": [str(e)]})
+    forms = [{}, *({k: v for k, v in var.items() if k not in ("dtype", "shape")}
+                   for var in SCHEMES["fp8_dynamic_tensor"].variants)]
+    provider = registry.providers("quant_fp8_dynamic_tensor")["triton"].fn
+    reference = registry.ops()["quant_fp8_dynamic_tensor"].reference
+    for how in forms:
+        for t in (x[:, :1000], x[3:4].clone().fill_(0.0), x[:5, :300].clone(),
+                  x[:5, :300].bfloat16(), x[:0]):
+            name = f"quant bitwise {tuple(t.shape)} {t.dtype} {how}"
+            try:
+                assert_bitwise_equal(provider(t, **how), reference(t, **how), nan_equal=True)
+                results.append({"name": name, "problems": []})
+            except AssertionError as e:
+                results.append({"name": name, "problems": [str(e)]})
     dispatch = registry.which_provider("rms_norm_fp8_dynamic_tensor", x[:, :128].bfloat16(), None, 1e-6)
     print("REPORT" + json.dumps({"results": results, "dispatch": dispatch}))
 
@@ -78,6 +87,26 @@ def test_cuda_two_pass_matches_the_reference():
                                    tokens=64, ops=list(two_pass.PASSES))
     bad = [f"{r.name}: {r.problems}" for r in (checking.run_case(c, "cuda") for c in cases) if not r.ok]
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.cuda
+def test_cuda_two_pass_quantization_is_the_reference_bit_for_bit():
+    """Each scale form: the two launches give the reference's codes and scale bit for bit."""
+    import torch
+
+    from compile_norm.ops import registry
+    from compile_norm.ops.quant import SCHEMES
+    from helpers import assert_bitwise_equal
+
+    forms = [{}, *({k: v for k, v in var.items() if k not in ("dtype", "shape")}
+                   for var in SCHEMES["fp8_dynamic_tensor"].variants)]
+    x = torch.randn(300, 5376, device="cuda") * 30
+    x[7, 3] = float("inf")
+    provider = registry.providers("quant_fp8_dynamic_tensor")["triton"].fn
+    reference = registry.ops()["quant_fp8_dynamic_tensor"].reference
+    for how in forms:
+        for t in (x, x.bfloat16(), x[:, :4096].half(), x[:0]):
+            assert_bitwise_equal(provider(t, **how), reference(t, **how), nan_equal=True)
 
 
 if __name__ == "__main__":

@@ -566,8 +566,14 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
 
     if QUANT == 1 or QUANT == 4:  # static scale (a scalar)
         s = tl.load(scale_in_ptr)
+        # FP8 SCALE_FORM 1 / 2 multiply (by reciprocal(s) / by s): the exact branch below
+        if SCALE_FORM == 1:
+            rs_exact = _recip(s)
+        else:
+            rs_exact = s
         # the fast division needs a normal scale with a normal reciprocal
         fast = (tl.abs(s) >= 1.1754943508222875e-38) & (tl.abs(s) <= 8.507059173023462e37)
+        fast = fast & (SCALE_FORM == 0)
         if fast:
             rs = _recip(s)
             _quantize(v0, m0, q_ptr, rows64, cols0, H, s, rs, s, aux_in_ptr, QUANT, HAS_AUX,
@@ -579,14 +585,14 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
                 _quantize(v2, m2, q_ptr, rows64, cols2, H, s, rs, s, aux_in_ptr, QUANT, HAS_AUX,
                           PRECISE, PRECISE, 0)
         else:
-            _quantize(v0, m0, q_ptr, rows64, cols0, H, s, s, s, aux_in_ptr, QUANT, HAS_AUX,
-                      PRECISE, False, 0)
+            _quantize(v0, m0, q_ptr, rows64, cols0, H, s, rs_exact, s, aux_in_ptr, QUANT,
+                      HAS_AUX, PRECISE, False, SCALE_FORM)
             if NG1 > 0:
-                _quantize(v1, m1, q_ptr, rows64, cols1, H, s, s, s, aux_in_ptr, QUANT, HAS_AUX,
-                          PRECISE, False, 0)
+                _quantize(v1, m1, q_ptr, rows64, cols1, H, s, rs_exact, s, aux_in_ptr, QUANT,
+                          HAS_AUX, PRECISE, False, SCALE_FORM)
             if NG2 > 0:
-                _quantize(v2, m2, q_ptr, rows64, cols2, H, s, s, s, aux_in_ptr, QUANT, HAS_AUX,
-                          PRECISE, False, 0)
+                _quantize(v2, m2, q_ptr, rows64, cols2, H, s, rs_exact, s, aux_in_ptr, QUANT,
+                          HAS_AUX, PRECISE, False, SCALE_FORM)
     elif QUANT == 3:  # fp8 per group: groups never straddle tiles
         _group_tile(v0, m0, rmask, rows64, gi0, cols0, 0, G0, H, q_ptr, s_ptr, aux_in_ptr,
                     stride_st, stride_sg, UE8M0, PRECISE, SCALAR_RECIP, FP8_RECIP, X_DT,

@@ -4,12 +4,16 @@ One scale for the whole tensor needs every row's amax before any row can be quan
 row-parallel kernel needs two passes over the activations (or a grid-wide barrier, which
 Triton does not give):
 
-1. the per-token FP8 launch (``*_fp8_dynamic``): norm (and residual add) per row, and each
-   row's scale ``max(amax_row / 448, 1 / (448 * 512))``; the tensor's scale is their max (the
-   clamp and the division are monotonic, so ``max_i clamp(a_i / 448) = clamp(max_i a_i / 448)``
-   bit for bit, NaN included);
-2. the static FP8 launch (``rms_norm_fp8_static``, ``quant_fp8_static``) with that scale: the
-   norm recomputed from x (from ``residual_out`` after a residual add), ``q = sat(y / scale)``.
+1. the per-token FP8 launch (``*_fp8_dynamic``, with the call's scale arguments,
+   ``quant.FP8Scale``): norm (and residual add) per row, and each row's value ``f(amax_row)``
+   (a scale, or for "inverse" an inverse scale). The tensor's value is ``f(max_i amax_i)``,
+   which is the max of the rows' values where ``f`` grows with amax ("divide", "multiply":
+   clamps, ``/ 448`` and the rounding to x's dtype are monotonic) and their min where it
+   shrinks ("inverse": ``448 / amax``, its clamp and the power-of-two rounding down), bit for
+   bit; a NaN row makes both NaN (``amax`` / ``amin`` propagate it, as the reference's amax);
+2. the static FP8 launch (``rms_norm_fp8_static``, ``quant_fp8_static``) with that value and
+   the same ``scale_form`` (``y / s``, ``y * reciprocal(s)``, ``y * r``): the norm recomputed
+   from x (from ``residual_out`` after a residual add).
 
 Both launches normalize with the same kernel code, so pass 2's ``y`` is pass 1's bit for bit.
 
@@ -17,7 +21,7 @@ Bytes per element (16-bit activations), against the graph of the reference (norm
 writing y, amax reading it, quantize reading it again): rms_norm: 6 here (x read twice, q
 written, plus pass 1's q: written, never read) vs 9 (x, y written, y read twice, q); with
 the residual add: 10 (x, r, h written, h read, q, pass 1's q) vs 13. A pass 1 without its q
-store (a kernel constexpr) would make those 5 and 9.
+store (a kernel constexpr) would make those 5 and 9. Every scale form moves the same bytes.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import Any
 import torch
 
 from ..ops import registry
-from ..ops.quant import FP8_MIN_SCALE
+from ..ops.quant import FP8Scale, fp8_dynamic_scale
+from ..ops.spec import NormCall, OpSpec
 from . import triton_ops as T
 
 # op -> (its pass-1 op, its pass-2 op)
@@ -38,16 +43,19 @@ PASSES = {
 }
 
 
-def _tensor_scale(row_scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if row_scales.numel() == 0:  # no tokens: the minimum scale, as the reference gives
-        return torch.full((), FP8_MIN_SCALE, dtype=torch.float32, device=x.device)
-    return row_scales.amax()
+def _tensor_scale(row_scales: torch.Tensor, x: torch.Tensor, how: FP8Scale) -> torch.Tensor:
+    if row_scales.numel() == 0:  # no tokens: the scale of amax 0, as the reference gives
+        return fp8_dynamic_scale(torch.zeros((), device=x.device), x.dtype, how)
+    return row_scales.amin() if how.scale_form == "inverse" else row_scales.amax()
 
 
-def _per_row(first, call):
-    """Pass 1's arguments: the norm's, and the per-token scheme's defaults (no scale_ub, the
-    minimum scale the per-tensor reference takes)."""
-    return first.join(call._replace(qargs=first.split(first.defaults).qargs))
+def _per_row(first: OpSpec, spec: OpSpec, call: NormCall) -> tuple:
+    """Pass 1's arguments: the norm's, the per-token scheme's own defaults (no scale_ub) and
+    the call's scale arguments, matched by name."""
+    given = dict(zip((p.name for p in spec.scheme.parameters), call.qargs))
+    names = [p.name for p in first.scheme.parameters]
+    defaults = first.split(first.defaults).qargs
+    return first.join(call._replace(qargs=tuple(given.get(n, d) for n, d in zip(names, defaults))))
 
 
 def run(name: str, args: tuple) -> Any:
@@ -55,21 +63,22 @@ def run(name: str, args: tuple) -> Any:
     first, second = (registry.spec(n) for n in PASSES[name])
     spec = registry.spec(name)
     call = spec.split(args)
-    # pass 1: per-row scales (the fp8_dynamic launch; scale_ub None)
-    out1 = T.run(first, _per_row(first, call))
-    scale = _tensor_scale(out1[1], call.x)
+    how = FP8Scale(*call.qargs)  # the per-tensor scheme's arguments are FP8Scale's fields
+    out1 = T.run(first, _per_row(first, spec, call))  # pass 1: the rows' scales
+    scale = _tensor_scale(out1[1], call.x, how)
+    qargs = (scale, how.scale_form)
     if spec.residual:  # pass 2 normalizes residual_out, which pass 1 wrote
         h = out1[2]
-        q = T.run(second, second.join(call._replace(x=h, residual=None, qargs=(scale,))))
+        q = T.run(second, second.join(call._replace(x=h, residual=None, qargs=qargs)))
         return q, scale, h
-    q = T.run(second, second.join(call._replace(qargs=(scale,))))
+    q = T.run(second, second.join(call._replace(qargs=qargs)))
     return q, scale
 
 
 def accepts(name: str, args: tuple) -> bool:
     """Whether both launches take these arguments (the pass-1 kernel decides)."""
     spec, first = registry.spec(name), registry.spec(PASSES[name][0])
-    return T.accepts(first, _per_row(first, spec.split(args)))
+    return T.accepts(first, _per_row(first, spec, spec.split(args)))
 
 
 def _functions(name: str) -> tuple:

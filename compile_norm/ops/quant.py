@@ -18,8 +18,10 @@ import functools
 import importlib
 import inspect
 import pkgutil
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 
@@ -62,65 +64,127 @@ def saturate_int8(v: torch.Tensor) -> torch.Tensor:
 SCALE_FORMS = ("divide", "multiply", "inverse")
 
 
-def fp8_dynamic_scale(amax: torch.Tensor, x_dtype: torch.dtype, min_scale: float | None,
-                      clamp_amax: bool, scale_form: str, scale_in_x_dtype: bool) -> torch.Tensor:
-    """The scale (the inverse scale for "inverse") of the fp32 ``amax`` of values of ``x_dtype``.
+class FP8Scale(NamedTuple):
+    """How a dynamic FP8 scale is computed: the last parameters of every dynamic FP8 scheme
+    (fp8_dynamic, fp8_group, fp8_dynamic_tensor), declared here once and appended to each
+    scheme's functions by ``fp8_scale_parameters``.
 
     ``min_scale`` (None: no minimum) clamps the scale after the division or, with
-    ``clamp_amax`` (always for "inverse"), ``amax`` before it. ``scale_in_x_dtype`` rounds
-    ``amax / 448`` to ``x_dtype`` (the division done in the activation's dtype)."""
-    if scale_form == "inverse":  # torchao's amax_to_scale: float64, then float32
+    ``clamp_amax`` (always for "inverse"), amax before it; ``scale_form`` (``SCALE_FORMS``);
+    ``scale_in_x_dtype`` rounds ``amax / 448`` to x's dtype (the division done in the
+    activation's dtype); ``pow2_inverse`` rounds the inverse scale down to a power of two as
+    ``exp2(floor(log2(r)))`` (torchao's ``round_scales_to_power_of_2``)."""
+
+    min_scale: float | None = FP8_MIN_SCALE
+    clamp_amax: bool = False
+    scale_form: str = "divide"
+    scale_in_x_dtype: bool = False
+    pow2_inverse: bool = False
+
+
+_SCALE_PARAMETERS = tuple(
+    inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                      default=FP8Scale._field_defaults[name], annotation=hint)
+    for name, hint in typing.get_type_hints(FP8Scale).items())
+
+
+def fp8_scale_parameters(fn: Callable) -> Callable:
+    """``fn(<own parameters>, *, how: FP8Scale)`` as a function of its own parameters followed
+    by FP8Scale's fields (the signature ``infer_schema``, the spec and the kernels read).
+    Providers call positionally with every argument: that path builds the record only."""
+    sig = inspect.signature(fn, eval_str=True)
+    *own, how = sig.parameters.values()
+    assert how.name == "how" and how.kind == inspect.Parameter.KEYWORD_ONLY, fn
+    n, full = len(own), len(own) + len(_SCALE_PARAMETERS)
+    signature = sig.replace(parameters=[*own, *_SCALE_PARAMETERS])
+
+    @functools.wraps(fn)
+    def with_scale(*args, **kwargs):
+        if kwargs or len(args) != full:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args = tuple(bound.arguments.values())
+        return fn(*args[:n], how=FP8Scale(*args[n:]))
+
+    with_scale.__signature__ = signature
+    return with_scale
+
+
+def fp8_scale_options(options: dict) -> dict:
+    """The scale arguments of a test case's options (``QuantScheme.options`` holds
+    ``FP8Scale()._asdict()``)."""
+    return {name: options[name] for name in FP8Scale._fields}
+
+
+def fp8_dynamic_scale(amax: torch.Tensor, x_dtype: torch.dtype, how: FP8Scale) -> torch.Tensor:
+    """The scale (the inverse scale for "inverse") of the fp32 ``amax`` of values of ``x_dtype``."""
+    if how.scale_form == "inverse":  # torchao's amax_to_scale: float64, then float32
         a = amax.double()
-        if min_scale is not None:
-            a = a.clamp(min=min_scale)
-        return (FP8_MAX * torch.reciprocal(a)).float()
-    if min_scale is not None and clamp_amax:
-        amax = amax.clamp(min=min_scale)
+        if how.min_scale is not None:
+            a = a.clamp(min=how.min_scale)
+        scale = (FP8_MAX * torch.reciprocal(a)).float()
+        return torch.exp2(torch.floor(torch.log2(scale))) if how.pow2_inverse else scale
+    if how.min_scale is not None and how.clamp_amax:
+        amax = amax.clamp(min=how.min_scale)
     scale = amax / FP8_MAX
-    if scale_in_x_dtype:
+    if how.scale_in_x_dtype:
         scale = scale.to(x_dtype).float()
-    if min_scale is not None and not clamp_amax:
-        scale = scale.clamp(min=min_scale)
+    if how.min_scale is not None and not how.clamp_amax:
+        scale = scale.clamp(min=how.min_scale)
     return scale
 
 
 def fp8_apply_scale(y: torch.Tensor, scale: torch.Tensor, scale_form: str) -> torch.Tensor:
-    """``q`` of the float32 ``y`` for a scale from ``fp8_dynamic_scale`` (broadcast to y)."""
+    """``q`` of the float32 ``y`` for a scale from ``fp8_dynamic_scale`` (broadcast to y), or
+    a static one: ``y / s``, ``y * reciprocal(s)``, ``y * r``."""
     if scale_form == "divide":
         return saturate_fp8(y / scale)
     return saturate_fp8(y * (scale if scale_form == "inverse" else torch.reciprocal(scale)))
 
 
-def check_fp8_scale_args(op: str, min_scale: Any, clamp_amax: Any, scale_form: Any,
-                         scale_in_x_dtype: Any) -> None:
+def check_scale_form(op: str, scale_form: Any) -> None:
+    if scale_form not in SCALE_FORMS:
+        raise ValueError(f"compile_norm.{op}: scale_form must be one of {SCALE_FORMS}, "
+                         f"got {scale_form!r}")
+
+
+def check_fp8_scale_args(op: str, how: FP8Scale) -> None:
+    min_scale, scale_form = how.min_scale, how.scale_form
     if min_scale is not None and not (isinstance(min_scale, (int, float))
                                       and not isinstance(min_scale, bool) and min_scale > 0):
         raise ValueError(f"compile_norm.{op}: min_scale must be a positive float or None, "
                          f"got {min_scale!r}")
-    if scale_form not in SCALE_FORMS:
-        raise ValueError(f"compile_norm.{op}: scale_form must be one of {SCALE_FORMS}, "
-                         f"got {scale_form!r}")
-    if scale_form == "inverse" and min_scale is not None and not clamp_amax:
+    check_scale_form(op, scale_form)
+    if scale_form == "inverse" and min_scale is not None and not how.clamp_amax:
         raise ValueError(f"compile_norm.{op}: scale_form='inverse' clamps amax: "
                          f"pass clamp_amax=True with min_scale")
-    if scale_form == "inverse" and scale_in_x_dtype:
+    if scale_form == "inverse" and how.scale_in_x_dtype:
         raise ValueError(f"compile_norm.{op}: scale_in_x_dtype applies to amax / 448, "
                          f"not to scale_form='inverse'")
+    if how.pow2_inverse and scale_form != "inverse":
+        raise ValueError(f"compile_norm.{op}: pow2_inverse rounds the inverse scale: it needs "
+                         f"scale_form='inverse', got {scale_form!r}")
 
 
-def fp8_kernel_scale(min_scale: float | None, clamp_amax: bool, scale_form: str,
-                     scale_in_x_dtype: bool) -> dict:
+@functools.lru_cache(maxsize=256)  # on the eager hot path: the float32 roundings cost ~4 us
+def fp8_kernel_scale(how: FP8Scale) -> Mapping[str, Any]:
     """``KernelQuant`` fields of the scale arguments (the kernel's constexprs).
 
     The kernel computes "inverse" in float32: ``448 / amax`` correctly rounded equals the
     float64 ``448 * (1 / amax)`` rounded to float32 (a quotient of two floats is never
     within 2**-49 of a float32 rounding boundary, the float64 error is below 2**-52). Its
     float64 clamp becomes ``amax < min_at -> inv_min``, with ``min_at`` the least float32
-    >= min_scale (the amaxes below min_scale) and ``inv_min`` torchao's constant."""
-    form = SCALE_FORMS.index(scale_form)
+    >= min_scale (the amaxes below min_scale) and ``inv_min`` torchao's constant.
+    ``pow2_inverse`` is the kernel's scale form 3. Read-only: the result is cached."""
+    return MappingProxyType(_kernel_scale(how))
+
+
+def _kernel_scale(how: FP8Scale) -> dict:
+    min_scale, scale_form = how.min_scale, how.scale_form
+    form = 3 if how.pow2_inverse else SCALE_FORMS.index(scale_form)
     if min_scale is None:
         return dict(scale_form=form, min_at=0, min_value=0.0, inv_min=0.0,
-                    scale_in_x_dtype=scale_in_x_dtype)
+                    scale_in_x_dtype=how.scale_in_x_dtype)
     if scale_form == "inverse":
         at = torch.tensor(min_scale, dtype=torch.float64).float()
         if at.double().item() < min_scale:
@@ -129,8 +193,8 @@ def fp8_kernel_scale(min_scale: float | None, clamp_amax: bool, scale_form: str,
         return dict(scale_form=form, min_at=2, min_value=at.item(), inv_min=inv.item(),
                     scale_in_x_dtype=False)
     value = torch.tensor(min_scale, dtype=torch.float32).item()  # as clamp rounds it
-    return dict(scale_form=form, min_at=2 if clamp_amax else 1, min_value=value, inv_min=0.0,
-                scale_in_x_dtype=scale_in_x_dtype)
+    return dict(scale_form=form, min_at=2 if how.clamp_amax else 1, min_value=value,
+                inv_min=0.0, scale_in_x_dtype=how.scale_in_x_dtype)
 
 
 def row_scale_shape(x: torch.Tensor) -> tuple:

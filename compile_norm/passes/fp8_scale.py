@@ -14,9 +14,11 @@ one the ops reproduce bit for bit:
 - ``r = float32(448 * reciprocal(float64(amax).clamp(min)))`` applied as ``y * r``
   ("inverse", torchao float8 training's ``amax_to_scale``).
 
-``amax`` is ``|z|.amax(-1, keepdim)`` or ``|z|.max(-1)`` values, possibly followed by
-``unsqueeze`` / ``view`` and a float32 conversion; ``z`` is ``y`` (or its float32 view), or
-its groups for per-group scales. Where the divisor broadcasts is checked by the caller.
+``amax`` is ``|z|.amax(-1, keepdim)`` or ``|z|.max(-1)`` values, or over every element
+(``|z|.max()``, ``|z|.amax(all dims)``: ``per_tensor``, the fp8_dynamic_tensor scheme),
+possibly followed by ``unsqueeze`` / ``view`` and a float32 conversion; ``z`` is ``y`` (or its
+float32 view), or its groups for per-group scales. Where the divisor broadcasts is checked by
+the caller.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from . import patterns as P
 
 aten, prims = P.aten, P.prims
 _HALF = (torch.float16, torch.bfloat16)
-PER_TENSOR = "a dynamic per-tensor scale"  # reason prefix: amax over the whole tensor
 _VIEWS = (aten.view.default, aten.reshape.default, aten.unsqueeze.default,
           aten._unsafe_view.default)
 
@@ -47,14 +48,16 @@ class ScaleRead:
     clamp_amax: bool = False
     scale_form: str = "divide"
     scale_in_x_dtype: bool = False
-    pow2: bool = False  # "inverse" rounded down to a power of two
+    pow2_inverse: bool = False  # "inverse" rounded down to a power of two
+    per_tensor: bool = False  # amax over every element, not per row / group
     scale: Any = None
     z: Any = None
     nodes: list = field(default_factory=list)
     broadcast: list = field(default_factory=list)  # views of ``scale`` that divide y
 
     def qargs(self) -> list:
-        return [self.min_scale, self.clamp_amax, self.scale_form, self.scale_in_x_dtype]
+        """The scale arguments read, in the schemes' order (``quant.FP8Scale``)."""
+        return [getattr(self, name) for name in Q.FP8Scale._fields]
 
 
 def _is(node: Any, *targets: Any) -> bool:
@@ -118,10 +121,11 @@ def _amax(node: Any, read: ScaleRead) -> str | None:
         dims = [node.args[1]]
     elif _is(node, aten.amax.default):
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if not dims or len(dims) == P.val(node.args[0]).dim() > 1:
-            return f"{PER_TENSOR} (amax over every element)"
+        rank = P.val(node.args[0]).dim()
+        if not dims or (rank > 1 and sorted(d % rank for d in dims) == list(range(rank))):
+            read.per_tensor, dims = True, None
     elif _is(node, aten.max.default):
-        return f"{PER_TENSOR} (amax over every element)"
+        read.per_tensor, dims = True, None
     else:
         return "the scale is not computed from an amax of |y|"
     read.nodes.append(node)
@@ -131,7 +135,8 @@ def _amax(node: Any, read: ScaleRead) -> str | None:
     read.nodes.append(magnitude)
     z = magnitude.args[0]
     zv = P.val(z)
-    if not isinstance(dims, (list, tuple)) or [d % zv.dim() for d in dims] != [zv.dim() - 1]:
+    if not read.per_tensor and (not isinstance(dims, (list, tuple))
+                                or [d % zv.dim() for d in dims] != [zv.dim() - 1]):
         return "amax is not over the last dim"
     read.z = z
     return None
@@ -179,7 +184,7 @@ def _read_inverse(node: Any, read: ScaleRead) -> str | None:
     if _is(node, aten.exp2.default) and _is(node.args[0], aten.floor.default) \
             and _is(node.args[0].args[0], aten.log2.default):
         read.nodes += [node, node.args[0], node.args[0].args[0]]
-        node, read.pow2 = node.args[0].args[0].args[0], True
+        node, read.pow2_inverse = node.args[0].args[0].args[0], True
     inner = _convert(node, torch.float32)
     if inner is None or _dtype(inner) != torch.float64:
         return ("the inverse scale is computed in float32 (448 * reciprocal(amax) rounds "

@@ -10,17 +10,19 @@ Two kinds of site:
    - INT8 static: ``(y.float() / scale).round() [+ azp]).clamp(-128, 127).to(int8)``;
    - INT8 dynamic per token: ``s = (amax / 127).clamp(min=1e-10)``,
      ``q = (y.float() / s).round().clamp(-128, 127).to(int8)``;
-   - FP8 dynamic, per token or per group (``g = y.view(..., H/g, g)``, any g dividing H):
+   - FP8 dynamic, per token, per group (``g = y.view(..., H/g, g)``, any g dividing H) or per
+     tensor (amax over every element: fp8_dynamic_tensor):
      ``q = [clamp(-448, 448)](z / s or z * r).to(float8_e4m3fn)`` [viewed back], with the scale
      read by ``fp8_scale.read_scale``: the spellings of vLLM, DeepSeek-V3 and torchao (its
      minimum, where it clamps, ``y / s``, ``y * reciprocal(s)``, torchao's float64 inverse,
      a scale in x's dtype) become the scheme's arguments; the user's scale (``[..., 1]``,
-     ``[..., H/g, 1]`` or ``[..., H/g]``) becomes a view of the op's. The cast may omit the
-     clamp: a dynamic scale without ``scale_ub`` bounds the quotient by 448 (1 + 2**-8),
-     which the cast rounds to 448 as the clamp would.
+     ``[..., H/g, 1]``, ``[..., H/g]``, or one element of any rank per tensor) becomes a view
+     of the op's. The cast may omit the clamp: a dynamic scale without ``scale_ub`` bounds
+     the quotient by 448 (1 + 2**-8), which the cast rounds to 448 as the clamp would.
    The constants (448, 127, the clamp bounds, the minimum scale) are matched as arguments and
    compared with the op's contract; anything else is refused with a reason. A static FP8
-   scale applied as ``y * (1 / s)`` is refused: it is not bit-identical to ``y / s``.
+   scale applied as a multiply, ``y * m`` (``m = 1 / s`` or any one-element multiplier), is
+   ``fp8_static`` with ``scale_form="inverse"`` and ``m`` as its scale: the same product.
 
 Identical quantization chains of one norm output are merged first (torchao quantizes an
 activation once per linear that reads it).
@@ -125,6 +127,7 @@ def _erase_unused(nodes: list) -> None:
 # Value-only ops a hand-written quantization is made of (no mutation, no randomness).
 _PURE = frozenset({
     prims.convert_element_type.default, aten.abs.default, aten.amax.default, aten.max.dim,
+    aten.max.default,
     operator.getitem, aten.div.Tensor, aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor,
     aten.clamp_min.default, aten.clamp_max.default, aten.clamp.default, aten.reciprocal.default,
     aten.round.default, aten.view.default, aten.reshape.default, aten.unsqueeze.default,
@@ -247,6 +250,19 @@ def _dynamic_patterns(kind: str) -> tuple[tuple[Any, Any], ...]:
     return tuple(out)
 
 
+def _depends_on(node: Any, source: Any) -> bool:
+    """Whether ``node`` is computed from ``source`` (a scale from the quantized value itself)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n is source:
+            return True
+        if isinstance(n, torch.fx.Node) and n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return False
+
+
 def _f32(value: Any) -> float | None:
     """``value`` as the float32 a clamp/divide with this Python scalar uses, or None."""
     if not P.is_scalar(value):
@@ -362,8 +378,8 @@ class QuantPass(PatternPass):
         if m.kwargs["qdtype"] not in (Q.FP8_DTYPE, torch.int8) or norm_of(m.kwargs["y"]) is None:
             return False  # not a quantization of a norm: nothing to report
         reason = _common_reason(m, kind)
-        if reason is None and kind == "fp8_mul":
-            reason = "FP8 quantization multiplies by a reciprocal scale: not bit-identical to y / scale"
+        if _depends_on(m.kwargs["scale"], m.kwargs["y"]):
+            return False  # a dynamic scale: the dynamic patterns' business (and their reason)
         if reason is None and not _scale_tensor_ok(m.kwargs["scale"], F32):
             sv = P.val(m.kwargs["scale"])
             if not isinstance(sv, torch.Tensor) or sv.numel() != 1:
@@ -380,8 +396,9 @@ class QuantPass(PatternPass):
 
     def _static_rewrite(self, kind: str, m: Match, *args, **kwargs) -> None:
         kw = m.kwargs
-        if kind == "fp8":
-            self._fuse(kw["y"], "fp8_static", [kw["scale"]], [m.output_node()], m.output_node(), m.nodes)
+        if kind.startswith("fp8"):  # y / s, or y * m: m is the inverse scale
+            form = "inverse" if kind == "fp8_mul" else "divide"
+            self._fuse(kw["y"], "fp8_static", [kw["scale"], form], [m.output_node()], m.output_node(), m.nodes)
         else:
             self._fuse(kw["y"], "int8_static", [kw["scale"], kw.get("azp")], [m.output_node()], m.output_node(), m.nodes)
 
@@ -421,11 +438,7 @@ class QuantPass(PatternPass):
         if not isinstance(sv, torch.Tensor):
             return False
         read = fp8_scale.read_scale(kw["s"], multiply)
-        if isinstance(read, str) and read.startswith(fp8_scale.PER_TENSOR):
-            self.result.skip(P.site(m.output_node()), f"{read}: the fp8_dynamic_tensor scheme "
-                             "takes no scale arguments yet")
-            return False
-        if isinstance(read, str) and sv.numel() == 1:
+        if isinstance(read, str) and sv.numel() == 1 and not _depends_on(kw["s"], kw["y"]):
             return False  # a static scale: the static patterns' business
         reason = read if isinstance(read, str) else self._fp8_reason(grouped, m, read)
         if reason:
@@ -446,8 +459,8 @@ class QuantPass(PatternPass):
         if z_chain[-1] is not kw["y"]:
             return "the scale's amax is not of the quantized value"
         read.nodes += z_chain[:-1]  # its own y.float() / grouping view
-        if grouped and read.pow2:
-            return "a power-of-two inverse scale per group (fp8_group rounds scales up: use_ue8m0)"
+        if grouped and read.per_tensor:
+            return "a per-tensor scale applied to groups of the quantized value"
         if grouped:
             g = zv.shape[-1]
             if not (isinstance(g, int) and zv.dim() >= 2 and yv.shape[-1] % g == 0
@@ -456,10 +469,12 @@ class QuantPass(PatternPass):
                 return "grouping view does not split the last dim into whole groups"
         elif not P.same_shape(zv, yv):
             return "the scale's amax is not of the quantized value"
-        want = (*zv.shape[:-1], 1)
         sv = P.val(kw["s"])
+        # per tensor: one element broadcast to y (0-d, [1], [1, 1, 1]); else [..., 1]
+        want = (1,) * min(sv.dim(), yv.dim()) if read.per_tensor else (*zv.shape[:-1], 1)
         if sv.dim() != len(want) or not all(statically_known_true(a == b) for a, b in zip(sv.shape, want)):
             return ("group scale does not divide its group as [..., H/g, 1]" if grouped
+                    else "a per-tensor scale of more than one element" if read.per_tensor
                     else "scale is not one per token ([..., 1])")
         inside = {*m.nodes, *read.nodes, *read.broadcast, read.scale}
         reason = _norm_reason(kw["y"], inside)
@@ -478,8 +493,10 @@ class QuantPass(PatternPass):
         zv = P.val(read.z)
         if grouped:
             scheme, qargs = "fp8_group", [zv.shape[-1], False, False, *read.qargs()]
+        elif read.per_tensor:
+            scheme, qargs = "fp8_dynamic_tensor", read.qargs()
         else:
-            scheme, qargs = "fp8_dynamic", [None, *read.qargs(), read.pow2]  # scale_ub=None
+            scheme, qargs = "fp8_dynamic", [None, *read.qargs()]  # scale_ub=None
         fused = self._fuse(y, scheme, qargs, [None, None], q, [])
         graph = fused.graph
         with graph.inserting_after(fused):
@@ -490,7 +507,9 @@ class QuantPass(PatternPass):
         want = P.val(read.scale)
         if not P.same_shape(want, P.val(scales)):  # the user's scale is a view of the op's
             with graph.inserting_after(scales):
-                if not grouped:  # a per-token scale before its unsqueeze(-1)
+                if read.per_tensor:  # the op's 0-d scale as the user's one-element shape
+                    scales = P.call(graph, aten.view.default, (scales, list(want.shape)))
+                elif not grouped:  # a per-token scale before its unsqueeze(-1)
                     scales = P.call(graph, aten.squeeze.dim, (scales, -1))
                 else:
                     gshape = m.kwargs["gshape"]

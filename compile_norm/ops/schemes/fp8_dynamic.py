@@ -2,12 +2,9 @@
 ``scale = max(min(amax, scale_ub) / 448, 1 / (448 * 512))``, ``q = sat(x / scale)``.
 
 How the scale is computed is an argument, so that each library's spelling is this op bit for
-bit (``quant.fp8_dynamic_scale``): ``min_scale`` (None: no minimum), ``clamp_amax`` (the
-minimum clamps amax before the division instead of the scale after it), ``scale_form``
-("divide", "multiply": ``x * reciprocal(scale)``, "inverse": ``448 / amax`` returned and
-multiplied), ``scale_in_x_dtype`` (``amax / 448`` rounded to x's dtype), ``pow2_inverse``
-(the inverse scale rounded down to a power of two as ``exp2(floor(log2(r)))``: torchao's
-rowwise recipe, ``round_scales_to_power_of_2``).
+bit: the scale arguments of every dynamic FP8 scheme (``quant.FP8Scale``: the minimum or
+none, where it clamps, ``scale_form`` "divide" / "multiply" / "inverse", the scale in x's
+dtype, the inverse rounded down to a power of two: torchao's rowwise recipe).
 """
 
 from __future__ import annotations
@@ -15,46 +12,32 @@ from __future__ import annotations
 import torch
 
 from .. import checks
-from ..quant import (FP8_DTYPE, FP8_MIN_SCALE, KernelQuant, QuantScheme, check_fp8_scale_args,
+from ..quant import (FP8_DTYPE, FP8Scale, KernelQuant, QuantScheme, check_fp8_scale_args,
                      empty_q, empty_rows, f32, fp8_apply_scale, fp8_dynamic_scale,
-                     fp8_kernel_scale)
+                     fp8_kernel_scale, fp8_scale_options, fp8_scale_parameters)
 
 
-def reference(
-    x: torch.Tensor,
-    scale_ub: torch.Tensor | None = None,
-    min_scale: float | None = FP8_MIN_SCALE,
-    clamp_amax: bool = False,
-    scale_form: str = "divide",
-    scale_in_x_dtype: bool = False,
-    pow2_inverse: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@fp8_scale_parameters
+def reference(x: torch.Tensor, scale_ub: torch.Tensor | None = None, *,
+              how: FP8Scale) -> tuple[torch.Tensor, torch.Tensor]:
     y = f32(x)
     amax = y.abs().amax(-1, keepdim=True)
     if scale_ub is not None:
         amax = torch.minimum(amax, scale_ub.reshape(()))
-    scale = fp8_dynamic_scale(amax, x.dtype, min_scale, clamp_amax, scale_form, scale_in_x_dtype)
-    if pow2_inverse:
-        scale = torch.exp2(torch.floor(torch.log2(scale)))
-    return fp8_apply_scale(y, scale, scale_form), scale
+    scale = fp8_dynamic_scale(amax, x.dtype, how)
+    return fp8_apply_scale(y, scale, how.scale_form), scale
 
 
-def check(op, x, scale_ub=None, min_scale=FP8_MIN_SCALE, clamp_amax=False, scale_form="divide",
-          scale_in_x_dtype=False, pow2_inverse=False):
+@fp8_scale_parameters
+def check(op, x, scale_ub, *, how):
     if scale_ub is not None:
         checks.check_scale(op, "scale_ub", scale_ub, x)
-    check_fp8_scale_args(op, min_scale, clamp_amax, scale_form, scale_in_x_dtype)
-    if pow2_inverse and scale_form != "inverse":
-        raise ValueError(f"compile_norm.{op}: pow2_inverse rounds the inverse scale: it needs "
-                         f"scale_form='inverse', got {scale_form!r}")
+    check_fp8_scale_args(op, how)
 
 
-def kernel(x, scale_ub=None, min_scale=FP8_MIN_SCALE, clamp_amax=False, scale_form="divide",
-           scale_in_x_dtype=False, pow2_inverse=False):
-    fields = fp8_kernel_scale(min_scale, clamp_amax, scale_form, scale_in_x_dtype)
-    if pow2_inverse:
-        fields["scale_form"] = 3  # the kernel's "inverse, rounded down to a power of two"
-    return KernelQuant(aux=scale_ub, **fields)
+@fp8_scale_parameters
+def kernel(x, scale_ub, *, how):
+    return KernelQuant(aux=scale_ub, **fp8_kernel_scale(how))
 
 
 SCHEME = QuantScheme(
@@ -64,14 +47,10 @@ SCHEME = QuantScheme(
     fake=lambda x, *args: (empty_q(x, FP8_DTYPE), empty_rows(x)),
     check=check,
     kernel=kernel,
-    options={"scale_ub": False, "min_scale": FP8_MIN_SCALE, "clamp_amax": False,
-             "scale_form": "divide", "scale_in_x_dtype": False, "pow2_inverse": False},
+    options={"scale_ub": False, **FP8Scale()._asdict()},
     example_args=lambda options, device: dict(
         scale_ub=torch.tensor(3.0, dtype=torch.float32, device=device)
-        if options["scale_ub"] else None,
-        min_scale=options["min_scale"], clamp_amax=options["clamp_amax"],
-        scale_form=options["scale_form"], scale_in_x_dtype=options["scale_in_x_dtype"],
-        pow2_inverse=options["pow2_inverse"]),
+        if options["scale_ub"] else None, **fp8_scale_options(options)),
     variants=(
         {"scale_ub": True},
         {"min_scale": None},  # torchao inference; DeepSeek-V3's first act_quant
