@@ -24,7 +24,8 @@ OPS = checking.all_ops()
 
 
 def test_every_op_has_a_triton_provider():
-    assert len(OPS) == 23  # 2 norms + 7 schemes with a kernel x (quant, norm, add + norm)
+    # 2 norms + 7 schemes with a kernel x (quant, norm, add + norm, gated norm) + the gated norm
+    assert len(OPS) == 31
     for op in OPS:
         p = registry.providers(op)["triton"]
         assert p.rank == triton_ops.RANK and p.source == triton_ops.SOURCE and len(p.source) == 64

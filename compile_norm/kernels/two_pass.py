@@ -8,8 +8,9 @@ Triton does not give):
    row's scale ``max(amax_row / 448, 1 / (448 * 512))``; the tensor's scale is their max (the
    clamp and the division are monotonic, so ``max_i clamp(a_i / 448) = clamp(max_i a_i / 448)``
    bit for bit, NaN included);
-2. the static FP8 launch (``rms_norm_fp8_static``, ``quant_fp8_static``) with that scale: the
-   norm recomputed from x (from ``residual_out`` after a residual add), ``q = sat(y / scale)``.
+2. the static FP8 launch (``rms_norm_fp8_static``, ``quant_fp8_static``,
+   ``rms_norm_gated_fp8_static``) with that scale: the norm recomputed from x (and the gate;
+   from ``residual_out`` after a residual add), ``q = sat(y / scale)``.
 
 Both launches normalize with the same kernel code, so pass 2's ``y`` is pass 1's bit for bit.
 
@@ -35,6 +36,7 @@ PASSES = {
     "quant_fp8_dynamic_tensor": ("quant_fp8_dynamic", "quant_fp8_static"),
     "rms_norm_fp8_dynamic_tensor": ("rms_norm_fp8_dynamic", "rms_norm_fp8_static"),
     "fused_add_rms_norm_fp8_dynamic_tensor": ("fused_add_rms_norm_fp8_dynamic", "rms_norm_fp8_static"),
+    "rms_norm_gated_fp8_dynamic_tensor": ("rms_norm_gated_fp8_dynamic", "rms_norm_gated_fp8_static"),
 }
 
 
