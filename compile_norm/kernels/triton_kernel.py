@@ -359,17 +359,17 @@ def _normed(xf, g, rstd, w_ptr, out_ptr, rows64, cols, cmask, mask, H, stride_w,
     or fp32 where PROMOTE (kept in fp32); stores ``out``. ``rstd`` broadcasts to the tile
     (``[BLOCK_M, 1, 1]`` per row, ``[BLOCK_M, NG, 1]`` per group); ``g`` is the raw gate."""
     y = xf * rstd
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols * stride_w, mask=cmask, other=0.0, eviction_policy="evict_last")
     if GATE == 2:
         # Mamba: weight * y.to(x.dtype) in the promoted dtype; the fp32 product of two 16-bit
         # values is exact, so rounding it once is torch's 16-bit multiply
         v = _round_to(y, X_DT, PRECISE)
         if HAS_WEIGHT:
-            w = tl.load(w_ptr + cols * stride_w, mask=cmask, other=0.0, eviction_policy="evict_last")
             v = v * w.to(tl.float32)[None, :, :]
             if not PROMOTE:
                 v = _round_to(v, X_DT, PRECISE)
     elif HAS_WEIGHT:
-        w = tl.load(w_ptr + cols * stride_w, mask=cmask, other=0.0, eviction_policy="evict_last")
         if W_OFFSET:
             y = y * (w.to(tl.float32) + offset)[None, :, :]
             v = _round_to(y, X_DT, PRECISE)

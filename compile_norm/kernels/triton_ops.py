@@ -23,9 +23,9 @@ bfloat16 or float32 (float64 goes to native), 1 <= hidden <= 65536, weight (if a
 float16/bfloat16/float32 on the device (any mix with x.dtype is reproduced exactly, as is
 ``variance_size``); fp8_group: group_size a power of two. The gated norm: its group size
 (gate before the norm) a power of two, and equal to the scheme's group where both have one
-(the tiles hold one kind of group); the gate is read like a residual. Inputs whose last dim is not
-contiguous are copied first (an extra copy, still correct); so are inputs whose leading
-dims cannot be flattened into one row stride (e.g. transposed leading dims).
+(the tiles hold one kind of group); the gate is read like a residual. Inputs whose last dim
+is not contiguous are copied first (an extra copy, still correct); so are inputs whose
+leading dims cannot be flattened into one row stride (e.g. transposed leading dims).
 Large hidden sizes keep the whole row in registers: up to 16K elements per program without
 spills; 65536 in fp32 spills (correct, slower). Non-power-of-two rows are split into up to
 three power-of-two tiles (``column_tiles``) rather than padded.
@@ -440,7 +440,8 @@ def prepare(spec: OpSpec, args: tuple) -> Launch:
         q, scales, azp, kq.scale, kq.aux,
         tokens, hidden, sx, sx if r2 is None else r2.stride(0),
         1 if weight is None else weight.stride(0), st, sg,
-        float(call.eps), float(call.weight_offset), norm_group or (hidden if vsize is None else vsize),
+        float(call.eps), float(call.weight_offset),
+        norm_group or (hidden if vsize is None else vsize),  # V: the columns of one statistic
     )
     grid0 = (tokens + cfg.block_m - 1) // cfg.block_m if cfg.programs_per_sm <= 0 else \
         _grid(tokens, cfg, x.device)
