@@ -277,6 +277,30 @@ def test_transformers_gated_norm_and_quantization_fuse(sid, make, quant, extra, 
         torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=1e-12)
 
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import quant_forms  # noqa: E402  (the libraries' FP8 forms that fuse after rms_norm)
+
+
+@pytest.mark.parametrize("form, norm_op, expected", quant_forms.FORMS,
+                         ids=[f[0].__name__ for f in quant_forms.FORMS])
+def test_library_fp8_forms_fuse_after_the_gated_norm(form, norm_op, expected):
+    """Each library form that fuses after rms_norm (tests/test_quant_library_forms.py) fuses
+    after transformers' Qwen3-Next gated norm too, with the same scheme arguments."""
+    fused = "rms_norm_gated_" + registry.spec(norm_op).scheme_name
+    m = Gated(qwen_norm(256, torch.bfloat16), form)
+    x, gate = randn(5, 256, dtype=torch.bfloat16), randn(5, 256, dtype=torch.bfloat16, scale=3.0)
+    with torch.no_grad():
+        c = compile_run(m, x, gate, options={"strict": True})
+        want = m(x, gate)
+        got = fused_call(m.norm, fused, x, gate, (), expected)
+    assert c.counts["quant_matched"] == 1 and c.ops("quant", "after") == {fused}, c.counts
+    assert len(c.kernels) == 1, c.kernels
+    assert_close_q(c.out[0], want[0])
+    # the op, with the arguments the pass reads, is the library's arithmetic bit for bit
+    assert_bitwise_equal(got[0].view(want[0].shape), want[0], nan_equal=True)
+    assert_bitwise_equal(got[1].view(want[1].shape), want[1], nan_equal=True)
+
+
 def test_quant_op_after_the_gated_op_fuses():
     def fn(x, gate, w):
         return torch.ops.compile_norm.quant_fp8_dynamic(compile_norm.rms_norm_gated(x, gate, w, EPS, False, 16))
