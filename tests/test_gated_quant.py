@@ -360,10 +360,13 @@ def test_cuda_qwen3_next_gated_fp8_is_one_kernel(lowering):
         want = m(x, gate)
         eager = fused_call(m.norm, "rms_norm_gated_fp8_dynamic", x, gate, (), {})
     assert c.counts["quant_matched"] == 1 and c.ops("quant", "after") == {"rms_norm_gated_fp8_dynamic"}
-    assert len(c.kernels) <= 1 and "torch.ops.compile_norm." not in c.code, c.kernels
+    assert "torch.ops.compile_norm." not in c.code
+    assert lowering == "auto" or c.counts.get("lower_triton_kernel") == 1, c.counts
     if c.counts.get("lower_triton_kernel"):  # the Triton kernel: the eager kernel's bits
         assert "norm_quant_kernel" in c.code
         assert_bitwise_equal(c.out, eager)
+    else:  # generated code (measured faster): gate, norm, weight and quantization, one kernel
+        assert len(c.kernels) == 1, c.kernels
     assert_close_q(c.out[0], want[0])
     torch.testing.assert_close(c.out[1], want[1], rtol=TOL[torch.bfloat16], atol=1e-12)
 
