@@ -29,6 +29,7 @@ than ``rms_mxfp8`` run at 8192 x 4096 / 5376 only).
 
     python benchmarks/new_schemes.py --out $OUT                  # T 2048..16384 x H 4096, 5376
     python benchmarks/new_schemes.py --dry-run                   # CPU: tiny shapes, checks only
+    python benchmarks/new_schemes.py --families gated_qwen3_next,gated_qwen3_next_fp8 --out $OUT
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def run(a) -> list[dict]:
     for t, h in S.parse_shapes(a.shapes):
         shape = f"{t}x{h}"
         copy_us = None if a.dry_run else S.copy_row(rows, t, h, dev)
-        for fam in FAMILIES:
+        for fam in a.families:
             if fam != "rms_mxfp8" and not a.dry_run and shape not in FEW_SHAPES:
                 continue
             if fam == "gated_mamba2" and h % MAMBA_GROUP:
@@ -196,9 +197,14 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=None, help=f"TxH list (default {SHAPES}; dry run {DRY_SHAPES})")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, checks only")
     p.add_argument("--budget-s", type=float, default=150.0, help="stop compiling after this")
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma list, of: " + ", ".join(FAMILIES))
     p.add_argument("--out", default=None, help="directory for new_schemes.json / .md")
     a = p.parse_args(argv)
     a.shapes = a.shapes or (DRY_SHAPES if a.dry_run else SHAPES)
+    a.families = [f for f in a.families.split(",") if f]
+    unknown = sorted(set(a.families) - set(FAMILIES))
+    if unknown:
+        p.error(f"--families: unknown {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
     # compile for real (as suite.py without --cache): the passes run and their counters prove the fusion
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
