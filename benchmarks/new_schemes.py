@@ -10,15 +10,17 @@ Families, each hand-written as the library / model writes it:
   op is kernels/two_pass.py's two launches); minimal bytes: x read once, q written;
 - ``gated_qwen3_next`` / ``gated_mamba2``: transformers' Qwen3NextRMSNormGated /
   MambaRMSNormGated forward (groups of 1024); minimal bytes: x and gate read, out written
-  (6 B/element).
+  (6 B/element);
+- ``gated_qwen3_next_fp8`` / ``gated_mamba2_fp8``: the same, followed by vLLM's native
+  per-token FP8 (``rms_norm_gated_fp8_dynamic`` when fused); minimal bytes: x and gate read,
+  q (1 B) and a scale per token written.
 
 Candidates, side by side, on that code:
 
 - ``compile_norm``: ``torch.compile(fn, backend="compile_norm")`` (its passes must fuse it into
   ``rms_norm_mxfp8`` / ``rms_norm_gated``: the counters are recorded);
 - ``stock compile``: ``torch.compile(fn)``;
-- ``compile_norm eager``: the op (MXFP8: the Triton kernel; per-tensor FP8: two launches of
-  it; gated: its reference, no kernel);
+- ``compile_norm eager``: the op (the Triton kernel; per-tensor FP8: two launches of it);
 - ``copy`` of the same element count (bf16).
 
 Timing, checks and rows as benchmarks/suite.py (CUDA-graph replay, median, L2 flushed; the
@@ -27,6 +29,7 @@ than ``rms_mxfp8`` run at 8192 x 4096 / 5376 only).
 
     python benchmarks/new_schemes.py --out $OUT                  # T 2048..16384 x H 4096, 5376
     python benchmarks/new_schemes.py --dry-run                   # CPU: tiny shapes, checks only
+    python benchmarks/new_schemes.py --families gated_qwen3_next,gated_qwen3_next_fp8 --out $OUT
 """
 
 from __future__ import annotations
@@ -47,11 +50,13 @@ import gpu_check as G  # noqa: E402  (HF norm, timers, checks)
 import suite as S  # noqa: E402  (fresh compiles, backend registration, row format)
 
 import compile_norm  # noqa: E402,F401
+from compile_norm.kernels import checking  # noqa: E402
 from compile_norm.ops import registry  # noqa: E402
 
 SHAPES = "2048x4096,8192x4096,16384x4096,2048x5376,8192x5376,16384x5376"
 DRY_SHAPES = "5x2048,3x3072"
-FAMILIES = ("rms_mxfp8", "rms_mxfp8_rceil", "gated_qwen3_next", "gated_mamba2", "rms_fp8_tensor")
+FAMILIES = ("rms_mxfp8", "rms_mxfp8_rceil", "gated_qwen3_next", "gated_mamba2",
+            "gated_qwen3_next_fp8", "gated_mamba2_fp8", "rms_fp8_tensor")
 # All but the default MXFP8 family only where the numbers matter most: the run stays < 3 min
 FEW_SHAPES = ("8192x4096", "8192x5376")
 MAMBA_GROUP = 1024  # Mamba-2's n_groups = 4 at 4096, ... (H / 1024 groups)
@@ -80,6 +85,13 @@ def hf_gated_mamba2(x, gate, w):
     return w * y.to(x.dtype)
 
 
+def fp8_per_token(y):
+    """vLLM's native per-token dynamic FP8 (scaled_fp8_quant's PyTorch reference)."""
+    yf = y.float()
+    s = (yf.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1.0 / (448.0 * 512.0))
+    return (yf / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), s
+
+
 def hf_fp8_tensor(x, w):
     """Per-tensor dynamic FP8 of an HF norm's output (torchao's tensorwise recipe)."""
     y = G.hf_rms(x, w).float()
@@ -93,10 +105,17 @@ def family(t: int, h: int, dev: str, fam: str) -> dict:
     n = t * h
     if fam.startswith("gated_"):
         gate = torch.randn(t, h, device=dev, dtype=torch.bfloat16)
-        before = fam == "gated_mamba2"
+        before = fam.startswith("gated_mamba2")
+        hf = hf_gated_mamba2 if before else hf_gated_qwen3_next
         args = (x, gate, w, G.EPS, not before, MAMBA_GROUP if before else None)
+        if fam.endswith("_fp8"):  # the fused op's arguments: the norm's, the scheme's defaults
+            fused = registry.spec("rms_norm_gated_fp8_dynamic").bind(
+                args[:4], dict(norm_before_gate=args[4], norm_group_size=args[5]))
+            return dict(hf=lambda a, g, b: fp8_per_token(hf(a, g, b)), args=(x, gate, w),
+                        bytes=5 * n + 4 * t + 2 * h, ref_op=("rms_norm_gated_fp8_dynamic", fused),
+                        op=lambda: torch.ops.compile_norm.rms_norm_gated_fp8_dynamic(*fused))
         return dict(
-            hf=hf_gated_mamba2 if before else hf_gated_qwen3_next, args=(x, gate, w),
+            hf=hf, args=(x, gate, w),
             bytes=6 * n + 2 * h, op=lambda: torch.ops.compile_norm.rms_norm_gated(*args),
             ref_op=("rms_norm_gated", args))
     if fam == "rms_fp8_tensor":  # minimal bytes: x read once, q written (two passes read x twice)
@@ -111,13 +130,16 @@ def family(t: int, h: int, dev: str, fam: str) -> dict:
 
 
 def _check(ref_op, fn) -> str:
-    """'ok' or the problems: MXFP8 by checking.compare (suite's check), the gated norm (no
-    entry in checking's tables) within bf16 rounding of its reference."""
-    if ref_op[0] != "rms_norm_gated":
+    """'ok' or the problems, by checking.compare (the suite's check; the gated norm's
+    tolerances follow the placement of its gate)."""
+    op, args = ref_op
+    spec = registry.spec(op)
+    if not spec.gated:
         return G._check_candidate(ref_op, fn)
-    got, want = fn().float(), registry.ops()["rms_norm_gated"].reference(*ref_op[1]).float()
-    err = float(((got - want).abs() / want.abs().clamp(min=1e-3)).max())
-    return "ok" if err <= 2.0 ** -6 else f"max rel err {err:.3g}"
+    pos = checking.positional(op, args, {})
+    res = checking.compare(op, fn(), registry.ops()[op].reference(*pos), torch.bfloat16,
+                           gate_before=not spec.split(pos).norm_before_gate)
+    return "ok" if res.ok else "; ".join(res.problems)[:120]
 
 
 def run(a) -> list[dict]:
@@ -129,7 +151,7 @@ def run(a) -> list[dict]:
     for t, h in S.parse_shapes(a.shapes):
         shape = f"{t}x{h}"
         copy_us = None if a.dry_run else S.copy_row(rows, t, h, dev)
-        for fam in FAMILIES:
+        for fam in a.families:
             if fam != "rms_mxfp8" and not a.dry_run and shape not in FEW_SHAPES:
                 continue
             if fam == "gated_mamba2" and h % MAMBA_GROUP:
@@ -175,9 +197,14 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=None, help=f"TxH list (default {SHAPES}; dry run {DRY_SHAPES})")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, checks only")
     p.add_argument("--budget-s", type=float, default=150.0, help="stop compiling after this")
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma list, of: " + ", ".join(FAMILIES))
     p.add_argument("--out", default=None, help="directory for new_schemes.json / .md")
     a = p.parse_args(argv)
     a.shapes = a.shapes or (DRY_SHAPES if a.dry_run else SHAPES)
+    a.families = [f for f in a.families.split(",") if f]
+    unknown = sorted(set(a.families) - set(FAMILIES))
+    if unknown:
+        p.error(f"--families: unknown {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
     # compile for real (as suite.py without --cache): the passes run and their counters prove the fusion
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):

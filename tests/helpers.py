@@ -96,12 +96,20 @@ def opcheck_cases(name: str) -> list[tuple[str, tuple, dict]]:
             ("bf16_3d", (x3,), scheme_kwargs(scheme, h, 1)),
             ("zero_tokens", (x0,), scheme_kwargs(scheme, h, 1)),
         ]
-    if name == "rms_norm_gated":  # (x, gate, weight, eps, norm_before_gate, group_size)
+    if name.startswith("rms_norm_gated"):
+        # (x, gate, weight, eps, <scheme args>, norm_before_gate, group_size / norm_group_size)
+        scheme = name[len("rms_norm_gated_"):] or None
+        group = "norm_group_size" if scheme else "group_size"
+
+        def gated_kw(variant, **kw):
+            return {**(scheme_kwargs(scheme, h, variant) if scheme else {}), **kw}
+
         return [
-            ("fp32_2d_after", (x2, randn(4, h), w32, 1e-6), {}),
+            ("fp32_2d_after", (x2, randn(4, h), w32, 1e-6), gated_kw(0)),
             ("bf16_3d_before_groups", (x3, randn(2, 3, h, dtype=torch.bfloat16), w32, 1e-6),
-             {"norm_before_gate": False, "group_size": 16}),
-            ("fp32_no_weight_zero_tokens", (x0, randn(0, h), None, 1e-6), {"norm_before_gate": False}),
+             gated_kw(1, norm_before_gate=False, **{group: 16})),
+            ("fp32_no_weight_zero_tokens", (x0, randn(0, h), None, 1e-6),
+             gated_kw(1, norm_before_gate=False)),
         ]
     # rms_norm_backward(grad, x, ...) takes a second activation-shaped tensor like fused add
     fused_add = name.startswith("fused_add_") or name == "rms_norm_backward"

@@ -193,6 +193,27 @@ def test_lower_pass_puts_in_the_triton_kernel(triton_as_if_on_gpu, mode):
 
 
 @pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
+@pytest.mark.parametrize("op, kwargs, written, gate", [
+    ("rms_norm_gated", {}, ["out_ptr"], 1),
+    ("rms_norm_gated_fp8_dynamic", {"norm_before_gate": False, "norm_group_size": 1024},
+     ["q_ptr", "s_ptr"], 2),
+])
+def test_lower_pass_puts_in_the_gated_kernel(triton_as_if_on_gpu, op, kwargs, written, gate):
+    def f(x, g, w):
+        return getattr(cn, op)(x, g, w, 1e-6, **kwargs)
+
+    graph = traced_graph(f, (8192, 4096), (8192, 4096), (4096,))
+    result = lower.LowerPass().run(graph, parse_options({"lowering": "kernel"}))
+    graph.lint()
+    assert result.matched == 1 and not cn_nodes(graph)
+    (k,) = kernel_nodes(graph)
+    assert sorted(k.kwargs["tensors_to_clone"]) == written
+    launch = k.kwargs["kwargs"]
+    assert (launch["GATE"], launch["NORM_GROUPED"]) == (gate, gate == 2)
+    assert launch["V"] == (1024 if gate == 2 else 4096)  # the norm's columns
+
+
+@pytest.mark.skipif(not library_ops.AVAILABLE, reason="triton not importable")
 def test_auto_keeps_generated_code_where_the_table_says(triton_as_if_on_gpu):
     def f(x, r, w):
         return cn.fused_add_rms_norm(x, r, w, 1e-6)
@@ -420,6 +441,8 @@ def cuda_target_for_triton_frontend():
     ("fused_add_rms_norm_fp8_dynamic", ("fp8_dynamic",)),
     ("rms_norm_int8_dynamic_asym", ("int8_dynamic_asym",)),
     ("fused_add_rms_norm", None),
+    ("rms_norm_gated_fp8_dynamic", ("fp8_dynamic",)),  # (the second input is the gate)
+    ("rms_norm_gated", ("gate before, groups of 256", False, 256)),
 ])
 def test_inductor_mutation_analysis_of_the_kernel(cuda_target_for_triton_frontend, op, spec):
     """Inductor's own analysis of which pointers the kernel stores to (it hands scalars in as
@@ -431,7 +454,7 @@ def test_inductor_mutation_analysis_of_the_kernel(cuda_target_for_triton_fronten
     w = torch.randn(5376, dtype=BF16)
     op_spec = registry.spec(op)
     qargs = spec[1:] if spec is not None else ()
-    head = (x, r, w) if op_spec.residual else (x, w)
+    head = (x, r, w) if op_spec.residual or op_spec.gated else (x, w)
     launch = triton_ops.prepare(op_spec, op_spec.bind((*head, 1e-6, *qargs), {}))
     names = library_ops._arg_names()
     kwargs = dict(zip(names, launch.args + launch.consts))

@@ -24,7 +24,8 @@ OPS = checking.all_ops()
 
 
 def test_every_op_has_a_triton_provider():
-    assert len(OPS) == 23  # 2 norms + 7 schemes with a kernel x (quant, norm, add + norm)
+    # 2 norms + 7 schemes with a kernel x (quant, norm, add + norm, gated norm) + the gated norm
+    assert len(OPS) == 31
     for op in OPS:
         p = registry.providers(op)["triton"]
         assert p.rank == triton_ops.RANK and p.source == triton_ops.SOURCE and len(p.source) == 64
@@ -102,7 +103,8 @@ def test_launch_config_heuristic():
 
 # Every op on the main shapes; the variants (also run for every op in the interpreter) on
 # one op per family, to keep the number of distinct kernels to compile (~170) small.
-_VARIANT_OPS = ["rms_norm", "fused_add_rms_norm", "quant_fp8_group", "quant_int8_static"] + [
+_VARIANT_OPS = ["rms_norm", "fused_add_rms_norm", "quant_fp8_group", "quant_int8_static",
+                "rms_norm_gated", "rms_norm_gated_fp8_dynamic"] + [
     f"fused_add_rms_norm_{s}" for s in ("fp8_static", "fp8_dynamic", "fp8_group", "int8_static",
                                         "int8_dynamic", "int8_dynamic_asym")
 ]
@@ -130,6 +132,11 @@ def test_matches_reference_cuda(case):
     checking.Case("rms_norm_fp8_group", (513, 7168), torch.bfloat16, column_major=True, ue8m0=True),
     checking.Case("rms_norm", (5, 64, 128), torch.bfloat16, layout="strided"),  # QK norm
     checking.Case("fused_add_rms_norm_int8_dynamic_asym", (1, 4096), torch.float16),
+    # Mamba-2 (d_inner 8192, groups of 1024), Qwen3-Next (per-head rows of 128) + FP8
+    checking.Case("rms_norm_gated", (1000, 8192), torch.bfloat16, gate_before=True, norm_group=1024),
+    checking.Case("rms_norm_gated_fp8_dynamic", (4099, 128), torch.bfloat16),
+    checking.Case("rms_norm_gated_fp8_group", (513, 7168), torch.bfloat16, gate_before=True,
+                  norm_group=128, column_major=True),
 ], ids=lambda c: c.name())
 def test_large_and_edge_shapes_cuda(case):
     res = checking.run_case(case, "cuda")

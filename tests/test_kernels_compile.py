@@ -25,10 +25,10 @@ from compile_norm.kernels import triton_ops as O  # noqa: E402
 
 
 def _compile(mode, hidden, *, group=0, xdt="bf16", wdt="bf16", res=True, norm=True, store=False,
-             aux=False, ue=False, woff=False, scale=None):
+             aux=False, ue=False, woff=False, scale=None, gate=0, grouped=False, promote=False):
     from triton.backends.compiler import GPUTarget
 
-    cfg = O.launch_config(hidden, group if mode == 3 else 0)
+    cfg = O.launch_config(hidden, group if mode == 3 or grouped else 0)
     (ng0, g0), (ng1, g1), (ng2, g2) = cfg.tiles
     qdt = "fp8e4nv" if mode in (1, 2, 3) else "i8"
     sig = {"x_ptr": f"*{xdt}", "r_ptr": f"*{xdt}", "w_ptr": f"*{wdt}", "out_ptr": f"*{xdt}",
@@ -40,7 +40,8 @@ def _compile(mode, hidden, *, group=0, xdt="bf16", wdt="bf16", res=True, norm=Tr
     const = dict(BLOCK_M=cfg.block_m, NG0=ng0, G0=g0, NG1=ng1, G1=g1, NG2=ng2, G2=g2, HAS_RES=res, DO_NORM=norm, HAS_WEIGHT=norm,
                  W_OFFSET=woff, HAS_VSIZE=False, STORE_OUT=store, QUANT=mode, HAS_AUX=aux,
                  UE8M0=ue, PRECISE=True, SCALAR_RECIP=True, FP8_RECIP=O._FP8_RECIP,
-                 INT8_RECIP=O._INT8_RECIP, U8_RECIP=O._U8_RECIP)
+                 INT8_RECIP=O._INT8_RECIP, U8_RECIP=O._U8_RECIP, GATE=gate,
+                 NORM_GROUPED=grouped, PROMOTE=promote)
     # dynamic FP8 scale arithmetic (quant.fp8_kernel_scale's fields), else the defaults
     names = ("SCALE_FORM", "MIN_AT", "MIN_VALUE", "INV_MIN", "SCALE_X_DT")
     const.update(zip(names, scale or ()))
@@ -71,6 +72,13 @@ VARIANTS = {
     # vLLM's native form (multiply by reciprocal(scale)); torchao inference (bf16 scale)
     "fp8_dynamic_multiply": dict(mode=2, hidden=5376, res=False, scale=(1, 1, 2.2e-6, 0.0, False)),
     "fp8_group_x_dtype_scale": dict(mode=3, hidden=7168, group=128, scale=(0, 0, 0.0, 0.0, True)),
+    # the gated norm: Qwen3-Next (gate after) + per-token FP8; Mamba-2 (gate before, groups
+    # of 1024) alone and with a float32 weight (float32 output) + per-token INT8
+    "gated_after_fp8_dynamic": dict(mode=2, hidden=4096, res=False, gate=1),
+    "gated_before_groups": dict(mode=0, hidden=8192, res=False, store=True, gate=2, group=1024,
+                                grouped=True),
+    "gated_before_promote_int8": dict(mode=5, hidden=5376, res=False, wdt="fp32", gate=2,
+                                      group=256, grouped=True, promote=True),
 }
 
 
@@ -85,9 +93,13 @@ def test_compiles_for_sm90(name):
         raise
     ptx = ck.asm["ptx"]
     assert re.search(r"ld\.global\.L1::evict_first[^ ]*\.v[24]", ptx), "x is not loaded as vectors"
-    if kw["mode"] in (2, 5, 6) and not kw.get("scale"):
+    if kw["mode"] in (2, 5, 6) and not kw.get("scale") and not kw.get("gate"):
         # one correctly rounded reciprocal per row, then a * (1/b) plus an fma correction
         # per element instead of a division each (static scales keep a div.rn branch for
         # scales outside the normal range; per-group FP8 divides once per group)
         assert 0 < ptx.count("div.rn.f32") <= 4, ptx.count("div.rn.f32")
+    if kw.get("gate"):
+        # silu as ATen computes it: libdevice's accurate expf (its fma.rm range reduction;
+        # tl.exp is a bare ex2.approx) and an IEEE division per element
+        assert "fma.rm.ftz.f32" in ptx and "div.rn.f32" in ptx
     assert ck.asm.get("cubin"), "ptxas produced no binary"

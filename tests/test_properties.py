@@ -139,11 +139,12 @@ def op_call(draw, names, hidden_st, max_elements: int, max_lead: int):
     if draw(st.booleans()):
         weight = draw(tensor((hidden,), draw(st.sampled_from([dtype, torch.float32]))))
     eps = draw(st.sampled_from([0.0, 1e-6, 1e-5, 0.1]))
-    if name == "rms_norm_gated":  # (x, gate, weight, eps): gate after or before the norm
+    if registry.spec(name).gated:  # (x, gate, weight, eps, ...): gate after or before the norm
         before = draw(st.booleans())
+        group = "norm_group_size" if scheme else "group_size"  # fused ops: the scheme may have one
         kw = {"norm_before_gate": not before,
-              "group_size": draw(st.one_of(st.none(), group_size(hidden))) if before else None}
-        return name, (x, draw(tensor(shape, dtype)), weight, eps), kw, dtype
+              group: draw(st.one_of(st.none(), group_size(hidden))) if before else None}
+        return name, (x, draw(tensor(shape, dtype)), weight, eps), {**skw, **kw}, dtype
     norm_kw = {}
     if weight is not None and draw(st.booleans()):
         norm_kw["weight_offset"] = draw(st.sampled_from([1.0, 0.5, -1.0]))

@@ -22,7 +22,7 @@ EXPECTED_OPS = {
     "rms_norm_gated",
     *(
         f"{kind}{scheme}"
-        for kind in ("quant_", "rms_norm_", "fused_add_rms_norm_")
+        for kind in ("quant_", "rms_norm_", "fused_add_rms_norm_", "rms_norm_gated_")
         for scheme in (
             "fp8_static", "fp8_dynamic", "fp8_dynamic_tensor", "fp8_group", "int8_static",
             "int8_dynamic", "int8_dynamic_asym", "mxfp8",

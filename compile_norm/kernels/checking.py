@@ -17,8 +17,17 @@ and across zero, unlike ``|ref| * 2**-m``):
   (fp32 x with a bf16 weight holds bf16 values: 2 bf16 ulps). Exception: where ``y`` is
   subnormal in D, ``ulp(y) / |y|`` is unbounded and the product moves by
   ``ulp_min * |w|``: an absolute floor of ``SUBNORMAL_ULPS`` smallest subnormals covers
-  ``|w| < SUBNORMAL_ULPS - 1`` (fp16: 8 * 2**-24 ~ 5e-7).
+  ``|w| < SUBNORMAL_ULPS - 1`` (fp16: 8 * 2**-24 ~ 5e-7); the same floor holds for every
+  K >= 2 (the gated norm's ``|w * silu(g)|`` in place of ``|w|``).
 - fp32 x with no / fp32 weight: rtol 1e-5, atol 1e-6 (only rstd's last-bit noise).
+- the gated norm (``gated_out_tolerance``), gate after the norm: ``v * silu(g)`` rounded
+  again, ``v`` the norm's output within K ulps: the relative error is kept while the ulp of
+  the product may be half of v's, so within 2K ulps, plus one for silu's last fp32 bit
+  (torch's exp and the kernel's may differ by an ulp: Sleef against numpy under the
+  interpreter) -> 2K + 1. Gate before the norm: ``x * silu(g)`` is the product of the same
+  floats, normalized and rounded once (1 ulp), then ``weight * y`` rounded in the 16-bit
+  dtype or kept in float32 (a 16-bit y 1 ulp off is < 2 ulps off after the product) -> 2
+  with a weight, 1 without; the float32 output of a 16-bit x is counted in ulps of x.dtype.
 With ``eps_out = K * 2**-m`` (K ulps of D, m its mantissa bits) the relative error of any
 ``out`` value:
 
@@ -29,7 +38,9 @@ With ``eps_out = K * 2**-m`` (K ulps of D, m its mantissa bits) the relative err
   ``quant_*`` ops (exact math on identical input): rtol 1e-6.
 - FP8 ``q``: codes at most one FP8 step apart (ordinal distance of e4m3 codes; ``q``
   and scale each move by <= eps_out <= 2**-6, less than the 2**-4 relative e4m3 step);
-  NaN exactly where the reference has NaN.
+  NaN exactly where the reference has NaN. The gated norm's codes are held to one step too,
+  though its K allows eps_out up to 5 * 2**-7 (bf16): that worst case needs roundings on
+  both sides of the gate to line up on the element that sets the scale.
 - INT8 ``q``: ``t = v / scale`` moves by ``|t| * 2 * eps_out`` (v and scale both move), so
   ``|dq| <= 1 + ceil(2 * eps_out * |t_ref|)`` per element (1 for ``quant_*`` ops);
   asymmetric ``azp`` (``-128 - vmin / scale``) by ``<= 1 + ceil(128 * eps_out)``, which
@@ -69,6 +80,8 @@ def output_names(op: str) -> tuple[str, ...]:
 
 _NORM_DEFAULTS = dict(weight="same", offset=0.0, variance_size=None, layout="contiguous",
                       nan=False)
+# The gated norm's options: the gate before the norm (Mamba-2), its group size, the gate's layout.
+_GATE_DEFAULTS = dict(gate_before=False, norm_group=None, gate_layout="contiguous")
 
 
 class Case:
@@ -76,19 +89,22 @@ class Case:
 
     Norm options: ``weight`` ("same", "none", or a dtype name such as "float32" for a mixed
     weight), ``offset``, ``variance_size``, ``layout`` ("contiguous", "strided": row stride
-    > H, "transposed"), ``nan``. Any other keyword is an option of the op's scheme
+    > H, "transposed"), ``nan``; the gated norm's: ``gate_before``, ``norm_group``,
+    ``gate_layout`` (as ``layout``). Any other keyword is an option of the op's scheme
     (``QuantScheme.options``: ``group_size``, ``column_major``, ``scale_ub``, ...).
     """
 
     def __init__(self, op: str, shape: tuple, dtype: torch.dtype, label: str = "", **options):
         self.op, self.shape, self.dtype, self.label = op, tuple(shape), dtype, label
-        scheme = registry.spec(op).scheme
+        spec = registry.spec(op)
+        scheme = spec.scheme
         self.scheme_options = dict(scheme.options) if scheme else {}
+        own = {**_NORM_DEFAULTS, **(_GATE_DEFAULTS if spec.gated else {})}
         for key in options:
-            if key not in _NORM_DEFAULTS and key not in self.scheme_options:
-                known = sorted([*_NORM_DEFAULTS, *self.scheme_options])
+            if key not in own and key not in self.scheme_options:
+                known = sorted([*own, *self.scheme_options])
                 raise TypeError(f"Case({op!r}): unknown option {key!r}; known: {known}")
-        for key, default in _NORM_DEFAULTS.items():
+        for key, default in {**_NORM_DEFAULTS, **_GATE_DEFAULTS}.items():
             setattr(self, key, options.get(key, default))
         self.scheme_options.update((k, v) for k, v in options.items() if k in self.scheme_options)
 
@@ -104,7 +120,8 @@ class Case:
         return f"{self.op}[{'x'.join(map(str, self.shape))} {dt}{' ' if opts else ''}{','.join(opts)}]"
 
     def options(self) -> dict:
-        d = {k: getattr(self, k) for k, v in _NORM_DEFAULTS.items() if getattr(self, k) != v}
+        d = {k: getattr(self, k) for k, v in {**_NORM_DEFAULTS, **_GATE_DEFAULTS}.items()
+             if getattr(self, k) != v}
         scheme = registry.spec(self.op).scheme
         if scheme:
             d.update((k, v) for k, v in self.scheme_options.items() if v != scheme.options[k])
@@ -141,7 +158,9 @@ def build_call(case: Case, device: str | torch.device, seed: int = 0) -> tuple[t
     args: list[Any] = [x]
     if spec.residual:
         args.append(_make(shape, dtype, device, case.layout, gen, scale=0.5))
-    if spec.normalizes:
+    if spec.gated:  # silu's curved part and both tails
+        args.append(_make(shape, dtype, device, case.gate_layout, gen, scale=3.0))
+    if spec.normalizes or spec.gated:
         if case.weight == "none":
             w = None
         else:
@@ -155,6 +174,9 @@ def build_call(case: Case, device: str | torch.device, seed: int = 0) -> tuple[t
     if spec.normalizes:
         kwargs["weight_offset"] = case.offset
         kwargs["variance_size"] = case.variance_size
+    if spec.gated:  # its last two parameters (the group's name differs in the fused ops)
+        placement, group = list(spec.signature.parameters)[-2:]
+        kwargs[placement], kwargs[group] = not case.gate_before, case.norm_group
     return tuple(args), kwargs
 
 
@@ -221,6 +243,16 @@ def out_tolerance(x_dtype: torch.dtype, w_dtype: Any = "same", weight_offset: fl
     return d, 2 if two else 1
 
 
+def gated_out_tolerance(x_dtype: torch.dtype, w_dtype: Any = "same", gate_before: bool = False):
+    """(D, K) for the gated norm's ``out``, as ``out_tolerance`` (module docstring)."""
+    d, k = out_tolerance(x_dtype, w_dtype)
+    if d is None:
+        return d, k
+    if gate_before:
+        return d, 1 if w_dtype is None else 2
+    return d, 2 * k + 1
+
+
 def _out_close(a, b, x_dtype, ulp_dtype, k):
     """(within tolerance, max abs err, mismatch fraction) for a float output."""
     nan_ok = torch.equal(a.isnan(), b.isnan())
@@ -234,7 +266,7 @@ def _out_close(a, b, x_dtype, ulp_dtype, k):
     else:
         inf_same = torch.where(a.isinf() | b.isinf(), ad == bd, True)
         dist = (_ordinal16(a, ulp_dtype) - _ordinal16(b, ulp_dtype)).abs()
-        floor = SUBNORMAL_ULPS * _TINY[ulp_dtype] if k == 2 else 0.0
+        floor = SUBNORMAL_ULPS * _TINY[ulp_dtype] if k >= 2 else 0.0
         within = bool(torch.where(fin, ((dist <= k) | (diff <= floor)) & inf_same, True).all())
     within = within and nan_ok
     mism = float((diff != 0).double().mean()) if diff.numel() else 0.0
@@ -257,11 +289,12 @@ def _rel_close(a, b, rtol):
 
 
 def compare(op: str, got: Any, ref: Any, x_dtype: torch.dtype, fakes: tuple | None = None,
-            w_dtype: Any = "same", weight_offset: float = 0.0) -> Result:
+            w_dtype: Any = "same", weight_offset: float = 0.0, gate_before: bool = False) -> Result:
     """Compare a provider's outputs with the reference's (tolerances: module docstring).
 
     ``w_dtype`` / ``weight_offset`` describe the call's weight (None: no weight; "same":
-    x.dtype); they set how many roundings follow ``rstd``."""
+    x.dtype); they set how many roundings follow ``rstd``, as does ``gate_before`` (the
+    gated norm's placement of its gate)."""
     names = output_names(op)
     got = got if isinstance(got, tuple) else (got,)
     ref = ref if isinstance(ref, tuple) else (ref,)
@@ -270,8 +303,10 @@ def compare(op: str, got: Any, ref: Any, x_dtype: torch.dtype, fakes: tuple | No
         res.ok = False
         res.problems.append(f"expected {len(names)} outputs, got {len(got)}")
         return res
-    quant_only = registry.spec(op).kind == Kind.QUANT
-    ulp_dtype, k = out_tolerance(x_dtype, w_dtype, weight_offset)
+    spec = registry.spec(op)
+    quant_only = spec.kind == Kind.QUANT
+    ulp_dtype, k = (gated_out_tolerance(x_dtype, w_dtype, gate_before) if spec.gated
+                    else out_tolerance(x_dtype, w_dtype, weight_offset))
     # relative error bound of an ``out`` value (what scales and q inherit)
     eps_out = 0.0 if quant_only else (
         k * 2.0 ** -_MANT[ulp_dtype] if ulp_dtype is not None else 2.0 ** -20)
@@ -381,7 +416,8 @@ def default_cases(
     variants: bool = True,
 ) -> list[Case]:
     """Every op x dtype x hidden, plus (``variants``) layouts, Gemma offset, no / mixed
-    weight, variance_size, NaN, zero tokens and scheme options on one hidden size in bf16."""
+    weight, variance_size, NaN, zero tokens and scheme options on one hidden size in bf16;
+    for the gated norm both placements of the gate, groups, weights and gate layouts."""
     ops = ops or all_ops()
     cases = []
     for op in ops:
@@ -411,6 +447,26 @@ def default_cases(
                 dict(shape=(tokens, h), dtype=torch.float32, weight="bfloat16"),
                 dict(shape=(tokens, h), variance_size=h // 2),
             ]
+        if spec.gated:
+            g = _norm_group(spec, h)
+            v += [
+                dict(shape=(tokens, h), weight="none"),
+                dict(shape=(tokens, h), weight="float32"),
+                dict(shape=(tokens, h), dtype=torch.float32, weight="bfloat16"),
+                dict(shape=(tokens, h), gate_layout="strided"),  # gate row stride > H
+                dict(shape=(3, 2, h), gate_layout="transposed"),
+                dict(shape=(tokens, h), gate_before=True),
+                dict(shape=(tokens, h), gate_before=True, weight="none"),
+                dict(shape=(tokens, h), gate_before=True, weight="float32"),  # float32 out
+                dict(shape=(tokens, h), gate_before=True, dtype=torch.float16, weight="bfloat16"),
+                dict(shape=(2, 3, h), gate_before=True, norm_group=g),
+                dict(shape=(tokens, h), gate_before=True, norm_group=g, weight="float32"),
+                dict(shape=(tokens, h), gate_before=True, norm_group=g, dtype=torch.float16),
+                dict(shape=(tokens, h), gate_before=True, norm_group=g, dtype=torch.float32),
+                dict(shape=(tokens, h), gate_before=True, norm_group=g, nan=True),
+                dict(shape=(tokens, h), gate_before=True, norm_group=h),  # one group: the row
+                dict(shape=(0, h), gate_before=True, norm_group=g),
+            ]
         for options in spec.scheme.variants if spec.scheme else ():
             options = dict(options)
             shape = options.pop("shape", lambda tokens, h: (tokens, h))(tokens, h)
@@ -421,9 +477,22 @@ def default_cases(
     return cases
 
 
+def _norm_group(spec, hidden: int) -> int:
+    """A group size for the gated norm's cases: the group of the scheme's kernel where it has
+    one (the tiles hold one kind of group), else the largest power of two < hidden dividing it."""
+    if spec.scheme is not None and spec.scheme.kernel is not None:
+        scheme = spec.scheme
+        kq = scheme.kernel(torch.empty(1, hidden, device="meta"),
+                           **scheme.example_args(scheme.options, "meta"))
+        if kq is not None and kq.group:
+            return kq.group
+    return max(g for g in (1, 2, 4, 8, 16, 32, 64, 128, 256) if hidden % g == 0 and g < hidden)
+
+
 def weight_dtype(case: Case) -> torch.dtype | None:
     """The dtype of the case's weight (None: no weight), as ``compare`` takes it."""
-    if case.weight == "none" or not registry.spec(case.op).normalizes:
+    spec = registry.spec(case.op)
+    if case.weight == "none" or not (spec.normalizes or spec.gated):
         return None
     return case.dtype if case.weight == "same" else getattr(torch, case.weight)
 
@@ -447,6 +516,6 @@ def run_case(case: Case, device, fn: Callable | None = None, seed: int = 0) -> R
     ref = entry.reference(*pos)
     got = fn(*pos)
     res = compare(case.op, got, ref, case.dtype, fake_outputs(case.op, pos), weight_dtype(case),
-                  case.offset)
+                  case.offset, case.gate_before)
     res.name = case.name()
     return res

@@ -6,6 +6,13 @@ fp32 ``w + offset``) -> output rounded to x.dtype -> quantization of that rounde
 Each stage is switched by a ``tl.constexpr`` so every op compiles to a kernel with only its
 own work. The row is loaded once and stays in registers.
 
+The gated norm (ops/gated.py, ``GATE``) reads its gate through the residual's pointer (a
+second [T, H] input, never both): ``GATE == 1`` multiplies the norm's output by
+``silu(gate)`` and rounds again (Qwen3-Next); ``GATE == 2`` multiplies x by it first and
+normalizes the product, per row or (``NORM_GROUPED``) per group of ``G`` columns (the tiles'
+groups, as per-group FP8 uses them), then ``weight * y.to(x.dtype)`` in the promoted dtype
+(``PROMOTE``: float32 for a 16-bit x with a weight of another dtype) (Mamba-2).
+
 The raw loads (``_load_rows``) are separate from the work on them (``_process``). With
 ``PERSISTENT`` each program loops over row blocks pid, pid + nprog, ... and issues the loads
 of its next block before processing the current one (software prefetch: a load is
@@ -233,13 +240,14 @@ def _load_raw(ptr, rows64, stride, cols, mask):
 
 @triton.jit
 def _load_tile(x_ptr, r_ptr, rows64, rmask, C0: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
-               H, stride_x, stride_r, HAS_RES: tl.constexpr, EVEN_COLS: tl.constexpr):
-    """Raw x and residual of one tile (the residual is x's placeholder without HAS_RES)."""
+               H, stride_x, stride_r, HAS_R: tl.constexpr, EVEN_COLS: tl.constexpr):
+    """Raw x and second input (residual or gate) of one tile; without HAS_R the second is
+    x's placeholder."""
     _, cols, cmask = _tile(C0, NG, G, H, EVEN_COLS)
     mask = _tile_mask(rmask, cmask)
     x = _load_raw(x_ptr, rows64, stride_x, cols, mask)
     r = x
-    if HAS_RES:
+    if HAS_R:
         r = _load_raw(r_ptr, rows64, stride_r, cols, mask)
     return x, r
 
@@ -247,11 +255,11 @@ def _load_tile(x_ptr, r_ptr, rows64, rmask, C0: tl.constexpr, NG: tl.constexpr, 
 @triton.jit
 def _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
                NG0: tl.constexpr, G0: tl.constexpr, NG1: tl.constexpr, G1: tl.constexpr,
-               NG2: tl.constexpr, G2: tl.constexpr, HAS_RES: tl.constexpr,
+               NG2: tl.constexpr, G2: tl.constexpr, HAS_R: tl.constexpr,
                EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
     """Raw tiles (x0, r0, x1, r1, x2, r2) of rows ``rows`` (masked at T and H).
 
-    Absent tensors (no residual, NG1 / NG2 = 0) are placeholders (an earlier tile, never
+    Absent tensors (no residual or gate, NG1 / NG2 = 0) are placeholders (an earlier tile, never
     read by ``_process``), so every call site has the same six names and the persistent
     loop carries only loads that exist (unused loop values are dropped by the compiler).
     """
@@ -260,15 +268,15 @@ def _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
     C1: tl.constexpr = NG0 * G0
     C2: tl.constexpr = C1 + NG1 * G1
     x0, r0 = _load_tile(x_ptr, r_ptr, rows64, rmask, 0, NG0, G0, H, stride_x, stride_r,
-                        HAS_RES, EVEN_COLS)
+                        HAS_R, EVEN_COLS)
     x1, r1 = x0, r0
     if NG1 > 0:
         x1, r1 = _load_tile(x_ptr, r_ptr, rows64, rmask, C1, NG1, G1, H, stride_x, stride_r,
-                            HAS_RES, EVEN_COLS)
+                            HAS_R, EVEN_COLS)
     x2, r2 = x0, r0
     if NG2 > 0:
         x2, r2 = _load_tile(x_ptr, r_ptr, rows64, rmask, C2, NG2, G2, H, stride_x, stride_r,
-                            HAS_RES, EVEN_COLS)
+                            HAS_R, EVEN_COLS)
     return x0, r0, x1, r1, x2, r2
 
 
@@ -286,21 +294,82 @@ def _add_res(x, r, res_out_ptr, rows64, cols, mask, H, X_DT: tl.constexpr,
 
 
 @triton.jit
-def _sumsq(xf, cols, V, HAS_VSIZE: tl.constexpr):
+def _sumsq(xf, cols, V, HAS_VSIZE: tl.constexpr, PER_GROUP: tl.constexpr = False):
+    """Sum of squares per row ``[BLOCK_M]``, or per [row, group] ``[BLOCK_M, NG]``."""
     sq = xf * xf
     if HAS_VSIZE:
         sq = tl.where(cols[None, :, :] < V, sq, 0.0)
-    return tl.sum(tl.sum(sq, axis=2), axis=1)
+    if PER_GROUP:
+        r = tl.sum(sq, axis=2)
+    else:
+        r = tl.sum(tl.sum(sq, axis=2), axis=1)
+    return r
 
 
 @triton.jit
-def _normed(xf, rstd, w_ptr, out_ptr, rows64, cols, cmask, mask, H, stride_w, offset,
+def _rstd(ss, V, eps, PRECISE: tl.constexpr):
+    """``rsqrt(mean + eps)`` of a sum of squares over ``V`` columns."""
+    var = ss / V
+    if PRECISE:
+        r = libdevice.rsqrt(var + eps)
+    else:
+        r = tl.math.rsqrt(var + eps)
+    return r
+
+
+@triton.jit
+def _group_rstd(v, cols, gidx, C0: tl.constexpr, G: tl.constexpr, H, V, eps,
+                EVEN_COLS: tl.constexpr, PRECISE: tl.constexpr):
+    """``rstd`` of each [row, group] of a tile, ``[BLOCK_M, NG, 1]``. Padding groups (past
+    H) get 0, not ``rsqrt(eps)`` (inf for eps = 0: their lanes would be NaN, not the 0 the
+    quantization's statistics rely on)."""
+    r = _rstd(_sumsq(v, cols, V, False, True), V, eps, PRECISE)
+    if not EVEN_COLS:
+        r = tl.where((C0 + gidx * G < H)[None, :], r, 0.0)
+    return r[:, :, None]
+
+
+@triton.jit
+def _silu(g, PRECISE: tl.constexpr):
+    """``F.silu(gate.float())`` as ATen computes it: ``g / (1 + exp(-g))``, IEEE division,
+    the accurate exp (libdevice on the GPU; tl.exp there is the ex2.approx path)."""
+    g = g.to(tl.float32)
+    if PRECISE:
+        e = libdevice.exp(-g)
+    else:
+        e = tl.exp(-g)
+    return tl.math.div_rn(g, 1.0 + e)
+
+
+@triton.jit
+def _gate_input(xf, g, GATE: tl.constexpr, PRECISE: tl.constexpr):
+    """The value normalized: x, or with the gate before the norm ``x * silu(gate)`` (fp32).
+    Masked lanes stay 0 (x and gate load as 0, silu(0) = 0)."""
+    if GATE == 2:
+        xf = xf * _silu(g, PRECISE)
+    return xf
+
+
+@triton.jit
+def _normed(xf, g, rstd, w_ptr, out_ptr, rows64, cols, cmask, mask, H, stride_w, offset,
             X_DT: tl.constexpr, HAS_WEIGHT: tl.constexpr, W_OFFSET: tl.constexpr,
-            STORE_OUT: tl.constexpr, PRECISE: tl.constexpr):
-    """The normalized, weighted tile rounded to x.dtype (kept in fp32); stores ``out``."""
-    y = xf * rstd[:, None, None]
+            STORE_OUT: tl.constexpr, PRECISE: tl.constexpr, GATE: tl.constexpr,
+            PROMOTE: tl.constexpr):
+    """The normalized, weighted (and gated) tile as the op returns it: rounded to x.dtype,
+    or fp32 where PROMOTE (kept in fp32); stores ``out``. ``rstd`` broadcasts to the tile
+    (``[BLOCK_M, 1, 1]`` per row, ``[BLOCK_M, NG, 1]`` per group); ``g`` is the raw gate."""
+    y = xf * rstd
     if HAS_WEIGHT:
         w = tl.load(w_ptr + cols * stride_w, mask=cmask, other=0.0, eviction_policy="evict_last")
+    if GATE == 2:
+        # Mamba: weight * y.to(x.dtype) in the promoted dtype; the fp32 product of two 16-bit
+        # values is exact, so rounding it once is torch's 16-bit multiply
+        v = _round_to(y, X_DT, PRECISE)
+        if HAS_WEIGHT:
+            v = v * w.to(tl.float32)[None, :, :]
+            if not PROMOTE:
+                v = _round_to(v, X_DT, PRECISE)
+    elif HAS_WEIGHT:
         if W_OFFSET:
             y = y * (w.to(tl.float32) + offset)[None, :, :]
             v = _round_to(y, X_DT, PRECISE)
@@ -316,6 +385,8 @@ def _normed(xf, rstd, w_ptr, out_ptr, rows64, cols, cmask, mask, H, stride_w, of
                 v = _round_to(y, X_DT, PRECISE)
     else:
         v = _round_to(y, X_DT, PRECISE)
+    if GATE == 1:  # Qwen3-Next: (norm(x).float() * silu(gate.float())).to(x.dtype)
+        v = _round_to(v * _silu(g, PRECISE), X_DT, PRECISE)
     if STORE_OUT:
         tl.store(out_ptr + rows64[:, None, None] * H + cols[None, :, :], v, mask=mask)
     return v
@@ -331,6 +402,20 @@ def _stats(v, mask, QUANT: tl.constexpr, PRECISE: tl.constexpr):
         # masked lanes hold 0 (loaded as 0, and every stage maps 0 to 0): no select needed
         s1 = _amax(tl.abs(v), 2, PRECISE)
         s2 = s1
+    return s1, s2
+
+
+@triton.jit
+def _token_stats(v, mask, NG: tl.constexpr, QUANT: tl.constexpr, PRECISE: tl.constexpr):
+    """Per-row statistics ``[BLOCK_M, 1]`` of one tile (its NG groups merged: a tile holds
+    several only under a grouped gated norm)."""
+    s1, s2 = _stats(v, mask, QUANT, PRECISE)
+    if NG > 1:
+        s1 = _amax(s1, 1, PRECISE)[:, None]
+        if QUANT == 6:
+            s2 = _amin(s2, 1, PRECISE)[:, None]
+        else:
+            s2 = s1
     return s1, s2
 
 
@@ -523,9 +608,11 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
              INT8_RECIP: tl.constexpr, U8_RECIP: tl.constexpr, EVEN_ROWS: tl.constexpr,
              EVEN_COLS: tl.constexpr, MX_SCALE: tl.constexpr, SCALE_FORM: tl.constexpr,
              MIN_AT: tl.constexpr, MIN_VALUE: tl.constexpr, INV_MIN: tl.constexpr,
-             SCALE_X_DT: tl.constexpr):
+             SCALE_X_DT: tl.constexpr, GATE: tl.constexpr, NORM_GROUPED: tl.constexpr,
+             PROMOTE: tl.constexpr):
     """Everything after the loads for one block of rows, given its raw tiles
-    (``_load_rows``): residual add -> norm -> weight -> quantize, and every store."""
+    (``_load_rows``): residual add or gate -> norm -> weight -> gate -> quantize, and every
+    store. The ``r`` tiles are the residual's (HAS_RES) or the gate's (GATE)."""
     rmask = _row_mask(rows, T, EVEN_ROWS)
     rows64 = rows.to(tl.int64)
     X_DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -545,24 +632,34 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
         v2 = _add_res(x2, r2, res_out_ptr, rows64, cols2, m2, H, X_DT, HAS_RES, PRECISE)
 
     if DO_NORM:
-        ss = _sumsq(v0, cols0, V, HAS_VSIZE)
+        v0 = _gate_input(v0, r0, GATE, PRECISE)
         if NG1 > 0:
-            ss += _sumsq(v1, cols1, V, HAS_VSIZE)
+            v1 = _gate_input(v1, r1, GATE, PRECISE)
         if NG2 > 0:
-            ss += _sumsq(v2, cols2, V, HAS_VSIZE)
-        var = ss / V
-        if PRECISE:
-            rstd = libdevice.rsqrt(var + eps)
+            v2 = _gate_input(v2, r2, GATE, PRECISE)
+        if NORM_GROUPED:  # each group of a tile is normalized on its own (V: the group size)
+            rs0 = _group_rstd(v0, cols0, gi0, 0, G0, H, V, eps, EVEN_COLS, PRECISE)
+            if NG1 > 0:
+                rs1 = _group_rstd(v1, cols1, gi1, C1, G1, H, V, eps, EVEN_COLS, PRECISE)
+            if NG2 > 0:
+                rs2 = _group_rstd(v2, cols2, gi2, C2, G2, H, V, eps, EVEN_COLS, PRECISE)
         else:
-            rstd = tl.math.rsqrt(var + eps)
-        v0 = _normed(v0, rstd, w_ptr, out_ptr, rows64, cols0, cm0, m0, H, stride_w, offset,
-                     X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE)
+            ss = _sumsq(v0, cols0, V, HAS_VSIZE)
+            if NG1 > 0:
+                ss += _sumsq(v1, cols1, V, HAS_VSIZE)
+            if NG2 > 0:
+                ss += _sumsq(v2, cols2, V, HAS_VSIZE)
+            rs0 = _rstd(ss, V, eps, PRECISE)[:, None, None]
+            rs1 = rs0
+            rs2 = rs0
+        v0 = _normed(v0, r0, rs0, w_ptr, out_ptr, rows64, cols0, cm0, m0, H, stride_w, offset,
+                     X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE, GATE, PROMOTE)
         if NG1 > 0:
-            v1 = _normed(v1, rstd, w_ptr, out_ptr, rows64, cols1, cm1, m1, H, stride_w, offset,
-                         X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE)
+            v1 = _normed(v1, r1, rs1, w_ptr, out_ptr, rows64, cols1, cm1, m1, H, stride_w,
+                         offset, X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE, GATE, PROMOTE)
         if NG2 > 0:
-            v2 = _normed(v2, rstd, w_ptr, out_ptr, rows64, cols2, cm2, m2, H, stride_w, offset,
-                         X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE)
+            v2 = _normed(v2, r2, rs2, w_ptr, out_ptr, rows64, cols2, cm2, m2, H, stride_w,
+                         offset, X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE, GATE, PROMOTE)
 
     if QUANT == 1 or QUANT == 4:  # static scale (a scalar)
         s = tl.load(scale_in_ptr)
@@ -615,12 +712,12 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
             _mx_tile(v2, m2, rmask, rows64, gi2, cols2, C2, G2, H, q_ptr, s_ptr, stride_st,
                      stride_sg, MX_SCALE, PRECISE, SCALAR_RECIP, FP8_RECIP)
     elif QUANT != 0:  # dynamic per token: statistics over all tiles
-        s1, s2 = _stats(v0, m0, QUANT, PRECISE)
+        s1, s2 = _token_stats(v0, m0, NG0, QUANT, PRECISE)
         if NG1 > 0:
-            t1, t2 = _stats(v1, m1, QUANT, PRECISE)
+            t1, t2 = _token_stats(v1, m1, NG1, QUANT, PRECISE)
             s1, s2 = _merge(s1, s2, t1, t2, QUANT)
         if NG2 > 0:
-            t1, t2 = _stats(v2, m2, QUANT, PRECISE)
+            t1, t2 = _token_stats(v2, m2, NG2, QUANT, PRECISE)
             s1, s2 = _merge(s1, s2, t1, t2, QUANT)
         scale, rscale, azp = _dyn_scale(s1, s2, aux_in_ptr, QUANT, HAS_AUX, UE8M0, PRECISE,
                                         SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, X_DT,
@@ -643,7 +740,7 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
 
 @triton.jit(do_not_specialize=["T", "stride_st", "stride_sg"])
 def norm_quant_kernel(
-    x_ptr, r_ptr, w_ptr,  # inputs: x [T, H], residual [T, H], weight [H]
+    x_ptr, r_ptr, w_ptr,  # inputs: x [T, H], residual or gate [T, H], weight [H]
     out_ptr, res_out_ptr,  # outputs [T, H] (contiguous)
     q_ptr, s_ptr, azp_ptr,  # quantized [T, H] (contiguous), scales, int32 zero points
     scale_in_ptr, aux_in_ptr,  # static scale; scale_ub (fp8 dynamic) or azp (int8 static)
@@ -669,17 +766,21 @@ def norm_quant_kernel(
     SCALE_FORM: tl.constexpr = 0, MIN_AT: tl.constexpr = 1,
     MIN_VALUE: tl.constexpr = 1.0 / (448.0 * 512.0), INV_MIN: tl.constexpr = 0.0,
     SCALE_X_DT: tl.constexpr = False,
+    # the gated norm (ops/gated.py): 0 none, 1 silu(gate) after the norm, 2 before it; its
+    # norm per group of G (V = G); its output float32 (16-bit x, weight of another dtype)
+    GATE: tl.constexpr = 0, NORM_GROUPED: tl.constexpr = False, PROMOTE: tl.constexpr = False,
 ):
     # Inductor passes Python floats as fp64 (eager Triton: fp32): fp64 would make rstd and
     # every product with it fp64 (slower, and not the reference's fp32 arithmetic). tl.cast,
     # not .to: Inductor's mutation analysis and the interpreter hand in Python floats.
     eps = tl.cast(eps, tl.float32)
     offset = tl.cast(offset, tl.float32)
+    HAS_R: tl.constexpr = HAS_RES or GATE != 0  # a second [T, H] input
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_M)
     rows = pid * BLOCK_M + lanes
     x0, r0, x1, r1, x2, r2 = _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
-                                        NG0, G0, NG1, G1, NG2, G2, HAS_RES, EVEN_ROWS, EVEN_COLS)
+                                        NG0, G0, NG1, G1, NG2, G2, HAS_R, EVEN_ROWS, EVEN_COLS)
     if PERSISTENT:
         # Row blocks pid, pid + nprog, ...: the next block's loads are issued before this
         # block's math and stores (their values are first used in the next iteration),
@@ -692,13 +793,14 @@ def norm_quant_kernel(
             cur = blk * BLOCK_M + lanes
             n0, nr0, n1, nr1, n2, nr2 = _load_rows(
                 x_ptr, r_ptr, cur + nprog * BLOCK_M, T, H, stride_x, stride_r,
-                NG0, G0, NG1, G1, NG2, G2, HAS_RES, EVEN_ROWS, EVEN_COLS)
+                NG0, G0, NG1, G1, NG2, G2, HAS_R, EVEN_ROWS, EVEN_COLS)
             _process(x0, r0, x1, r1, x2, r2, cur, T, H, x_ptr, w_ptr, out_ptr, res_out_ptr,
                      q_ptr, s_ptr, azp_ptr, scale_in_ptr, aux_in_ptr, stride_w, stride_st,
                      stride_sg, eps, offset, V, NG0, G0, NG1, G1, NG2, G2, HAS_RES, DO_NORM,
                      HAS_WEIGHT, W_OFFSET, HAS_VSIZE, STORE_OUT, QUANT, HAS_AUX, UE8M0,
                      PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, EVEN_ROWS,
-                     EVEN_COLS, MX_SCALE, SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)
+                     EVEN_COLS, MX_SCALE, SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT,
+                     GATE, NORM_GROUPED, PROMOTE)
             x0, r0, x1, r1, x2, r2 = n0, nr0, n1, nr1, n2, nr2
             blk += nprog
     else:
@@ -707,4 +809,5 @@ def norm_quant_kernel(
                  stride_sg, eps, offset, V, NG0, G0, NG1, G1, NG2, G2, HAS_RES, DO_NORM,
                  HAS_WEIGHT, W_OFFSET, HAS_VSIZE, STORE_OUT, QUANT, HAS_AUX, UE8M0,
                  PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, EVEN_ROWS,
-                 EVEN_COLS, MX_SCALE, SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)
+                 EVEN_COLS, MX_SCALE, SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT,
+                 GATE, NORM_GROUPED, PROMOTE)

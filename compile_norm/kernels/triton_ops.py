@@ -21,9 +21,11 @@ a true division.
 supports rules (every op): x on CUDA (on CPU only under TRITON_INTERPRET=1), x float16,
 bfloat16 or float32 (float64 goes to native), 1 <= hidden <= 65536, weight (if any)
 float16/bfloat16/float32 on the device (any mix with x.dtype is reproduced exactly, as is
-``variance_size``); fp8_group: group_size a power of two. Inputs whose last dim is not
-contiguous are copied first (an extra copy, still correct); so are inputs whose leading
-dims cannot be flattened into one row stride (e.g. transposed leading dims).
+``variance_size``); fp8_group: group_size a power of two. The gated norm: its group size
+(gate before the norm) a power of two, and equal to the scheme's group where both have one
+(the tiles hold one kind of group); the gate is read like a residual. Inputs whose last dim
+is not contiguous are copied first (an extra copy, still correct); so are inputs whose
+leading dims cannot be flattened into one row stride (e.g. transposed leading dims).
 Large hidden sizes keep the whole row in registers: up to 16K elements per program without
 spills; 65536 in fp32 spills (correct, slower). Non-power-of-two rows are split into up to
 three power-of-two tiles (``column_tiles``) rather than padded.
@@ -55,8 +57,9 @@ from typing import Any, Iterator, NamedTuple
 import torch
 
 from ..ops import registry
+from ..ops.gated import out_dtype as gated_out_dtype
 from ..ops.quant import KernelQuant
-from ..ops.spec import ROW_KERNEL_KINDS, Kind, OpSpec
+from ..ops.spec import ROW_KERNEL_KINDS, Kind, NormCall, OpSpec
 from .quant_modes import QUANT_MODES
 
 PROVIDER = "triton"
@@ -301,10 +304,17 @@ def config_from_json(v: list) -> LaunchConfig:
     return LaunchConfig(int(v[0]), tuple(tuple(int(a) for a in t) for t in v[1]), int(v[2]), int(v[3]))
 
 
-def quant_group(spec: OpSpec, args: tuple) -> int:
-    """The kernel's group size for this call (0: per row): launch configs are per (H, group)."""
+def _norm_group(call: NormCall, hidden: int) -> int:
+    """The gated norm's group size when it normalizes per group (0: per row)."""
+    g = call.norm_group
+    return 0 if call.norm_before_gate or g is None or g == hidden else g
+
+
+def tile_group(spec: OpSpec, args: tuple) -> int:
+    """The group size the kernel's tiles hold for this call (0: per row), the scheme's or
+    the gated norm's: launch configs are per (H, group)."""
     call = spec.split(args)
-    return kernel_quant(spec, call.x, call.qargs).group
+    return kernel_quant(spec, call.x, call.qargs).group or _norm_group(call, call.x.shape[-1])
 
 
 def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -357,7 +367,8 @@ def kernel_quant(spec: OpSpec, x: Any, qargs: tuple) -> KernelQuant | None:
 @functools.lru_cache(maxsize=4096)
 def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight: bool,
                 w_offset: bool, vsize: bool, has_aux: bool, ue8m0: bool, scale_args: tuple,
-                full_blocks: bool, mx_scale: int = 0):
+                full_blocks: bool, mx_scale: int = 0, gate: int = 0, norm_grouped: bool = False,
+                promote: bool = False):
     """The kernel's constexprs for one op, launch config and argument configuration (cached:
     the eager hot path computes them once per configuration)."""
     spec = registry.spec(name)
@@ -370,11 +381,12 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
     store_out = _outputs_layout(spec)[0]
     return (
         cfg.block_m, ng0, g0, ng1, g1, ng2, g2,
-        spec.residual, spec.normalizes, has_weight, w_offset, vsize,
+        spec.residual, spec.normalizes or spec.gated, has_weight, w_offset, vsize,
         store_out, mode, has_aux, ue8m0,
         not INTERPRET, not INTERPRET, _FP8_RECIP, _INT8_RECIP, _U8_RECIP,
         persistent, even_rows, even_cols, mx_scale,
         *scale_args,  # SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT
+        gate, norm_grouped, promote,
     )
 
 
@@ -383,7 +395,7 @@ def _outputs_layout(spec: OpSpec) -> tuple[bool, int, int]:
     """(stores ``out``, number of quantized outputs, kernel quant mode) of an op."""
     n_quant = len(spec.scheme.outputs) if spec.scheme is not None else 0
     mode = QUANT_MODES[spec.scheme.name] if spec.scheme is not None else 0
-    return spec.kind in (Kind.NORM, Kind.ADD_NORM), n_quant, mode
+    return spec.kind in (Kind.NORM, Kind.ADD_NORM, Kind.GATED_NORM), n_quant, mode
 
 
 def prepare(spec: OpSpec, args: tuple) -> Launch:
@@ -398,18 +410,25 @@ def prepare(spec: OpSpec, args: tuple) -> Launch:
     hidden = x.shape[-1]
     x2 = x if x.dim() == 2 and x.stride(1) == 1 else _rows(x, hidden)
     tokens = x2.shape[0]
-    residual = call.residual
-    r2 = None if residual is None else (
-        residual if residual.dim() == 2 and residual.stride(1) == 1 else _rows(residual, hidden))
+    second = call.residual if call.residual is not None else call.gate  # one or neither
+    r2 = None if second is None else (
+        second if second.dim() == 2 and second.stride(1) == 1 else _rows(second, hidden))
     q, scales, azp = (*outs[:n_quant], None, None, None)[:3]
     if scales is not None and scales.dtype == _E8M0:  # Triton has no E8M0 pointers: bytes
         scales = scales.view(torch.uint8)
     weight, vsize = call.weight, call.variance_size
-    cfg = _CONFIG_OVERRIDE.get() or launch_config(hidden, kq.group)
+    gate, norm_group, promote, scale_args = 0, 0, False, kq[_SCALE_FIELDS:]
+    if spec.gated:
+        gate, norm_group = (1 if call.norm_before_gate else 2), _norm_group(call, hidden)
+        promote = gated_out_dtype(x, weight, call.norm_before_gate) != x.dtype
+        if promote:  # the quantized value is float32: rounding its scale to it is no rounding
+            scale_args = (*scale_args[:-1], False)
+    cfg = _CONFIG_OVERRIDE.get() or launch_config(hidden, kq.group or norm_group)
     consts = _constexprs(
         spec.name, cfg, hidden, mode, weight is not None, call.weight_offset != 0.0,
-        vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0, kq[_SCALE_FIELDS:],
-        isinstance(tokens, int) and tokens % cfg.block_m == 0, kq.mx_scale,
+        vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0, scale_args,
+        isinstance(tokens, int) and tokens % cfg.block_m == 0, kq.mx_scale, gate,
+        norm_group != 0, promote,
     )
     if kq.group:
         st, sg = (1, tokens) if kq.column_major else (hidden // kq.group, 1)
@@ -417,11 +436,12 @@ def prepare(spec: OpSpec, args: tuple) -> Launch:
         st, sg = 1, 1
     sx = x2.stride(0)
     runtime = (
-        x2, r2, weight, outs[0] if store_out else None, outs[-1] if r2 is not None else None,
+        x2, r2, weight, outs[0] if store_out else None, outs[-1] if spec.residual else None,
         q, scales, azp, kq.scale, kq.aux,
         tokens, hidden, sx, sx if r2 is None else r2.stride(0),
         1 if weight is None else weight.stride(0), st, sg,
-        float(call.eps), float(call.weight_offset), hidden if vsize is None else vsize,
+        float(call.eps), float(call.weight_offset),
+        norm_group or (hidden if vsize is None else vsize),  # V: the columns of one statistic
     )
     grid0 = (tokens + cfg.block_m - 1) // cfg.block_m if cfg.programs_per_sm <= 0 else \
         _grid(tokens, cfg, x.device)
@@ -511,11 +531,18 @@ def accepts(spec: OpSpec, args: tuple) -> bool:
     call = spec.split(args)
     if not _x_ok(call.x):
         return False
-    if spec.normalizes and not _norm_ok(call.x, call.weight, call.variance_size):
+    if (spec.normalizes or spec.gated) and not _norm_ok(call.x, call.weight, call.variance_size):
         return False
     if spec.residual and not _on_device(call.residual):
         return False
-    return kernel_quant(spec, call.x, call.qargs) is not None
+    kq = kernel_quant(spec, call.x, call.qargs)
+    if kq is None:
+        return False
+    if spec.gated:
+        group = _norm_group(call, call.x.shape[-1])
+        if not _on_device(call.gate) or group & (group - 1) or (group and kq.group not in (0, group)):
+            return False
+    return True
 
 
 def _provider_functions(spec: OpSpec) -> tuple:

@@ -11,9 +11,10 @@ Triton does not give):
    clamps, ``/ 448`` and the rounding to x's dtype are monotonic) and their min where it
    shrinks ("inverse": ``448 / amax``, its clamp and the power-of-two rounding down), bit for
    bit; a NaN row makes both NaN (``amax`` / ``amin`` propagate it, as the reference's amax);
-2. the static FP8 launch (``rms_norm_fp8_static``, ``quant_fp8_static``) with that value and
-   the same ``scale_form`` (``y / s``, ``y * reciprocal(s)``, ``y * r``): the norm recomputed
-   from x (from ``residual_out`` after a residual add).
+2. the static FP8 launch (``rms_norm_fp8_static``, ``quant_fp8_static``,
+   ``rms_norm_gated_fp8_static``) with that value and the same ``scale_form`` (``y / s``,
+   ``y * reciprocal(s)``, ``y * r``): the norm recomputed from x (and the gate; from
+   ``residual_out`` after a residual add).
 
 Both launches normalize with the same kernel code, so pass 2's ``y`` is pass 1's bit for bit.
 
@@ -40,6 +41,7 @@ PASSES = {
     "quant_fp8_dynamic_tensor": ("quant_fp8_dynamic", "quant_fp8_static"),
     "rms_norm_fp8_dynamic_tensor": ("rms_norm_fp8_dynamic", "rms_norm_fp8_static"),
     "fused_add_rms_norm_fp8_dynamic_tensor": ("fused_add_rms_norm_fp8_dynamic", "rms_norm_fp8_static"),
+    "rms_norm_gated_fp8_dynamic_tensor": ("rms_norm_gated_fp8_dynamic", "rms_norm_gated_fp8_static"),
 }
 
 

@@ -63,6 +63,8 @@ MID_TOKENS = 4096  # (256, 4096]: "mid"; a family without a "mid" entry follows 
 #   add_norm_<s> like norm_<s> (one more input read, same quantization code);
 #   int8_static like fp8_static; int8_dynamic_asym / fp8_dynamic like int8_dynamic;
 #   quant_fp8_group like norm_fp8_group (Inductor's per-group reshape is the slow part).
+# Not in the table: the gated norm ("gated_norm", "gated_norm_<scheme>"), never timed against
+# generated code yet: a compile-time measurement decides (generated code where none is taken).
 MEASURED = "runs 6-8"
 DECODE = "run 1"
 MID = "run 9"

@@ -125,7 +125,7 @@ def _time_candidates(op_name: str, fake_args: Sequence[Any], tokens: Sequence[in
         kernel = registered[op_name]
         spec = registry.spec(op_name)
         hidden = int(fake_args[0].shape[-1])
-        configs = triton_ops.few_configs(hidden, triton_ops.quant_group(spec, tuple(fake_args)))
+        configs = triton_ops.few_configs(hidden, triton_ops.tile_group(spec, tuple(fake_args)))
     else:  # the backward: its own launches (no forward launch configs), run eagerly
         kernel, configs = library_ops.functions()[op_name], [None]
     inputs = {t: concrete_args(fake_args, t) for t in tokens}

@@ -5,7 +5,11 @@ For each scheme ``s`` of ``quant.SCHEMES``:
 - ``rms_norm_<s>(x, weight, eps, <scheme args>, weight_offset=0.0, variance_size=None)``
   returns the scheme's outputs of ``quant_<s>(rms_norm(x, ...), ...)``;
 - ``fused_add_rms_norm_<s>(x, residual, weight, eps, <scheme args>, weight_offset=0.0,
-  variance_size=None)`` returns those outputs followed by ``residual_out = x + residual``.
+  variance_size=None)`` returns those outputs followed by ``residual_out = x + residual``;
+- ``rms_norm_gated_<s>(x, gate, weight, eps, <scheme args>, norm_before_gate=True,
+  norm_group_size=None)`` returns the scheme's outputs of ``quant_<s>(rms_norm_gated(x, ...),
+  ...)``. The gated norm's ``group_size`` is called ``norm_group_size`` here: a scheme may
+  have a ``group_size`` of its own (fp8_group).
 
 The scheme arguments come right after ``eps`` (custom ops allow no keyword-only Tensor), so
 pass them, and the optional norm arguments, by keyword for readable call sites.
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 
 from . import checks, registry
+from .gated import check_gated, gated_fake, rms_norm_gated_ref
 from .norm import empty_out, fused_add_rms_norm_ref, rms_norm_ref
 from .quant import SCHEMES, QuantScheme
 from .spec import Kind, OpSpec, op_name
@@ -32,10 +37,16 @@ def _as_tuple(outputs: Any) -> tuple:
     return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
-def _signature(norm_ref, scheme: QuantScheme, extra_output: bool) -> inspect.Signature:
-    """``norm_ref``'s parameters with the scheme's inserted after ``eps``; the scheme's
-    outputs (plus ``residual_out``) as the return annotation."""
-    norm = list(inspect.signature(norm_ref, eval_str=True).parameters.values())
+# The gated norm's parameters renamed in its fused ops (a scheme may have one of that name).
+GATED_RENAMES = {"group_size": "norm_group_size"}
+
+
+def _signature(norm_ref, scheme: QuantScheme, extra_output: bool,
+               renames: dict[str, str] | None = None) -> inspect.Signature:
+    """``norm_ref``'s parameters (``renames`` applied) with the scheme's inserted after
+    ``eps``; the scheme's outputs (plus ``residual_out``) as the return annotation."""
+    norm = [p.replace(name=(renames or {}).get(p.name, p.name))
+            for p in inspect.signature(norm_ref, eval_str=True).parameters.values()]
     at = [p.name for p in norm].index("eps") + 1
     scheme_params = list(inspect.signature(scheme.reference, eval_str=True).parameters.values())[1:]
     returns = inspect.signature(scheme.reference, eval_str=True).return_annotation
@@ -83,10 +94,38 @@ def _fused_spec(scheme: QuantScheme, residual: bool) -> OpSpec:
     return spec
 
 
+def _gated_spec(scheme: QuantScheme) -> OpSpec:
+    name = op_name(Kind.GATED_NORM_QUANT, scheme.name)
+    spec: OpSpec
+
+    def gated_args(call):
+        return (call.x, call.gate, call.weight, call.eps, call.norm_before_gate, call.norm_group)
+
+    def reference(*args, **kwargs):
+        call = spec.split(spec.bind(args, kwargs))
+        return scheme.reference(rms_norm_gated_ref(*gated_args(call)), *call.qargs)
+
+    def check(*args):
+        call = spec.split(args)
+        check_gated(name, *gated_args(call), group_name=GATED_RENAMES["group_size"])
+        scheme.check(name, call.x, *call.qargs)
+
+    def fake(*args):
+        call = spec.split(args)
+        return scheme.fake(gated_fake(*gated_args(call)), *call.qargs)
+
+    reference.__name__ = f"{name}_ref"
+    reference.__qualname__ = reference.__name__
+    reference.__doc__ = f"quant_{scheme.name}(rms_norm_gated(x, gate, ...), ...)"
+    reference.__signature__ = _signature(rms_norm_gated_ref, scheme, False, GATED_RENAMES)
+    spec = OpSpec(Kind.GATED_NORM_QUANT, reference, check, fake, scheme.outputs, scheme)
+    return spec
+
+
 FUSED_OPS: dict[str, Any] = {}
 for _scheme in SCHEMES.values():
-    for _residual in (False, True):
-        _op = registry.declare(_fused_spec(_scheme, _residual))
+    for _spec in (_fused_spec(_scheme, False), _fused_spec(_scheme, True), _gated_spec(_scheme)):
+        _op = registry.declare(_spec)
         FUSED_OPS[_op.name] = _op
 globals().update(FUSED_OPS)
 __all__ = list(FUSED_OPS)

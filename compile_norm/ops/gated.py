@@ -12,9 +12,9 @@
   promoted dtype, as that class writes it (a float32 weight gives a float32 output).
 
 The backward is the formula of those references (roundings taken as identity, float32), in
-ATen ops: traced under compile, Inductor generates it. No Triton kernel: under compile the
-lower pass inlines the reference (generated code fuses norm, gate and weight in one kernel);
-eager calls run the reference.
+ATen ops: traced under compile, Inductor generates it. The forward has the row kernel's
+Triton provider (kernels/triton_kernel.py, its ``GATE`` stage); ``rms_norm_gated_<scheme>``
+(ops/fused.py) is this op followed by a quantization.
 """
 
 from __future__ import annotations
@@ -55,25 +55,31 @@ def rms_norm_gated_ref(
     return y if weight is None else (weight * y).contiguous()
 
 
-def _check(x, gate, weight, eps, norm_before_gate=True, group_size=None):
-    checks.check_norm_args(OP, x, weight, eps, 0.0, None)
-    checks.check_like(OP, "gate", gate, x)
+def check_gated(op, x, gate, weight, eps, norm_before_gate, group_size, group_name="group_size"):
+    """The gated norm's arguments (``group_name``: what ``op`` calls the norm's group size)."""
+    checks.check_norm_args(op, x, weight, eps, 0.0, None)
+    checks.check_like(op, "gate", gate, x)
     if not isinstance(norm_before_gate, bool):
-        checks.fail(OP, f"norm_before_gate must be a bool, got {norm_before_gate!r}")
+        checks.fail(op, f"norm_before_gate must be a bool, got {norm_before_gate!r}")
     if group_size is not None:
         if norm_before_gate:
-            checks.fail(OP, "group_size is only for the gate before the norm (norm_before_gate=False)")
-        checks.check_group_size(OP, x, group_size)
+            checks.fail(op, f"{group_name} is only for the gate before the norm (norm_before_gate=False)")
+        checks.check_group_size(op, x, group_size, group_name)
 
 
-def _out_dtype(x, weight, norm_before_gate):
+def _check(x, gate, weight, eps, norm_before_gate=True, group_size=None):
+    check_gated(OP, x, gate, weight, eps, norm_before_gate, group_size)
+
+
+def out_dtype(x, weight, norm_before_gate):
+    """The output dtype: x.dtype, or with the gate before the norm the weight's promotion."""
     if norm_before_gate or weight is None:
         return x.dtype
     return torch.promote_types(weight.dtype, x.dtype)
 
 
-def _fake(x, gate, weight, eps, norm_before_gate=True, group_size=None):
-    return empty_out(x).to(_out_dtype(x, weight, norm_before_gate))
+def gated_fake(x, gate, weight, eps, norm_before_gate=True, group_size=None):
+    return empty_out(x).to(out_dtype(x, weight, norm_before_gate))
 
 
 def _silu_grad(g: torch.Tensor) -> torch.Tensor:
@@ -126,6 +132,6 @@ def _backward(ctx, grad):
 
 
 rms_norm_gated = registry.declare(OpSpec(
-    Kind.GATED_NORM, rms_norm_gated_ref, _check, fake=_fake, outputs=("out",),
+    Kind.GATED_NORM, rms_norm_gated_ref, _check, fake=gated_fake, outputs=("out",),
     autograd=(_setup, _backward),
 ))

@@ -29,13 +29,17 @@ class Kind(enum.Enum):
     ADD_NORM_QUANT = "add_norm_quant"
     BACKWARD = "backward"
     GATED_NORM = "gated_norm"  # RMSNorm with a SiLU gate (ops/gated.py)
+    GATED_NORM_QUANT = "gated_norm_quant"  # the gated norm, then quantization (ops/fused.py)
 
 
 RESIDUAL_KINDS = (Kind.ADD_NORM, Kind.ADD_NORM_QUANT)
+GATED_KINDS = (Kind.GATED_NORM, Kind.GATED_NORM_QUANT)
 # What the forward row kernel (kernels/triton_kernel.py) implements.
-ROW_KERNEL_KINDS = (Kind.NORM, Kind.ADD_NORM, Kind.QUANT, Kind.NORM_QUANT, Kind.ADD_NORM_QUANT)
+ROW_KERNEL_KINDS = (Kind.NORM, Kind.ADD_NORM, Kind.QUANT, Kind.NORM_QUANT, Kind.ADD_NORM_QUANT,
+                    *GATED_KINDS)
+# The plain RMSNorm family (weight_offset, variance_size): what the gemma and residual passes take.
 NORM_KINDS = (Kind.NORM, Kind.ADD_NORM, Kind.NORM_QUANT, Kind.ADD_NORM_QUANT)
-QUANT_KINDS = (Kind.QUANT, Kind.NORM_QUANT, Kind.ADD_NORM_QUANT)
+QUANT_KINDS = (Kind.QUANT, Kind.NORM_QUANT, Kind.ADD_NORM_QUANT, Kind.GATED_NORM_QUANT)
 
 _BASE_NAME = {
     Kind.NORM: "rms_norm",
@@ -45,6 +49,7 @@ _BASE_NAME = {
     Kind.ADD_NORM_QUANT: "fused_add_rms_norm",
     Kind.BACKWARD: "rms_norm_backward",
     Kind.GATED_NORM: "rms_norm_gated",
+    Kind.GATED_NORM_QUANT: "rms_norm_gated",
 }
 # Choice families (lowerings/choice.py): the kernel-vs-generated table is kept per family.
 _FAMILY = {
@@ -55,6 +60,7 @@ _FAMILY = {
     Kind.ADD_NORM_QUANT: "add_norm",
     Kind.BACKWARD: "backward",
     Kind.GATED_NORM: "gated_norm",
+    Kind.GATED_NORM_QUANT: "gated_norm",
 }
 
 
@@ -65,7 +71,10 @@ def op_name(kind: Kind, scheme: str | None = None) -> str:
 
 
 class NormCall(NamedTuple):
-    """An op's positional arguments split into what the norm and the scheme take."""
+    """An op's positional arguments split into what the norm and the scheme take.
+
+    The gated norm (``GATED_KINDS``) has no weight offset or variance window (0.0 and None
+    here) but a gate, its placement and the norm's group size (None: the whole row)."""
 
     x: Any
     residual: Any
@@ -74,6 +83,9 @@ class NormCall(NamedTuple):
     qargs: tuple
     weight_offset: float
     variance_size: Any
+    gate: Any = None
+    norm_before_gate: bool = True
+    norm_group: Any = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,7 +125,12 @@ class OpSpec:
 
     @property
     def normalizes(self) -> bool:
+        """A plain RMSNorm-family op (not the gated norm, which has arguments of its own)."""
         return self.kind in NORM_KINDS
+
+    @property
+    def gated(self) -> bool:
+        return self.kind in GATED_KINDS
 
     @functools.cached_property
     def signature(self) -> inspect.Signature:
@@ -163,27 +180,32 @@ class OpSpec:
         n_scheme = len(self.scheme.parameters) if self.scheme else 0
         if self.kind == Kind.QUANT:
             return 1, n_scheme
-        return (4 if self.residual else 3), n_scheme
+        return (4 if self.residual or self.gated else 3), n_scheme
 
     def split(self, args: tuple) -> NormCall:
         """``args`` (positional, complete) as a ``NormCall``; not for the backward."""
         start, n = self._layout
         if self.kind == Kind.QUANT:
             return NormCall(args[0], None, None, 0.0, tuple(args[1:]), 0.0, None)
+        qargs, tail = tuple(args[start:start + n]), args[start + n:]
+        if self.gated:  # (x, gate, weight, eps, <scheme>, norm_before_gate, group size)
+            return NormCall(args[0], None, args[2], args[3], qargs, 0.0, None, args[1], *tail)
         residual = args[1] if self.residual else None
-        return NormCall(args[0], residual, args[start - 2], args[start - 1],
-                        tuple(args[start:start + n]), args[start + n], args[start + n + 1])
+        return NormCall(args[0], residual, args[start - 2], args[start - 1], qargs, *tail)
 
     def join(self, call: NormCall) -> tuple:
         """The inverse of ``split``: this op's positional arguments for ``call``."""
         if self.kind == Kind.QUANT:
             return (call.x, *call.qargs)
+        if self.gated:
+            return (call.x, call.gate, call.weight, call.eps, *call.qargs, call.norm_before_gate,
+                    call.norm_group)
         head = (call.x, call.residual) if self.residual else (call.x,)
         return (*head, call.weight, call.eps, *call.qargs, call.weight_offset, call.variance_size)
 
     @property
     def weight_index(self) -> int:
-        return 2 if self.residual else 1
+        return 2 if self.residual or self.gated else 1
 
     def __repr__(self) -> str:
         return f"OpSpec({self.name})"

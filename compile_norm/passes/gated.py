@@ -27,7 +27,6 @@ from .pattern_pass import PatternPass
 
 aten, prims = P.aten, P.prims
 F32 = torch.float32
-GATED = "rms_norm_gated"
 _VIEW = [aten.view.default, aten.reshape.default]
 
 
@@ -175,7 +174,7 @@ class GatedPass(PatternPass):
         node = m.output_node()
         graph = node.graph
         with graph.inserting_before(node):
-            fused = P.call(graph, P.overload(GATED), args)
+            fused = P.call(graph, P.overload(P.GATED), args)
         node.replace_all_uses_with(fused)
         self.result.matched += 1
         pending, changed = set(m.nodes), True

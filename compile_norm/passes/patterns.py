@@ -15,6 +15,7 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 NORM = "rms_norm"
 ADD_NORM = "fused_add_rms_norm"
+GATED = "rms_norm_gated"
 
 
 def overload(name: str) -> Any:
@@ -57,7 +58,8 @@ def with_residual(name: str) -> str:
 def with_scheme(name: str, scheme: str) -> str:
     """The norm op that also quantizes with ``scheme``."""
     spec = registry.spec(name)
-    kind = Kind.ADD_NORM_QUANT if spec.residual else Kind.NORM_QUANT
+    kind = (Kind.GATED_NORM_QUANT if spec.gated
+            else Kind.ADD_NORM_QUANT if spec.residual else Kind.NORM_QUANT)
     return registry.find(kind, scheme).name
 
 

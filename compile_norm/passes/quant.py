@@ -2,8 +2,9 @@
 
 Two kinds of site:
 
-1. ``quant_<s>(y, ...)`` of a compile_norm quant op, where ``y`` is ``rms_norm(...)`` or the
-   first output of ``fused_add_rms_norm(...)`` -> ``rms_norm_<s>`` / ``fused_add_rms_norm_<s>``.
+1. ``quant_<s>(y, ...)`` of a compile_norm quant op, where ``y`` is ``rms_norm(...)``,
+   ``rms_norm_gated(...)`` or the first output of ``fused_add_rms_norm(...)`` ->
+   ``rms_norm_<s>`` / ``rms_norm_gated_<s>`` / ``fused_add_rms_norm_<s>``.
 2. Hand-written quantization of ``y`` as it appears in post-grad graphs (``y.float()`` is
    ``prims.convert_element_type``; ``clamp`` is ``clamp_min`` + ``clamp_max`` or ``clamp``):
    - FP8 static: ``(y.float() / scale).clamp(-448, 448).to(float8_e4m3fn)``;
@@ -19,6 +20,8 @@ Two kinds of site:
      ``[..., H/g, 1]``, ``[..., H/g]``, or one element of any rank per tensor) becomes a view
      of the op's. The cast may omit the clamp: a dynamic scale without ``scale_ub`` bounds
      the quotient by 448 (1 + 2**-8), which the cast rounds to 448 as the clamp would.
+   ``y`` is a norm output as in 1 (the gated norm's: its quantization fuses as the plain
+   norm's does).
    The constants (448, 127, the clamp bounds, the minimum scale) are matched as arguments and
    compared with the op's contract; anything else is refused with a reason. A static FP8
    scale applied as a multiply, ``y * m`` (``m = 1 / s`` or any one-element multiplier), is
@@ -68,7 +71,7 @@ F32 = torch.float32
 
 def norm_of(y: Any) -> tuple[torch.fx.Node, int | None] | None:
     """``(norm node, getitem index)`` when ``y`` is a fusable norm output, else None."""
-    if P.op_name(y) == P.NORM:
+    if P.op_name(y) in (P.NORM, P.GATED):
         return y, None
     if isinstance(y, torch.fx.Node) and y.target is operator.getitem and y.args[1] == 0:
         if P.op_name(y.args[0]) == P.ADD_NORM:
@@ -91,13 +94,13 @@ def fuse(y: torch.fx.Node, scheme: str, qargs: list, outputs: list, before: torc
     sees the dead chain again."""
     norm, _ = norm_of(y)
     graph = norm.graph
-    args = P.norm_args(norm)
     residual = P.op_name(norm) == P.ADD_NORM
-    head = args[:4] if residual else args[:3]  # x, [residual], weight, eps
-    tail = args[-2:]  # weight_offset, variance_size
-    name = P.with_scheme(P.op_name(norm), scheme)
+    # the norm's arguments with the scheme's: the fused op's own layout (OpSpec.split / join)
+    call = P.spec_of(norm).split(tuple(P.norm_args(norm)))
+    fused_spec = registry.spec(P.with_scheme(P.op_name(norm), scheme))
+    args = fused_spec.join(call._replace(qargs=tuple(qargs)))
     with graph.inserting_before(before):
-        fused = P.call(graph, P.overload(name), (*head, *qargs, *tail))
+        fused = P.call(graph, P.overload(fused_spec.name), args)
         multi = P.is_multi_output(fused)
         for index, output in enumerate(outputs):
             if output is None:  # the caller replaces this one itself
@@ -154,7 +157,7 @@ def merge_repeated_quantizations(graph: torch.fx.Graph) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if P.op_name(node) in (P.NORM, P.ADD_NORM):
+        if P.op_name(node) in (P.NORM, P.ADD_NORM, P.GATED):
             downstream.add(node)
             continue
         if node.target not in _PURE or not any(i in downstream for i in node.all_input_nodes):
