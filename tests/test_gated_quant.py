@@ -46,8 +46,9 @@ def gated_inputs(shape, dtype, weight_dtype=None):
 def scheme_group(scheme, x, qkw, default):
     """The norm's group size for a grouped case: the scheme kernel's own group where it has
     one (the tiles hold one kind of group), else ``default``."""
-    kq = registry.spec(f"quant_{scheme}").scheme.kernel(x, **qkw)
-    return kq.group or default
+    spec = registry.spec(f"quant_{scheme}")
+    call = spec.split(spec.bind((x,), qkw))  # every scheme argument, defaults filled in
+    return spec.scheme.kernel(call.x, *call.qargs).group or default
 
 
 def composed(scheme, x, gate, w, before, group, qkw):
@@ -73,11 +74,11 @@ def test_fused_op_is_the_composition(scheme, pid, before, group):
 def test_fused_signature_is_the_norms_around_the_schemes():
     params = list(inspect.signature(registry.spec("rms_norm_gated_fp8_group").reference).parameters)
     assert params == ["x", "gate", "weight", "eps", "group_size", "column_major_scales", "use_ue8m0",
-                      "min_scale", "clamp_amax", "scale_form", "scale_in_x_dtype",
+                      "min_scale", "clamp_amax", "scale_form", "scale_in_x_dtype", "pow2_inverse",
                       "norm_before_gate", "norm_group_size"]
     x, gate, w = gated_inputs((3, 128), torch.bfloat16)
     positional = op("rms_norm_gated_fp8_group")(x, gate, w, EPS, 64, True, False, None, False,
-                                                "divide", False, False, 32)
+                                                "divide", False, False, False, 32)
     keywords = op("rms_norm_gated_fp8_group")(x, gate, w, EPS, group_size=64, column_major_scales=True,
                                               min_scale=None, norm_before_gate=False, norm_group_size=32)
     assert_bitwise_equal(positional, keywords)
