@@ -8,7 +8,6 @@ default config's (dx and dweight within fp32 summation-order noise), then timed 
 replay (L2 flushed, median) next to a copy of the same element count. Bytes per element
 (bf16): grad and x read, dx written: 6 (8 with grad_residual); the ratio is to the copy's 4.
 The "no cap" rows are what a compiled graph launches (wrap_triton passes no register cap).
-Rows that are not a power of two are tried in the default column tiles and padded to one.
 
     python benchmarks/backward_sweep.py --out $OUT
     python benchmarks/backward_sweep.py --shapes 8192x4096 --budget-s 60
@@ -29,7 +28,6 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from compile_norm.kernels import triton_backward as B  # noqa: E402
-from compile_norm.kernels import triton_ops as T  # noqa: E402
 from compile_norm.lowerings.measure import graph_time_us  # noqa: E402
 
 SHAPES = "8192x4096,16384x8192,8192x5376,2048x2048,2048x5376,65536x128"
@@ -40,26 +38,25 @@ def candidates(hidden: int, warps=(4, 8, 16, 32), stages=(1,), per_sms=(1, 2, 4)
     none) x loop pipelining stages."""
     default = B.launch_config.__wrapped__(hidden)
     out = [default]
-    padded = (T._next_pow2(hidden),)
-    for tiles in dict.fromkeys((default.tiles, padded)):
-        for block_m in sorted({default.block_m, 2 * default.block_m, max(1, default.block_m // 2)}):
-            elems = block_m * T._next_pow2(sum(tiles))
-            for num_warps in warps:
-                if not 2 <= elems // (32 * num_warps) <= 64:
-                    continue  # 2 to 64 elements per thread per operand
-                for per_sm in per_sms:
-                    if not 16 <= num_warps * per_sm <= 64:
-                        continue  # a quarter to a full SM's worth of resident warps
-                    for cap in (min(255, 65536 // (32 * num_warps * per_sm)), None):
-                        for num_stages in stages:
-                            cfg = B.BackwardConfig(block_m, tiles, num_warps, per_sm, cap, num_stages)
-                            if cfg not in out:
-                                out.append(cfg)
+    block_h = default.block_h
+    for block_m in sorted({default.block_m, 2 * default.block_m, max(1, default.block_m // 2)}):
+        elems = block_m * block_h
+        for num_warps in warps:
+            if not 2 <= elems // (32 * num_warps) <= 64:
+                continue  # 2 to 64 elements per thread per operand
+            for per_sm in per_sms:
+                if not 16 <= num_warps * per_sm <= 64:
+                    continue  # a quarter to a full SM's worth of resident warps
+                for cap in (min(255, 65536 // (32 * num_warps * per_sm)), None):
+                    for num_stages in stages:
+                        cfg = B.BackwardConfig(block_m, block_h, num_warps, per_sm, cap, num_stages)
+                        if cfg not in out:
+                            out.append(cfg)
     return out
 
 
 def label(cfg: B.BackwardConfig) -> str:
-    return f"[{'+'.join(map(str, cfg.tiles))}] m{cfg.block_m} w{cfg.num_warps} p{cfg.programs_per_sm} r{cfg.maxnreg or '-'} s{cfg.num_stages}"
+    return f"m{cfg.block_m} w{cfg.num_warps} p{cfg.programs_per_sm} r{cfg.maxnreg or '-'} s{cfg.num_stages}"
 
 
 def main(argv=None) -> int:

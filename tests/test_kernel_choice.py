@@ -591,7 +591,7 @@ def test_inductor_mutation_analysis_of_the_backward_kernel(cuda_target_for_trito
     w, partials = torch.randn(384, dtype=BF16), torch.empty(4, 384)
     names = BK.rms_norm_backward_kernel.arg_names
     values = (g, x, w if weight else x, gr, dx, partials if weight else x, 8, 384, 384, 384, 1, 384,
-              1e-6, 0.0, 384, 1, 256, 128, 1, 2, weight, False, False, True, 3)
+              1e-6, 0.0, 384, 1, 512, weight, False, False, True, 3)
     kwargs = dict(zip(names, values))
     if hasattr(tkw, "identify_accessed_tensors"):  # torch >= 2.12
         access = tkw.identify_accessed_tensors(BK.rms_norm_backward_kernel, kwargs, {})

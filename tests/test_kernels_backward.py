@@ -110,11 +110,6 @@ def interpreter_cases() -> list[tuple[str, tuple]]:
             (f"{d}_gemma_offset", make_case(37, 1000, dtype, weight="fp32", offset=1.0)),
             (f"{d}_offset_same_dtype", make_case(5, 64, dtype, offset=1.0)),
             (f"{d}_variance_size", make_case(37, 1000, dtype, vsize=600)),
-            # rows in column tiles: 640 = 512 + 128, 1344 = 1024 + 256 + 64 (the variance
-            # ending inside the second tile)
-            (f"{d}_two_tiles", make_case(37, 640, dtype)),
-            (f"{d}_three_tiles", make_case(37, 1344, dtype, weight="fp32", offset=1.0)),
-            (f"{d}_three_tiles_vsize", make_case(9, 1344, dtype, vsize=1100)),
             (f"{d}_variance_size_no_weight", make_case(9, 384, dtype, weight=None, vsize=100)),
             (f"{d}_3d_noncontiguous", make_case(19, 384, dtype, layout="3d_nc")),
             (f"{d}_3d_noncontiguous_zero", make_case(0, 64, dtype, layout="3d_nc")),

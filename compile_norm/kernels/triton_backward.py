@@ -19,10 +19,9 @@ it plus ``grad_residual`` in x.dtype, bit for bit.
 supports: grad, x (and grad_residual) on CUDA (on CPU only under TRITON_INTERPRET=1), x
 float16 / bfloat16 / float32 (float64 goes to native: gradcheck), grad and grad_residual of
 x's dtype and shape, 1 <= hidden <= 65536, weight (if any) float16 / bfloat16 / float32 on the
-device. Inputs whose last dim is not contiguous are copied first. The whole row is held in
-registers, as up to three power-of-two column tiles (``triton_ops.column_tiles``: 5376 is
-4096 + 1024 + 256, not 8192 padded): no spills up to 8K columns, some at 16K, many at 64K
-(correct, slower).
+device. Inputs whose last dim is not contiguous are copied first. The whole row (padded to a
+power of two) is held in registers: no spills up to 8K columns (a few bytes at 2K-4K), some
+at 16K, many at 64K (correct, slower).
 """
 
 from __future__ import annotations
@@ -66,7 +65,7 @@ def supports(grad, x, weight, eps, weight_offset=0.0, variance_size=None, grad_r
 
 class BackwardConfig(NamedTuple):
     block_m: int  # rows per block (one loop iteration)
-    tiles: tuple[int, ...]  # power-of-two column tiles covering the row (triton_ops.column_tiles)
+    block_h: int  # the row padded to a power of two
     num_warps: int
     programs_per_sm: int
     maxnreg: int | None  # register cap per thread (ptxas); None: none
@@ -94,20 +93,18 @@ def launch_config(hidden: int) -> BackwardConfig:
     - narrow rows (hidden 128, 32 rows per block): no pipelining, 128 registers (65536x128:
       28 us, 0.73; pipelined 29-32).
 
-    Rows that are not a power of two take the forward kernel's column tiles (8192x5376: the
-    padded 8192-wide tile masks 34% of its lanes). Rows wider than 8192 take more warps so a
-    thread never holds more than 32 elements. The
+    Rows wider than 8192 take more warps so a thread never holds more than 32 elements. The
     persistent grid is that many programs per SM; the fp32 dweight partials (written and read
     once) cost ~2% of the traffic.
     """
-    tiles = T.column_tiles(hidden, 0)
-    block_m = max(1, 4096 // T._next_pow2(sum(tiles)))
-    elems = block_m * sum(tiles)
-    num_warps = 8 if elems <= 8192 else min(32, T._next_pow2(elems) // 1024)
+    block_h = T._next_pow2(hidden)
+    block_m = max(1, 4096 // block_h)
+    elems = block_m * block_h
+    num_warps = 8 if elems <= 8192 else min(32, elems // 1024)
     per_sm = max(1, WARPS_PER_SM // num_warps)
     if block_m <= 2:
-        return BackwardConfig(block_m, tiles, num_warps, per_sm, maxnreg=None, num_stages=3)
-    return BackwardConfig(block_m, tiles, num_warps, per_sm, 65536 // (32 * num_warps * per_sm))
+        return BackwardConfig(block_m, block_h, num_warps, per_sm, maxnreg=None, num_stages=3)
+    return BackwardConfig(block_m, block_h, num_warps, per_sm, 65536 // (32 * num_warps * per_sm))
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,9 +159,7 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
         gr2.stride(0),
         float(eps), float(weight_offset), vsize,
     )
-    widths = cfg.tiles + (1,) * (3 - len(cfg.tiles))  # unused tiles: width 1, never touched
-    kwargs = dict(BLOCK_M=cfg.block_m, W0=widths[0], W1=widths[1], W2=widths[2], NT=len(cfg.tiles),
-                  HAS_WEIGHT=weight is not None,
+    kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, HAS_WEIGHT=weight is not None,
                   HAS_VSIZE=vsize != hidden, HAS_GRES=grad_residual is not None,
                   PRECISE=not T.INTERPRET, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
                   maxnreg=cfg.maxnreg)
