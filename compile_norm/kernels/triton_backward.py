@@ -93,7 +93,11 @@ def launch_config(hidden: int) -> BackwardConfig:
     - narrow rows (hidden 128, 32 rows per block): no pipelining, 128 registers (65536x128:
       28 us, 0.73; pipelined 29-32).
 
-    Rows wider than 8192 take more warps so a thread never holds more than 32 elements. The
+    Rows wider than 8192 take more warps so a thread never holds more than 32 elements, and
+    are not pipelined (3 stages of a 64K-column row need 512 KB of shared memory; 16K is
+    not measured). A row that is not a power of two stays one padded tile: split into the
+    forward kernel's column tiles (5376 = 4096 + 1024 + 256) the pipelined loop ran 1.7-2.6x
+    slower (run 22: 8192x5376 163 against 99 us, 8192x3584 152 against 58). The
     persistent grid is that many programs per SM; the fp32 dweight partials (written and read
     once) cost ~2% of the traffic.
     """
@@ -102,7 +106,7 @@ def launch_config(hidden: int) -> BackwardConfig:
     elems = block_m * block_h
     num_warps = 8 if elems <= 8192 else min(32, elems // 1024)
     per_sm = max(1, WARPS_PER_SM // num_warps)
-    if block_m <= 2:
+    if block_m <= 2 and block_h <= 8192:  # 3 stages of 16K+ columns overflow shared memory
         return BackwardConfig(block_m, block_h, num_warps, per_sm, maxnreg=None, num_stages=3)
     return BackwardConfig(block_m, block_h, num_warps, per_sm, 65536 // (32 * num_warps * per_sm))
 
