@@ -163,3 +163,39 @@ def test_training_step_matches_eager_cuda_bf16(use_ops):
     for code in codes:
         assert "torch.ops.compile_norm" not in code
         assert "@triton.jit" in code
+
+
+def test_unused_residual_out_gets_no_zeros_gradient():
+    """The last layer's residual_out feeds nothing: its gradient is None, so the backward op
+    gets no grad_residual (autograd would otherwise materialize a zeros tensor that is
+    written and read again), and the gradients stay those of the reference."""
+    import compile_norm
+    from torch._functorch.aot_autograd import aot_function, make_boxed_func
+
+    backward_graphs = []
+
+    def keep_backward(gm, _):
+        backward_graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    def f(x, r, w):
+        y, _h = compile_norm.fused_add_rms_norm(x, r, w, 1e-6)
+        return (y.float() * torch.arange(y.shape[-1])).sum()
+
+    x, r = torch.randn(5, 96, requires_grad=True), torch.randn(5, 96, requires_grad=True)
+    w = torch.randn(96, requires_grad=True)
+    forward = lambda gm, _: make_boxed_func(gm.forward)  # noqa: E731
+    aot_function(f, fw_compiler=forward, bw_compiler=keep_backward)(x, r, w).backward()
+    (graph,) = backward_graphs
+    calls = [n for n in graph.graph.nodes if n.op == "call_function"]
+    (bw,) = [n for n in calls if "rms_norm_backward" in str(n.target)]
+    assert len(bw.args) < 7 or bw.args[6] is None, bw.args  # no grad_residual
+    assert not [n for n in calls if "zeros" in str(n.target) or "full" in str(n.target)], calls
+    got = [t.grad.clone() for t in (x, r, w)]
+    for t in (x, r, w):
+        t.grad = None
+    xr = (x + r)
+    ref = (compile_norm.ops.norm.rms_norm_ref(xr, w, 1e-6).float() * torch.arange(96)).sum()
+    ref.backward()
+    for g, t in zip(got, (x, r, w)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)

@@ -147,10 +147,15 @@ def _setup_fused_add(ctx, inputs, output):
     x, residual, weight, eps, weight_offset, variance_size = inputs
     ctx.save_for_backward(output[1], weight)  # h = x + residual
     ctx.norm_args = (eps, weight_offset, variance_size)
+    # an unused output's gradient comes as None, not as zeros: the last layer's residual_out
+    # feeds nothing, and a zeros grad_residual would be written, then read by the backward
+    ctx.set_materialize_grads(False)
 
 
 def _backward_fused_add(ctx, grad_out, grad_residual_out):
     h, weight = ctx.saved_tensors
+    if grad_out is None:  # only residual_out was used: it is x + residual
+        return grad_residual_out, grad_residual_out, None, None, None, None
     # the residual's gradient is added inside the backward (one pass over the rows in eager)
     dh, dweight = _norm_backward(grad_out, h, weight, *ctx.norm_args, grad_residual_out)
     return dh, dh, dweight, None, None, None
