@@ -21,6 +21,7 @@ import models
 from compile_helpers import KERNEL_RE, assert_close, no_caches
 from compile_norm import dynamic
 from compile_norm.lowerings import choice
+from compile_norm.passes.base import observe_stages
 
 SEQS = (7, 9, 13, 21)
 HIDDEN = 40
@@ -253,8 +254,10 @@ def test_cuda_auto_lowering_with_a_symbolic_token_count():
 
     torch._dynamo.reset()
     counters.clear()
+    lowered = []  # (node, how, why) of the lower pass: the failure message says why
     g = torch.compile(f, backend="compile_norm", dynamic=True, options={"strict": True})
-    with no_caches():
+    observe = lambda stage, graph, result: lowered.extend(result.lowered if stage == "lower" and result is not None else ())  # noqa: E731
+    with no_caches(), observe_stages(observe):
         for tokens in (7, 300, 5000):
             x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
             q, s, y = g(x)
@@ -266,7 +269,7 @@ def test_cuda_auto_lowering_with_a_symbolic_token_count():
     assert counters["stats"]["unique_graphs"] == 1
     # without Inductor's batch_invariant setting (torch 2.11) the norm takes the kernel too
     kernels = 1 if choice.inductor_has("batch_invariant") else 2
-    assert counters["compile_norm"]["lower_triton_kernel"] == kernels
+    assert counters["compile_norm"]["lower_triton_kernel"] == kernels, lowered
 
 
 transformers = pytest.importorskip("transformers")
