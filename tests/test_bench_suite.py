@@ -81,3 +81,20 @@ def test_training_benchmark_dry_run_add_norm(tmp_path):
     assert fusion.get("pre_grad_canonicalize_matched") == 1 and fusion.get("pre_grad_residual_matched") == 1, fusion
     assert fusion.get("lower_matched") == 2, fusion  # the forward op and the backward op
     assert rows[("add_rms_bwd", "stock compile")]["fusion"] == {}
+
+
+def test_backward_sweep_candidates_start_with_the_default():
+    """benchmarks/backward_sweep.py tries the kernel's own launch config first (the row the
+    others are checked against), then distinct configs, each in its warps / residency bounds."""
+    import backward_sweep as S
+
+    from compile_norm.kernels import triton_backward as B
+
+    for hidden in (128, 2048, 5376):
+        configs = S.candidates(hidden, warps=(8, 16), stages=(1, 3), per_sms=(1, 2))
+        assert configs[0] == B.launch_config(hidden)
+        assert len(set(configs)) == len(configs) > 1
+        assert len({S.label(c) for c in configs}) == len(configs)
+        for c in configs[1:]:
+            assert 2 <= c.block_m * c.block_h // (32 * c.num_warps) <= 64
+            assert 16 <= c.num_warps * c.programs_per_sm <= 64
