@@ -1,7 +1,7 @@
 """Sweep the launch configuration of the Triton rms_norm backward (GPU).
 
 For each T x H, each candidate ``triton_backward.BackwardConfig`` (rows per block, warps,
-programs per SM, register cap or none) replaces ``triton_backward.launch_config`` for the
+programs per SM, register cap or none, loop pipelining stages) replaces ``triton_backward.launch_config`` for the
 eager provider call (dx + fp32 dweight partials, then their column sums), with a weight and,
 with ``--residual``, the fused add's ``grad_residual``. Each result is checked against the
 default config's (dx and dweight within fp32 summation-order noise), then timed by CUDA-graph
