@@ -288,8 +288,6 @@ def explain(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True
     with positional ``fake_args`` (fake or real), as ``lowering="auto"`` decides it.
     ``batch_invariant``: one choice for every token count. ``measure``: time the candidates
     now where this shape class has no measurement on this device (lowerings/measure.py)."""
-    from ..ops import registry
-
     fam = family(op_name)
     x = fake_args[0] if fake_args else None
     if not isinstance(x, torch.Tensor):
@@ -302,7 +300,6 @@ def explain(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True
         return GENERATED, library_ops.REASON
     if not library_ops.supports(op_name, *fake_args):
         return GENERATED, "the Triton kernel does not accept these arguments"
-    fake_args = registry.spec(op_name).bind(tuple(fake_args), {})  # measuring needs them all
     key = shape_class(op_name, fake_args, batch_invariant)
     if key is None:
         return GENERATED, "symbolic shape: choices are per token class and hidden size"

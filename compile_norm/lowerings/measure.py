@@ -198,6 +198,7 @@ def measure_class(op_name: str, fake_args: Sequence[Any], key: str, device: str,
     if bounded and spent_s() >= budget_s():
         log.info("compile_norm: measuring budget (%.0f s) spent; %s follows the table", budget_s(), key)
         return None
+    fake_args = registry.spec(op_name).bind(tuple(fake_args), {})  # the launches need every argument
     tclass = key.split("|")[3]
     tokens = choice.MEASURE_TOKENS[tclass]
     start = time.perf_counter()
@@ -229,7 +230,6 @@ def tune(op_name: str, *args: Any, batch_invariant: bool = True, force: bool = F
     """Measure (unless on record and not ``force``) the shape class of this call and return
     the choice: a warm-up ahead of compiling. ``args``: real CUDA tensors, schema order
     (trailing defaults may be left out, as in a call of the op)."""
-    args = registry.spec(op_name).bind(args, {})  # the key and the launch need every argument
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or not x.is_cuda:
         raise ValueError(f"compile_norm: tune needs CUDA tensors; x is {type(x).__name__} "
