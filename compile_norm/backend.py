@@ -20,7 +20,7 @@ import torch
 
 from . import dynamic, lowerings
 from .options import CompileOptions, parse_options
-from .passes import results_cache
+from .passes import cast_guard, results_cache
 from .passes.manager import CompileNormPass
 from .passes.pre_grad import PreGradPass
 
@@ -35,6 +35,8 @@ def config_patches(options: CompileOptions, mode: str | None = None) -> dict[str
     patches["post_grad_custom_post_pass"] = CompileNormPass(options)
     # training graphs: the norms become ops before AOTAutograd differentiates them
     patches["pre_grad_custom_pass"] = PreGradPass(options)
+    if cast_guard.FOLDS_NARROWING_CASTS:  # torch 2.11: keep eager's round to bf16 (cast_guard.py)
+        patches["joint_custom_pre_pass"] = cast_guard.KeepNarrowingCasts()
     return patches
 
 

@@ -23,7 +23,7 @@ from ..lowerings import choice as lowering_choice
 from ..ops import registry
 from ..options import PASS_ORDER, CompileOptions, parse_options, thaw_providers
 
-from . import cache_key, results_cache, trace
+from . import cache_key, cast_guard, results_cache, trace
 from .base import GraphPass, PassResult, notify_stage
 from .canonicalize import CanonicalizePass
 from .gated import GatedPass
@@ -86,6 +86,7 @@ class CompileNormPass(CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         with self.priority():
+            cast_guard.restore(graph)  # the casts the joint-graph guard respelled, if any
             notify_stage("input", graph)  # observers (the inspect tool) see every stage
             trace.stage("input", graph)
             results: list[PassResult] = []
