@@ -246,12 +246,18 @@ def test_cuda_auto_lowering_with_a_symbolic_token_count():
     table picks it at every token class), the plain norm generated code."""
     import compile_norm
 
-    w = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    class Norms(torch.nn.Module):
+        # a parameter, as in a model: dynamic=True keeps its size (the hidden size) static,
+        # where a plain tensor captured by the function would get a symbolic one too
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(1024, device="cuda", dtype=torch.bfloat16))
 
-    def f(x):
-        q, s = compile_norm.ops.rms_norm_fp8_group(x, w, 1e-6, 128)
-        return q, s, compile_norm.rms_norm(x, w, 1e-6)
+        def forward(self, x):
+            q, s = compile_norm.ops.rms_norm_fp8_group(x, self.w, 1e-6, 128)
+            return q, s, compile_norm.rms_norm(x, self.w, 1e-6)
 
+    f = Norms().requires_grad_(False)
     torch._dynamo.reset()
     counters.clear()
     lowered = []  # (node, how, why) of the lower pass: the failure message says why

