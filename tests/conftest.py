@@ -1,5 +1,6 @@
 import logging
 import os
+import time
 
 import pytest
 import torch
@@ -37,10 +38,25 @@ def _seed():
     torch.manual_seed(0)
 
 
-def pytest_runtest_logreport(report):
-    """With COMPILE_NORM_FAILURE_LOG set (the GPU runs), each failure's traceback is appended
-    to that file as it happens: a run killed by its time limit still says why tests failed."""
-    path = os.environ.get("COMPILE_NORM_FAILURE_LOG")
-    if path and report.failed:
+def _log(variable: str, text: str) -> None:
+    """Append ``text`` to the file named by ``variable`` (GPU runs), once per run: under
+    xdist only the controller writes (it sees every worker's reports)."""
+    path = os.environ.get(variable)
+    if path and not os.environ.get("PYTEST_XDIST_WORKER"):
         with open(path, "a") as f:
-            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n")
+            f.write(text)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """COMPILE_NORM_PROGRESS_LOG: when each test starts, so a run cut by its time limit says
+    which tests were still running."""
+    _log("COMPILE_NORM_PROGRESS_LOG", f"{time.time():.1f} start {nodeid}\n")
+
+
+def pytest_runtest_logreport(report):
+    """COMPILE_NORM_FAILURE_LOG: each failure's traceback as it happens (a run killed by its
+    time limit still says why tests failed); COMPILE_NORM_PROGRESS_LOG: each test's end."""
+    if report.failed:
+        _log("COMPILE_NORM_FAILURE_LOG", f"==== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n")
+    if report.when == "call" or report.failed:
+        _log("COMPILE_NORM_PROGRESS_LOG", f"{time.time():.1f} {report.outcome} {report.duration:.1f}s {report.nodeid}\n")
