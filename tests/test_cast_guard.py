@@ -13,7 +13,7 @@ import torch
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from compile_helpers import compile_run
+from compile_helpers import TOL, assert_close_q, compile_run, inductor_cpu_rounds_like_eager
 from helpers import assert_bitwise_equal, randn
 from test_gated_quant import Gated, fp8_per_token, qwen_norm
 
@@ -104,5 +104,9 @@ def test_gated_norm_then_fp8_fuses_with_the_guard_on(monkeypatch, dtype):
     assert c.counts["gated_matched"] == 1 and c.counts["quant_matched"] == 1, c.counts
     assert c.ops("quant", "after") == {"rms_norm_gated_fp8_dynamic"}
     assert len(c.kernels) == 1, c.kernels
-    assert_bitwise_equal(c.out[0].float(), want[0].float())
-    assert_bitwise_equal(c.out[1], want[1])
+    if inductor_cpu_rounds_like_eager():
+        assert_bitwise_equal(c.out[0].float(), want[0].float())
+        assert_bitwise_equal(c.out[1], want[1])
+    else:  # torch 2.11's CPU code keeps float32 between the generated norm's pointwise ops
+        assert_close_q(c.out[0], want[0])
+        torch.testing.assert_close(c.out[1], want[1], rtol=TOL[dtype], atol=1e-12)

@@ -142,3 +142,37 @@ def test_benchmark_dry_run_fuses_every_form(tmp_path):
     assert len(ours) == len(quant_forms.FORMS)
     assert all(r["fusion"].get("quant_matched") == 1 for r in ours), ours
     assert all(not r["fusion"] for r in rows if r["candidate"] == "stock compile")
+
+
+def torchao_per_tensor_primitives(y):
+    """torchao's own per-tensor primitives, as Float8DynamicActivationFloat8WeightConfig
+    (PerTensor) calls them: block_size = y.shape; at batch 1 ([1, T, H]) the amax reduces
+    dims 1 and 2 only (the size-1 dim is left out)."""
+    from torchao.quantization.quant_primitives import _choose_scale_float8, _quantize_affine_float8
+
+    scale = _choose_scale_float8(y, list(y.shape), FP8)
+    return _quantize_affine_float8(y, scale, FP8), scale
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 384), (2, 7, 384), (7, 384)])
+def test_torchao_per_tensor_primitives_fuse_at_every_batch_size(shape):
+    x, w = torch.randn(shape, dtype=torch.bfloat16), torch.randn(shape[-1], dtype=torch.bfloat16)
+    form = after_norm(torchao_per_tensor_primitives)
+    c = compile_run(form, x, w, options={"strict": True})
+    assert c.counts["quant_matched"] == 1 and c.counts["quant_unmatched"] == 0, c.counts
+    assert c.ops("quant", "after") == {"rms_norm_fp8_dynamic_tensor"}
+    want = form(x, w)
+    _close_q(c.out[0], want[0])
+    assert c.out[1].shape == want[1].shape
+    assert_close(c.out[1], want[1], torch.bfloat16)
+    got = torch.ops.compile_norm.rms_norm_fp8_dynamic_tensor(x, w, 1e-6, min_scale=None, scale_in_x_dtype=True)
+    assert_bitwise_equal(got[0], want[0])
+    assert_bitwise_equal(got[1].view(want[1].shape), want[1])
+
+
+def test_per_token_amax_of_one_token_stays_per_token():
+    """amax over the last dim of a one-token [1, H] is per-token, not per-tensor: the per-token
+    scheme (one pass) keeps it."""
+    x, w = torch.randn(1, 384, dtype=torch.bfloat16), torch.randn(384, dtype=torch.bfloat16)
+    c = compile_run(after_norm(quant_forms.vllm_per_token), x, w, options={"strict": True})
+    assert c.ops("quant", "after") == {"rms_norm_fp8_dynamic"}, c.counts

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..ops import quant as Q
 from . import patterns as P
@@ -121,8 +122,12 @@ def _amax(node: Any, read: ScaleRead) -> str | None:
         dims = [node.args[1]]
     elif _is(node, aten.amax.default):
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        rank = P.val(node.args[0]).dim()
-        if not dims or (rank > 1 and sorted(d % rank for d in dims) == list(range(rank))):
+        shape = P.val(node.args[0]).shape
+        rank, reduced = len(shape), {d % len(shape) for d in dims or ()}
+        # every dim, or every dim but ones of size 1 (torchao's [1, T, H] at batch 1 reduces
+        # dims 1 and 2); over the last dim alone it is per-token, whatever the token count
+        if not dims or (rank > 1 and reduced != {rank - 1}
+                        and all(d in reduced or statically_known_true(shape[d] == 1) for d in range(rank))):
             read.per_tensor, dims = True, None
     elif _is(node, aten.max.default):
         read.per_tensor, dims = True, None
