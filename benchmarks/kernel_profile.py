@@ -223,7 +223,8 @@ def _events(prof, cuda: bool):
 
     for e in prof.events():
         if cuda and e.device_type == DeviceType.CUDA:
-            yield e.name, e.device_time_total
+            # the event's own interval: device_time_total reads 0 without the profiler's use_device
+            yield e.name, e.time_range.elapsed_us()
         elif not cuda and e.device_type == DeviceType.CPU:
             yield e.name, e.self_cpu_time_total
 
