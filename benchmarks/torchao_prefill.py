@@ -143,19 +143,22 @@ def run_candidate(model, ids, ref, backend: str, a) -> dict:
         row.update(not_run=f"{type(e).__name__}: {e}"[:300], fused=S.compile_counters())
         return row
     row["fused"] = fused
-    out = fn(ids).logits
-    if ref is not None:
-        row["rel_err_vs_eager"] = E.rel_err(out, ref)
-    if a.timing:
-        row["ms"], row["timer"] = prefill_time_ms(lambda: fn(ids), a.device)
-    prof = KP.profile(lambda: fn(ids), a.device, iters=a.profile_iters)
-    row["profile"] = prof.to_json(top=10)
-    row["_profile"] = prof
+    try:
+        out = fn(ids).logits
+        if ref is not None:
+            row["rel_err_vs_eager"] = E.rel_err(out, ref)
+        del out
+        if a.timing:
+            row["ms"], row["timer"] = prefill_time_ms(lambda: fn(ids), a.device)
+        prof = KP.profile(lambda: fn(ids), a.device, iters=a.profile_iters)
+        row.update(profile=prof.to_json(top=10), _profile=prof)
+    except Exception as e:  # report and go on: the other rows still run
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
     return row
 
 
 def run(a) -> list[dict]:
-    budget = S.Budget(None if a.dry_run else a.budget_s)
+    budget = S.Budget(a.budget_s)
     base = build(a.layers, a.vocab, max(a.token_list), a.device, a.dry_run)
     rows = []
     for gran in a.gran_list:
@@ -235,7 +238,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         if r.get("reasons"):
             lines += [f"Not fused: {r['reasons']}", ""]
         for n, _ in CANDIDATES:
-            for key in ("not_run", "skipped"):
+            for key in ("not_run", "skipped", "error"):
                 if key in r[n]:
                     lines += [f"{n}: {key.replace('_', ' ')}: {r[n][key]}", ""]
         if profs:
@@ -286,11 +289,14 @@ def main(argv=None) -> int:
         for n, _ in CANDIDATES:
             r[n].pop("_profile", None)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
-    bad = [f"{r['granularity']} T={r['tokens']}" for r in rows
+    ran = [r for r in rows if "skipped" not in r["compile_norm"]]
+    bad = [f"{r['granularity']} T={r['tokens']}" for r in ran
            if not r.get("fusion_ok") or r.get("numerics_ok") is False
-           or (not a.dry_run and any("not_run" in r[n] for n, _ in CANDIDATES))]
+           or any("error" in r[n] or (not a.dry_run and "not_run" in r[n]) for n, _ in CANDIDATES)]
+    skipped = len(rows) - len(ran)
     print(f"wrote {out}/results.json and results.md in {meta['wall_s']}s"
-          + (f"; NOT fused / correct: {bad}" if bad else "; all fused and correct"), flush=True)
+          + (f"; NOT fused / correct: {bad}" if bad else "; all fused and correct")
+          + (f"; {skipped} rows skipped (time budget)" if skipped else ""), flush=True)
     return 1 if bad else 0
 
 

@@ -156,6 +156,19 @@ def test_torchao_prefill_dry_run(tmp_path):
                      f"(size-1 batch dim dropped), not read as per-tensor: {rows['per_tensor']['reasons']}")
 
 
+def test_torchao_prefill_budget_skips_compiles(tmp_path, capsys):
+    """Past --budget-s no compile starts: the rows say so and are not counted as failures."""
+    pytest.importorskip("torchao")
+    import torchao_prefill
+
+    rc = torchao_prefill.main(["--dry-run", "--layers", "1", "--granularity", "per_row",
+                               "--budget-s", "0", "--out", str(tmp_path)])
+    assert rc == 0 and "1 rows skipped (time budget)" in capsys.readouterr().out
+    (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert row["compile_norm"] == row["stock compile"] == {"skipped": "time budget (--budget-s)"}
+    assert "compile_norm: skipped: time budget" in (tmp_path / "results.md").read_text()
+
+
 def test_torchao_prefill_arguments_are_checked(capsys):
     import torchao_prefill
 
