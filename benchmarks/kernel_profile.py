@@ -17,7 +17,10 @@
 On CUDA the kernels are the profiler's device events (CUPTI). On the CPU (the benchmarks' dry
 runs) they are the CPU events, each with its self time, so nested ATen calls are not counted
 twice; Inductor's C++ kernels appear there only with ``cpp.enable_kernel_profile`` on, which
-``naming("cpu")`` sets.
+``naming("cpu")`` sets. Each kernel also gets its phase: ``backward`` where the CPU op that
+launched it (on CUDA, found by the launch's correlation id) runs inside the autograd engine's
+backward (``CompiledFunctionBackward``, ``autograd::engine::evaluate_function``), else
+``forward``; a kernel whose launch has no CPU op on record counts as forward.
 
 How Inductor's kernels are recognised. Inductor names a generated kernel
 ``triton_<red|per|poi|tem>_fused_<ops>_<n>`` (C++: ``cpp_fused_<ops>_<n>``), where ``<ops>``
@@ -77,6 +80,7 @@ ATTENTION_RE = re.compile(r"flash|fmha|attention|sdpa", re.I)
 GEMM_RE = re.compile(r"gemm|gemv|nvjet|xmma|cutlass|splitk|cublas|^aten::(mm|addmm|bmm|_scaled_mm|baddbmm)$"
                      r"|mkldnn|onednn|dnnl", re.I)
 GENERATED_RE = re.compile(r"^(?:triton_(?P<kind>[a-z]+)_|cpp_)fused_(?P<ops>.*?)(?:_\d+)?$")
+BACKWARD_EVENTS = ("CompiledFunctionBackward", "autograd::engine::evaluate_function")
 GRAPH_PREFIX_RE = re.compile(r"^graph_\d+_")
 CASTS_AND_VIEWS = {"_to_copy", "view", "_unsafe_view", "expand", "clone", "permute", "squeeze",
                    "unsqueeze", "t", "transpose", "convert_element_type"}
@@ -178,6 +182,7 @@ class Kernel:
     category: str
     us: float  # total time per call of the profiled function
     count: float  # launches per call
+    phase: str = "forward"  # "backward": launched inside the autograd engine's backward
 
 
 @dataclass
@@ -207,6 +212,13 @@ class Profile:
     def of(self, category: str) -> list[Kernel]:
         return [k for k in self.kernels if k.category == category]
 
+    def phases(self, category: str) -> dict[str, float]:
+        """{forward: us, backward: us} of a category's kernels."""
+        out = {"forward": 0.0, "backward": 0.0}
+        for k in self.of(category):
+            out[k.phase] += k.us
+        return out
+
     def to_json(self, top: int = 10) -> dict:
         """Totals per category, the ``top`` kernels, and every norm kernel (forward and
         backward, so a reader sees which were counted)."""
@@ -214,19 +226,39 @@ class Profile:
                     by_category={c: {k: round(v, 4) for k, v in d.items()}
                                  for c, d in self.by_category().items()},
                     top=[asdict(k) for k in self.top(top)],
+                    norm_by_phase={k: round(v, 2) for k, v in self.phases("norm").items()},
                     norm_kernels=[asdict(k) for k in self.of("norm")])
 
 
+def _phase(event) -> str:
+    """``backward`` for a CPU event inside a backward node's run (AOTAutograd's
+    ``CompiledFunctionBackward``, any autograd engine ``evaluate_function``), else ``forward``."""
+    while event is not None:
+        if event.name.startswith(BACKWARD_EVENTS):
+            return "backward"
+        event = event.cpu_parent
+    return "forward"
+
+
 def _events(prof, cuda: bool):
-    """(name, time in us) of every kernel: device events on CUDA, CPU self times on the CPU."""
+    """(name, time in us, phase) of every kernel: device events on CUDA (phase: the CPU op that
+    launched it, by correlation id), CPU self times on the CPU."""
     from torch.autograd import DeviceType
 
-    for e in prof.events():
+    events = prof.events()
+    ops = {e.id: e for e in events if e.device_type == DeviceType.CPU and not e.is_async}
+    if cuda and events and not hasattr(events[0], "linked_correlation_id"):
+        # a torch whose events do not name their launcher: the kernels each CPU op launched
+        for op in ops.values():
+            for k in op.kernels:
+                yield k.name, k.duration, _phase(op)
+        return
+    for e in events:
         if cuda and e.device_type == DeviceType.CUDA:
             # the event's own interval: device_time_total reads 0 without the profiler's use_device
-            yield e.name, e.time_range.elapsed_us()
+            yield e.name, e.time_range.elapsed_us(), _phase(ops.get(e.linked_correlation_id))
         elif not cuda and e.device_type == DeviceType.CPU:
-            yield e.name, e.self_cpu_time_total
+            yield e.name, e.self_cpu_time_total, _phase(e)
 
 
 def profile(fn: Callable[[], object], device: str, iters: int = 5, warmup: int = 2) -> Profile:
@@ -245,12 +277,13 @@ def profile(fn: Callable[[], object], device: str, iters: int = 5, warmup: int =
         for _ in range(iters):
             fn()
         sync()
-    time: dict[str, float] = collections.defaultdict(float)
+    time: dict[tuple[str, str], float] = collections.defaultdict(float)
     count: collections.Counter = collections.Counter()
-    for name, us in _events(prof, cuda):
-        time[name] += us
-        count[name] += 1
-    kernels = [Kernel(n, classify(n), time[n] / iters, count[n] / iters) for n in time]
+    # keyed by phase too: the forward and the backward graph number their kernels alike
+    for name, us, phase in _events(prof, cuda):
+        time[name, phase] += us
+        count[name, phase] += 1
+    kernels = [Kernel(n, classify(n), time[n, ph] / iters, count[n, ph] / iters, ph) for n, ph in time]
     kernels.sort(key=lambda k: -k.us)
     return Profile(device, iters, kernels)
 
@@ -266,11 +299,16 @@ def markdown(profiles: dict[str, Profile], top: int = 10, step_ms: dict[str, flo
         lines.append(f"| {c} | " + " | ".join(
             f"{by[n][c]['us']:.1f} ({by[n][c]['share']:.1%})" for n in names) + " |")
     lines.append("| kernels total | " + " | ".join(f"{profiles[n].total_us:.1f}" for n in names) + " |")
+    phases = {n: p.phases("norm") for n, p in profiles.items()}
+    if any(ph["backward"] for ph in phases.values()):
+        lines.append("| norm forward / backward | " + " | ".join(
+            f"{phases[n]['forward']:.1f} / {phases[n]['backward']:.1f}" for n in names) + " |")
     if step_ms and any(step_ms.values()):
         lines.append("| norm share of the step | " + " | ".join(
             f"{by[n]['norm']['us'] / (step_ms[n] * 1e3):.1%}" if step_ms.get(n) else "-" for n in names) + " |")
     for n in names:
         lines += ["", f"Top {top} kernels, {n}:", "", "| kernel | category | us | launches |", "|---|---|---|---|"]
-        lines += [f"| `{k.name[:90]}` | {k.category} | {k.us:.1f} | {k.count:g} |" for k in profiles[n].top(top)]
+        lines += [f"| `{k.name[:90]}` | {k.category}{' (bwd)' if k.phase == 'backward' else ''} | {k.us:.1f} | "
+                  f"{k.count:g} |" for k in profiles[n].top(top)]
     return lines
 

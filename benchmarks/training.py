@@ -165,8 +165,9 @@ def profile_step(step, params, a) -> tuple[dict, KP.Profile]:
         step()
 
     prof = KP.profile(fresh_step, a.device, iters=a.profile_iters)
-    norm = prof.by_category()["norm"]
-    return dict(norm_us=round(norm["us"], 1), norm_share_of_kernels=round(norm["share"], 4),
+    norm, phases = prof.by_category()["norm"], prof.phases("norm")
+    return dict(norm_us=round(norm["us"], 1), norm_fwd_us=round(phases["forward"], 1),
+                norm_bwd_us=round(phases["backward"], 1), norm_share_of_kernels=round(norm["share"], 4),
                 kernels_us=round(prof.total_us, 1), profile=prof.to_json(top=10)), prof
 
 
@@ -228,7 +229,7 @@ def models_markdown(rows: list[dict], profiles: dict) -> str:
     lines = ["# Training steps: where the time goes", "",
              "Norm: compile_norm's and Inductor's norm kernels, forward and backward "
              "(benchmarks/kernel_profile.py says how they are recognised).", "",
-             "| model | candidate | step ms | x stock | norm us | norm / kernels | norm / step | fusion |",
+             "| model | candidate | step ms | x stock | norm us (fwd / bwd) | norm / kernels | norm / step | fusion |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         status = r.get("skipped") or r.get("error")
@@ -238,7 +239,8 @@ def models_markdown(rows: list[dict], profiles: dict) -> str:
         fusion = ", ".join(f"{k}={v}" for k, v in (r.get("fusion") or {}).items() if k.endswith("matched"))
         share = r.get("norm_share_of_step")
         lines.append(f"| {r['model']} | {r['candidate']} | {r.get('step_ms', '-')} | "
-                     f"{r.get('speedup_vs_stock', '-')} | {r['norm_us']} | {r['norm_share_of_kernels']:.1%} | "
+                     f"{r.get('speedup_vs_stock', '-')} | {r['norm_us']} ({r['norm_fwd_us']} / {r['norm_bwd_us']}) | "
+                     f"{r['norm_share_of_kernels']:.1%} | "
                      f"{'-' if share is None else f'{share:.1%}'} | {fusion} |")
     for model in dict.fromkeys(m for m, _ in profiles):
         profs = {c: p for (m, c), p in profiles.items() if m == model}

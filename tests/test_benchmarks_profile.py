@@ -3,6 +3,7 @@ rules, the profile of a real compiled training step (stock Inductor's and compil
 kernels found in the forward and in the backward), training.py's model-step-only run and
 torchao_prefill.py's dry run (a torchao FP8 tiny Llama, both granularities)."""
 
+import inspect
 import json
 import pathlib
 import sys
@@ -78,13 +79,40 @@ def test_own_kernel_names_come_from_the_kernels():
                               triton_backward_kernel.dweight_reduce_kernel.fn.__name__}
 
 
+def test_cuda_kernels_take_the_phase_of_the_op_that_launched_them():
+    """The CUDA path of the event walk, on torch's own FunctionEvents: a device event counts its
+    own interval and is backward when its launching CPU op runs inside a backward node."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    if "linked_correlation_id" not in inspect.signature(FunctionEvent).parameters:
+        pytest.skip("this torch's FunctionEvent names no launcher (the .kernels fallback is used)")
+    backward = FunctionEvent(1, "CompiledFunctionBackward", 0, 0, 100)
+    launch_bwd = FunctionEvent(2, "## Call CompiledFxGraph ##", 0, 10, 90)
+    launch_bwd.set_cpu_parent(backward)
+    launch_fwd = FunctionEvent(3, "## Call CompiledFxGraph ##", 0, 200, 300)
+
+    def kernel(name, op, start, end):
+        return FunctionEvent(0, name, 0, start, end, device_type=DeviceType.CUDA,
+                             linked_correlation_id=op.id)
+
+    events = [backward, launch_bwd, launch_fwd,
+              kernel("rms_norm_backward_kernel", launch_bwd, 20, 32),
+              kernel("norm_quant_kernel", launch_fwd, 210, 215),
+              kernel("nvjet_tst_128x256", launch_fwd, 220, 260)]
+    prof = type("Prof", (), {"events": lambda self: events})()
+    assert list(KP._events(prof, cuda=True)) == [
+        ("rms_norm_backward_kernel", 12, "backward"), ("norm_quant_kernel", 5, "forward"),
+        ("nvjet_tst_128x256", 40, "forward")]
+
+
 def test_profile_arguments_are_checked():
     with pytest.raises(ValueError, match="iters must be >= 1"):
         KP.profile(lambda: None, "cpu", iters=0)
 
 
-def norm_kernels(row: dict) -> list[str]:
-    return [k["name"] for k in row["profile"]["norm_kernels"]]
+def norm_kernels(row: dict) -> list[tuple[str, str]]:
+    return [(k["name"], k["phase"]) for k in row["profile"]["norm_kernels"]]
 
 
 def test_training_model_step_profile(tmp_path):
@@ -104,10 +132,15 @@ def test_training_model_step_profile(tmp_path):
     assert cn["fusion"]["pre_grad_canonicalize_matched"] == 3, cn["fusion"]  # 2 per layer + final
     assert cn["fusion"]["pre_grad_residual_matched"] == 2, cn["fusion"]
     cn_norms, stock_norms = norm_kernels(cn), norm_kernels(stock)
-    assert any("rms_norm" in n and "backward" not in n for n in cn_norms), cn_norms
-    assert any("rms_norm_backward" in n for n in cn_norms), cn_norms
-    assert any(KP._has(n, "rsqrt") for n in stock_norms), stock_norms
-    assert any(KP._has(n, "pow") and KP._has(n, "sum") for n in stock_norms), stock_norms
+    # compile_norm's kernels say which graph they are from: the phase (the backward graph runs
+    # inside the autograd engine) must agree
+    assert {("backward" if "rms_norm_backward" in n else "forward", ph) for n, ph in cn_norms} == {
+        ("forward", "forward"), ("backward", "backward")}, cn_norms
+    assert any(KP._has(n, "rsqrt") and ph == "forward" for n, ph in stock_norms), stock_norms
+    assert any(KP._has(n, "pow") and KP._has(n, "sum") and ph == "backward" for n, ph in stock_norms), stock_norms
+    for r in (cn, stock):
+        assert r["norm_fwd_us"] > 0 and r["norm_bwd_us"] > 0, r
+        assert r["norm_fwd_us"] + r["norm_bwd_us"] == pytest.approx(r["norm_us"], abs=0.2)
     for r in (cn, stock):
         by = r["profile"]["by_category"]
         assert set(by) == set(KP.CATEGORIES)
