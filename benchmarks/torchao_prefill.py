@@ -179,8 +179,10 @@ def run(a) -> list[dict]:
                     continue
                 with torch.no_grad():
                     row[name] = run_candidate(model, ids, ref, backend, a)
-                print(f"{gran:<10} T={tokens:<5} {name:<13} " + json.dumps(
-                    {k: v for k, v in row[name].items() if k not in ("profile", "_profile")}), flush=True)
+                shown = {k: v for k, v in row[name].items() if k not in ("profile", "_profile")}
+                if "profile" in row[name]:  # kernel us per category
+                    shown["us"] = {c: round(v["us"], 1) for c, v in row[name]["profile"]["by_category"].items()}
+                print(f"{gran:<10} T={tokens:<5} {name:<13} " + json.dumps(shown), flush=True)
             judge(row)
             rows.append(row)
         del model
