@@ -204,13 +204,13 @@ def inputs(s: Shape, tokens: int, device: str, seed: int):
 # --- compile, check, time -----------------------------------------------------------------------
 
 
-def compile_one(layer, args, backend: str):
+def compile_one(layer, args, backend: str, fullgraph: bool = True):
     """Compile for these shapes; return (fn, counters of compile_norm, kernel names)."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
 
     counters.clear()
-    fn = torch.compile(layer, backend=backend, dynamic=False, fullgraph=True)
+    fn = torch.compile(layer, backend=backend, dynamic=False, fullgraph=fullgraph)
     # no FX graph / AOT cache: a hit would skip the passes and leave the counters empty
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):

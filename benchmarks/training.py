@@ -11,10 +11,14 @@
    writes dx, which is also dr); ratio = bandwidth / copy's (4 bytes per element).
 2. A training step (forward, loss, backward) of Hugging Face Llama (Llama-3-8B shapes) and
    Gemma 3 (12B shapes), a few layers, bf16: compile_norm backend vs stock compile, median of
-   CUDA-event timed steps, with the compile_norm counters of the compile.
+   CUDA-event timed steps, with the compile_norm counters of the compile; then where each
+   step's time goes (``kernel_profile.profile``): the time in norm kernels, forward and
+   backward, and their share of the step and of its kernel time, time in gemm / attention /
+   other, and the top 10 kernels of each candidate (training.md has the tables).
 
     python benchmarks/training.py --out $OUT          # quick shape set, < 4 min on an H200
     python benchmarks/training.py --full --out $OUT   # T 256..16384 x every H
+    python benchmarks/training.py --no-ops --models llama --out $OUT   # one model step only
     python benchmarks/training.py --dry-run           # CPU: tiny shapes and models, checks only
 """
 
@@ -35,6 +39,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import gpu_check as G  # noqa: E402  (HF style functions, timers)
+import kernel_profile as KP  # noqa: E402  (where a step's time goes)
 import suite as S  # noqa: E402  (backend registration, Liger, fresh(), fwd+bwd of rms_norm)
 
 from compile_norm.lowerings.measure import graph_time_us  # noqa: E402
@@ -152,12 +157,26 @@ def time_steps_ms(step, params, n: int) -> float:
     return statistics.median(times)
 
 
+def profile_step(step, params, a) -> tuple[dict, KP.Profile]:
+    """The step's kernels by category: the norm kernels' time (forward + backward) and share."""
+    def fresh_step():
+        for p in params:
+            p.grad = None
+        step()
+
+    prof = KP.profile(fresh_step, a.device, iters=a.profile_iters)
+    norm, phases = prof.by_category()["norm"], prof.phases("norm")
+    return dict(norm_us=round(norm["us"], 1), norm_fwd_us=round(phases["forward"], 1),
+                norm_bwd_us=round(phases["backward"], 1), norm_share_of_kernels=round(norm["share"], 4),
+                kernels_us=round(prof.total_us, 1), profile=prof.to_json(top=10)), prof
+
+
 def run_models(a) -> list[dict]:
     import transformers
 
     rows = []
-    for model_type, shape in MODELS.items():
-        cfg = dict(DRY_MODEL if a.dry_run else shape)
+    for model_type in a.model_list:
+        cfg = dict(DRY_MODEL if a.dry_run else MODELS[model_type])
         if a.dry_run:
             cfg.pop("sliding_window", None)
         config = transformers.AutoConfig.for_model(
@@ -183,21 +202,51 @@ def run_models(a) -> list[dict]:
                 torch._dynamo.utils.counters["compile_norm"].clear()
                 t0 = time.time()
                 step = model_step_fn(torch.compile(model, dynamic=False, **kw), ids)
-                row["loss"] = float(step())  # compiles
+                with KP.naming(a.device):  # the kernel names kernel_profile reads
+                    row["loss"] = float(step())  # compiles
                 row["compile_s"] = round(time.time() - t0, 1)
                 if name.startswith("compile_norm"):
                     row["fusion"] = S.compile_counters()
                 if a.timing:
                     row["step_ms"] = round(time_steps_ms(step, params, a.steps), 3)
+                summary, a.profiles[(model_type, name)] = profile_step(step, params, a)
+                row.update(summary)
+                if a.timing:
+                    row["norm_share_of_step"] = round(row["norm_us"] / (row["step_ms"] * 1e3), 4)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
-            print("   " + json.dumps(row), flush=True)
+            print("   " + json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
         stock, ours = (r.get("step_ms") for r in rows[-len(candidates):][:2])
         if stock and ours:
             rows[-len(candidates) + 1]["speedup_vs_stock"] = round(stock / ours, 3)
             print(f"   {model_type}: {stock / ours:.3f}x stock", flush=True)
     return rows
+
+
+def models_markdown(rows: list[dict], profiles: dict) -> str:
+    """The model steps: time, norm kernels' time and share, then each model's profile tables."""
+    lines = ["# Training steps: where the time goes", "",
+             "Norm: compile_norm's and Inductor's norm kernels, forward and backward "
+             "(benchmarks/kernel_profile.py says how they are recognised).", "",
+             "| model | candidate | step ms | x stock | norm us (fwd / bwd) | norm / kernels | norm / step | fusion |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        status = r.get("skipped") or r.get("error")
+        if status:
+            lines.append(f"| {r['model']} | {r['candidate']} | {status[:80]} | | | | | |")
+            continue
+        fusion = ", ".join(f"{k}={v}" for k, v in (r.get("fusion") or {}).items() if k.endswith("matched"))
+        share = r.get("norm_share_of_step")
+        lines.append(f"| {r['model']} | {r['candidate']} | {r.get('step_ms', '-')} | "
+                     f"{r.get('speedup_vs_stock', '-')} | {r['norm_us']} ({r['norm_fwd_us']} / {r['norm_bwd_us']}) | "
+                     f"{r['norm_share_of_kernels']:.1%} | "
+                     f"{'-' if share is None else f'{share:.1%}'} | {fusion} |")
+    for model in dict.fromkeys(m for m, _ in profiles):
+        profs = {c: p for (m, c), p in profiles.items() if m == model}
+        steps = {r["candidate"]: r.get("step_ms") for r in rows if r["model"] == model}
+        lines += ["", f"## {model}", ""] + KP.markdown(profs, top=10, step_ms=steps)
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -207,6 +256,9 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, checks only")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-model", action="store_true", help="skip the model training steps")
+    p.add_argument("--no-ops", action="store_true", help="skip the op rows (model steps only)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {','.join(MODELS)}")
+    p.add_argument("--profile-iters", type=int, default=3, help="profiled steps per model candidate")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=32768)
@@ -218,6 +270,10 @@ def main(argv=None) -> int:
                    help="no model compile starts after this (the run stays under 4 min)")
     p.add_argument("--out", help="folder for training.json")
     a = p.parse_args(argv)
+    a.model_list = [m for m in a.models.split(",") if m]
+    if not a.model_list or any(m not in MODELS for m in a.model_list):
+        p.error(f"--models: expected a comma list of {', '.join(MODELS)}, got {a.models!r}")
+    a.profiles = {}
     a.device = "cpu" if a.dry_run else "cuda"
     a.timing = not a.dry_run
     if a.dry_run:
@@ -238,7 +294,7 @@ def main(argv=None) -> int:
     # compile for real: the passes run (and their counters prove the fusion) every time
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
-        result = dict(ops=run_ops(a), models=[] if a.no_model else run_models(a),
+        result = dict(ops=[] if a.no_ops else run_ops(a), models=[] if a.no_model else run_models(a),
                       env=S.env_info(a.dry_run), wall_s=None)
     result["wall_s"] = round(time.time() - t0, 1)
     print(f"done in {result['wall_s']} s", flush=True)
@@ -246,6 +302,7 @@ def main(argv=None) -> int:
         out = pathlib.Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "training.json").write_text(json.dumps(result, indent=1, default=str))
+        (out / "training.md").write_text(models_markdown(result["models"], a.profiles))
     failed = [r for r in result["ops"] + result["models"] if "error" in r or r.get("check", "ok") != "ok"]
     return 1 if failed else 0
 
