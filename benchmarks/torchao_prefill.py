@@ -130,11 +130,20 @@ def prefill_time_ms(fn, device: str) -> tuple[float, str]:
         return T.time_steps_ms(fn, [], 10), "cuda events"
 
 
+_START = time.time()
+
+
+def progress(what: str) -> None:
+    """A timestamped line per phase: a run cut by its time limit says where it was."""
+    print(f"   [{time.time() - _START:6.1f} s] {what}", flush=True)
+
+
 def run_candidate(model, ids, ref, backend: str, a) -> dict:
     """Compile, check, time and profile one candidate; a dict row (errors kept, not raised)."""
     row: dict = {}
     torch._dynamo.reset()
     t0 = time.time()
+    progress(f"compiling with {backend}")
     try:
         with KP.naming(a.device):
             fn, fused, kernels = E.compile_one(model, (ids,), backend, fullgraph=False)
@@ -149,7 +158,9 @@ def run_candidate(model, ids, ref, backend: str, a) -> dict:
             row["rel_err_vs_eager"] = E.rel_err(out, ref)
         del out
         if a.timing:
+            progress("timing")
             row["ms"], row["timer"] = prefill_time_ms(lambda: fn(ids), a.device)
+        progress("profiling")
         prof = KP.profile(lambda: fn(ids), a.device, iters=a.profile_iters)
         row.update(profile=prof.to_json(top=10), _profile=prof)
     except Exception as e:  # report and go on: the other rows still run
@@ -159,15 +170,18 @@ def run_candidate(model, ids, ref, backend: str, a) -> dict:
 
 def run(a) -> list[dict]:
     budget = S.Budget(a.budget_s)
+    progress("building the model")
     base = build(a.layers, a.vocab, max(a.token_list), a.device, a.dry_run)
     rows = []
     for gran in a.gran_list:
+        progress(f"quantizing ({gran})")
         model = quantized(base, gran, a.device)
         expected = expected_sites(model)
         for tokens in a.token_list:
             ids = torch.randint(0, a.vocab, (1, tokens), device=a.device,
                                 generator=torch.Generator(a.device).manual_seed(tokens))
             row: dict = dict(granularity=gran, tokens=tokens, expected=expected)
+            progress(f"eager reference, T={tokens}")
             try:
                 with torch.no_grad():
                     ref = model(ids).logits
