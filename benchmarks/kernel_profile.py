@@ -190,6 +190,10 @@ class Profile:
     device: str
     iters: int
     kernels: list[Kernel] = field(default_factory=list)  # most time first
+    # GPU time with no kernel running, per call, and the kernels that waited longest for
+    # their start (None on the CPU, which has no device timeline)
+    idle_us: float | None = None
+    idle_before: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def total_us(self) -> float:
@@ -227,7 +231,25 @@ class Profile:
                                  for c, d in self.by_category().items()},
                     top=[asdict(k) for k in self.top(top)],
                     norm_by_phase={k: round(v, 2) for k, v in self.phases("norm").items()},
-                    norm_kernels=[asdict(k) for k in self.of("norm")])
+                    norm_kernels=[asdict(k) for k in self.of("norm")],
+                    idle_us=None if self.idle_us is None else round(self.idle_us, 2),
+                    idle_before=[[n, round(us, 2)] for n, us in self.idle_before])
+
+
+def idle_gaps(intervals, iters: int = 1, top: int = 8) -> tuple[float, list[tuple[str, float]]]:
+    """(idle us per call, [(kernel, us it waited per call)] longest first) of device kernel
+    ``intervals`` (start us, end us, name): a gap is time after every earlier kernel ended and
+    before the next one started, charged to the one that started. The gaps between calls
+    (the host's sync and next launch) count too, alike for every candidate."""
+    waited: dict[str, float] = collections.defaultdict(float)
+    total, busy_until = 0.0, None
+    for start, end, name in sorted(intervals):
+        if busy_until is not None and start > busy_until:
+            waited[name] += start - busy_until
+            total += start - busy_until
+        busy_until = end if busy_until is None else max(busy_until, end)
+    longest = sorted(((n, us / iters) for n, us in waited.items()), key=lambda t: -t[1])[:top]
+    return total / iters, longest
 
 
 def _phase(event) -> str:
@@ -241,8 +263,8 @@ def _phase(event) -> str:
 
 
 def _events(prof, cuda: bool):
-    """(name, time in us, phase) of every kernel: device events on CUDA (phase: the CPU op that
-    launched it, by correlation id), CPU self times on the CPU."""
+    """(name, time in us, phase, (start, end) us or None) of every kernel: device events on
+    CUDA (phase: the CPU op that launched it, by correlation id), CPU self times on the CPU."""
     from torch.autograd import DeviceType
 
     events = prof.events()
@@ -251,14 +273,15 @@ def _events(prof, cuda: bool):
         # a torch whose events do not name their launcher: the kernels each CPU op launched
         for op in ops.values():
             for k in op.kernels:
-                yield k.name, k.duration, _phase(op)
+                yield k.name, k.duration, _phase(op), None
         return
     for e in events:
         if cuda and e.device_type == DeviceType.CUDA:
             # the event's own interval: device_time_total reads 0 without the profiler's use_device
-            yield e.name, e.time_range.elapsed_us(), _phase(ops.get(e.linked_correlation_id))
+            yield (e.name, e.time_range.elapsed_us(), _phase(ops.get(e.linked_correlation_id)),
+                   (e.time_range.start, e.time_range.end))
         elif not cuda and e.device_type == DeviceType.CPU:
-            yield e.name, e.self_cpu_time_total, _phase(e)
+            yield e.name, e.self_cpu_time_total, _phase(e), None
 
 
 def profile(fn: Callable[[], object], device: str, iters: int = 5, warmup: int = 2) -> Profile:
@@ -280,12 +303,16 @@ def profile(fn: Callable[[], object], device: str, iters: int = 5, warmup: int =
     time: dict[tuple[str, str], float] = collections.defaultdict(float)
     count: collections.Counter = collections.Counter()
     # keyed by phase too: the forward and the backward graph number their kernels alike
-    for name, us, phase in _events(prof, cuda):
+    intervals = []
+    for name, us, phase, interval in _events(prof, cuda):
         time[name, phase] += us
         count[name, phase] += 1
+        if interval is not None:
+            intervals.append((*interval, name))
     kernels = [Kernel(n, classify(n), time[n, ph] / iters, count[n, ph] / iters, ph) for n, ph in time]
     kernels.sort(key=lambda k: -k.us)
-    return Profile(device, iters, kernels)
+    idle, before = idle_gaps(intervals, iters) if intervals else (None, [])
+    return Profile(device, iters, kernels, idle, before)
 
 
 def markdown(profiles: dict[str, Profile], top: int = 10, step_ms: dict[str, float] | None = None) -> list[str]:
@@ -306,6 +333,13 @@ def markdown(profiles: dict[str, Profile], top: int = 10, step_ms: dict[str, flo
     if step_ms and any(step_ms.values()):
         lines.append("| norm share of the step | " + " | ".join(
             f"{by[n]['norm']['us'] / (step_ms[n] * 1e3):.1%}" if step_ms.get(n) else "-" for n in names) + " |")
+    if any(p.idle_us is not None for p in profiles.values()):
+        lines.append("| GPU idle between kernels | " + " | ".join(
+            "-" if profiles[n].idle_us is None else f"{profiles[n].idle_us:.1f}" for n in names) + " |")
+    for n in names:
+        if profiles[n].idle_before:
+            lines += ["", f"Longest waits for a kernel's start, {n} (us per call):", ""]
+            lines += [f"- `{k[:90]}`: {us:.1f}" for k, us in profiles[n].idle_before]
     for n in names:
         lines += ["", f"Top {top} kernels, {n}:", "", "| kernel | category | us | launches |", "|---|---|---|---|"]
         lines += [f"| `{k.name[:90]}` | {k.category}{' (bwd)' if k.phase == 'backward' else ''} | {k.us:.1f} | "

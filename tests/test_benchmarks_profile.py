@@ -102,8 +102,16 @@ def test_cuda_kernels_take_the_phase_of_the_op_that_launched_them():
               kernel("nvjet_tst_128x256", launch_fwd, 220, 260)]
     prof = type("Prof", (), {"events": lambda self: events})()
     assert list(KP._events(prof, cuda=True)) == [
-        ("rms_norm_backward_kernel", 12, "backward"), ("norm_quant_kernel", 5, "forward"),
-        ("nvjet_tst_128x256", 40, "forward")]
+        ("rms_norm_backward_kernel", 12, "backward", (20, 32)),
+        ("norm_quant_kernel", 5, "forward", (210, 215)),
+        ("nvjet_tst_128x256", 40, "forward", (220, 260))]
+
+
+def test_idle_gaps_charge_each_wait_to_the_kernel_that_waited():
+    # overlapping kernels (two streams) leave no gap; a wait is counted once, per call
+    intervals = [(0, 10, "a"), (5, 12, "b"), (20, 30, "c"), (26, 31, "a"), (40, 41, "c")]
+    assert KP.idle_gaps(intervals, iters=2) == (8.5, [("c", 8.5)])
+    assert KP.idle_gaps([(3, 4, "a")]) == (0.0, [])
 
 
 def test_profile_arguments_are_checked():
