@@ -360,24 +360,32 @@ def _normed(xf, g, rstd, w_ptr, out_ptr, rows64, cols, cmask, mask, H, stride_w,
     (``[BLOCK_M, 1, 1]`` per row, ``[BLOCK_M, NG, 1]`` per group); ``g`` is the raw gate."""
     y = xf * rstd
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols * stride_w, mask=cmask, other=0.0, eviction_policy="evict_last")
+        if xf.shape[0] == 1:
+            # one row: loaded as the tile's shape, so Triton gives it x's layout; a 2-D load
+            # gets its own (8 per thread where a quantized store takes 16) and a conversion
+            # through shared memory (stores, a barrier, loads)
+            w = tl.load(w_ptr + cols[None, :, :] * stride_w, mask=cmask[None, :, :],
+                        other=0.0, eviction_policy="evict_last")
+        else:  # rows of their own shape: a [1, NG, G] load would set the tiles' layout
+            w = tl.load(w_ptr + cols * stride_w, mask=cmask, other=0.0,
+                        eviction_policy="evict_last")[None, :, :]
     if GATE == 2:
         # Mamba: weight * y.to(x.dtype) in the promoted dtype; the fp32 product of two 16-bit
         # values is exact, so rounding it once is torch's 16-bit multiply
         v = _round_to(y, X_DT, PRECISE)
         if HAS_WEIGHT:
-            v = v * w.to(tl.float32)[None, :, :]
+            v = v * w.to(tl.float32)
             if not PROMOTE:
                 v = _round_to(v, X_DT, PRECISE)
     elif HAS_WEIGHT:
         if W_OFFSET:
-            y = y * (w.to(tl.float32) + offset)[None, :, :]
+            y = y * (w.to(tl.float32) + offset)
             v = _round_to(y, X_DT, PRECISE)
         else:
             # y.to(w.dtype) * w in w.dtype: the fp32 product of two 16-bit values is
             # exact, so rounding it once equals torch's 16-bit multiply.
             W_DT: tl.constexpr = w_ptr.dtype.element_ty
-            y = _round_to(y, W_DT, PRECISE) * w.to(tl.float32)[None, :, :]
+            y = _round_to(y, W_DT, PRECISE) * w.to(tl.float32)
             y = _round_to(y, W_DT, PRECISE)
             if W_DT == X_DT:  # already a value of x.dtype
                 v = y
