@@ -202,6 +202,22 @@ def _fast_div(a, b, rb, FAST: tl.constexpr, GUARD: tl.constexpr, SIGNED_ZERO: tl
 
 
 @triton.jit
+def _own(t):
+    """A per-row value of one row block (``[1]`` or ``[1, 1]``) as a fresh splat of its scalar.
+
+    Per-row statistics of tiles of different widths meet (sums of squares, amax merged, the
+    rstd every tile multiplies by); a tensor carries its tile's layout, so Triton would give
+    every tile one layout and move the others through shared memory. A scalar has no
+    layout. (A reduction of one element is that element: no bits change.)"""
+    if t.numel == 1:
+        s = t
+        for _ in tl.static_range(len(t.shape)):
+            s = tl.sum(s, 0)
+        t = tl.full(t.shape, s, t.dtype)
+    return t
+
+
+@triton.jit
 def _tile(C0: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, H, EVEN_COLS: tl.constexpr):
     """Group index ``[NG]``, columns ``[NG, G]`` and column mask of the tile at column C0.
     EVEN_COLS (the tiles cover exactly H): a constant mask, which the compiler folds away
@@ -652,11 +668,11 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
             if NG2 > 0:
                 rs2 = _group_rstd(v2, cols2, gi2, C2, G2, H, V, eps, EVEN_COLS, PRECISE)
         else:
-            ss = _sumsq(v0, cols0, V, HAS_VSIZE)
+            ss = _own(_sumsq(v0, cols0, V, HAS_VSIZE))
             if NG1 > 0:
-                ss += _sumsq(v1, cols1, V, HAS_VSIZE)
+                ss += _own(_sumsq(v1, cols1, V, HAS_VSIZE))
             if NG2 > 0:
-                ss += _sumsq(v2, cols2, V, HAS_VSIZE)
+                ss += _own(_sumsq(v2, cols2, V, HAS_VSIZE))
             rs0 = _rstd(ss, V, eps, PRECISE)[:, None, None]
             rs1 = rs0
             rs2 = rs0
@@ -723,10 +739,10 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
         s1, s2 = _token_stats(v0, m0, NG0, QUANT, PRECISE)
         if NG1 > 0:
             t1, t2 = _token_stats(v1, m1, NG1, QUANT, PRECISE)
-            s1, s2 = _merge(s1, s2, t1, t2, QUANT)
+            s1, s2 = _merge(_own(s1), _own(s2), _own(t1), _own(t2), QUANT)
         if NG2 > 0:
             t1, t2 = _token_stats(v2, m2, NG2, QUANT, PRECISE)
-            s1, s2 = _merge(s1, s2, t1, t2, QUANT)
+            s1, s2 = _merge(s1, s2, _own(t1), _own(t2), QUANT)
         scale, rscale, azp = _dyn_scale(s1, s2, aux_in_ptr, QUANT, HAS_AUX, UE8M0, PRECISE,
                                         SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, X_DT,
                                         SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)
