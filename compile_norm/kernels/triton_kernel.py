@@ -52,6 +52,9 @@ except ImportError:  # pragma: no cover - older layouts
 
 from .quant_modes import QUANT_MODES  # noqa: F401  (the QUANT constexpr of each scheme)
 
+_PAIRED: tl.constexpr = tl.constexpr(2 * 32 * 32)  # two elements per thread of 32 warps
+_QUADS: tl.constexpr = tl.constexpr(4 * 32 * 32)  # four elements per thread of 32 warps
+
 
 @triton.jit
 def _max_nan(a, b):
@@ -122,6 +125,34 @@ def _round_to(v, DT: tl.constexpr, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _widen(v, PRECISE: tl.constexpr):
+    """``v.to(tl.float32)`` of a 16-bit ``v`` whose fp32 value feeds arithmetic.
+
+    A bfloat16 is the top half of its float32, so a pair in one register widens in two
+    instructions (inline PTX, two elements per register: shift the low one up, mask the high
+    one). The cast's PTX first splits the pair into 16-bit registers, which ptxas turns into
+    a PRMT plus a shift for the high half (after a packed bf16 multiply, for both halves).
+    Not for values that are stored again as 16-bit: the compiler folds a cast pair there.
+    Pairs need an even number of elements in each thread: tiles of at least ``_PAIRED``
+    elements have that under every launch (at most 32 warps); smaller ones are cast."""
+    if PRECISE and v.dtype == tl.bfloat16 and v.numel >= _PAIRED:
+        r = tl.inline_asm_elementwise("shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xffff0000;",
+                                      "=r,=r,r", [v], dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        r = v.to(tl.float32)
+    return r
+
+
+@triton.jit
+def _rewiden(v, DT: tl.constexpr, PRECISE: tl.constexpr):
+    """``v``, an fp32 holding a value of DT, as ``_widen`` of that value: where v is the
+    cast of a 16-bit result (a packed multiply or add), ``v.to(DT)`` folds into it."""
+    if PRECISE and DT == tl.bfloat16:
+        v = _widen(v.to(DT), PRECISE)
+    return v
+
+
+@triton.jit
 def _div_scalar(a, C: tl.constexpr, C_RECIP: tl.constexpr, SCALAR_RECIP: tl.constexpr):
     """``tensor / python_number`` as torch computes it on this device."""
     if SCALAR_RECIP:
@@ -167,6 +198,33 @@ def _sat_int8(v):
 
 
 @triton.jit
+def _int8_rn(t):
+    """``t`` rounded half to even to int8, saturating, NaN -> 0 (cvt.rni.s32.f32 and a clamp).
+
+    Four elements per register where the tile allows (``_QUADS``): ``cvt.rni.s8.f32``
+    clamps to the int8 range itself, and three PRMTs pack the bytes in element order (the
+    lowest byte is the first element), instead of two integer clamps per element and the
+    compiler's byte shuffles."""
+    if t.numel >= _QUADS:
+        q = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 a, b, c, d, lo, hi;
+            cvt.rni.s8.f32 a, $1;
+            cvt.rni.s8.f32 b, $2;
+            cvt.rni.s8.f32 c, $3;
+            cvt.rni.s8.f32 d, $4;
+            prmt.b32 lo, a, b, 0x0040;
+            prmt.b32 hi, c, d, 0x0040;
+            prmt.b32 $0, lo, hi, 0x5410;
+            }""",
+            "=r,r,r,r,r", [t], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        i = libdevice.float2int_rn(t)
+        q = tl.minimum(tl.maximum(i, -128), 127).to(tl.int8)
+    return q
+
+
+@triton.jit
 def _recip(b):
     """Correctly rounded ``1 / b``."""
     return tl.math.div_rn(tl.full(b.shape, 1.0, tl.float32), b)
@@ -174,23 +232,29 @@ def _recip(b):
 
 @triton.jit
 def _fast_div(a, b, rb, FAST: tl.constexpr, GUARD: tl.constexpr, SIGNED_ZERO: tl.constexpr):
-    """IEEE ``a / b`` given ``rb = _recip(b)``; ``b`` and ``rb`` broadcast to ``a``.
+    """IEEE ``a / b`` given ``rb = _recip(b)``; ``b`` and ``rb`` broadcast to ``a``; ``b > 0``
+    unless SIGNED_ZERO.
 
-    ``q0 = a * rb`` corrected by one fma-Newton step with ``-b`` negated once per row or group
-    (Triton negates as ``0 - x``: per element that is an instruction, and it loses -0).
+    ``q0 = a * rb`` corrected by one fma-Newton step, written so that it costs two fmas per
+    element and keeps the sign of a zero quotient: ``r = q0 * b - a`` (minus the residual
+    ``a - q0 * b``: round to nearest is symmetric, so ``q0 + r * (-rb)`` is the usual
+    ``q0 + (a - q0 * b) * rb`` bit for bit), its ``-a`` a free operand negation (``a * -1.0``
+    is LLVM's fneg; Triton's ``-a`` is ``0 - a``, an instruction that turns -0 into +0), and
+    ``-rb`` negated once per row or group. With ``a = ±0`` (and ``b > 0``) ``r`` is +0 and
+    the second fma adds ``-0`` to ``q0 = ±0``: ±0, the quotient's sign, with no copysign.
     GUARD False: the caller's scale bounds every quotient (a dynamic scale is at least
     amax / 448, or / 127), so only a non-finite scale can make the correction NaN; with b
     replaced by 0 there the result is ``q0 + a * rb``: q0 when b = inf (rb = 0: a / inf = 0,
-    inf / inf = NaN), NaN when b is NaN, as the division gives. SIGNED_ZERO (FP8, which has
-    a -0 code): the sign of q0, since ``q0 + r * rb`` with q0 = -0, r = +0 is +0.
+    inf / inf = NaN), NaN when b is NaN, as the division gives. SIGNED_ZERO: b may be
+    negative (a scale bound the caller does not check), where a zero quotient takes q0's
+    sign by a copysign.
     """
     if FAST:
         if not GUARD:
             b = tl.where(tl.abs(b) < float("inf"), b, 0.0)
-        nb = tl.broadcast_to(-b, a.shape)
-        rb = tl.broadcast_to(rb, a.shape)
-        q0 = a * rb
-        q = tl.math.fma(tl.math.fma(q0, nb, a), rb, q0)
+        nrb = tl.broadcast_to(rb * -1.0, a.shape)
+        q0 = a * tl.broadcast_to(rb, a.shape)
+        q = tl.math.fma(tl.math.fma(q0, tl.broadcast_to(b, a.shape), a * -1.0), nrb, q0)
         if GUARD:
             # b = 0 / inf, a = inf, overflow: the correction is NaN; a * (1/b) is the answer
             q = tl.where(q == q, q, q0)
@@ -301,11 +365,13 @@ def _add_res(x, r, res_out_ptr, rows64, cols, mask, H, X_DT: tl.constexpr,
              HAS_RES: tl.constexpr, PRECISE: tl.constexpr):
     """The (residual-added) input of one tile in fp32; stores residual_out."""
     if HAS_RES:
-        # x + residual in x.dtype: exact fp32 sum, rounded once (as torch does).
+        # x + residual in x.dtype: exact fp32 sum, rounded once (as torch does); the
+        # compiler makes it a packed 16-bit add, stored as is
         xf = _round_to(x.to(tl.float32) + r.to(tl.float32), X_DT, PRECISE)
         tl.store(res_out_ptr + rows64[:, None, None] * H + cols[None, :, :], xf, mask=mask)
+        xf = _rewiden(xf, X_DT, PRECISE)
     else:
-        xf = x.to(tl.float32)
+        xf = _widen(x, PRECISE)
     return xf
 
 
@@ -349,7 +415,7 @@ def _group_rstd(v, cols, gidx, C0: tl.constexpr, G: tl.constexpr, H, V, eps,
 def _silu(g, PRECISE: tl.constexpr):
     """``F.silu(gate.float())`` as ATen computes it: ``g / (1 + exp(-g))``, IEEE division,
     the accurate exp (libdevice on the GPU; tl.exp there is the ex2.approx path)."""
-    g = g.to(tl.float32)
+    g = _widen(g, PRECISE)
     if PRECISE:
         e = libdevice.exp(-g)
     else:
@@ -395,7 +461,7 @@ def _normed(xf, g, rstd, w_ptr, out_ptr, rows64, cols, cmask, mask, H, stride_w,
                 v = _round_to(v, X_DT, PRECISE)
     elif HAS_WEIGHT:
         if W_OFFSET:
-            y = y * (w.to(tl.float32) + offset)
+            y = y * (_widen(w, PRECISE) + offset)
             v = _round_to(y, X_DT, PRECISE)
         else:
             # y.to(w.dtype) * w in w.dtype: the fp32 product of two 16-bit values is
@@ -534,14 +600,13 @@ def _quantize(v, mask, q_ptr, rows64, cols, H, scale, rscale, azp, aux_in_ptr,
     if SCALE_FORM != 0:
         t = v * rscale
     else:
-        t = _fast_div(v, scale, rscale, FAST, GUARD, QUANT <= 3)
+        t = _fast_div(v, scale, rscale, FAST, GUARD, QUANT <= 3 and HAS_AUX)
     if QUANT <= 3:  # fp8
         q = _sat_fp8(t, PRECISE)
     elif PRECISE and (QUANT == 5 or (QUANT == 4 and not HAS_AUX)):
         # cvt.rni.s32.f32 rounds half to even, saturates and maps NaN to 0: with an int
         # clamp it is the reference's round / NaN -> 0 / clamp in 3 instructions, not 6.
-        i = libdevice.float2int_rn(t)
-        q = tl.minimum(tl.maximum(i, -128), 127).to(tl.int8)
+        q = _int8_rn(t)
     else:
         t = _rint(t, PRECISE)
         if QUANT == 4:
@@ -684,6 +749,12 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
         if NG2 > 0:
             v2 = _normed(v2, r2, rs2, w_ptr, out_ptr, rows64, cols2, cm2, m2, H, stride_w,
                          offset, X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE, GATE, PROMOTE)
+        if QUANT != 0 and not PROMOTE:  # the quantized value, a value of x.dtype
+            v0 = _rewiden(v0, X_DT, PRECISE)
+            if NG1 > 0:
+                v1 = _rewiden(v1, X_DT, PRECISE)
+            if NG2 > 0:
+                v2 = _rewiden(v2, X_DT, PRECISE)
 
     if QUANT == 1 or QUANT == 4:  # static scale (a scalar)
         s = tl.load(scale_in_ptr)
@@ -693,7 +764,7 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
         else:
             rs_exact = s
         # the fast division needs a normal scale with a normal reciprocal
-        fast = (tl.abs(s) >= 1.1754943508222875e-38) & (tl.abs(s) <= 8.507059173023462e37)
+        fast = (s >= 1.1754943508222875e-38) & (s <= 8.507059173023462e37)
         fast = fast & (SCALE_FORM == 0)
         if fast:
             rs = _recip(s)
