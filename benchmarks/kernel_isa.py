@@ -226,7 +226,7 @@ def hot_path(bs: list[Block]) -> tuple[list[Insn], bool]:
 
 
 # a bf16 in the low half shifted up, or the high half masked: its fp32 value
-_UNPACK = re.compile(r"^R\d+, R\d+, (0x10000, RZ|0x10, RZ|0xffff0000, RZ, 0xc0, !PT)$")
+_UNPACK = re.compile(r"^R\d+, R\d+(\.reuse)?, (0x10000, RZ|0x10, RZ|0xffff0000, RZ, 0xc0, !PT)$")
 
 
 def insn_class(x: Insn) -> str:

@@ -133,6 +133,7 @@ def test_instruction_classes():
     cls = kernel_isa.insn_class
     mk = kernel_isa.Insn
     assert cls(mk("SHF.L.U32", "R1, R2, 0x10, RZ", False)) == "convert"  # bf16 low half
+    assert cls(mk("IMAD.U32", "R1, R2.reuse, 0x10000, RZ", False)) == "convert"
     assert cls(mk("LOP3.LUT", "R1, R2, 0xffff0000, RZ, 0xc0, !PT", False)) == "convert"
     assert cls(mk("SHF.L.U32", "R1, R2, 0x4, RZ", False)) == "int/addr"
     assert cls(mk("LOP3.LUT", "P0, RZ, R2, 0x1f, RZ, 0xc0, !PT", False)) == "pred/sel"
