@@ -266,22 +266,6 @@ def _fast_div(a, b, rb, FAST: tl.constexpr, GUARD: tl.constexpr, SIGNED_ZERO: tl
 
 
 @triton.jit
-def _own(t):
-    """A per-row value of one row block (``[1]`` or ``[1, 1]``) as a fresh splat of its scalar.
-
-    Per-row statistics of tiles of different widths meet (sums of squares, amax merged, the
-    rstd every tile multiplies by); a tensor carries its tile's layout, so Triton would give
-    every tile one layout and move the others through shared memory. A scalar has no
-    layout. (A reduction of one element is that element: no bits change.)"""
-    if t.numel == 1:
-        s = t
-        for _ in tl.static_range(len(t.shape)):
-            s = tl.sum(s, 0)
-        t = tl.full(t.shape, s, t.dtype)
-    return t
-
-
-@triton.jit
 def _tile(C0: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, H, EVEN_COLS: tl.constexpr):
     """Group index ``[NG]``, columns ``[NG, G]`` and column mask of the tile at column C0.
     EVEN_COLS (the tiles cover exactly H): a constant mask, which the compiler folds away
@@ -376,16 +360,51 @@ def _add_res(x, r, res_out_ptr, rows64, cols, mask, H, X_DT: tl.constexpr,
 
 
 @triton.jit
-def _sumsq(xf, cols, V, HAS_VSIZE: tl.constexpr, PER_GROUP: tl.constexpr = False):
-    """Sum of squares per row ``[BLOCK_M]``, or per [row, group] ``[BLOCK_M, NG]``."""
+def _squares(xf, cols, V, HAS_VSIZE: tl.constexpr):
+    """The squares a sum of squares adds (only the first V columns with HAS_VSIZE)."""
     sq = xf * xf
     if HAS_VSIZE:
         sq = tl.where(cols[None, :, :] < V, sq, 0.0)
+    return sq
+
+
+@triton.jit
+def _sumsq(xf, cols, V, HAS_VSIZE: tl.constexpr, PER_GROUP: tl.constexpr = False):
+    """Sum of squares per row ``[BLOCK_M]``, or per [row, group] ``[BLOCK_M, NG]``."""
+    sq = _squares(xf, cols, V, HAS_VSIZE)
     if PER_GROUP:
         r = tl.sum(sq, axis=2)
     else:
         r = tl.sum(tl.sum(sq, axis=2), axis=1)
     return r
+
+
+@triton.jit
+def _fold(t, W: tl.constexpr):
+    """One row's tile ``[1, NG, G]`` as ``[1, NG * G / W, W]`` in whatever element order
+    keeps the registers where they are: a row-wide statistic reduces it along axis 1 inside
+    each thread first, so the tiles of a split row meet as ``[1, W]`` partials and are reduced
+    across warps once (not once per tile; nor with the tiles' layouts tied together, which
+    moved them through shared memory)."""
+    return tl.reshape(t, [t.shape[0], t.shape[1] * t.shape[2] // W, W], can_reorder=True)
+
+
+@triton.jit
+def _folded_sumsq(xf, cols, V, HAS_VSIZE: tl.constexpr, W: tl.constexpr):
+    """Squares of one tile summed down to ``[BLOCK_M, W]`` (``_fold``)."""
+    return tl.sum(_fold(_squares(xf, cols, V, HAS_VSIZE), W), axis=1)
+
+
+@triton.jit
+def _folded_stats(v, mask, W: tl.constexpr, QUANT: tl.constexpr, PRECISE: tl.constexpr):
+    """``_stats`` of one tile as ``[BLOCK_M, W]`` partials (``_fold``)."""
+    if QUANT == 6:
+        s1 = _amax(_fold(tl.where(mask, v, float("-inf")), W), 1, PRECISE)
+        s2 = _amin(_fold(tl.where(mask, v, float("inf")), W), 1, PRECISE)
+    else:
+        s1 = _amax(_fold(tl.abs(v), W), 1, PRECISE)  # masked lanes hold 0
+        s2 = s1
+    return s1, s2
 
 
 @triton.jit
@@ -707,6 +726,10 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
     X_DT: tl.constexpr = x_ptr.dtype.element_ty
     C1: tl.constexpr = NG0 * G0
     C2: tl.constexpr = C1 + NG1 * G1
+    # a split row of one row per program: its statistics are folded (_fold; a reshape that
+    # may reorder elements keeps them in their row only when there is one row)
+    FOLD: tl.constexpr = NG1 > 0 and rows.shape[0] == 1
+    WF: tl.constexpr = NG2 * G2 if NG2 > 0 else NG1 * G1  # the narrowest tile
 
     gi0, cols0, cm0 = _tile(0, NG0, G0, H, EVEN_COLS)
     m0 = _tile_mask(rmask, cm0)
@@ -733,11 +756,18 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
             if NG2 > 0:
                 rs2 = _group_rstd(v2, cols2, gi2, C2, G2, H, V, eps, EVEN_COLS, PRECISE)
         else:
-            ss = _own(_sumsq(v0, cols0, V, HAS_VSIZE))
-            if NG1 > 0:
-                ss += _own(_sumsq(v1, cols1, V, HAS_VSIZE))
-            if NG2 > 0:
-                ss += _own(_sumsq(v2, cols2, V, HAS_VSIZE))
+            if FOLD:  # the tiles' partials, then one reduction across warps
+                part = _folded_sumsq(v0, cols0, V, HAS_VSIZE, WF)
+                part += _folded_sumsq(v1, cols1, V, HAS_VSIZE, WF)
+                if NG2 > 0:
+                    part += _folded_sumsq(v2, cols2, V, HAS_VSIZE, WF)
+                ss = tl.sum(part, axis=1)
+            else:
+                ss = _sumsq(v0, cols0, V, HAS_VSIZE)
+                if NG1 > 0:
+                    ss += _sumsq(v1, cols1, V, HAS_VSIZE)
+                if NG2 > 0:
+                    ss += _sumsq(v2, cols2, V, HAS_VSIZE)
             rs0 = _rstd(ss, V, eps, PRECISE)[:, None, None]
             rs1 = rs0
             rs2 = rs0
@@ -807,13 +837,26 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
             _mx_tile(v2, m2, rmask, rows64, gi2, cols2, C2, G2, H, q_ptr, s_ptr, stride_st,
                      stride_sg, MX_SCALE, PRECISE, SCALAR_RECIP, FP8_RECIP)
     elif QUANT != 0:  # dynamic per token: statistics over all tiles
-        s1, s2 = _token_stats(v0, m0, NG0, QUANT, PRECISE)
-        if NG1 > 0:
-            t1, t2 = _token_stats(v1, m1, NG1, QUANT, PRECISE)
-            s1, s2 = _merge(_own(s1), _own(s2), _own(t1), _own(t2), QUANT)
-        if NG2 > 0:
-            t1, t2 = _token_stats(v2, m2, NG2, QUANT, PRECISE)
-            s1, s2 = _merge(s1, s2, _own(t1), _own(t2), QUANT)
+        if FOLD:  # the tiles' partials, then one reduction across warps
+            s1, s2 = _folded_stats(v0, m0, WF, QUANT, PRECISE)
+            t1, t2 = _folded_stats(v1, m1, WF, QUANT, PRECISE)
+            s1, s2 = _merge(s1, s2, t1, t2, QUANT)
+            if NG2 > 0:
+                t1, t2 = _folded_stats(v2, m2, WF, QUANT, PRECISE)
+                s1, s2 = _merge(s1, s2, t1, t2, QUANT)
+            s1 = _amax(s1, 1, PRECISE)[:, None]
+            if QUANT == 6:
+                s2 = _amin(s2, 1, PRECISE)[:, None]
+            else:
+                s2 = s1
+        else:
+            s1, s2 = _token_stats(v0, m0, NG0, QUANT, PRECISE)
+            if NG1 > 0:
+                t1, t2 = _token_stats(v1, m1, NG1, QUANT, PRECISE)
+                s1, s2 = _merge(s1, s2, t1, t2, QUANT)
+            if NG2 > 0:
+                t1, t2 = _token_stats(v2, m2, NG2, QUANT, PRECISE)
+                s1, s2 = _merge(s1, s2, t1, t2, QUANT)
         scale, rscale, azp = _dyn_scale(s1, s2, aux_in_ptr, QUANT, HAS_AUX, UE8M0, PRECISE,
                                         SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, X_DT,
                                         SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)
