@@ -134,19 +134,23 @@ def test_hot_path_falls_through_except_around_slow_paths():
         "STG.E", "EXIT"] and not loop
 
 
-def test_instruction_classes():
-    cls = kernel_isa.insn_class
-    mk = kernel_isa.Insn
-    assert cls(mk("SHF.L.U32", "R1, R2, 0x10, RZ", False)) == "convert"  # bf16 low half
-    assert cls(mk("IMAD.U32", "R1, R2.reuse, 0x10000, RZ", False)) == "convert"
-    assert cls(mk("LOP3.LUT", "R1, R2, 0xffff0000, RZ, 0xc0, !PT", False)) == "convert"
-    assert cls(mk("SHF.L.U32", "R1, R2, 0x4, RZ", False)) == "int/addr"
-    assert cls(mk("LOP3.LUT", "P0, RZ, R2, 0x1f, RZ, 0xc0, !PT", False)) == "pred/sel"
-    assert cls(mk("F2FP.SATFINITE.E4M3.F32.PACK_AB_MERGE_C", "R1, R2, R3, RZ", False)) == "convert"
-    assert cls(mk("FFMA", "R1, R2, R3, -R4", False)) == "fp32"
-    assert cls(mk("HMUL2.BF16_V2", "R1, R2, R3", False)) == "fp32"
-    assert cls(mk("SHFL.BFLY", "PT, R1, R2, 0x10, 0x1f", False)) == "reduce/shfl"
-    assert cls(mk("LDG.E.EF.128", "R4, desc[UR8][R6.64]", False)) == "memory"
-    assert cls(mk("FSEL", "R1, R2, R3, !P0", False)) == "pred/sel"
-    assert cls(mk("UIMAD.WIDE.U32", "UR4, UR10, UR4, URZ", False)) == "int/addr"
-    assert cls(mk("S2R", "R0, SR_TID.X", False)) == "other"
+CLASSES = [  # (opcode, operands, class): the idioms the table's classes rest on
+    ("SHF.L.U32", "R1, R2, 0x10, RZ", "convert"),  # bf16 in the low half: its fp32
+    ("IMAD.U32", "R1, R2.reuse, 0x10000, RZ", "convert"),
+    ("LOP3.LUT", "R1, R2, 0xffff0000, RZ, 0xc0, !PT", "convert"),  # the high half
+    ("SHF.L.U32", "R1, R2, 0x4, RZ", "int/addr"),
+    ("LOP3.LUT", "P0, RZ, R2, 0x1f, RZ, 0xc0, !PT", "pred/sel"),
+    ("F2FP.SATFINITE.E4M3.F32.PACK_AB_MERGE_C", "R1, R2, R3, RZ", "convert"),
+    ("FFMA", "R1, R2, R3, -R4", "fp32"),
+    ("HMUL2.BF16_V2", "R1, R2, R3", "fp32"),
+    ("SHFL.BFLY", "PT, R1, R2, 0x10, 0x1f", "reduce/shfl"),
+    ("LDG.E.EF.128", "R4, desc[UR8][R6.64]", "memory"),
+    ("FSEL", "R1, R2, R3, !P0", "pred/sel"),
+    ("UIMAD.WIDE.U32", "UR4, UR10, UR4, URZ", "int/addr"),
+    ("S2R", "R0, SR_TID.X", "other"),
+]
+
+
+@pytest.mark.parametrize("opcode,operands,cls", CLASSES)
+def test_instruction_classes(opcode, operands, cls):
+    assert kernel_isa.insn_class(kernel_isa.Insn(opcode, operands, False)) == cls
