@@ -50,10 +50,9 @@ try:  # Triton >= 3.0
 except ImportError:  # pragma: no cover - older layouts
     from triton.language.extra.cuda import libdevice
 
-from .quant_modes import QUANT_MODES  # noqa: F401  (the QUANT constexpr of each scheme)
+from triton.language.extra.cuda import num_threads  # the launch's threads, a constexpr
 
-_PAIRED: tl.constexpr = tl.constexpr(2 * 32 * 32)  # two elements per thread of 32 warps
-_QUADS: tl.constexpr = tl.constexpr(4 * 32 * 32)  # four elements per thread of 32 warps
+from .quant_modes import QUANT_MODES  # noqa: F401  (the QUANT constexpr of each scheme)
 
 
 @triton.jit
@@ -133,9 +132,9 @@ def _widen(v, PRECISE: tl.constexpr):
     one). The cast's PTX first splits the pair into 16-bit registers, which ptxas turns into
     a PRMT plus a shift for the high half (after a packed bf16 multiply, for both halves).
     Not for values that are stored again as 16-bit: the compiler folds a cast pair there.
-    Pairs need an even number of elements in each thread: tiles of at least ``_PAIRED``
-    elements have that under every launch (at most 32 warps); smaller ones are cast."""
-    if PRECISE and v.dtype == tl.bfloat16 and v.numel >= _PAIRED:
+    Pairs need an even number of elements in each thread: a tile of at least two per thread
+    has that (power-of-two sizes); a smaller one is cast."""
+    if PRECISE and v.dtype == tl.bfloat16 and v.numel >= 2 * num_threads():
         r = tl.inline_asm_elementwise("shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xffff0000;",
                                       "=r,=r,r", [v], dtype=tl.float32, is_pure=True, pack=2)
     else:
@@ -201,11 +200,11 @@ def _sat_int8(v):
 def _int8_rn(t):
     """``t`` rounded half to even to int8, saturating, NaN -> 0 (cvt.rni.s32.f32 and a clamp).
 
-    Four elements per register where the tile allows (``_QUADS``): ``cvt.rni.s8.f32``
+    Four elements per register where each thread holds a multiple of four: ``cvt.rni.s8.f32``
     clamps to the int8 range itself, and three PRMTs pack the bytes in element order (the
     lowest byte is the first element), instead of two integer clamps per element and the
     compiler's byte shuffles."""
-    if t.numel >= _QUADS:
+    if t.numel >= 4 * num_threads():
         q = tl.inline_asm_elementwise(
             """{
             .reg .b32 a, b, c, d, lo, hi;
