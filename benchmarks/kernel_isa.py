@@ -74,14 +74,15 @@ def family_call(family: str, tokens: int, hidden: int) -> tuple[str, tuple]:
 # --- offline compile ---------------------------------------------------------------------------
 
 
-def compile_sm90(launch: triton_ops.Launch):
-    """The CompiledKernel an H100 / H200 would run for ``launch`` (sm_90, no GPU needed)."""
+def compile_sm90(launch: triton_ops.Launch, fn=None):
+    """The CompiledKernel an H100 / H200 would run for ``launch`` (sm_90, no GPU needed);
+    ``fn``: another JITFunction of the same signature (e.g. Inductor's copy of the kernel)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import MockTensor, create_function_from_signature
 
-    fn = triton_ops.kernel_module().norm_quant_kernel
+    fn = fn or triton_ops.kernel_module().norm_quant_kernel
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -257,13 +258,15 @@ def insn_class(x: Insn) -> str:
 # --- the report ----------------------------------------------------------------------------------
 
 
-def analyse(family: str, tokens: int, hidden: int, config: triton_ops.LaunchConfig | None = None) -> dict:
-    """One kernel's report (``config``: a launch config in place of the default)."""
+def analyse(family: str, tokens: int, hidden: int, config: triton_ops.LaunchConfig | None = None,
+            fn=None) -> dict:
+    """One kernel's report (``config``: a launch config in place of the default; ``fn``: see
+    ``compile_sm90``)."""
     op, args = family_call(family, tokens, hidden)
     with triton_ops.launch_config_used(config):
         launch = triton_ops.prepare(registry.spec(op), args)
     block_m = launch.consts[0]
-    kernel = compile_sm90(launch)
+    kernel = compile_sm90(launch, fn)
     cubin = kernel.asm["cubin"]
     sass = disassemble(cubin)
     body = [x for x in kernel_body(sass) if isinstance(x, Insn)]

@@ -93,6 +93,31 @@ def test_paired_and_quad_ptx_only_on_tiles_that_hold_them():
     assert ops.get("F2I.FTZ.NTZ", 0) > 0  # float2int_rn + clamps: the small tiles
 
 
+def test_inductors_copy_of_the_kernel_compiles_to_the_same_code(tmp_path):
+    """Under compile the kernel is a user-defined Triton kernel: Inductor copies its source
+    and what it uses (helpers, the inline PTX, num_threads' import) into generated code. That
+    copy must compile to the same instructions as the eager kernel."""
+    import importlib.util
+
+    from torch._inductor.codegen import wrapper
+
+    closure = getattr(wrapper, "user_defined_triton_kernel_transitive_closure_source_code", None)
+    if closure is None:
+        pytest.skip("this torch copies user-defined kernels another way")
+    kernel = triton_ops.kernel_module().norm_quant_kernel
+    path = tmp_path / "inductor_copy.py"
+    unspecialized = [p.name for p in kernel.params if p.do_not_specialize]
+    path.write_text("import triton\nimport triton.language as tl\n"
+                    "from triton.language.extra import libdevice\n"
+                    f"@triton.jit(do_not_specialize={unspecialized!r})\n" + closure(kernel))
+    spec = importlib.util.spec_from_file_location("inductor_copy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    eager = _analyse("rms_int8_dynamic", 8192, 5376)
+    copied = _analyse("rms_int8_dynamic", 8192, 5376, fn=module.norm_quant_kernel)
+    assert copied["opcodes"] == eager["opcodes"] and copied["registers"] == eager["registers"]
+
+
 SASS = """
 norm_quant_kernel:
         /*0000*/                   S2R R0, SR_TID.X ;
