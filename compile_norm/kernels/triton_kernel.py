@@ -390,13 +390,13 @@ def _fold(t, W: tl.constexpr):
 
 @triton.jit
 def _folded_sumsq(xf, cols, V, HAS_VSIZE: tl.constexpr, W: tl.constexpr):
-    """Squares of one tile summed down to ``[BLOCK_M, W]`` (``_fold``)."""
+    """Squares of one row's tile summed down to ``[1, W]`` (``_fold``)."""
     return tl.sum(_fold(_squares(xf, cols, V, HAS_VSIZE), W), axis=1)
 
 
 @triton.jit
 def _folded_stats(v, mask, W: tl.constexpr, QUANT: tl.constexpr, PRECISE: tl.constexpr):
-    """``_stats`` of one tile as ``[BLOCK_M, W]`` partials (``_fold``)."""
+    """``_stats`` of one row's tile as ``[1, W]`` partials (``_fold``)."""
     if QUANT == 6:
         s1 = _amax(_fold(tl.where(mask, v, float("-inf")), W), 1, PRECISE)
         s2 = _amin(_fold(tl.where(mask, v, float("inf")), W), 1, PRECISE)
