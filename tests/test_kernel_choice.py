@@ -440,6 +440,7 @@ def cuda_target_for_triton_frontend():
     ("rms_norm_fp8_group", ("fp8_group", 128)),
     ("fused_add_rms_norm_fp8_dynamic", ("fp8_dynamic",)),
     ("rms_norm_int8_dynamic_asym", ("int8_dynamic_asym",)),
+    ("rms_norm_int8_dynamic", ("int8_dynamic",)),  # its codes packed by inline PTX
     ("fused_add_rms_norm", None),
     ("rms_norm_gated_fp8_dynamic", ("fp8_dynamic",)),  # (the second input is the gate)
     ("rms_norm_gated", ("gate before, groups of 256", False, 256)),

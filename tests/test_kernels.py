@@ -252,6 +252,35 @@ def test_cached_launch_matches_reference_cuda(op):
 
 
 @pytest.mark.cuda
+def test_static_scales_divide_as_the_reference_cuda():
+    """The kernel's quotient (x * (1/s) with one fma correction, no per-element copysign)
+    against the reference's IEEE division, bit for bit: scales whose reciprocal is inexact,
+    tiny ones (quotients overflow: the NaN guard), ones outside the normal range and negative
+    ones (both the exact branch), on fp32 and bf16 x holding zeros of both signs,
+    infinities, NaN, subnormals and values near the largest float."""
+    nan, inf = float("nan"), float("inf")
+    specials = torch.tensor([0.0, -0.0, inf, -inf, nan, 3e38, -3e38, 1e-40, -1e-40, 1e-45,
+                             447.0, -460.0, 126.5, -127.5])
+    x = torch.randn(64, 256) * 10.0 ** torch.randint(-6, 7, (64, 1)).float()
+    x[:, :specials.numel()] = specials
+    for dtype in (torch.float32, torch.bfloat16):
+        xs = x.to(dtype).cuda()
+        for s in (3.7 / 448, 1 / 3, 0.9, 1e-30, 2e-38, 5e37, 1e38, -0.02, 1.0):
+            scale = torch.tensor(s, device="cuda")
+            for op in ("quant_fp8_static", "quant_int8_static"):
+                got = triton_ops.FUNCTIONS[op][0](xs, scale).cpu()
+                want = registry.ops()[op].reference(xs, scale).cpu()
+                both_nan = torch.zeros(got.shape, dtype=torch.bool)
+                if got.dtype == torch.float8_e4m3fn:  # NaN codes: 0x7f, 0xff
+                    both_nan = got.float().isnan() & want.float().isnan()
+                    got, want = got.view(torch.uint8), want.view(torch.uint8)
+                bad = ((got != want) & ~both_nan).nonzero()[:8].tolist()
+                assert not bad, f"{op} {dtype} scale {s}: " + ", ".join(
+                    f"x={xs[i, j].item()!r}: kernel {got[i, j].item()} reference {want[i, j].item()}"
+                    for i, j in bad)
+
+
+@pytest.mark.cuda
 def test_saturation_nan_and_ties_are_the_references_cuda():
     """Out-of-range values (inf included), NaN and exact .5 ties through each quantizer, where
     the GPU path relies on the conversion instruction (satfinite FP8, cvt.rni.s32 INT8) rather

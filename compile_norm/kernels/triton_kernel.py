@@ -50,6 +50,8 @@ try:  # Triton >= 3.0
 except ImportError:  # pragma: no cover - older layouts
     from triton.language.extra.cuda import libdevice
 
+from triton.language.extra.cuda import num_threads  # the launch's threads, a constexpr
+
 from .quant_modes import QUANT_MODES  # noqa: F401  (the QUANT constexpr of each scheme)
 
 
@@ -122,6 +124,34 @@ def _round_to(v, DT: tl.constexpr, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _widen(v, PRECISE: tl.constexpr):
+    """``v.to(tl.float32)`` of a 16-bit ``v`` whose fp32 value feeds arithmetic.
+
+    A bfloat16 is the top half of its float32, so a pair in one register widens in two
+    instructions (inline PTX, two elements per register: shift the low one up, mask the high
+    one). The cast's PTX first splits the pair into 16-bit registers, which ptxas turns into
+    a PRMT plus a shift for the high half (after a packed bf16 multiply, for both halves).
+    Not for values that are stored again as 16-bit: the compiler folds a cast pair there.
+    Pairs need an even number of elements in each thread: a tile of at least two per thread
+    has that (power-of-two sizes); a smaller one is cast."""
+    if PRECISE and v.dtype == tl.bfloat16 and v.numel >= 2 * num_threads():
+        r = tl.inline_asm_elementwise("shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xffff0000;",
+                                      "=r,=r,r", [v], dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        r = v.to(tl.float32)
+    return r
+
+
+@triton.jit
+def _rewiden(v, DT: tl.constexpr, PRECISE: tl.constexpr):
+    """``v``, an fp32 holding a value of DT, as ``_widen`` of that value: where v is the
+    cast of a 16-bit result (a packed multiply or add), ``v.to(DT)`` folds into it."""
+    if PRECISE and DT == tl.bfloat16:
+        v = _widen(v.to(DT), PRECISE)
+    return v
+
+
+@triton.jit
 def _div_scalar(a, C: tl.constexpr, C_RECIP: tl.constexpr, SCALAR_RECIP: tl.constexpr):
     """``tensor / python_number`` as torch computes it on this device."""
     if SCALAR_RECIP:
@@ -167,6 +197,33 @@ def _sat_int8(v):
 
 
 @triton.jit
+def _int8_rn(t):
+    """``t`` rounded half to even to int8, saturating, NaN -> 0 (cvt.rni.s32.f32 and a clamp).
+
+    Four elements per register where each thread holds a multiple of four: ``cvt.rni.s8.f32``
+    clamps to the int8 range itself, and three PRMTs pack the bytes in element order (the
+    lowest byte is the first element), instead of two integer clamps per element and the
+    compiler's byte shuffles."""
+    if t.numel >= 4 * num_threads():
+        q = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 a, b, c, d, lo, hi;
+            cvt.rni.s8.f32 a, $1;
+            cvt.rni.s8.f32 b, $2;
+            cvt.rni.s8.f32 c, $3;
+            cvt.rni.s8.f32 d, $4;
+            prmt.b32 lo, a, b, 0x0040;
+            prmt.b32 hi, c, d, 0x0040;
+            prmt.b32 $0, lo, hi, 0x5410;
+            }""",
+            "=r,r,r,r,r", [t], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        i = libdevice.float2int_rn(t)
+        q = tl.minimum(tl.maximum(i, -128), 127).to(tl.int8)
+    return q
+
+
+@triton.jit
 def _recip(b):
     """Correctly rounded ``1 / b``."""
     return tl.math.div_rn(tl.full(b.shape, 1.0, tl.float32), b)
@@ -174,23 +231,29 @@ def _recip(b):
 
 @triton.jit
 def _fast_div(a, b, rb, FAST: tl.constexpr, GUARD: tl.constexpr, SIGNED_ZERO: tl.constexpr):
-    """IEEE ``a / b`` given ``rb = _recip(b)``; ``b`` and ``rb`` broadcast to ``a``.
+    """IEEE ``a / b`` given ``rb = _recip(b)``; ``b`` and ``rb`` broadcast to ``a``; ``b > 0``
+    unless SIGNED_ZERO.
 
-    ``q0 = a * rb`` corrected by one fma-Newton step with ``-b`` negated once per row or group
-    (Triton negates as ``0 - x``: per element that is an instruction, and it loses -0).
+    ``q0 = a * rb`` corrected by one fma-Newton step, written so that it costs two fmas per
+    element and keeps the sign of a zero quotient: ``r = q0 * b - a`` (minus the residual
+    ``a - q0 * b``: round to nearest is symmetric, so ``q0 + r * (-rb)`` is the usual
+    ``q0 + (a - q0 * b) * rb`` bit for bit), its ``-a`` a free operand negation (``a * -1.0``
+    is LLVM's fneg; Triton's ``-a`` is ``0 - a``, an instruction that turns -0 into +0), and
+    ``-rb`` negated once per row or group. With ``a = ±0`` (and ``b > 0``) ``r`` is +0 and
+    the second fma adds ``-0`` to ``q0 = ±0``: ±0, the quotient's sign, with no copysign.
     GUARD False: the caller's scale bounds every quotient (a dynamic scale is at least
     amax / 448, or / 127), so only a non-finite scale can make the correction NaN; with b
     replaced by 0 there the result is ``q0 + a * rb``: q0 when b = inf (rb = 0: a / inf = 0,
-    inf / inf = NaN), NaN when b is NaN, as the division gives. SIGNED_ZERO (FP8, which has
-    a -0 code): the sign of q0, since ``q0 + r * rb`` with q0 = -0, r = +0 is +0.
+    inf / inf = NaN), NaN when b is NaN, as the division gives. SIGNED_ZERO: b may be
+    negative (a scale bound the caller does not check), where a zero quotient takes q0's
+    sign by a copysign.
     """
     if FAST:
         if not GUARD:
             b = tl.where(tl.abs(b) < float("inf"), b, 0.0)
-        nb = tl.broadcast_to(-b, a.shape)
-        rb = tl.broadcast_to(rb, a.shape)
-        q0 = a * rb
-        q = tl.math.fma(tl.math.fma(q0, nb, a), rb, q0)
+        nrb = tl.broadcast_to(rb * -1.0, a.shape)
+        q0 = a * tl.broadcast_to(rb, a.shape)
+        q = tl.math.fma(tl.math.fma(q0, tl.broadcast_to(b, a.shape), a * -1.0), nrb, q0)
         if GUARD:
             # b = 0 / inf, a = inf, overflow: the correction is NaN; a * (1/b) is the answer
             q = tl.where(q == q, q, q0)
@@ -285,25 +348,62 @@ def _add_res(x, r, res_out_ptr, rows64, cols, mask, H, X_DT: tl.constexpr,
              HAS_RES: tl.constexpr, PRECISE: tl.constexpr):
     """The (residual-added) input of one tile in fp32; stores residual_out."""
     if HAS_RES:
-        # x + residual in x.dtype: exact fp32 sum, rounded once (as torch does).
+        # x + residual in x.dtype: exact fp32 sum, rounded once (as torch does); the
+        # compiler makes it a packed 16-bit add, stored as is
         xf = _round_to(x.to(tl.float32) + r.to(tl.float32), X_DT, PRECISE)
         tl.store(res_out_ptr + rows64[:, None, None] * H + cols[None, :, :], xf, mask=mask)
+        xf = _rewiden(xf, X_DT, PRECISE)
     else:
-        xf = x.to(tl.float32)
+        xf = _widen(x, PRECISE)
     return xf
+
+
+@triton.jit
+def _squares(xf, cols, V, HAS_VSIZE: tl.constexpr):
+    """The squares a sum of squares adds (only the first V columns with HAS_VSIZE)."""
+    sq = xf * xf
+    if HAS_VSIZE:
+        sq = tl.where(cols[None, :, :] < V, sq, 0.0)
+    return sq
 
 
 @triton.jit
 def _sumsq(xf, cols, V, HAS_VSIZE: tl.constexpr, PER_GROUP: tl.constexpr = False):
     """Sum of squares per row ``[BLOCK_M]``, or per [row, group] ``[BLOCK_M, NG]``."""
-    sq = xf * xf
-    if HAS_VSIZE:
-        sq = tl.where(cols[None, :, :] < V, sq, 0.0)
+    sq = _squares(xf, cols, V, HAS_VSIZE)
     if PER_GROUP:
         r = tl.sum(sq, axis=2)
     else:
         r = tl.sum(tl.sum(sq, axis=2), axis=1)
     return r
+
+
+@triton.jit
+def _fold(t, W: tl.constexpr):
+    """One row's tile ``[1, NG, G]`` as ``[1, NG * G / W, W]`` in whatever element order
+    keeps the registers where they are: a row-wide statistic reduces it along axis 1 inside
+    each thread first, so the tiles of a split row meet as ``[1, W]`` partials and are reduced
+    across warps once (not once per tile; nor with the tiles' layouts tied together, which
+    moved them through shared memory)."""
+    return tl.reshape(t, [t.shape[0], t.shape[1] * t.shape[2] // W, W], can_reorder=True)
+
+
+@triton.jit
+def _folded_sumsq(xf, cols, V, HAS_VSIZE: tl.constexpr, W: tl.constexpr):
+    """Squares of one row's tile summed down to ``[1, W]`` (``_fold``)."""
+    return tl.sum(_fold(_squares(xf, cols, V, HAS_VSIZE), W), axis=1)
+
+
+@triton.jit
+def _folded_stats(v, mask, W: tl.constexpr, QUANT: tl.constexpr, PRECISE: tl.constexpr):
+    """``_stats`` of one row's tile as ``[1, W]`` partials (``_fold``)."""
+    if QUANT == 6:
+        s1 = _amax(_fold(tl.where(mask, v, float("-inf")), W), 1, PRECISE)
+        s2 = _amin(_fold(tl.where(mask, v, float("inf")), W), 1, PRECISE)
+    else:
+        s1 = _amax(_fold(tl.abs(v), W), 1, PRECISE)  # masked lanes hold 0
+        s2 = s1
+    return s1, s2
 
 
 @triton.jit
@@ -333,7 +433,7 @@ def _group_rstd(v, cols, gidx, C0: tl.constexpr, G: tl.constexpr, H, V, eps,
 def _silu(g, PRECISE: tl.constexpr):
     """``F.silu(gate.float())`` as ATen computes it: ``g / (1 + exp(-g))``, IEEE division,
     the accurate exp (libdevice on the GPU; tl.exp there is the ex2.approx path)."""
-    g = g.to(tl.float32)
+    g = _widen(g, PRECISE)
     if PRECISE:
         e = libdevice.exp(-g)
     else:
@@ -360,24 +460,32 @@ def _normed(xf, g, rstd, w_ptr, out_ptr, rows64, cols, cmask, mask, H, stride_w,
     (``[BLOCK_M, 1, 1]`` per row, ``[BLOCK_M, NG, 1]`` per group); ``g`` is the raw gate."""
     y = xf * rstd
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols * stride_w, mask=cmask, other=0.0, eviction_policy="evict_last")
+        if xf.shape[0] == 1:
+            # one row: loaded as the tile's shape, so Triton gives it x's layout; a 2-D load
+            # gets its own (8 per thread where a quantized store takes 16) and a conversion
+            # through shared memory (stores, a barrier, loads)
+            w = tl.load(w_ptr + cols[None, :, :] * stride_w, mask=cmask[None, :, :],
+                        other=0.0, eviction_policy="evict_last")
+        else:  # rows of their own shape: a [1, NG, G] load would set the tiles' layout
+            w = tl.load(w_ptr + cols * stride_w, mask=cmask, other=0.0,
+                        eviction_policy="evict_last")[None, :, :]
     if GATE == 2:
         # Mamba: weight * y.to(x.dtype) in the promoted dtype; the fp32 product of two 16-bit
         # values is exact, so rounding it once is torch's 16-bit multiply
         v = _round_to(y, X_DT, PRECISE)
         if HAS_WEIGHT:
-            v = v * w.to(tl.float32)[None, :, :]
+            v = v * w.to(tl.float32)
             if not PROMOTE:
                 v = _round_to(v, X_DT, PRECISE)
     elif HAS_WEIGHT:
         if W_OFFSET:
-            y = y * (w.to(tl.float32) + offset)[None, :, :]
+            y = y * (_widen(w, PRECISE) + offset)
             v = _round_to(y, X_DT, PRECISE)
         else:
             # y.to(w.dtype) * w in w.dtype: the fp32 product of two 16-bit values is
             # exact, so rounding it once equals torch's 16-bit multiply.
             W_DT: tl.constexpr = w_ptr.dtype.element_ty
-            y = _round_to(y, W_DT, PRECISE) * w.to(tl.float32)[None, :, :]
+            y = _round_to(y, W_DT, PRECISE) * w.to(tl.float32)
             y = _round_to(y, W_DT, PRECISE)
             if W_DT == X_DT:  # already a value of x.dtype
                 v = y
@@ -510,14 +618,13 @@ def _quantize(v, mask, q_ptr, rows64, cols, H, scale, rscale, azp, aux_in_ptr,
     if SCALE_FORM != 0:
         t = v * rscale
     else:
-        t = _fast_div(v, scale, rscale, FAST, GUARD, QUANT <= 3)
+        t = _fast_div(v, scale, rscale, FAST, GUARD, QUANT <= 3 and HAS_AUX)
     if QUANT <= 3:  # fp8
         q = _sat_fp8(t, PRECISE)
     elif PRECISE and (QUANT == 5 or (QUANT == 4 and not HAS_AUX)):
         # cvt.rni.s32.f32 rounds half to even, saturates and maps NaN to 0: with an int
         # clamp it is the reference's round / NaN -> 0 / clamp in 3 instructions, not 6.
-        i = libdevice.float2int_rn(t)
-        q = tl.minimum(tl.maximum(i, -128), 127).to(tl.int8)
+        q = _int8_rn(t)
     else:
         t = _rint(t, PRECISE)
         if QUANT == 4:
@@ -618,6 +725,10 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
     X_DT: tl.constexpr = x_ptr.dtype.element_ty
     C1: tl.constexpr = NG0 * G0
     C2: tl.constexpr = C1 + NG1 * G1
+    # a split row of one row per program: its statistics are folded (_fold; a reshape that
+    # may reorder elements keeps them in their row only when there is one row)
+    FOLD: tl.constexpr = NG1 > 0 and rows.shape[0] == 1
+    WF: tl.constexpr = NG2 * G2 if NG2 > 0 else NG1 * G1  # the narrowest tile
 
     gi0, cols0, cm0 = _tile(0, NG0, G0, H, EVEN_COLS)
     m0 = _tile_mask(rmask, cm0)
@@ -644,11 +755,18 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
             if NG2 > 0:
                 rs2 = _group_rstd(v2, cols2, gi2, C2, G2, H, V, eps, EVEN_COLS, PRECISE)
         else:
-            ss = _sumsq(v0, cols0, V, HAS_VSIZE)
-            if NG1 > 0:
-                ss += _sumsq(v1, cols1, V, HAS_VSIZE)
-            if NG2 > 0:
-                ss += _sumsq(v2, cols2, V, HAS_VSIZE)
+            if FOLD:  # the tiles' partials, then one reduction across warps
+                part = _folded_sumsq(v0, cols0, V, HAS_VSIZE, WF)
+                part += _folded_sumsq(v1, cols1, V, HAS_VSIZE, WF)
+                if NG2 > 0:
+                    part += _folded_sumsq(v2, cols2, V, HAS_VSIZE, WF)
+                ss = tl.sum(part, axis=1)
+            else:
+                ss = _sumsq(v0, cols0, V, HAS_VSIZE)
+                if NG1 > 0:
+                    ss += _sumsq(v1, cols1, V, HAS_VSIZE)
+                if NG2 > 0:
+                    ss += _sumsq(v2, cols2, V, HAS_VSIZE)
             rs0 = _rstd(ss, V, eps, PRECISE)[:, None, None]
             rs1 = rs0
             rs2 = rs0
@@ -660,6 +778,12 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
         if NG2 > 0:
             v2 = _normed(v2, r2, rs2, w_ptr, out_ptr, rows64, cols2, cm2, m2, H, stride_w,
                          offset, X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE, GATE, PROMOTE)
+        if QUANT != 0 and not PROMOTE:  # the quantized value, a value of x.dtype
+            v0 = _rewiden(v0, X_DT, PRECISE)
+            if NG1 > 0:
+                v1 = _rewiden(v1, X_DT, PRECISE)
+            if NG2 > 0:
+                v2 = _rewiden(v2, X_DT, PRECISE)
 
     if QUANT == 1 or QUANT == 4:  # static scale (a scalar)
         s = tl.load(scale_in_ptr)
@@ -669,7 +793,7 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
         else:
             rs_exact = s
         # the fast division needs a normal scale with a normal reciprocal
-        fast = (tl.abs(s) >= 1.1754943508222875e-38) & (tl.abs(s) <= 8.507059173023462e37)
+        fast = (s >= 1.1754943508222875e-38) & (s <= 8.507059173023462e37)
         fast = fast & (SCALE_FORM == 0)
         if fast:
             rs = _recip(s)
@@ -712,13 +836,26 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
             _mx_tile(v2, m2, rmask, rows64, gi2, cols2, C2, G2, H, q_ptr, s_ptr, stride_st,
                      stride_sg, MX_SCALE, PRECISE, SCALAR_RECIP, FP8_RECIP)
     elif QUANT != 0:  # dynamic per token: statistics over all tiles
-        s1, s2 = _token_stats(v0, m0, NG0, QUANT, PRECISE)
-        if NG1 > 0:
-            t1, t2 = _token_stats(v1, m1, NG1, QUANT, PRECISE)
+        if FOLD:  # the tiles' partials, then one reduction across warps
+            s1, s2 = _folded_stats(v0, m0, WF, QUANT, PRECISE)
+            t1, t2 = _folded_stats(v1, m1, WF, QUANT, PRECISE)
             s1, s2 = _merge(s1, s2, t1, t2, QUANT)
-        if NG2 > 0:
-            t1, t2 = _token_stats(v2, m2, NG2, QUANT, PRECISE)
-            s1, s2 = _merge(s1, s2, t1, t2, QUANT)
+            if NG2 > 0:
+                t1, t2 = _folded_stats(v2, m2, WF, QUANT, PRECISE)
+                s1, s2 = _merge(s1, s2, t1, t2, QUANT)
+            s1 = _amax(s1, 1, PRECISE)[:, None]
+            if QUANT == 6:
+                s2 = _amin(s2, 1, PRECISE)[:, None]
+            else:
+                s2 = s1
+        else:
+            s1, s2 = _token_stats(v0, m0, NG0, QUANT, PRECISE)
+            if NG1 > 0:
+                t1, t2 = _token_stats(v1, m1, NG1, QUANT, PRECISE)
+                s1, s2 = _merge(s1, s2, t1, t2, QUANT)
+            if NG2 > 0:
+                t1, t2 = _token_stats(v2, m2, NG2, QUANT, PRECISE)
+                s1, s2 = _merge(s1, s2, t1, t2, QUANT)
         scale, rscale, azp = _dyn_scale(s1, s2, aux_in_ptr, QUANT, HAS_AUX, UE8M0, PRECISE,
                                         SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, X_DT,
                                         SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)

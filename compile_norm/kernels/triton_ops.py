@@ -226,7 +226,10 @@ def launch_config(hidden: int, group: int) -> LaunchConfig:
     use fewer warps (~1K lanes per warp), so the small tiles are not spread thinner than
     one 16-byte vector per thread (measured on H100 at 5376: 4 warps 0.95 of copy for
     rms_norm, 8 warps 0.80, 16 warps 0.78). Per-group FP8 keeps one padded tile where the
-    split needs three tiles (slower there: many per-group reductions, 110 registers).
+    split needs three tiles (slower there on the H100, run 7: 110 registers; since the tiles
+    keep their own layouts, benchmarks/kernel_isa.py counts 72 registers and 16.3 against
+    24.0 instructions per element at 5376, unmeasured on a GPU: the split changes rstd's
+    summation order, so its bits).
     """
     widths = column_tiles(hidden, group)
     if group and len(widths) > 2:
