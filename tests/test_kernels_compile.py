@@ -103,3 +103,27 @@ def test_compiles_for_sm90(name):
         # tl.exp is a bare ex2.approx) and an IEEE division per element
         assert "fma.rm.ftz.f32" in ptx and "div.rn.f32" in ptx
     assert ck.asm.get("cubin"), "ptxas produced no binary"
+
+
+def _lowered_kernels():
+    """Every ``*_kernel`` JIT function of the kernel modules: what the lower pass hands
+    Inductor as a user-defined Triton kernel."""
+    from compile_norm.kernels import triton_backward_kernel, two_pass
+
+    return [(f"{m.__name__}.{n}", f) for m in (K, triton_backward_kernel, two_pass)
+            for n, f in vars(m).items() if isinstance(f, triton.runtime.jit.JITFunction) and n.endswith("kernel")]
+
+
+@pytest.mark.parametrize("name, kernel", _lowered_kernels(), ids=[n for n, _ in _lowered_kernels()])
+def test_inductor_can_embed_the_kernel_source(name, kernel):
+    """Inductor writes a user-defined kernel's source (with every JIT function it calls) into
+    its output code inside a ''' string; torch 2.11 does not escape backslashes there, so an
+    escape such as \\n in an inline-PTX string becomes a raw newline and the generated file
+    does not parse (run 26). The source must survive that embedding."""
+    import ast
+
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code as closure
+
+    src = closure(kernel, None) if closure.__code__.co_argcount > 1 else closure(kernel)
+    embedded = ast.literal_eval("'''" + src.replace("'''", "\\'\\'\\'") + "'''")  # as torch 2.11 does
+    compile(embedded, name, "exec")

@@ -135,7 +135,7 @@ def _widen(v, PRECISE: tl.constexpr):
     Pairs need an even number of elements in each thread: a tile of at least two per thread
     has that (power-of-two sizes); a smaller one is cast."""
     if PRECISE and v.dtype == tl.bfloat16 and v.numel >= 2 * num_threads():
-        r = tl.inline_asm_elementwise("shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xffff0000;",
+        r = tl.inline_asm_elementwise("shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000;",
                                       "=r,=r,r", [v], dtype=tl.float32, is_pure=True, pack=2)
     else:
         r = v.to(tl.float32)
