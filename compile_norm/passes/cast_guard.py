@@ -45,9 +45,8 @@ def keep_narrowing_casts(graph: torch.fx.Graph) -> int:
         source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
         if narrow is None or not isinstance(source, torch.Tensor) or source.dtype not in _FLOATS:
             continue
-        widened = [u for u in node.users if (_float_cast(u) or narrow).itemsize > narrow.itemsize]
-        if not widened:
-            continue
+        if not any((_float_cast(u) or narrow).itemsize > narrow.itemsize for u in node.users):
+            continue  # no user widens it again: nothing for the pattern to fold
         with graph.inserting_before(node):
             copy = graph.call_function(aten._to_copy.default, (node.args[0],), {"dtype": narrow})
         copy.meta.update(node.meta)
