@@ -114,7 +114,10 @@ def _lowered_kernels():
             for n, f in vars(m).items() if isinstance(f, triton.runtime.jit.JITFunction) and n.endswith("kernel")]
 
 
-@pytest.mark.parametrize("name, kernel", _lowered_kernels(), ids=[n for n, _ in _lowered_kernels()])
+LOWERED = _lowered_kernels()
+
+
+@pytest.mark.parametrize("name, kernel", LOWERED, ids=[n for n, _ in LOWERED])
 def test_inductor_can_embed_the_kernel_source(name, kernel):
     """Inductor writes a user-defined kernel's source (with every JIT function it calls) into
     its output code inside a ''' string; torch 2.11 does not escape backslashes there, so an

@@ -23,6 +23,8 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.torch_version import TorchVersion
 
+from . import patterns as P
+
 aten, prims = torch.ops.aten, torch.ops.prims
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KEPT = "compile_norm_kept_cast"  # node.meta key of a respelled cast
@@ -42,7 +44,7 @@ def keep_narrowing_casts(graph: torch.fx.Graph) -> int:
     kept = 0
     for node in list(graph.find_nodes(op="call_function", target=prims.convert_element_type.default)):
         narrow = _float_cast(node)
-        source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        source = P.val(node.args[0])
         if narrow is None or not isinstance(source, torch.Tensor) or source.dtype not in _FLOATS:
             continue
         if not any((_float_cast(u) or narrow).itemsize > narrow.itemsize for u in node.users):
