@@ -4,9 +4,8 @@ Catches code-generation errors in the GPU path (libdevice, NaN-propagating reduc
 casts), which the interpreter tests never compile, and checks the properties the
 performance design relies on: 16-byte vector loads with evict-first hints, and no
 per-element IEEE division (div.rn is a subroutine call with a slow path). (ptxas -v on
-these showed 32-64 registers, no spills, except per-group FP8 split in three tiles (110
-registers; launch_config keeps that one as one padded tile); only hidden 65536 in fp32
-spills.)
+these showed 32-64 registers, no spills, per-group FP8 split in three tiles included
+since the tiles keep their own layouts; only hidden 65536 in fp32 spills.)
 """
 
 from __future__ import annotations

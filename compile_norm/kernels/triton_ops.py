@@ -225,15 +225,11 @@ def launch_config(hidden: int, group: int) -> LaunchConfig:
     with the row so each thread keeps 8-16 values (16-byte loads for 16-bit data). Split rows
     use fewer warps (~1K lanes per warp), so the small tiles are not spread thinner than
     one 16-byte vector per thread (measured on H100 at 5376: 4 warps 0.95 of copy for
-    rms_norm, 8 warps 0.80, 16 warps 0.78). Per-group FP8 keeps one padded tile where the
-    split needs three tiles (slower there on the H100, run 7: 110 registers; since the tiles
-    keep their own layouts, benchmarks/kernel_isa.py counts 72 registers and 16.3 against
-    24.0 instructions per element at 5376, unmeasured on a GPU: the split changes rstd's
-    summation order, so its bits).
+    rms_norm, 8 warps 0.80, 16 warps 0.78). Per-group FP8 splits too (H200 run 28 at
+    8192x5376: three tiles with 4 warps 0.88 of copy, one padded 8192 tile 0.73; the H100's
+    110 registers of run 7 are gone since the tiles keep their own layouts).
     """
     widths = column_tiles(hidden, group)
-    if group and len(widths) > 2:
-        widths = (_next_pow2(hidden),)
     lanes = sum(widths)
     block_m = max(1, 2048 // _next_pow2(lanes))
     elems = block_m * lanes
@@ -243,7 +239,7 @@ def launch_config(hidden: int, group: int) -> LaunchConfig:
         num_warps = 32
     else:
         num_warps = min(16, max(4, 1 << ((elems // 512).bit_length() - 1) if elems >= 512 else 4))
-    if group:  # per-group FP8: 8 warps beat 16 on a padded 8192 tile (H100 run 7: 0.77 vs 0.72)
+    if group:  # per-group FP8: 8 warps beat 16 on one 8192 tile (H100 run 7: 0.77 vs 0.72)
         num_warps = min(num_warps, 8)
     tiles = tuple((w // group, group) if group else (1, w) for w in widths)
     tiles += ((0, 1),) * (3 - len(tiles))
