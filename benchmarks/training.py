@@ -143,18 +143,26 @@ def model_step_fn(model, ids):
     return step
 
 
-def time_steps_ms(step, params, n: int) -> float:
-    times = []
+def time_step_ms(step, params) -> float:
+    for p in params:
+        p.grad = None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def time_steps_interleaved_ms(steps: dict, params, n: int) -> dict:
+    """Median step time of each candidate, the candidates' steps taken in turn (A B A B ...):
+    the card's clocks drift over a run (run 28: the same GEMMs 2% slower for the candidate
+    timed second), so timing one candidate after the other would charge the drift to one."""
+    times = {name: [] for name in steps}
     for _ in range(n):
-        for p in params:
-            p.grad = None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        for name, step in steps.items():
+            times[name].append(time_step_ms(step, params))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def profile_step(step, params, a) -> tuple[dict, KP.Profile]:
@@ -192,13 +200,15 @@ def run_models(a) -> list[dict]:
         if a.model_options:  # a trade-off next to the default (e.g. eager's roundings off)
             candidates.append((f"compile_norm {a.model_options}",
                                dict(backend="compile_norm", options=json.loads(a.model_options))))
-        for name, kw in candidates:
+        torch._dynamo.reset()
+        compiled, model_rows = {}, []
+        for name, kw in candidates:  # every candidate compiled (side by side), then timed in turn
             row = dict(model=model_type, layers=a.layers, tokens=a.seq, candidate=name)
+            model_rows.append(row)
             if a.total_budget.spent():
-                rows.append({**row, "skipped": "time budget (--total-budget-s)"})
+                row["skipped"] = "time budget (--total-budget-s)"
                 continue
             try:
-                torch._dynamo.reset()
                 torch._dynamo.utils.counters["compile_norm"].clear()
                 t0 = time.time()
                 step = model_step_fn(torch.compile(model, dynamic=False, **kw), ids)
@@ -207,14 +217,23 @@ def run_models(a) -> list[dict]:
                 row["compile_s"] = round(time.time() - t0, 1)
                 if name.startswith("compile_norm"):
                     row["fusion"] = S.compile_counters()
-                if a.timing:
-                    row["step_ms"] = round(time_steps_ms(step, params, a.steps), 3)
-                summary, a.profiles[(model_type, name)] = profile_step(step, params, a)
-                row.update(summary)
-                if a.timing:
-                    row["norm_share_of_step"] = round(row["norm_us"] / (row["step_ms"] * 1e3), 4)
+                compiled[name] = step
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
+        medians = time_steps_interleaved_ms(compiled, params, a.steps) if a.timing else {}
+        for row in model_rows:
+            if row["candidate"] in medians:
+                row["step_ms"] = round(medians[row["candidate"]], 3)
+        for row in model_rows:
+            step = compiled.get(row["candidate"])
+            if step is not None:
+                try:
+                    summary, a.profiles[(model_type, row["candidate"])] = profile_step(step, params, a)
+                    row.update(summary)
+                    if a.timing:
+                        row["norm_share_of_step"] = round(row["norm_us"] / (row["step_ms"] * 1e3), 4)
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
             print("   " + json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
         stock, ours = (r.get("step_ms") for r in rows[-len(candidates):][:2])
