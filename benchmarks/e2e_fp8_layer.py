@@ -205,16 +205,21 @@ def inputs(s: Shape, tokens: int, device: str, seed: int):
 
 
 def compile_one(layer, args, backend: str, fullgraph: bool = True):
-    """Compile for these shapes; return (fn, counters of compile_norm, kernel names)."""
+    """Compile for these shapes; return (fn, counters of compile_norm, kernel names). Other
+    compiled candidates stay compiled (``run_and_get_code`` would reset Dynamo first)."""
+    from unittest import mock
+
     from torch._dynamo.utils import counters
-    from torch._inductor.utils import run_and_get_code
+    from torch._inductor.graph import GraphLowering
 
     counters.clear()
     fn = torch.compile(layer, backend=backend, dynamic=False, fullgraph=fullgraph)
+    codes: list[str] = []
     # no FX graph / AOT cache: a hit would skip the passes and leave the counters empty
     with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        _, codes = run_and_get_code(fn, *args)
+            torch._functorch.config.patch(enable_autograd_cache=False), \
+            mock.patch.object(GraphLowering, "save_output_code", codes.append):  # as run_and_get_code
+        fn(*args)
     fused = {k: v for k, v in counters["compile_norm"].items() if v}
     return fn, fused, KERNEL_RE.findall("\n".join(codes))
 

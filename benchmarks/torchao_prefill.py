@@ -19,8 +19,9 @@ For each:
   per layer (the first layer's input norm has none, the final norm has one:
   ``residual_matched``), one activation quantization per norm whose output feeds a quantized
   linear (``quant_matched``); every ``<pass>_unmatched: <reason>`` is printed and kept;
-- end-to-end time: CUDA-graph replay (``lowerings.measure.graph_time_us``, median), CUDA
-  events (median of 10) if the graph cannot be captured;
+- end-to-end time: CUDA-graph replay (``lowerings.measure``, median of 5 rounds), CUDA
+  events if the graph cannot be captured; both candidates stay compiled and are timed in
+  turn, so a drift of the card's clocks does not fall on one of them;
 - where the time goes: ``kernel_profile.profile`` (norm, quant, gemm, attention, other;
   ``norm`` holds compile_norm's norm + quant kernels and stock's norm kernels, ``quant`` the
   quantizations no norm absorbed), the top 10 kernels of each.
@@ -47,6 +48,7 @@ import datetime
 import json
 import os
 import pathlib
+import statistics
 import sys
 import time
 
@@ -61,7 +63,7 @@ import kernel_profile as KP  # noqa: E402
 import suite as S  # noqa: E402  (backend registration, recompile limits, budget, env)
 import training as T  # noqa: E402  (the Llama-3-8B shapes, the tiny config, CUDA-event timer)
 
-from compile_norm.lowerings.measure import graph_time_us  # noqa: E402
+from compile_norm.lowerings import measure  # noqa: E402
 
 GRANULARITIES = ("per_row", "per_tensor")
 CANDIDATES = (("compile_norm", "compile_norm"), ("stock compile", "inductor"))
@@ -121,13 +123,24 @@ def reasons(counts: dict[str, int]) -> dict[str, int]:
     return {k: v for k, v in counts.items() if ": " in k}
 
 
-def prefill_time_ms(fn, device: str) -> tuple[float, str]:
-    """(median ms, how): CUDA-graph replay, else CUDA events."""
-    try:
-        return graph_time_us(fn) / 1e3, "cuda graph"
-    except Exception as e:  # capture refused (a host sync, a non-capturable op)
-        print(f"   cuda graph capture failed ({type(e).__name__}: {str(e)[:120]}); CUDA events", flush=True)
-        return T.time_steps_ms(fn, [], 10), "cuda events"
+def prefill_times_ms(fns: dict, rounds: int = 5) -> dict[str, tuple[float, str]]:
+    """{candidate: (median ms, how)}: CUDA-graph replay (CUDA events where capture fails),
+    the candidates measured in turn, A B A B ...: the card's clocks drift over minutes, so
+    timing one candidate after the other would charge that drift to one of them."""
+    graphs = {}
+    for name, fn in fns.items():
+        try:
+            graphs[name] = measure.capture_graph(fn)
+        except Exception as e:  # capture refused (a host sync, a non-capturable op)
+            print(f"   {name}: cuda graph capture failed ({type(e).__name__}: {str(e)[:120]}); "
+                  "CUDA events", flush=True)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(measure.replay_time_us(graphs[name]) / 1e3 if name in graphs
+                               else T.time_step_ms(fn, []))
+    return {name: (statistics.median(ts), "cuda graph" if name in graphs else "cuda events")
+            for name, ts in times.items()}
 
 
 _START = time.time()
@@ -138,10 +151,10 @@ def progress(what: str) -> None:
     print(f"   [{time.time() - _START:6.1f} s] {what}", flush=True)
 
 
-def run_candidate(model, ids, ref, backend: str, a) -> dict:
-    """Compile, check, time and profile one candidate; a dict row (errors kept, not raised)."""
+def compile_candidate(model, ids, ref, backend: str, a) -> tuple[dict, object]:
+    """Compile and check one candidate: (its row, the compiled model or None); errors are
+    kept in the row, not raised."""
     row: dict = {}
-    torch._dynamo.reset()
     t0 = time.time()
     progress(f"compiling with {backend}")
     try:
@@ -150,22 +163,17 @@ def run_candidate(model, ids, ref, backend: str, a) -> dict:
         row.update(compile_s=round(time.time() - t0, 1), generated_kernels=len(kernels))
     except Exception as e:  # on the CPU: a configuration its _scaled_mm cannot run
         row.update(not_run=f"{type(e).__name__}: {e}"[:300], fused=S.compile_counters())
-        return row
+        return row, None
     row["fused"] = fused
     try:
         out = fn(ids).logits
         if ref is not None:
             row["rel_err_vs_eager"] = E.rel_err(out, ref)
         del out
-        if a.timing:
-            progress("timing")
-            row["ms"], row["timer"] = prefill_time_ms(lambda: fn(ids), a.device)
-        progress("profiling")
-        prof = KP.profile(lambda: fn(ids), a.device, iters=a.profile_iters)
-        row.update(profile=prof.to_json(top=10), _profile=prof)
     except Exception as e:  # report and go on: the other rows still run
         row["error"] = f"{type(e).__name__}: {e}"[:300]
-    return row
+        return row, None
+    return row, fn
 
 
 def run(a) -> list[dict]:
@@ -187,18 +195,34 @@ def run(a) -> list[dict]:
                     ref = model(ids).logits
             except Exception as e:
                 ref, row["eager"] = None, f"not run: {type(e).__name__}: {e}"[:300]
+            torch._dynamo.reset()  # once per row: the candidates stay compiled side by side
+            fns = {}
             for name, backend in a.candidate_list:
                 if budget.spent():
                     row[name] = {"skipped": "time budget (--budget-s)"}
                     continue
                 with torch.no_grad():
-                    row[name] = run_candidate(model, ids, ref, backend, a)
+                    row[name], fn = compile_candidate(model, ids, ref, backend, a)
+                if fn is not None:
+                    fns[name] = fn
+            with torch.no_grad():
+                if a.timing and fns:
+                    progress("timing (candidates in turn)")
+                    for name, (ms, how) in prefill_times_ms({n: (lambda f=f: f(ids)) for n, f in fns.items()}).items():
+                        row[name].update(ms=ms, timer=how)
+                for name, fn in fns.items():
+                    progress(f"profiling {name}")
+                    try:
+                        prof = KP.profile(lambda: fn(ids), a.device, iters=a.profile_iters)
+                        row[name].update(profile=prof.to_json(top=10), _profile=prof)
+                    except Exception as e:  # report and go on
+                        row[name]["error"] = f"{type(e).__name__}: {e}"[:300]
+            for name, _ in CANDIDATES:
+                row.setdefault(name, {"skipped": "not in --candidates"})
                 shown = {k: v for k, v in row[name].items() if k not in ("profile", "_profile")}
                 if "profile" in row[name]:  # kernel us per category
                     shown["us"] = {c: round(v["us"], 1) for c, v in row[name]["profile"]["by_category"].items()}
                 print(f"{gran:<10} T={tokens:<5} {name:<13} " + json.dumps(shown), flush=True)
-            for name, _ in CANDIDATES:
-                row.setdefault(name, {"skipped": "not in --candidates"})
             judge(row)
             rows.append(row)
         del model

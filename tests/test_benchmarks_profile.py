@@ -202,7 +202,7 @@ def test_torchao_prefill_budget_skips_compiles(tmp_path, capsys):
 
     rc = torchao_prefill.main(["--dry-run", "--layers", "1", "--granularity", "per_row",
                                "--budget-s", "0", "--out", str(tmp_path)])
-    assert rc == 0 and "1 rows skipped (time budget)" in capsys.readouterr().out
+    assert rc == 0 and "compile_norm skipped in 1 rows (time budget" in capsys.readouterr().out
     (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert row["compile_norm"] == row["stock compile"] == {"skipped": "time budget (--budget-s)"}
     assert "compile_norm: skipped: time budget" in (tmp_path / "results.md").read_text()

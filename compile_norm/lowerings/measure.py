@@ -55,10 +55,8 @@ def spent_s() -> float:
     return _SPENT[0]
 
 
-def graph_time_us(fn: Callable[[], Any]) -> float:
-    """Median kernel time of ``fn`` replayed from a CUDA graph, L2 flushed."""
-    import triton
-
+def capture_graph(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
+    """``fn`` warmed up on a side stream, then captured as a CUDA graph."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -69,7 +67,19 @@ def graph_time_us(fn: Callable[[], Any]) -> float:
     with torch.cuda.graph(graph):
         fn()
     torch.cuda.synchronize()
+    return graph
+
+
+def replay_time_us(graph: torch.cuda.CUDAGraph) -> float:
+    """Median time of one replay of ``graph``, L2 flushed."""
+    import triton
+
     return triton.testing.do_bench(graph.replay, warmup=10, rep=40, return_mode="median") * 1e3
+
+
+def graph_time_us(fn: Callable[[], Any]) -> float:
+    """Median kernel time of ``fn`` replayed from a CUDA graph, L2 flushed."""
+    return replay_time_us(capture_graph(fn))
 
 
 def concrete_args(fake_args: Sequence[Any], tokens: int) -> list:
