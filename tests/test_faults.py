@@ -185,6 +185,17 @@ def test_missing_triton_is_skipped_with_reason():
 # --- threads --------------------------------------------------------------------------------
 
 
+# torch < 2.12 applies dynamic=False as a process-wide patch of Dynamo's config, which threads
+# entering and leaving it at once can leave applied (pytorch#118260; thread-local since 2.12):
+# later compiles in this process would then never make a size dynamic.
+@pytest.fixture
+def dynamo_config_restored():
+    saved = torch._dynamo.config.save_config()
+    yield
+    torch._dynamo.config.load_config(saved)
+
+
+@pytest.mark.usefixtures("dynamo_config_restored")
 def test_compiled_model_from_many_threads():
     a = inputs()
     torch._dynamo.reset()
@@ -212,6 +223,9 @@ def test_compiled_model_from_many_threads():
         check_outputs(results[i], model(*case))
 
 
+@pytest.mark.skipif(torch.__version__ < (2, 12), reason="torch 2.11's Dynamo segfaults when threads race into "
+                    "a function's first compile, with backend='eager' too (pytorch#136833); 2.13 does not")
+@pytest.mark.usefixtures("dynamo_config_restored")
 def test_first_call_from_many_threads_at_once():
     """Threads race to the first call: one compile (Dynamo serializes it), right results."""
     torch._dynamo.reset()
