@@ -179,3 +179,19 @@ CLASSES = [  # (opcode, operands, class): the idioms the table's classes rest on
 @pytest.mark.parametrize("opcode,operands,cls", CLASSES)
 def test_instruction_classes(opcode, operands, cls):
     assert kernel_isa.insn_class(kernel_isa.Insn(opcode, operands, False)) == cls
+
+
+def test_gated_fp8_counts_the_exact_silu():
+    """The Qwen3-Next gated norm + FP8 family: the op is the fused one, the gate is a second
+    [T, H] input, and its SiLU is eager's exact one (libdevice expf and an IEEE division,
+    whose fast path FCHK guards): one MUFU.EX2 and one MUFU.RCP per element per thread
+    (benchmarks/RESULTS.md: what sets this family's instruction count)."""
+    op, args = kernel_isa.family_call("gated_qwen3_next_fp8", 8192, 4096)
+    assert op == "rms_norm_gated_fp8_dynamic" and tuple(args[1].shape) == (8192, 4096)
+    row = _analyse("gated_qwen3_next_fp8", 8192, 4096)
+    cfg = triton_ops.launch_config(4096, 0)
+    per_thread = cfg.block_m * 4096 // (cfg.num_warps * 32)  # elements a thread holds
+    ops = row["opcodes"]
+    assert ops.get("MUFU.EX2", 0) == per_thread and ops.get("MUFU.RCP", 0) >= per_thread
+    assert ops.get("FCHK", 0) >= per_thread
+    assert row["per_element"] > kernel_isa.analyse("rms_fp8_dynamic", 8192, 4096)["per_element"]
