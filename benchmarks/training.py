@@ -222,11 +222,10 @@ def run_models(a) -> list[dict]:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
         medians = time_steps_interleaved_ms(compiled, params, a.steps) if a.timing else {}
         for row in model_rows:
-            if row["candidate"] in medians:
-                row["step_ms"] = round(medians[row["candidate"]], 3)
-        for row in model_rows:
             step = compiled.get(row["candidate"])
             if step is not None:
+                if a.timing:
+                    row["step_ms"] = round(medians[row["candidate"]], 3)
                 try:
                     summary, a.profiles[(model_type, row["candidate"])] = profile_step(step, params, a)
                     row.update(summary)
