@@ -48,7 +48,6 @@ import datetime
 import json
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -125,8 +124,7 @@ def reasons(counts: dict[str, int]) -> dict[str, int]:
 
 def prefill_times_ms(fns: dict, rounds: int = 5) -> dict[str, tuple[float, str]]:
     """{candidate: (median ms, how)}: CUDA-graph replay (CUDA events where capture fails),
-    the candidates measured in turn, A B A B ...: the card's clocks drift over minutes, so
-    timing one candidate after the other would charge that drift to one of them."""
+    the candidates measured in turn (``training.medians_in_turn``)."""
     graphs = {}
     for name, fn in fns.items():
         try:
@@ -134,13 +132,10 @@ def prefill_times_ms(fns: dict, rounds: int = 5) -> dict[str, tuple[float, str]]
         except Exception as e:  # capture refused (a host sync, a non-capturable op)
             print(f"   {name}: cuda graph capture failed ({type(e).__name__}: {str(e)[:120]}); "
                   "CUDA events", flush=True)
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(measure.replay_time_us(graphs[name]) / 1e3 if name in graphs
-                               else T.time_step_ms(fn, []))
-    return {name: (statistics.median(ts), "cuda graph" if name in graphs else "cuda events")
-            for name, ts in times.items()}
+    timers = {name: (lambda g=graphs[name]: measure.replay_time_us(g) / 1e3) if name in graphs
+              else (lambda f=fn: T.time_step_ms(f, [])) for name, fn in fns.items()}
+    return {name: (ms, "cuda graph" if name in graphs else "cuda events")
+            for name, ms in T.medians_in_turn(timers, rounds).items()}
 
 
 _START = time.time()

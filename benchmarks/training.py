@@ -154,14 +154,14 @@ def time_step_ms(step, params) -> float:
     return start.elapsed_time(end)
 
 
-def time_steps_interleaved_ms(steps: dict, params, n: int) -> dict:
-    """Median step time of each candidate, the candidates' steps taken in turn (A B A B ...):
-    the card's clocks drift over a run (run 28: the same GEMMs 2% slower for the candidate
-    timed second), so timing one candidate after the other would charge the drift to one."""
-    times = {name: [] for name in steps}
+def medians_in_turn(timers: dict, n: int) -> dict:
+    """{name: median of n calls of its timer}, the timers called in turn (A B A B ...): the
+    card's clocks drift over a run (run 28: the same GEMMs 2% slower for the candidate timed
+    second), so timing one candidate after the other would charge the drift to one."""
+    times = {name: [] for name in timers}
     for _ in range(n):
-        for name, step in steps.items():
-            times[name].append(time_step_ms(step, params))
+        for name, timer in timers.items():
+            times[name].append(timer())
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -220,7 +220,8 @@ def run_models(a) -> list[dict]:
                 compiled[name] = step
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
-        medians = time_steps_interleaved_ms(compiled, params, a.steps) if a.timing else {}
+        timers = {name: (lambda s=step: time_step_ms(s, params)) for name, step in compiled.items()}
+        medians = medians_in_turn(timers, a.steps) if a.timing else {}
         for row in model_rows:
             step = compiled.get(row["candidate"])
             if step is not None:
