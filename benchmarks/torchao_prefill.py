@@ -5,7 +5,14 @@ A Hugging Face ``LlamaForCausalLM`` with Llama-3-8B shapes (hidden 4096, interme
 quantized with torchao ``quantize_(model, Float8DynamicActivationFloat8WeightConfig(
 granularity=PerRow()))`` and, as a second configuration, ``PerTensor()`` (every linear,
 ``lm_head`` included: torchao's default filter). Prefill of batch 1 x T tokens under
-``torch.no_grad()``. Candidates, each a fresh ``dynamic=False`` compile (no FX graph / AOT
+``torch.no_grad()``.
+
+The configs take ``set_inductor_config=False`` unless ``--torchao-inductor-config``: by default
+``quantize_`` turns on Inductor's coordinate-descent tuning for the whole process
+(``torchao.quantization.utils.recommended_inductor_config_setter``), for both candidates'
+generated kernels. On the H200 host that tuning took 294 of a 1-layer compile's 312 s (run 32
+in RESULTS.md), so two candidates cannot compile within one device call; without it both
+compile with Inductor's defaults, as any other model does. Candidates, each a fresh ``dynamic=False`` compile (no FX graph / AOT
 cache: a hit would run no pass and leave the counters empty): ``backend="compile_norm"`` and
 stock ``torch.compile`` (Inductor).
 
@@ -91,11 +98,13 @@ def build(layers: int, vocab: int, max_tokens: int, device: str, dry: bool) -> t
     return model.to(device=device, dtype=torch.bfloat16).eval()
 
 
-def quantized(model: torch.nn.Module, gran: str, device: str) -> torch.nn.Module:
+def quantized(model: torch.nn.Module, gran: str, device: str, inductor_config: bool = False) -> torch.nn.Module:
+    """A quantized copy; ``inductor_config``: let torchao set its Inductor config (see above)."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quant_api, quantize_
 
     model = copy.deepcopy(model)
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity(gran))
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity(gran),
+                                                       set_inductor_config=inductor_config)
     if device == "cpu":  # see the docstring: torchao's GPU check guards its matmul only
         check = quant_api._check_hardware_support
         quant_api._check_hardware_support = lambda granularity: None
@@ -178,7 +187,7 @@ def run(a) -> list[dict]:
     rows = []
     for gran in a.gran_list:
         progress(f"quantizing ({gran})")
-        model = quantized(base, gran, a.device)
+        model = quantized(base, gran, a.device, a.torchao_inductor_config)
         expected = expected_sites(model)
         for tokens in a.token_list:
             ids = torch.randint(0, a.vocab, (1, tokens), device=a.device,
@@ -248,7 +257,9 @@ def judge(row: dict) -> None:
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# torchao FP8 Llama prefill ({meta['shape']}, {meta['layers']} layers)", "",
              f"{meta['env'].get('device', 'CPU dry run')}, torch {meta['env']['torch']}, torchao "
-             f"{meta['torchao']}, transformers {meta['transformers']}, {meta['env']['date']}", "",
+             f"{meta['torchao']}, transformers {meta['transformers']}, {meta['env']['date']}; Inductor's "
+             f"coordinate-descent tuning {'on' if meta['coordinate_descent_tuning'] else 'off'} "
+             f"(torchao's Inductor config {'set' if meta['torchao_inductor_config'] else 'not set'})", "",
              "Fused: compile_norm counters got / the model's sites (norms, residual adds, activation "
              "quantizations). Rel err: logits against eager, relative L2. Kernel time per category "
              "from torch.profiler (benchmarks/kernel_profile.py); norm holds the norm (+ quant) "
@@ -298,6 +309,8 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", default=",".join(n for n, _ in CANDIDATES),
                    help="comma list, in the order they run")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, checks only (no timing)")
+    p.add_argument("--torchao-inductor-config", action="store_true",
+                   help="let quantize_ set torchao's Inductor config (coordinate-descent tuning: minutes per compile)")
     p.add_argument("--out", default=os.environ.get("OUT") or "out")
     a = p.parse_args(argv)
     a.token_list = [int(t) for t in (a.tokens or (DRY_TOKENS if a.dry_run else "2048,8192")).split(",")]
@@ -327,7 +340,10 @@ def main(argv=None) -> int:
     rows = run(a)
     meta = dict(env=S.env_info(a.dry_run), torchao=torchao.__version__, transformers=transformers.__version__,
                 shape="tiny, dry run" if a.dry_run else "Llama-3-8B shapes", layers=a.layers, vocab=a.vocab,
-                tokens=a.token_list, max_rel_err=E.MAX_REL_ERR, wall_s=round(time.time() - t0, 1),
+                tokens=a.token_list, max_rel_err=E.MAX_REL_ERR,
+                torchao_inductor_config=a.torchao_inductor_config,
+                coordinate_descent_tuning=torch._inductor.config.coordinate_descent_tuning,
+                wall_s=round(time.time() - t0, 1),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

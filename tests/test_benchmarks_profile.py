@@ -9,6 +9,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -173,8 +174,12 @@ def test_torchao_prefill_dry_run(tmp_path):
     pytest.importorskip("torchao")
     import torchao_prefill
 
-    rc = torchao_prefill.main(["--dry-run", "--layers", "1", "--profile-iters", "1", "--out", str(tmp_path)])
+    # quantize_'s default would turn on coordinate-descent tuning process-wide; the benchmark
+    # declines it (set_inductor_config=False), so it stays off for both candidates
+    with torch._inductor.config.patch(coordinate_descent_tuning=False):
+        rc = torchao_prefill.main(["--dry-run", "--layers", "1", "--profile-iters", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["coordinate_descent_tuning"] is False and data["meta"]["torchao_inductor_config"] is False
     rows = {r["granularity"]: r for r in data["rows"]}
     assert set(rows) == {"per_row", "per_tensor"}
     for r in rows.values():
@@ -192,6 +197,7 @@ def test_torchao_prefill_dry_run(tmp_path):
     assert rows["per_row"]["fusion_ok"] and rows["per_tensor"]["fusion_ok"], rows
     md = (tmp_path / "results.md").read_text()
     assert "| per_row | 12 |" in md and "## per_tensor, T=12" in md
+    assert "coordinate-descent tuning off (torchao's Inductor config not set)" in md
     assert rc == 0
 
 

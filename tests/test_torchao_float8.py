@@ -82,8 +82,10 @@ def run_quantized(monkeypatch, quantize):
 
 
 def inference(granularity):
+    # set_inductor_config=False: torchao's default turns on coordinate-descent tuning for the
+    # whole process, which would slow every later CUDA compile in this test worker
     return lambda layer: quantize_(layer, Float8DynamicActivationFloat8WeightConfig(
-        granularity=granularity))
+        granularity=granularity, set_inductor_config=False))
 
 
 def training(recipe):
