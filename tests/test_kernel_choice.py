@@ -494,13 +494,16 @@ def test_mid_token_counts():
     assert choice.choose("rms_norm", [x8, w8, 1e-6, 0.0, None], **per_t) == "generated"
 
 
-def test_measured_launch_config_is_recorded_and_used_for_the_compiled_kernel():
-    """A measurement keeps the fastest of the default config's neighbours; the lower pass
-    traces the kernel with it (launch_config_used), eager launches keep the default."""
-    assert triton_ops.few_configs(4096, 0)[0] == triton_ops.launch_config(4096, 0)
+def test_measured_launch_config_is_recorded_and_used_for_the_compiled_kernel(monkeypatch):
+    """A measurement tries the default config and its persistent variants, which keep its
+    rows per program, tiles and warps (its bits); the lower pass traces the kernel with the
+    fastest (launch_config_used), eager launches keep the default."""
     for h, g in ((4096, 0), (5376, 0), (4096, 128), (128, 0)):
         cands = triton_ops.few_configs(h, g)
-        assert len(set(cands)) == len(cands) and set(cands) <= set(triton_ops.candidate_configs(h, g))
+        default = triton_ops.launch_config(h, g)
+        assert cands[0] == default and [c.programs_per_sm for c in cands] == [0, 2, 4]
+        assert all(c._replace(programs_per_sm=0) == default for c in cands)
+        assert set(cands) <= set(triton_ops.candidate_configs(h, g))
     args = group_args(8192, 4096)
     fast = triton_ops.few_configs(4096, 128)[1]
     key = choice.shape_class("rms_norm_fp8_group", args)
@@ -508,13 +511,41 @@ def test_measured_launch_config_is_recorded_and_used_for_the_compiled_kernel():
                   config=triton_ops.config_to_json(fast))
     assert choice.kernel_config("rms_norm_fp8_group", args) == fast
     assert choice.kernel_config("rms_norm_fp8_group", group_args(8192, 5376)) is None
-    x, w = torch.randn(8, 4096, dtype=BF16), torch.randn(4096, dtype=BF16)
+    x, w = torch.randn(1000, 4096, dtype=BF16), torch.randn(4096, dtype=BF16)
     spec = registry.spec("rms_norm_fp8_group")
     call = spec.bind((x, w, 1e-6, 128), {})
-    assert triton_ops.prepare(spec, call).num_warps == triton_ops.launch_config(4096, 128).num_warps
+    monkeypatch.setattr(triton_ops, "_sm_count", lambda index: 132)  # an H200's SMs, on this CPU
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    launch = triton_ops.prepare(spec, call)
+    assert launch.grid0 == 1000 and not launch.const_kwargs()["PERSISTENT"]
     with triton_ops.launch_config_used(fast):
-        assert triton_ops.prepare(spec, call).num_warps == fast.num_warps
+        launch = triton_ops.prepare(spec, call)
+    assert launch.grid0 == 2 * 132 and launch.const_kwargs()["PERSISTENT"]
+    assert launch.num_warps == fast.num_warps
     assert triton_ops.config_from_json(triton_ops.config_to_json(fast)) == fast
+
+
+@pytest.mark.cuda
+def test_compiled_kernel_with_a_persistent_config_gives_the_eager_bits(monkeypatch):
+    """A recorded persistent config is the one the compiled kernel launches with (fewer
+    programs than row blocks), and its outputs are eager's (the default config's) bit for bit."""
+    grids = []
+    real_grid = triton_ops._grid
+    monkeypatch.setattr(triton_ops, "_grid", lambda tokens, cfg, dev: grids.append(cfg) or real_grid(tokens, cfg, dev))
+    x = torch.randn(8192, 4096, device="cuda", dtype=BF16)
+    w = torch.randn(4096, device="cuda", dtype=BF16)
+    args = [x, w, 1e-6, 128]
+    persistent = triton_ops.few_configs(4096, 128)[2]
+    choice.record(choice.shape_class("rms_norm_fp8_group", args), choice.device_key(), (16, 8192),
+                  (50.0, 500.0), (4.0, 40.0), config=triton_ops.config_to_json(persistent))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, w: cn.rms_norm_fp8_group(x, w, 1e-6, 128), backend="compile_norm",
+                             options={"passes": [], "measure": False})
+    got = compiled(x, w)
+    assert persistent in grids, grids
+    want = cn.rms_norm_fp8_group(x, w, 1e-6, 128)
+    for g, e in zip(got, want):
+        assert torch.equal(g.view(torch.uint8), e.view(torch.uint8))
 
 
 def fake_cuda_tokens(tokens, hidden, dtype=BF16):

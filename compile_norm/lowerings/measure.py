@@ -10,7 +10,7 @@ positive scales), and times both candidates the way the benchmarks do (CUDA-grap
   settings of the compile under way, less compile_norm's passes (the code
   ``lowering="generated"`` gives this node alone);
 - kernel: the op's ``compile_norm_kernels`` library op (the Triton kernel), under each launch
-  configuration of ``triton_ops.few_configs`` (the default and its neighbours); the fastest
+  configuration of ``triton_ops.few_configs`` (the default and its persistent variant); the fastest
   is recorded with the choice and used when the node is lowered to the kernel. Eager calls keep
   the default configuration, so their bits never depend on what a compile measured.
 
