@@ -109,6 +109,40 @@ def test_cuda_two_pass_quantization_is_the_reference_bit_for_bit():
             assert_bitwise_equal(provider(t, **how), reference(t, **how), nan_equal=True)
 
 
+def test_traced_for_inductor_as_two_launches_and_the_tensor_scale():
+    """What the lower pass inlines for a per-tensor op: pass 1's launch (the rows' scales),
+    their max (their min for "inverse" scales) in torch ops, pass 2's launch with it, on fake
+    CUDA tensors, every op's; library_ops.supports takes them."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from compile_norm.kernels import library_ops, two_pass
+    from compile_norm.ops import registry
+
+    if not library_ops.AVAILABLE:
+        pytest.skip(library_ops.REASON)
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional as hop
+
+    mode = FakeTensorMode()
+    with mode:
+        x, r, g = (torch.empty(37, 1400, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+        w = torch.empty(1400, dtype=torch.bfloat16, device="cuda")
+    inputs = {"quant_fp8_dynamic_tensor": (x,), "rms_norm_fp8_dynamic_tensor": (x, w, 1e-6),
+              "fused_add_rms_norm_fp8_dynamic_tensor": (x, r, w, 1e-6),
+              "rms_norm_gated_fp8_dynamic_tensor": (x, g, w, 1e-6)}
+    assert set(inputs) == set(two_pass.PASSES)
+    for name, given in inputs.items():
+        for form, reduce in (({}, torch.ops.aten.amax.default),
+                             ({"scale_form": "inverse", "min_scale": 1e-12, "clamp_amax": True},
+                              torch.ops.aten.amin.default)):
+            args = list(registry.spec(name).bind(given, form))
+            assert library_ops.supports(name, *args), name
+            with mode:
+                gm = library_ops.functional_trace(library_ops.functions()[name], args)
+            order = [n.target for n in gm.graph.nodes if n.target in (hop, reduce)]
+            assert order == [hop, reduce, hop], (name, form, gm.code)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
     _child()

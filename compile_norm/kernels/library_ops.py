@@ -3,7 +3,8 @@
 ``torch.ops.compile_norm_kernels.<op>`` has the schema of ``torch.ops.compile_norm.<op>`` (both
 inferred from the op's reference) and is implemented by one ``wrap_triton`` launch of
 ``triton_kernel.norm_quant_kernel``, prepared exactly as the eager provider prepares it
-(``triton_ops.prepare``). ``functions()`` also has ``rms_norm_backward``: the two launches of
+(``triton_ops.prepare``); the per-tensor dynamic FP8 ops by two such launches, as their eager
+provider (``two_pass``). ``functions()`` also has ``rms_norm_backward``: the two launches of
 its eager provider (``triton_backward``: dx with the residual gradient, then the dweight
 column sums), traced by the lower pass; it is not declared as a triton_op (see register()). Because the implementation is traceable, Inductor sees a
 user-defined Triton kernel, not an opaque extern call: it works under CUDA graphs and
@@ -31,6 +32,7 @@ from ..ops import registry
 from ..ops.spec import OpSpec
 from . import triton_backward as B
 from . import triton_ops as T
+from . import two_pass as TP
 
 NAMESPACE = "compile_norm_kernels"
 
@@ -60,6 +62,12 @@ def _launch_wrapped(spec: OpSpec, args: tuple) -> Any:
     return launch.outputs
 
 
+def _launch_two_pass(spec: OpSpec, args: tuple) -> Any:
+    # per-tensor dynamic FP8: the eager provider's two launches (kernels/two_pass.py), each
+    # through wrap_triton, and the tensor's scale between them in torch ops
+    return TP.run(spec.name, args, _launch_wrapped)
+
+
 def _launch_backward(spec: OpSpec, args: tuple) -> Any:
     # the eager provider's two launches (dx [+ grad_residual] and dweight partials, their
     # column sums), through wrap_triton
@@ -83,6 +91,7 @@ def functions() -> dict[str, Callable[..., Any]]:
     if not AVAILABLE:
         raise RuntimeError(f"compile_norm: kernel library ops unavailable: {REASON}")
     funcs = {spec.name: _implementation(spec) for spec in T.kernel_specs()}
+    funcs.update({name: _implementation(registry.spec(name), _launch_two_pass) for name in TP.PASSES})
     funcs[B.OP] = _implementation(registry.spec(B.OP), _launch_backward)
     return funcs
 
@@ -117,6 +126,8 @@ def overload(name: str) -> Any:
 def supports(name: str, *args: Any) -> bool:
     """Whether the Triton kernel accepts these (fake or real) arguments."""
     try:
+        if name in TP.PASSES:
+            return TP.accepts(name, registry.spec(name).bind(args, {}))
         check = B.supports if name == B.OP else T.FUNCTIONS[name][1]
         return bool(check(*args))
     except Exception:  # a check that cannot judge these (symbolic) arguments: no kernel

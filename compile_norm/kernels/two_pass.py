@@ -27,7 +27,7 @@ store (a kernel constexpr) would make those 5 and 9. Every scale form moves the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -60,20 +60,22 @@ def _per_row(first: OpSpec, spec: OpSpec, call: NormCall) -> tuple:
     return first.join(call._replace(qargs=tuple(given.get(n, d) for n, d in zip(names, defaults))))
 
 
-def run(name: str, args: tuple) -> Any:
-    """``name`` (a ``*_fp8_dynamic_tensor`` op) on positional ``args``: two kernel launches."""
+def run(name: str, args: tuple, launch: Callable[[OpSpec, tuple], Any] = T.run) -> Any:
+    """``name`` (a ``*_fp8_dynamic_tensor`` op) on positional ``args``: two kernel launches,
+    each ``launch(spec, args)`` (eager: ``triton_ops.run``; compiled: library_ops' wrap_triton
+    launch, so Inductor sees both kernels and the amax between them)."""
     first, second = (registry.spec(n) for n in PASSES[name])
     spec = registry.spec(name)
     call = spec.split(args)
     how = FP8Scale(*call.qargs)  # the per-tensor scheme's arguments are FP8Scale's fields
-    out1 = T.run(first, _per_row(first, spec, call))  # pass 1: the rows' scales
+    out1 = launch(first, _per_row(first, spec, call))  # pass 1: the rows' scales
     scale = _tensor_scale(out1[1], call.x, how)
     qargs = (scale, how.scale_form)
     if spec.residual:  # pass 2 normalizes residual_out, which pass 1 wrote
         h = out1[2]
-        q = T.run(second, second.join(call._replace(x=h, residual=None, qargs=qargs)))
+        q = launch(second, second.join(call._replace(x=h, residual=None, qargs=qargs)))
         return q, scale, h
-    q = T.run(second, second.join(call._replace(qargs=qargs)))
+    q = launch(second, second.join(call._replace(qargs=qargs)))
     return q, scale
 
 

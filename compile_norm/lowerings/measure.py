@@ -131,13 +131,13 @@ def _time_candidates(op_name: str, fake_args: Sequence[Any], tokens: Sequence[in
     from ..kernels import library_ops, triton_ops
 
     registered = library_ops.register()
-    if op_name in registered:  # the op's eager path launches without HOP dispatch
+    if op_name in triton_ops.FUNCTIONS:  # one launch; the op's eager path has no HOP dispatch
         kernel = registered[op_name]
         spec = registry.spec(op_name)
         hidden = int(fake_args[0].shape[-1])
         configs = triton_ops.few_configs(hidden, triton_ops.tile_group(spec, tuple(fake_args)))
-    else:  # the backward: its own launches (no forward launch configs), run eagerly
-        kernel, configs = library_ops.functions()[op_name], [None]
+    else:  # the backward, per-tensor FP8's two passes: launches of their own, default configs
+        kernel, configs = registered.get(op_name) or library_ops.functions()[op_name], [None]
     inputs = {t: concrete_args(fake_args, t) for t in tokens}
     configs = _bit_identical_configs(kernel, configs, inputs.values())
     generated_us, kernel_us = [], {cfg: [] for cfg in configs}
