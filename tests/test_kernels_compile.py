@@ -24,7 +24,8 @@ from compile_norm.kernels import triton_ops as O  # noqa: E402
 
 
 def _compile(mode, hidden, *, group=0, xdt="bf16", wdt="bf16", res=True, norm=True, store=False,
-             aux=False, ue=False, woff=False, scale=None, gate=0, grouped=False, promote=False):
+             aux=False, ue=False, woff=False, scale=None, gate=0, grouped=False, promote=False,
+             scales_only=False):
     from triton.backends.compiler import GPUTarget
 
     cfg = O.launch_config(hidden, group if mode == 3 or grouped else 0)
@@ -47,6 +48,8 @@ def _compile(mode, hidden, *, group=0, xdt="bf16", wdt="bf16", res=True, norm=Tr
     for name, p in inspect.signature(K.norm_quant_kernel.fn).parameters.items():
         if p.default is not inspect.Parameter.empty:
             const.setdefault(name, p.default)
+    if scales_only:  # no q pointer: per-tensor FP8's first pass (triton_ops.prepare store_q=False)
+        const["q_ptr"] = None
     sig.update({k: "constexpr" for k in const})
     names = K.norm_quant_kernel.arg_names
     aligned = [n for n in names if n.endswith("_ptr")] + ["H", "stride_x", "stride_r"]
@@ -70,6 +73,7 @@ VARIANTS = {
     "add_fp8_inverse_pow2": dict(mode=2, hidden=4096, scale=(3, 2, 1e-12, 4.48e14, False)),
     # vLLM's native form (multiply by reciprocal(scale)); torchao inference (bf16 scale)
     "fp8_dynamic_multiply": dict(mode=2, hidden=5376, res=False, scale=(1, 1, 2.2e-6, 0.0, False)),
+    "add_fp8_dynamic_scales_only": dict(mode=2, hidden=5376, scales_only=True),
     "fp8_group_x_dtype_scale": dict(mode=3, hidden=7168, group=128, scale=(0, 0, 0.0, 0.0, True)),
     # the gated norm: Qwen3-Next (gate after) + per-token FP8; Mamba-2 (gate before, groups
     # of 1024) alone and with a float32 weight (float32 output) + per-token INT8
@@ -92,11 +96,13 @@ def test_compiles_for_sm90(name):
         raise
     ptx = ck.asm["ptx"]
     assert re.search(r"ld\.global\.L1::evict_first[^ ]*\.v[24]", ptx), "x is not loaded as vectors"
-    if kw["mode"] in (2, 5, 6) and not kw.get("scale") and not kw.get("gate"):
+    if kw["mode"] in (2, 5, 6) and not (kw.get("scale") or kw.get("gate") or kw.get("scales_only")):
         # one correctly rounded reciprocal per row, then a * (1/b) plus an fma correction
         # per element instead of a division each (static scales keep a div.rn branch for
         # scales outside the normal range; per-group FP8 divides once per group)
         assert 0 < ptx.count("div.rn.f32") <= 4, ptx.count("div.rn.f32")
+    if kw["mode"] in (1, 2, 3):  # FP8 codes are converted and stored, unless scales only
+        assert ("e4m3" in ptx) != bool(kw.get("scales_only")), kw
     if kw.get("gate"):
         # silu as ATen computes it: libdevice's accurate expf (its fma.rm range reduction;
         # tl.exp is a bare ex2.approx) and an IEEE division per element

@@ -865,14 +865,15 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
         if QUANT == 6:
             tl.store(azp_ptr + soffs, azp.to(tl.int32), mask=smask)
         scale, rscale, azp = scale[:, :, None], rscale[:, :, None], azp[:, :, None]
-        _quantize(v0, m0, q_ptr, rows64, cols0, H, scale, rscale, azp, aux_in_ptr, QUANT,
-                  HAS_AUX, PRECISE, PRECISE, SCALE_FORM)
-        if NG1 > 0:
-            _quantize(v1, m1, q_ptr, rows64, cols1, H, scale, rscale, azp, aux_in_ptr, QUANT,
+        if q_ptr is not None:  # None: the scales only (per-tensor FP8's first pass)
+            _quantize(v0, m0, q_ptr, rows64, cols0, H, scale, rscale, azp, aux_in_ptr, QUANT,
                       HAS_AUX, PRECISE, PRECISE, SCALE_FORM)
-        if NG2 > 0:
-            _quantize(v2, m2, q_ptr, rows64, cols2, H, scale, rscale, azp, aux_in_ptr, QUANT,
-                      HAS_AUX, PRECISE, PRECISE, SCALE_FORM)
+            if NG1 > 0:
+                _quantize(v1, m1, q_ptr, rows64, cols1, H, scale, rscale, azp, aux_in_ptr, QUANT,
+                          HAS_AUX, PRECISE, PRECISE, SCALE_FORM)
+            if NG2 > 0:
+                _quantize(v2, m2, q_ptr, rows64, cols2, H, scale, rscale, azp, aux_in_ptr, QUANT,
+                          HAS_AUX, PRECISE, PRECISE, SCALE_FORM)
 
 
 @triton.jit(do_not_specialize=["T", "stride_st", "stride_sg"])

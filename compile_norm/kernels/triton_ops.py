@@ -401,9 +401,15 @@ def _outputs_layout(spec: OpSpec) -> tuple[bool, int, int]:
     return spec.kind in (Kind.NORM, Kind.ADD_NORM, Kind.GATED_NORM), n_quant, mode
 
 
-def prepare(spec: OpSpec, args: tuple) -> Launch:
+# the quant modes whose quantized output the kernel can leave unwritten (scales only)
+_SCALES_ONLY_MODES = (QUANT_MODES["fp8_dynamic"], QUANT_MODES["int8_dynamic"], QUANT_MODES["int8_dynamic_asym"])
+
+
+def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:
     """The launch of ``spec`` on ``args`` (positional, complete; the kernel must accept
-    them). Zero tokens give grid 0: nothing to launch. On the eager hot path: keep it lean."""
+    them). Zero tokens give grid 0: nothing to launch. On the eager hot path: keep it lean.
+    ``store_q=False`` (per-token dynamic schemes): the scales only, the quantized output is
+    allocated but not written (per-tensor FP8's first pass needs only them)."""
     call = spec.split(args)
     x = call.x
     kq = kernel_quant(spec, x, call.qargs)
@@ -417,6 +423,10 @@ def prepare(spec: OpSpec, args: tuple) -> Launch:
     r2 = None if second is None else (
         second if second.dim() == 2 and second.stride(1) == 1 else _rows(second, hidden))
     q, scales, azp = (*outs[:n_quant], None, None, None)[:3]
+    if not store_q:
+        if mode not in _SCALES_ONLY_MODES:
+            raise ValueError(f"compile_norm: store_q=False needs a per-token dynamic scheme; {spec.name} has mode {mode}")
+        q = None
     if scales is not None and scales.dtype == _E8M0:  # Triton has no E8M0 pointers: bytes
         scales = scales.view(torch.uint8)
     weight, vsize = call.weight, call.variance_size
@@ -509,9 +519,9 @@ def _eager_launch(launch: Launch, device: int) -> None:
     kernel[(launch.grid0, 1, 1)](*launch.args, *launch.consts)
 
 
-def run(spec: OpSpec, args: tuple) -> Any:
+def run(spec: OpSpec, args: tuple, store_q: bool = True) -> Any:
     """The triton provider of ``spec``: one kernel launch (none for zero tokens)."""
-    launch = prepare(spec, args)
+    launch = prepare(spec, args, store_q)
     if not launch.grid0:
         return launch.outputs
     if INTERPRET:
