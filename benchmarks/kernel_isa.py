@@ -61,7 +61,7 @@ from compile_norm.ops import registry  # noqa: E402
 # The suite's families, plus norm + dynamic per-token FP8 without the residual add.
 FAMILIES = ("rms_norm", "gemma_rms_norm", "add_rms_norm", "rms_fp8_static", "rms_fp8_dynamic",
             "rms_fp8_group128", "rms_int8_dynamic", "add_rms_fp8_dynamic",
-            "gated_qwen3_next", "gated_qwen3_next_fp8")
+            "gated_qwen3_next", "gated_qwen3_next_fp8", "rms_mxfp8")
 CLASSES = ("fp32", "convert", "int/addr", "pred/sel", "memory", "reduce/shfl", "other")
 
 
@@ -69,7 +69,7 @@ def family_call(family: str, tokens: int, hidden: int) -> tuple[str, tuple]:
     """(op name, positional arguments) of a family's call on meta tensors."""
     calls = {k: v["ref_op"] for k, v in G.families(tokens, hidden, dev="meta").items()}
     calls["rms_fp8_dynamic"] = ("rms_norm_fp8_dynamic", calls["rms_norm"][1])
-    if family.startswith("gated_"):  # the gated norm (+ FP8), as benchmarks/new_schemes.py calls it
+    if family.startswith(("gated_", "rms_mxfp8")):  # the gated norm (+ FP8), MXFP8: as new_schemes.py calls them
         calls[family] = N.family(tokens, hidden, "meta", family)["ref_op"]
     op, args = calls[family]
     return op, tuple(checking.positional(op, args, {}))

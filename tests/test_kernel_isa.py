@@ -195,3 +195,19 @@ def test_gated_fp8_counts_the_exact_silu():
     assert ops.get("MUFU.EX2", 0) == per_thread and ops.get("MUFU.RCP", 0) >= per_thread
     assert ops.get("FCHK", 0) >= per_thread
     assert row["per_element"] > kernel_isa.analyse("rms_fp8_dynamic", 8192, 4096)["per_element"]
+
+
+def test_mxfp8_counts_one_scale_per_block_and_no_division():
+    """Norm + MXFP8 (blocks of 32, floor scales): the op is the fused one; its E8M0 scale is a
+    power of two, so the quotient is a multiply (no MUFU.RCP, no FCHK per element), and the
+    family stays below per-group FP8's instruction count at 4096 and 5376."""
+    op, _ = kernel_isa.family_call("rms_mxfp8", 8192, 4096)
+    assert op == "rms_norm_mxfp8"
+    for hidden in (4096, 5376):
+        row = _analyse("rms_mxfp8", 8192, hidden)
+        cfg = triton_ops.launch_config(hidden, 32)
+        per_thread = cfg.block_m * sum(n * g for n, g in cfg.tiles) // (cfg.num_warps * 32)
+        ops = row["opcodes"]  # (a few per row: rstd's and the tiles' reciprocal checks)
+        assert ops.get("FCHK", 0) < per_thread // 4 and ops.get("MUFU.RCP", 0) < per_thread // 4, ops
+        assert ops.get("F2FP.SATFINITE.E4M3.F32.PACK_AB_MERGE_C", 0) * 2 >= per_thread  # packed codes
+        assert row["per_element"] < _analyse("rms_fp8_group128", 8192, hidden)["per_element"]
