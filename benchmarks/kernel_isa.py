@@ -69,7 +69,7 @@ def family_call(family: str, tokens: int, hidden: int) -> tuple[str, tuple]:
     """(op name, positional arguments) of a family's call on meta tensors."""
     calls = {k: v["ref_op"] for k, v in G.families(tokens, hidden, dev="meta").items()}
     calls["rms_fp8_dynamic"] = ("rms_norm_fp8_dynamic", calls["rms_norm"][1])
-    if family.startswith(("gated_", "rms_mxfp8")):  # the gated norm (+ FP8), MXFP8: as new_schemes.py calls them
+    if family.startswith(("gated_", "rms_mxfp8")):  # as benchmarks/new_schemes.py calls them
         calls[family] = N.family(tokens, hidden, "meta", family)["ref_op"]
     op, args = calls[family]
     return op, tuple(checking.positional(op, args, {}))

@@ -5,16 +5,16 @@ A Hugging Face ``LlamaForCausalLM`` with Llama-3-8B shapes (hidden 4096, interme
 quantized with torchao ``quantize_(model, Float8DynamicActivationFloat8WeightConfig(
 granularity=PerRow()))`` and, as a second configuration, ``PerTensor()`` (every linear,
 ``lm_head`` included: torchao's default filter). Prefill of batch 1 x T tokens under
-``torch.no_grad()``.
+``torch.no_grad()``. Candidates, each a fresh ``dynamic=False`` compile (no FX graph / AOT
+cache: a hit would run no pass and leave the counters empty): ``backend="compile_norm"`` and
+stock ``torch.compile`` (Inductor).
 
 The configs take ``set_inductor_config=False`` unless ``--torchao-inductor-config``: by default
 ``quantize_`` turns on Inductor's coordinate-descent tuning for the whole process
 (``torchao.quantization.utils.recommended_inductor_config_setter``), for both candidates'
 generated kernels. On the H200 host that tuning took 294 of a 1-layer compile's 312 s (run 32
 in RESULTS.md), so two candidates cannot compile within one device call; without it both
-compile with Inductor's defaults, as any other model does. Candidates, each a fresh ``dynamic=False`` compile (no FX graph / AOT
-cache: a hit would run no pass and leave the counters empty): ``backend="compile_norm"`` and
-stock ``torch.compile`` (Inductor).
+compile with Inductor's defaults, as any other model does.
 
 For each:
 - logits against eager, as relative L2 error ``|a - b| / |b|``: compile_norm passes at
@@ -98,7 +98,8 @@ def build(layers: int, vocab: int, max_tokens: int, device: str, dry: bool) -> t
     return model.to(device=device, dtype=torch.bfloat16).eval()
 
 
-def quantized(model: torch.nn.Module, gran: str, device: str, inductor_config: bool = False) -> torch.nn.Module:
+def quantized(model: torch.nn.Module, gran: str, device: str,
+              inductor_config: bool = False) -> torch.nn.Module:
     """A quantized copy; ``inductor_config``: let torchao set its Inductor config (see above)."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quant_api, quantize_
 

@@ -145,6 +145,25 @@ def test_traced_for_inductor_as_two_launches_and_the_tensor_scale():
             assert "q_ptr" not in nodes[0].kwargs["kwargs"] and "q_ptr" in nodes[2].kwargs["kwargs"]
 
 
+def test_scales_only_launch_is_refused_where_the_kernel_must_store_codes():
+    """store_q=False leaves q unwritten: only the per-token dynamic modes can skip their
+    quantize stores; a static or per-group scheme says so instead of writing nothing."""
+    import torch
+
+    from compile_norm.kernels import library_ops, triton_ops
+    from compile_norm.ops import registry
+
+    if not library_ops.AVAILABLE:
+        pytest.skip(library_ops.REASON)
+    x, w = torch.randn(8, 256, dtype=torch.bfloat16), torch.randn(256, dtype=torch.bfloat16)
+    dynamic = registry.spec("rms_norm_fp8_dynamic")
+    launch = triton_ops.prepare(dynamic, dynamic.bind((x, w, 1e-6), {}), store_q=False)
+    assert launch.args[5] is None and launch.args[6] is not None  # no q pointer; the scales
+    static = registry.spec("rms_norm_fp8_static")
+    with pytest.raises(ValueError, match="store_q=False needs a per-token dynamic scheme"):
+        triton_ops.prepare(static, static.bind((x, w, 1e-6, torch.tensor(0.1)), {}), store_q=False)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
     _child()

@@ -36,8 +36,8 @@ blocks and prefetch the next one (same numerics, bit for bit). It is off
 (``launch_config`` returns 0): on the H100 it lost everywhere (run 7 in
 benchmarks/RESULTS.md: two row blocks in registers cost more occupancy than the prefetch
 hides); a compiled call takes it where the compile-time measurement found it faster on the
-card (``few_configs``), and ``benchmarks/launch_sweep.py`` keeps trying it. The eager launch route is described
-above ``specialization_key``.
+card (``few_configs``), and ``benchmarks/launch_sweep.py`` keeps trying it. The eager launch
+route is described above ``specialization_key``.
 Measured on H100 (torch 2.11, Triton 3.6, bf16, CUDA-graph replay, ratio to a copy of the
 same element count; RESULTS.md run 9), 8192x5376: rms_norm 0.98, add_rms_norm 1.03,
 add+FP8 dynamic 1.00, rms+FP8 static 0.88, rms+FP8 group 0.77, rms+INT8 dynamic 0.87;
@@ -278,7 +278,9 @@ def few_configs(hidden: int, group: int) -> list[LaunchConfig]:
     neighbours (half or double the warps, double the rows, the other tiling) reshape the
     tree: the measurement dropped them wherever the bits moved, and on the H200 the default
     beat the survivors in 9 of 9 shape classes (RESULTS.md run 27), at up to 20 s of Triton
-    compiles per class. The persistent variant gained 1-3 points at 2048x4096 (run 28)."""
+    compiles per class. The persistent variant gained 1-3 points at 2048x4096 in the sweep
+    (run 28); measured at 16 and 8192 tokens it lost to the default in 3 of 3 classes at
+    H 4096 (run 33, 3-4 s a class)."""
     default = launch_config(hidden, group)
     return [default] + [default._replace(programs_per_sm=p) for p in (2, 4)]
 
@@ -402,7 +404,7 @@ def _outputs_layout(spec: OpSpec) -> tuple[bool, int, int]:
 
 
 # the quant modes whose quantized output the kernel can leave unwritten (scales only)
-_SCALES_ONLY_MODES = (QUANT_MODES["fp8_dynamic"], QUANT_MODES["int8_dynamic"], QUANT_MODES["int8_dynamic_asym"])
+_SCALES_ONLY_MODES = tuple(QUANT_MODES[s] for s in ("fp8_dynamic", "int8_dynamic", "int8_dynamic_asym"))
 
 
 def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:
@@ -425,7 +427,8 @@ def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:
     q, scales, azp = (*outs[:n_quant], None, None, None)[:3]
     if not store_q:
         if mode not in _SCALES_ONLY_MODES:
-            raise ValueError(f"compile_norm: store_q=False needs a per-token dynamic scheme; {spec.name} has mode {mode}")
+            raise ValueError(f"compile_norm: store_q=False needs a per-token dynamic scheme; "
+                             f"{spec.name} has kernel quant mode {mode}")
         q = None
     if scales is not None and scales.dtype == _E8M0:  # Triton has no E8M0 pointers: bytes
         scales = scales.view(torch.uint8)
