@@ -500,6 +500,27 @@ def test_batch_invariance_without_inductors_setting_takes_the_kernel(monkeypatch
     assert choice.choose("rms_norm", [x, w, 1e-6, 0.0, None], batch_invariant=False) == "generated"
 
 
+def test_forced_kernel_measures_only_where_a_launch_config_can_be_picked(monkeypatch):
+    """Where batch invariance forces the kernel (torch 2.11), a compile-time measurement can
+    only pick the kernel's launch config: one-launch ops are measured, the two-pass per-tensor
+    op (a single config) is not, and costs no compile time."""
+    from compile_norm.lowerings import measure
+
+    monkeypatch.setattr(choice, "inductor_has", lambda name: name != "batch_invariant")
+    measured = []
+    monkeypatch.setattr(measure, "measure_class", lambda op, args, key, device: measured.append(op))
+    if not library_ops.AVAILABLE:
+        pytest.skip(library_ops.REASON)
+    x, w = group_args(2048, 4096)[:2]
+    assert choice.explain("rms_norm_fp8_dynamic_tensor", [x, w, 1e-6], measure=True)[0] == "kernel"
+    assert measured == []
+    assert choice.explain("rms_norm_fp8_group", [x, w, 1e-6, 128], measure=True)[0] == "kernel"
+    assert measured == ["rms_norm_fp8_group"]
+    monkeypatch.setattr(choice, "inductor_has", lambda name: True)  # the choice itself: measured
+    choice.explain("rms_norm_fp8_dynamic_tensor", [x, w, 1e-6], measure=True)
+    assert measured == ["rms_norm_fp8_group", "rms_norm_fp8_dynamic_tensor"]
+
+
 def test_mid_token_counts():
     """Without batch invariance, (256, 4096] tokens: the plain norms take the kernel at
     non-power-of-two H (run 9), the quantizing families follow their bulk entries,

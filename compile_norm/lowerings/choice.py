@@ -9,7 +9,9 @@ through ``compile_norm.kernels.library_ops``). Order of evidence:
    invariance (with it, a dynamic-shape graph's choice is the shape class's, as for any count).
 2. A measurement of the node's shape class on this device (card, torch, Triton): taken at
    compile time by ``lowerings/measure.py`` when none is on record (the ``measure`` option),
-   kept in memory and in ``<inductor cache dir>/compile_norm/choice.json``.
+   kept in memory and in ``<inductor cache dir>/compile_norm/choice.json``. Where batch
+   invariance forces the kernel (below), only the one-launch ops are measured, for their
+   launch config; the backward and the two-pass ops have one config and are not.
 3. Where nothing could be measured: the seed table ``KERNEL_WINS`` (H100 runs,
    benchmarks/RESULTS.md): kernel where it beat generated code clearly (>= 5%), generated
    everywhere else (ties go to generated: it can fuse with neighbours, a kernel cannot).
@@ -305,11 +307,14 @@ def explain(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True
         return GENERATED, "symbolic shape: choices are per token class and hidden size"
     device = device_key(x.device)
     entry = measured(key, device)
-    if entry is None and measure:  # also where the kernel is taken anyway: its launch config
+    forced = batch_invariant and not inductor_has("batch_invariant")
+    # Measure where the result can change what is lowered: the choice, or where the kernel is
+    # forced its launch config; the backward and the two-pass ops have a single config.
+    if entry is None and measure and not (forced and op_name not in _launch_configured()):
         from . import measure as measuring
 
         entry = measuring.measure_class(op_name, fake_args, key, device)
-    if batch_invariant and not inductor_has("batch_invariant"):
+    if forced:
         return KERNEL, ("batch invariance: this torch's Inductor cannot fix its generated reductions' "
                         "configuration (no batch_invariant setting); the kernel is batch-invariant")
     if entry is not None:
@@ -326,6 +331,13 @@ def explain(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True
     if source is not None:
         return KERNEL, f"table {table_key} ({source})"
     return GENERATED, f"table {table_key}: generated code wins or ties"
+
+
+def _launch_configured() -> dict:
+    """The ops a measurement can pick a launch config for (one launch of the row kernel)."""
+    from ..kernels import triton_ops
+
+    return triton_ops.FUNCTIONS
 
 
 def kernel_config(op_name: str, fake_args: Sequence[Any], batch_invariant: bool = True):
