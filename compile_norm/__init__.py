@@ -13,6 +13,7 @@ from .ops import (
     fused_add_rms_norm,
     providers_priority,
     rms_norm,
+    rms_norm_add_rms_norm,
     rms_norm_gated,
     set_priority,
     which_provider,

@@ -37,7 +37,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-PASS_ORDER = ("canonicalize", "gemma", "gated", "residual", "quant", "lower")
+PASS_ORDER = ("canonicalize", "gemma", "gated", "residual", "quant", "sandwich", "lower")
 LOWERING_MODES = ("generated", "kernel", "auto")
 _OWN_KEYS = ("passes", "quant_fusion", "lowering", "strict", "providers", "measure", "batch_invariant")
 NUMERICS_DEFAULTS = {"emulate_precision_casts": True}  # Inductor settings, unless the options name them

@@ -23,15 +23,17 @@ EPS = 1e-6
 
 
 def model(x, r, w, g):
-    """Hand-written Llama norm after a residual add, a Gemma norm, a quantization and a
-    gated norm: work for every pass (canonicalize, gemma, gated, residual, quant, lower)."""
+    """Hand-written Llama norm after a residual add, a Gemma norm, a quantization, a gated
+    norm and a normed sum of a norm's output: work for every pass (canonicalize, gemma, gated,
+    residual, quant, sandwich, lower)."""
     h = x + r
     hf = h.float()
     y = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype) * w
     q, s = cn.quant_int8_dynamic(y)
     z = cn.rms_norm(h, g.float() + 1.0, EPS)  # Gemma written with the offset in the weight
     u = cn.rms_norm(x, w, EPS) * torch.nn.functional.silu(r)  # Qwen3-Next's gated norm
-    return q, s, h, z, u
+    v = cn.rms_norm(r + cn.rms_norm(g.expand_as(x) * x, w, EPS), g, EPS)  # Gemma's sandwich
+    return q, s, h, z, u, v
 
 
 def inputs(dtype=torch.float32):
@@ -63,14 +65,15 @@ def sabotage(monkeypatch, name):
 
 
 def test_every_pass_is_tested():
-    assert set(PASS_ORDER) == {"canonicalize", "gemma", "gated", "residual", "quant", "lower"}
+    assert set(PASS_ORDER) == {"canonicalize", "gemma", "gated", "residual", "quant", "sandwich",
+                               "lower"}
 
 
 def test_passes_do_work_on_the_model():
     a = inputs()
     c = compile_run(model, *a, dynamic=False, options={"strict": True})
     check_outputs(c.out, model(*a))
-    for name in ("canonicalize", "gemma", "gated", "residual", "quant", "lower"):
+    for name in ("canonicalize", "gemma", "gated", "residual", "quant", "sandwich", "lower"):
         assert c.counts.get(f"{name}_matched", 0) >= 1, (name, c.counts)
 
 

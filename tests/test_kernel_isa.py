@@ -211,3 +211,37 @@ def test_mxfp8_counts_one_scale_per_block_and_no_division():
         assert ops.get("FCHK", 0) < per_thread // 4 and ops.get("MUFU.RCP", 0) < per_thread // 4, ops
         assert ops.get("F2FP.SATFINITE.E4M3.F32.PACK_AB_MERGE_C", 0) * 2 >= per_thread  # packed codes
         assert row["per_element"] < _analyse("rms_fp8_group128", 8192, hidden)["per_element"]
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("hidden", [128, 3840, 5376])
+def test_sandwich_rounds_its_first_norm_before_the_add(dtype_name, hidden):
+    """rms_norm_add_rms_norm: x's norm, ``round(round(y) * w)`` in 16 bits, then the
+    residual add. Without a barrier LLVM contracts the two into one 16-bit (or fp32) fma,
+    one rounding where torch and the two kernels round twice (the CUDA composition test
+    failed on it). The PTX must keep them apart: the same fp32 fmas as rms_norm's and the
+    fused add's kernels together, and no 16-bit fma."""
+    import re
+
+    import torch
+
+    from compile_norm.ops import registry
+
+    dt = getattr(torch, dtype_name)
+
+    def ptx(name, args):
+        launch = triton_ops.prepare(registry.spec(name), args)
+        return kernel_isa.compile_sm90(launch).asm["ptx"]
+
+    def fmas(text):
+        return {p: len(re.findall(re.escape(p), text)) for p in ("fma.rn.f32", "fma.rn.bf16", "fma.rn.f16")}
+
+    def m(*shape):
+        return torch.empty(*shape, device="meta", dtype=dt)
+
+    sandwich = fmas(ptx("rms_norm_add_rms_norm", (m(5, hidden), m(5, hidden), m(hidden), 1e-6,
+                                                  m(hidden), 1e-5, 0.0, 0.0)))
+    norm = fmas(ptx("rms_norm", (m(5, hidden), m(hidden), 1e-6, 0.0, None)))
+    add = fmas(ptx("fused_add_rms_norm", (m(5, hidden), m(5, hidden), m(hidden), 1e-5, 0.0, None)))
+    assert sandwich["fma.rn.bf16"] == sandwich["fma.rn.f16"] == 0, sandwich
+    assert sandwich["fma.rn.f32"] == norm["fma.rn.f32"] + add["fma.rn.f32"], (sandwich, norm, add)

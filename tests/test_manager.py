@@ -239,4 +239,5 @@ def test_missing_pass_is_skipped(monkeypatch):
     monkeypatch.setattr(manager, "PASSES", {k: v for k, v in manager.PASSES.items() if k != "quant"})
     c = compile_run(model, *args(), options={"strict": True})
     assert c.counts["residual_matched"] == 1 and "quant_matched" not in c.counts
-    assert [stage for stage, _ in c.stages] == ["input", "canonicalize", "gemma", "gated", "residual", "lower"]
+    assert [stage for stage, _ in c.stages] == ["input", "canonicalize", "gemma", "gated", "residual",
+                                                "sandwich", "lower"]

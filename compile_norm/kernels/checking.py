@@ -68,10 +68,13 @@ EPS = 1e-6
 
 
 def all_ops() -> list[str]:
-    """Every op the forward Triton kernel implements (the backward has its own checks)."""
+    """Every op the forward Triton kernel implements but rms_norm_add_rms_norm (the backward
+    has its own checks). That one is checked as what it is, the rms_norm kernel then the
+    fused-add kernel, bit for bit (tests/test_norm_add_norm.py): its residual_out inherits
+    the first norm's rounding, which no per-output tolerance here describes."""
     from .triton_ops import kernel_specs
 
-    return [s.name for s in kernel_specs()]
+    return [s.name for s in kernel_specs() if s.kind != Kind.NORM_ADD_NORM]
 
 
 def output_names(op: str) -> tuple[str, ...]:

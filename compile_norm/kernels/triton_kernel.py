@@ -1,7 +1,7 @@
 """One row-wise Triton kernel for the whole RMSNorm family (imported only when triton is).
 
 ``norm_quant_kernel`` does, for ``BLOCK_M`` rows per program, in one launch:
-residual add -> RMSNorm (fp32 statistics) -> weight (16-bit "round then multiply", or Gemma's
+(rms_norm_add_rms_norm: x's own RMSNorm ->) residual add -> RMSNorm (fp32 statistics) -> weight (16-bit "round then multiply", or Gemma's
 fp32 ``w + offset``) -> output rounded to x.dtype -> quantization of that rounded value.
 Each stage is switched by a ``tl.constexpr`` so every op compiles to a kernel with only its
 own work. The row is loaded once and stays in registers.
@@ -407,6 +407,25 @@ def _folded_stats(v, mask, W: tl.constexpr, QUANT: tl.constexpr, PRECISE: tl.con
 
 
 @triton.jit
+def _row_sumsq(v0, v1, v2, cols0, cols1, cols2, V, NG1: tl.constexpr, NG2: tl.constexpr,
+               HAS_VSIZE: tl.constexpr, FOLD: tl.constexpr, WF: tl.constexpr):
+    """Sum of squares per row ``[BLOCK_M]`` over a row's tiles (absent ones: NG = 0)."""
+    if FOLD:  # the tiles' partials, then one reduction across warps
+        part = _folded_sumsq(v0, cols0, V, HAS_VSIZE, WF)
+        part += _folded_sumsq(v1, cols1, V, HAS_VSIZE, WF)
+        if NG2 > 0:
+            part += _folded_sumsq(v2, cols2, V, HAS_VSIZE, WF)
+        ss = tl.sum(part, axis=1)
+    else:
+        ss = _sumsq(v0, cols0, V, HAS_VSIZE)
+        if NG1 > 0:
+            ss += _sumsq(v1, cols1, V, HAS_VSIZE)
+        if NG2 > 0:
+            ss += _sumsq(v2, cols2, V, HAS_VSIZE)
+    return ss
+
+
+@triton.jit
 def _rstd(ss, V, eps, PRECISE: tl.constexpr):
     """``rsqrt(mean + eps)`` of a sum of squares over ``V`` columns."""
     var = ss / V
@@ -497,6 +516,57 @@ def _normed(xf, g, rstd, w_ptr, out_ptr, rows64, cols, cmask, mask, H, stride_w,
         v = _round_to(v * _silu(g, PRECISE), X_DT, PRECISE)
     if STORE_OUT:
         tl.store(out_ptr + rows64[:, None, None] * H + cols[None, :, :], v, mask=mask)
+    return v
+
+
+@triton.jit
+def _x_normed(x0, x1, x2, rows64, H, xw_ptr, stride_xw, x_eps, x_offset,
+              NG0: tl.constexpr, G0: tl.constexpr, NG1: tl.constexpr, G1: tl.constexpr,
+              NG2: tl.constexpr, G2: tl.constexpr, X_DT: tl.constexpr, FOLD: tl.constexpr,
+              WF: tl.constexpr, W_OFFSET: tl.constexpr, EVEN_COLS: tl.constexpr,
+              PRECISE: tl.constexpr):
+    """rms_norm(x, x_weight) of a row block's raw tiles, rounded to x.dtype and kept in
+    fp32 (rms_norm_add_rms_norm adds it to the residual): the same statistics and weight
+    arithmetic as the norm below, so its bits are the rms_norm kernel's."""
+    C1: tl.constexpr = NG0 * G0
+    C2: tl.constexpr = C1 + NG1 * G1
+    _, cols0, cm0 = _tile(0, NG0, G0, H, EVEN_COLS)
+    v0 = _widen(x0, PRECISE)
+    v1, cols1, cm1 = v0, cols0, cm0
+    v2, cols2, cm2 = v0, cols0, cm0
+    if NG1 > 0:
+        _, cols1, cm1 = _tile(C1, NG1, G1, H, EVEN_COLS)
+        v1 = _widen(x1, PRECISE)
+    if NG2 > 0:
+        _, cols2, cm2 = _tile(C2, NG2, G2, H, EVEN_COLS)
+        v2 = _widen(x2, PRECISE)
+    ss = _row_sumsq(v0, v1, v2, cols0, cols1, cols2, H, NG1, NG2, False, FOLD, WF)
+    rs = _rstd(ss, H, x_eps, PRECISE)[:, None, None]
+    # no store (STORE_OUT False): the out pointer and mask are placeholders
+    y0 = _normed(v0, v0, rs, xw_ptr, xw_ptr, rows64, cols0, cm0, cm0, H, stride_xw, x_offset,
+                 X_DT, True, W_OFFSET, False, PRECISE, 0, False)
+    y0 = _opaque(y0, PRECISE)
+    y1, y2 = y0, y0
+    if NG1 > 0:
+        y1 = _normed(v1, v1, rs, xw_ptr, xw_ptr, rows64, cols1, cm1, cm1, H, stride_xw,
+                     x_offset, X_DT, True, W_OFFSET, False, PRECISE, 0, False)
+        y1 = _opaque(y1, PRECISE)
+    if NG2 > 0:
+        y2 = _normed(v2, v2, rs, xw_ptr, xw_ptr, rows64, cols2, cm2, cm2, H, stride_xw,
+                     x_offset, X_DT, True, W_OFFSET, False, PRECISE, 0, False)
+        y2 = _opaque(y2, PRECISE)
+    return y0, y1, y2
+
+
+@triton.jit
+def _opaque(v, PRECISE: tl.constexpr):
+    """``v`` (fp32) through a move the compiler cannot see into: the x norm's rounded
+    ``y.to(bf16) * w`` would otherwise meet the residual add as a packed 16-bit multiply
+    and add, which LLVM contracts into one ``fma.rn.bf16x2``, a single rounding where the
+    two ops (and torch) round twice (seen in the sm_90 PTX; benchmarks/kernel_isa.py)."""
+    if PRECISE:
+        v = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                      is_pure=True, pack=1)
     return v
 
 
@@ -716,10 +786,12 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
              EVEN_COLS: tl.constexpr, MX_SCALE: tl.constexpr, SCALE_FORM: tl.constexpr,
              MIN_AT: tl.constexpr, MIN_VALUE: tl.constexpr, INV_MIN: tl.constexpr,
              SCALE_X_DT: tl.constexpr, GATE: tl.constexpr, NORM_GROUPED: tl.constexpr,
-             PROMOTE: tl.constexpr):
+             PROMOTE: tl.constexpr, xw_ptr, stride_xw, x_eps, x_offset,
+             X_NORM: tl.constexpr, X_W_OFFSET: tl.constexpr):
     """Everything after the loads for one block of rows, given its raw tiles
-    (``_load_rows``): residual add or gate -> norm -> weight -> gate -> quantize, and every
-    store. The ``r`` tiles are the residual's (HAS_RES) or the gate's (GATE)."""
+    (``_load_rows``): x's own norm (X_NORM) -> residual add or gate -> norm -> weight -> gate
+    -> quantize, and every store. The ``r`` tiles are the residual's (HAS_RES) or the
+    gate's (GATE)."""
     rmask = _row_mask(rows, T, EVEN_ROWS)
     rows64 = rows.to(tl.int64)
     X_DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -730,9 +802,14 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
     FOLD: tl.constexpr = NG1 > 0 and rows.shape[0] == 1
     WF: tl.constexpr = NG2 * G2 if NG2 > 0 else NG1 * G1  # the narrowest tile
 
+    if X_NORM:  # rms_norm_add_rms_norm: x is normalized before the residual add
+        x0, x1, x2 = _x_normed(x0, x1, x2, rows64, H, xw_ptr, stride_xw, x_eps, x_offset,
+                               NG0, G0, NG1, G1, NG2, G2, X_DT, FOLD, WF, X_W_OFFSET,
+                               EVEN_COLS, PRECISE)
     gi0, cols0, cm0 = _tile(0, NG0, G0, H, EVEN_COLS)
     m0 = _tile_mask(rmask, cm0)
     v0 = _add_res(x0, r0, res_out_ptr, rows64, cols0, m0, H, X_DT, HAS_RES, PRECISE)
+    v1, cols1, v2, cols2 = v0, cols0, v0, cols0  # placeholders of absent tiles (never read)
     if NG1 > 0:
         gi1, cols1, cm1 = _tile(C1, NG1, G1, H, EVEN_COLS)
         m1 = _tile_mask(rmask, cm1)
@@ -755,18 +832,7 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
             if NG2 > 0:
                 rs2 = _group_rstd(v2, cols2, gi2, C2, G2, H, V, eps, EVEN_COLS, PRECISE)
         else:
-            if FOLD:  # the tiles' partials, then one reduction across warps
-                part = _folded_sumsq(v0, cols0, V, HAS_VSIZE, WF)
-                part += _folded_sumsq(v1, cols1, V, HAS_VSIZE, WF)
-                if NG2 > 0:
-                    part += _folded_sumsq(v2, cols2, V, HAS_VSIZE, WF)
-                ss = tl.sum(part, axis=1)
-            else:
-                ss = _sumsq(v0, cols0, V, HAS_VSIZE)
-                if NG1 > 0:
-                    ss += _sumsq(v1, cols1, V, HAS_VSIZE)
-                if NG2 > 0:
-                    ss += _sumsq(v2, cols2, V, HAS_VSIZE)
+            ss = _row_sumsq(v0, v1, v2, cols0, cols1, cols2, V, NG1, NG2, HAS_VSIZE, FOLD, WF)
             rs0 = _rstd(ss, V, eps, PRECISE)[:, None, None]
             rs1 = rs0
             rs2 = rs0
@@ -886,6 +952,7 @@ def norm_quant_kernel(
     stride_x, stride_r, stride_w,
     stride_st, stride_sg,  # scale strides: per token, per group
     eps, offset, V,  # V: number of columns in the variance (variance_size)
+    xw_ptr, stride_xw, x_eps, x_offset,  # rms_norm_add_rms_norm: the norm of x before the add
     BLOCK_M: tl.constexpr,
     NG0: tl.constexpr, G0: tl.constexpr,  # tile 0: columns [0, NG0 * G0)
     NG1: tl.constexpr, G1: tl.constexpr,  # tile 1 (NG1 = 0: none): the next NG1 * G1
@@ -907,12 +974,16 @@ def norm_quant_kernel(
     # the gated norm (ops/gated.py): 0 none, 1 silu(gate) after the norm, 2 before it; its
     # norm per group of G (V = G); its output float32 (16-bit x, weight of another dtype)
     GATE: tl.constexpr = 0, NORM_GROUPED: tl.constexpr = False, PROMOTE: tl.constexpr = False,
+    # x normalized (weight xw, fp32 ``xw + x_offset`` with X_W_OFFSET) before the residual add
+    X_NORM: tl.constexpr = False, X_W_OFFSET: tl.constexpr = False,
 ):
     # Inductor passes Python floats as fp64 (eager Triton: fp32): fp64 would make rstd and
     # every product with it fp64 (slower, and not the reference's fp32 arithmetic). tl.cast,
     # not .to: Inductor's mutation analysis and the interpreter hand in Python floats.
     eps = tl.cast(eps, tl.float32)
     offset = tl.cast(offset, tl.float32)
+    x_eps = tl.cast(x_eps, tl.float32)
+    x_offset = tl.cast(x_offset, tl.float32)
     HAS_R: tl.constexpr = HAS_RES or GATE != 0  # a second [T, H] input
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_M)
@@ -938,7 +1009,8 @@ def norm_quant_kernel(
                      HAS_WEIGHT, W_OFFSET, HAS_VSIZE, STORE_OUT, QUANT, HAS_AUX, UE8M0,
                      PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, EVEN_ROWS,
                      EVEN_COLS, MX_SCALE, SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT,
-                     GATE, NORM_GROUPED, PROMOTE)
+                     GATE, NORM_GROUPED, PROMOTE, xw_ptr, stride_xw, x_eps, x_offset, X_NORM,
+                     X_W_OFFSET)
             x0, r0, x1, r1, x2, r2 = n0, nr0, n1, nr1, n2, nr2
             blk += nprog
     else:
@@ -948,4 +1020,5 @@ def norm_quant_kernel(
                  HAS_WEIGHT, W_OFFSET, HAS_VSIZE, STORE_OUT, QUANT, HAS_AUX, UE8M0,
                  PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, EVEN_ROWS,
                  EVEN_COLS, MX_SCALE, SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT,
-                 GATE, NORM_GROUPED, PROMOTE)
+                 GATE, NORM_GROUPED, PROMOTE, xw_ptr, stride_xw, x_eps, x_offset, X_NORM,
+                 X_W_OFFSET)

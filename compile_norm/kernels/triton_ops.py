@@ -333,7 +333,7 @@ def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
 
 # --- one launch: what a call needs, derived from its op's spec ------------------------------
 
-_NUM_RUNTIME_ARGS = 20  # norm_quant_kernel's arguments before the constexprs
+_NUM_RUNTIME_ARGS = 24  # norm_quant_kernel's arguments before the constexprs
 _NO_QUANT = KernelQuant()
 _SCALE_FIELDS = KernelQuant._fields.index("scale_form")  # KernelQuant[_SCALE_FIELDS:]: the scale arithmetic
 
@@ -373,7 +373,7 @@ def kernel_quant(spec: OpSpec, x: Any, qargs: tuple) -> KernelQuant | None:
 def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight: bool,
                 w_offset: bool, vsize: bool, has_aux: bool, ue8m0: bool, scale_args: tuple,
                 full_blocks: bool, mx_scale: int = 0, gate: int = 0, norm_grouped: bool = False,
-                promote: bool = False):
+                promote: bool = False, x_w_offset: bool = False):
     """The kernel's constexprs for one op, launch config and argument configuration (cached:
     the eager hot path computes them once per configuration)."""
     spec = registry.spec(name)
@@ -384,14 +384,15 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
     even_rows = not persistent and (cfg.block_m == 1 or full_blocks)
     even_cols = ng0 * g0 + ng1 * g1 + ng2 * g2 == hidden
     store_out = _outputs_layout(spec)[0]
+    x_norm = spec.kind == Kind.NORM_ADD_NORM
     return (
         cfg.block_m, ng0, g0, ng1, g1, ng2, g2,
-        spec.residual, spec.normalizes or spec.gated, has_weight, w_offset, vsize,
+        spec.residual, spec.normalizes or spec.gated or x_norm, has_weight, w_offset, vsize,
         store_out, mode, has_aux, ue8m0,
         not INTERPRET, not INTERPRET, _FP8_RECIP, _INT8_RECIP, _U8_RECIP,
         persistent, even_rows, even_cols, mx_scale,
         *scale_args,  # SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT
-        gate, norm_grouped, promote,
+        gate, norm_grouped, promote, x_norm, x_w_offset,
     )
 
 
@@ -400,7 +401,8 @@ def _outputs_layout(spec: OpSpec) -> tuple[bool, int, int]:
     """(stores ``out``, number of quantized outputs, kernel quant mode) of an op."""
     n_quant = len(spec.scheme.outputs) if spec.scheme is not None else 0
     mode = QUANT_MODES[spec.scheme.name] if spec.scheme is not None else 0
-    return spec.kind in (Kind.NORM, Kind.ADD_NORM, Kind.GATED_NORM), n_quant, mode
+    stores_out = spec.kind in (Kind.NORM, Kind.ADD_NORM, Kind.GATED_NORM, Kind.NORM_ADD_NORM)
+    return stores_out, n_quant, mode
 
 
 # the quant modes whose quantized output the kernel can leave unwritten (scales only)
@@ -439,12 +441,13 @@ def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:
         promote = gated_out_dtype(x, weight, call.norm_before_gate) != x.dtype
         if promote:  # the quantized value is float32: rounding its scale to it is no rounding
             scale_args = (*scale_args[:-1], False)
+    xw, x_eps, x_offset = call.x_norm or (None, 0.0, 0.0)  # rms_norm_add_rms_norm's x norm
     cfg = _CONFIG_OVERRIDE.get() or launch_config(hidden, kq.group or norm_group)
     consts = _constexprs(
         spec.name, cfg, hidden, mode, weight is not None, call.weight_offset != 0.0,
         vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0, scale_args,
         isinstance(tokens, int) and tokens % cfg.block_m == 0, kq.mx_scale, gate,
-        norm_group != 0, promote,
+        norm_group != 0, promote, x_offset != 0.0,
     )
     if kq.group:
         st, sg = (1, tokens) if kq.column_major else (hidden // kq.group, 1)
@@ -458,6 +461,7 @@ def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:
         1 if weight is None else weight.stride(0), st, sg,
         float(call.eps), float(call.weight_offset),
         norm_group or (hidden if vsize is None else vsize),  # V: the columns of one statistic
+        xw, 1 if xw is None else xw.stride(0), float(x_eps), float(x_offset),
     )
     grid0 = (tokens + cfg.block_m - 1) // cfg.block_m if cfg.programs_per_sm <= 0 else \
         _grid(tokens, cfg, x.device)
@@ -494,12 +498,16 @@ def specialization_key(args: tuple) -> tuple | None:
         else:
             ptr_bits |= t.data_ptr()
             dtypes.append(t.dtype)
+    xw = args[20]  # rms_norm_add_rms_norm's x-norm weight
+    if xw is not None:
+        ptr_bits |= xw.data_ptr()
     if ptr_bits & 15:
         return None
-    h, sx, sr, sw, v = args[11], args[12], args[13], args[14], args[19]
+    h, sx, sr, sw, v, sxw = args[11], args[12], args[13], args[14], args[19], args[21]
     # (remainders rather than "divisible by 16": a finer key, so never a wrong hit)
-    return (*dtypes, h == 1, h % 16, sx == 1, sx % 16, sr == 1, sr % 16, sw == 1, sw % 16,
-            v == 1, v % 16, max(args[10], sx, sr, args[15], args[16]) >= 2 ** 31)
+    return (*dtypes, None if xw is None else xw.dtype, h == 1, h % 16, sx == 1, sx % 16,
+            sr == 1, sr % 16, sw == 1, sw % 16, v == 1, v % 16, sxw == 1, sxw % 16,
+            max(args[10], sx, sr, args[15], args[16]) >= 2 ** 31)
 
 
 def _jit_launch(launch: Launch) -> None:
@@ -550,6 +558,8 @@ def accepts(spec: OpSpec, args: tuple) -> bool:
     if (spec.normalizes or spec.gated) and not _norm_ok(call.x, call.weight, call.variance_size):
         return False
     if spec.residual and not _on_device(call.residual):
+        return False
+    if spec.kind == Kind.NORM_ADD_NORM and not _norm_ok(call.x, call.x_norm[0], None):
         return False
     kq = kernel_quant(spec, call.x, call.qargs)
     if kq is None:

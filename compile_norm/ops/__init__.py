@@ -13,6 +13,8 @@ from .norm import (
     fused_add_rms_norm,
     fused_add_rms_norm_ref,
     rms_norm,
+    rms_norm_add_rms_norm,
+    rms_norm_add_rms_norm_ref,
     rms_norm_backward,
     rms_norm_backward_ref,
     rms_norm_ref,

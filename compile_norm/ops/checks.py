@@ -57,26 +57,30 @@ def check_norm_args(
     eps: float,
     weight_offset: float,
     variance_size: int | None,
+    names: tuple[str, str, str] = ("weight", "eps", "weight_offset"),
 ) -> None:
+    """``names``: what the op calls its weight, eps and weight offset (an op with two norms
+    has two sets)."""
     check_input(op, x)
+    w_name, eps_name, offset_name = names
     hidden = x.shape[-1]
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
-            fail(op, f"weight must be a Tensor or None, got {type(weight).__name__}")
+            fail(op, f"{w_name} must be a Tensor or None, got {type(weight).__name__}")
         if weight.dim() != 1 or weight.shape[0] != hidden:
             fail(
                 op,
-                f"weight must have shape ({hidden},) to match x.shape[-1], got {tuple(weight.shape)}",
+                f"{w_name} must have shape ({hidden},) to match x.shape[-1], got {tuple(weight.shape)}",
             )
         if weight.dtype not in FLOAT_DTYPES:
-            fail(op, f"weight must be a floating-point tensor, got {_dtype_name(weight.dtype)}")
-        check_device(op, "weight", weight, x)
+            fail(op, f"{w_name} must be a floating-point tensor, got {_dtype_name(weight.dtype)}")
+        check_device(op, w_name, weight, x)
     elif weight_offset != 0.0:
-        fail(op, f"weight_offset={weight_offset} needs a weight; weight is None")
+        fail(op, f"{offset_name}={weight_offset} needs a weight; {w_name} is None")
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        fail(op, f"eps must be a finite float >= 0, got {eps!r}")
+        fail(op, f"{eps_name} must be a finite float >= 0, got {eps!r}")
     if not isinstance(weight_offset, (int, float)) or not math.isfinite(weight_offset):
-        fail(op, f"weight_offset must be a finite float, got {weight_offset!r}")
+        fail(op, f"{offset_name} must be a finite float, got {weight_offset!r}")
     if variance_size is not None and not 1 <= variance_size <= hidden:
         fail(op, f"variance_size must be None or in [1, {hidden}] (x.shape[-1]), got {variance_size}")
 

@@ -1,4 +1,5 @@
-"""rms_norm and fused_add_rms_norm: reference functions (the specification), ops, autograd.
+"""rms_norm, fused_add_rms_norm and rms_norm_add_rms_norm: reference functions (the
+specification), ops, autograd.
 
 Numerics (DESIGN.md section 3): statistics in float32 (float64 for float64 input), weight
 applied in the weight's dtype when ``weight_offset == 0`` (Hugging Face Llama: round, then
@@ -59,6 +60,24 @@ def fused_add_rms_norm_ref(
     return rms_norm_ref(h, weight, eps, weight_offset, variance_size), h
 
 
+def rms_norm_add_rms_norm_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    x_weight: torch.Tensor | None,
+    x_eps: float,
+    weight: torch.Tensor | None,
+    eps: float,
+    x_weight_offset: float = 0.0,
+    weight_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = rms_norm(x, x_weight, ...) + residual`` (in x.dtype); returns
+    ``(rms_norm(h, weight, ...), h)``. Gemma's sandwich: a block's output is normalized
+    (post_attention_layernorm), added to the residual stream, and the sum normalized again
+    (pre_feedforward_layernorm), all in one pass over the rows."""
+    return fused_add_rms_norm_ref(rms_norm_ref(x, x_weight, x_eps, x_weight_offset), residual,
+                                  weight, eps, weight_offset)
+
+
 def rms_norm_backward_ref(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -103,6 +122,15 @@ def _check_rms_norm(x, weight, eps, weight_offset=0.0, variance_size=None):
 def _check_fused_add(x, residual, weight, eps, weight_offset=0.0, variance_size=None):
     checks.check_norm_args("fused_add_rms_norm", x, weight, eps, weight_offset, variance_size)
     checks.check_like("fused_add_rms_norm", "residual", residual, x)
+
+
+def _check_norm_add_norm(x, residual, x_weight, x_eps, weight, eps, x_weight_offset=0.0,
+                         weight_offset=0.0):
+    name = "rms_norm_add_rms_norm"
+    checks.check_norm_args(name, x, x_weight, x_eps, x_weight_offset, None,
+                           names=("x_weight", "x_eps", "x_weight_offset"))
+    checks.check_norm_args(name, x, weight, eps, weight_offset, None)
+    checks.check_like(name, "residual", residual, x)
 
 
 def _check_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=None, grad_residual=None):
@@ -161,6 +189,29 @@ def _backward_fused_add(ctx, grad_out, grad_residual_out):
     return dh, dh, dweight, None, None, None
 
 
+def _setup_norm_add_norm(ctx, inputs, output):
+    x, residual, x_weight, x_eps, weight, eps, x_weight_offset, weight_offset = inputs
+    ctx.save_for_backward(x, output[1], x_weight, weight)  # x and h = norm(x) + residual
+    ctx.norm_args = ((x_eps, x_weight_offset, None), (eps, weight_offset, None))
+    ctx.set_materialize_grads(False)  # as fused_add_rms_norm: an unused output's grad is None
+
+
+def _backward_norm_add_norm(ctx, grad_out, grad_residual_out):
+    # the two norms' backwards in turn: dh (the residual's gradient) is the sum norm's dx with
+    # residual_out's gradient added, and the gradient of x's norm output
+    x, h, x_weight, weight = ctx.saved_tensors
+    x_args, h_args = ctx.norm_args
+    dweight = None
+    if grad_out is None:
+        dh = grad_residual_out
+    else:
+        dh, dweight = _norm_backward(grad_out, h, weight, *h_args, grad_residual_out)
+    if dh is None:
+        return (None,) * 8
+    dx, dx_weight = _norm_backward(dh, x, x_weight, *x_args)
+    return dx, dh, dx_weight, None, dweight, None, None, None
+
+
 rms_norm = registry.declare(OpSpec(
     Kind.NORM, rms_norm_ref, _check_rms_norm,
     fake=lambda x, *args: empty_out(x),
@@ -172,6 +223,12 @@ fused_add_rms_norm = registry.declare(OpSpec(
     fake=lambda x, *args: (empty_out(x), empty_out(x)),
     outputs=("out", "residual_out"),
     autograd=(_setup_fused_add, _backward_fused_add),
+))
+rms_norm_add_rms_norm = registry.declare(OpSpec(
+    Kind.NORM_ADD_NORM, rms_norm_add_rms_norm_ref, _check_norm_add_norm,
+    fake=lambda x, *args: (empty_out(x), empty_out(x)),
+    outputs=("out", "residual_out"),
+    autograd=(_setup_norm_add_norm, _backward_norm_add_norm),
 ))
 # The backward as an op of its own, so eager training dispatches it to a kernel like every
 # other op (the autograd formulas above call it; under tracing they use the reference).

@@ -30,13 +30,15 @@ class Kind(enum.Enum):
     BACKWARD = "backward"
     GATED_NORM = "gated_norm"  # RMSNorm with a SiLU gate (ops/gated.py)
     GATED_NORM_QUANT = "gated_norm_quant"  # the gated norm, then quantization (ops/fused.py)
+    # a norm of x, the residual add, a norm of the sum (Gemma's sandwich: ops/norm.py)
+    NORM_ADD_NORM = "norm_add_norm"
 
 
-RESIDUAL_KINDS = (Kind.ADD_NORM, Kind.ADD_NORM_QUANT)
+RESIDUAL_KINDS = (Kind.ADD_NORM, Kind.ADD_NORM_QUANT, Kind.NORM_ADD_NORM)
 GATED_KINDS = (Kind.GATED_NORM, Kind.GATED_NORM_QUANT)
 # What the forward row kernel (kernels/triton_kernel.py) implements.
 ROW_KERNEL_KINDS = (Kind.NORM, Kind.ADD_NORM, Kind.QUANT, Kind.NORM_QUANT, Kind.ADD_NORM_QUANT,
-                    *GATED_KINDS)
+                    *GATED_KINDS, Kind.NORM_ADD_NORM)
 # The plain RMSNorm family (weight_offset, variance_size): what the gemma and residual passes take.
 NORM_KINDS = (Kind.NORM, Kind.ADD_NORM, Kind.NORM_QUANT, Kind.ADD_NORM_QUANT)
 QUANT_KINDS = (Kind.QUANT, Kind.NORM_QUANT, Kind.ADD_NORM_QUANT, Kind.GATED_NORM_QUANT)
@@ -50,6 +52,7 @@ _BASE_NAME = {
     Kind.BACKWARD: "rms_norm_backward",
     Kind.GATED_NORM: "rms_norm_gated",
     Kind.GATED_NORM_QUANT: "rms_norm_gated",
+    Kind.NORM_ADD_NORM: "rms_norm_add_rms_norm",
 }
 # Choice families (lowerings/choice.py): the kernel-vs-generated table is kept per family.
 _FAMILY = {
@@ -61,6 +64,7 @@ _FAMILY = {
     Kind.BACKWARD: "backward",
     Kind.GATED_NORM: "gated_norm",
     Kind.GATED_NORM_QUANT: "gated_norm",
+    Kind.NORM_ADD_NORM: "norm_add_norm",
 }
 
 
@@ -74,7 +78,9 @@ class NormCall(NamedTuple):
     """An op's positional arguments split into what the norm and the scheme take.
 
     The gated norm (``GATED_KINDS``) has no weight offset or variance window (0.0 and None
-    here) but a gate, its placement and the norm's group size (None: the whole row)."""
+    here) but a gate, its placement and the norm's group size (None: the whole row).
+    ``NORM_ADD_NORM``: ``weight`` / ``eps`` / ``weight_offset`` are the norm of the sum's;
+    ``x_norm`` is ``(weight, eps, weight_offset)`` of the norm x takes before the add."""
 
     x: Any
     residual: Any
@@ -86,6 +92,7 @@ class NormCall(NamedTuple):
     gate: Any = None
     norm_before_gate: bool = True
     norm_group: Any = None
+    x_norm: Any = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,6 +194,10 @@ class OpSpec:
         start, n = self._layout
         if self.kind == Kind.QUANT:
             return NormCall(args[0], None, None, 0.0, tuple(args[1:]), 0.0, None)
+        if self.kind == Kind.NORM_ADD_NORM:
+            # (x, residual, x_weight, x_eps, weight, eps, x_weight_offset, weight_offset)
+            return NormCall(args[0], args[1], args[4], args[5], (), args[7], None,
+                            x_norm=(args[2], args[3], args[6]))
         qargs, tail = tuple(args[start:start + n]), args[start + n:]
         if self.gated:  # (x, gate, weight, eps, <scheme>, norm_before_gate, group size)
             return NormCall(args[0], None, args[2], args[3], qargs, 0.0, None, args[1], *tail)
@@ -197,6 +208,10 @@ class OpSpec:
         """The inverse of ``split``: this op's positional arguments for ``call``."""
         if self.kind == Kind.QUANT:
             return (call.x, *call.qargs)
+        if self.kind == Kind.NORM_ADD_NORM:
+            xw, x_eps, x_offset = call.x_norm
+            return (call.x, call.residual, xw, x_eps, call.weight, call.eps, x_offset,
+                    call.weight_offset)
         if self.gated:
             return (call.x, call.gate, call.weight, call.eps, *call.qargs, call.norm_before_gate,
                     call.norm_group)
@@ -205,6 +220,8 @@ class OpSpec:
 
     @property
     def weight_index(self) -> int:
+        if self.kind == Kind.NORM_ADD_NORM:
+            return 4
         return 2 if self.residual or self.gated else 1
 
     def __repr__(self) -> str:

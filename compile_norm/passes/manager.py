@@ -31,10 +31,12 @@ from .gemma import GemmaPass
 from .lower import LowerPass
 from .quant import QuantPass
 from .residual import ResidualPass
+from .sandwich import SandwichPass
 
 log = logging.getLogger("compile_norm.passes")
 PASSES: dict[str, type[GraphPass]] = {
-    cls.name: cls for cls in (CanonicalizePass, GemmaPass, GatedPass, ResidualPass, QuantPass, LowerPass)
+    cls.name: cls for cls in (CanonicalizePass, GemmaPass, GatedPass, ResidualPass, QuantPass,
+                              SandwichPass, LowerPass)
 }  # run in the order of options.PASS_ORDER
 
 
@@ -74,7 +76,7 @@ def replace_graph(graph: torch.fx.Graph, snapshot: torch.fx.Graph) -> None:
 
 
 class CompileNormPass(CustomGraphPass):
-    """canonicalize, gemma, gated, residual, quant, lower — as enabled by the options."""
+    """canonicalize, gemma, gated, residual, quant, sandwich, lower — as enabled by the options."""
 
     def __init__(self, options: CompileOptions | dict | None = None):
         self.options = parse_options(options)

@@ -9,16 +9,17 @@ inference graphs and ``torch.no_grad()`` calls are left exactly as they were.
 It re-traces the Dynamo graph (torch IR) into ATen with ``make_fx(pre_dispatch=True)``, which
 keeps grad-mode and autocast regions as graph nodes, decomposing only the ATen spellings of a
 cast or a library norm (``aten.to``, ``type_as``, ``rms_norm``, ``contiguous``) into what the
-post-grad passes know. Then canonicalize, gemma and residual run on it unchanged (the same
-matcher, so the same numerics contract), and when any norm matched the Dynamo graph is
+post-grad passes know. Then canonicalize, gemma, residual and sandwich run on it unchanged
+(the same matcher, so the same numerics contract), and when any norm matched the Dynamo graph is
 replaced by the re-traced one. AOTAutograd then differentiates ``rms_norm`` /
-``fused_add_rms_norm`` by their own autograd formulas, so the backward graph holds
+``fused_add_rms_norm`` / ``rms_norm_add_rms_norm`` by their own autograd formulas, so the backward graph holds
 ``rms_norm_backward``. Custom autograd.Functions and higher-order ops are copied into the
 re-trace as single opaque nodes (``_is_opaque``): their own backward still runs. When nothing
 matched, or the re-trace or a pass fails, the Dynamo graph is kept as it was (a failure is
 counted as ``pre_grad_unmatched: <reason>``; ``strict`` raises instead).
 
-Counters: ``pre_grad_<pass>_matched`` / ``_unmatched`` for canonicalize, gemma, residual.
+Counters: ``pre_grad_<pass>_matched`` / ``_unmatched`` for canonicalize, gemma, residual,
+sandwich.
 Stage observers (``base.observe_stages``, the inspect tool) see ``pre_grad_input`` (the
 re-trace) and ``pre_grad_<pass>`` after each pass; a graph kept before any pass ran is seen
 as ``pre_grad_input`` (Dynamo's graph) and a ``pre_grad`` stage carrying the reason as its error.
@@ -40,13 +41,14 @@ from .base import COUNTER_GROUP, PassResult, notify_stage
 from .canonicalize import CanonicalizePass
 from .gemma import GemmaPass
 from .residual import ResidualPass
+from .sandwich import SandwichPass
 
 log = logging.getLogger("compile_norm.passes")
 PREFIX = "pre_grad"
 INPUT_STAGE = f"{PREFIX}_input"  # the stage observers see first: the re-traced graph, no pass yet
 # The passes that make the float ops (the ops with an autograd formula); quant and lower wait
 # for the post-grad graph.
-PASSES = (CanonicalizePass, GemmaPass, ResidualPass)
+PASSES = (CanonicalizePass, GemmaPass, ResidualPass, SandwichPass)
 _CONSTANT_IDS = itertools.count()
 
 
@@ -144,8 +146,8 @@ def _adopt_constants(traced: torch.fx.GraphModule, owner: torch.fx.GraphModule) 
 
 
 class PreGradPass(CustomGraphPass):
-    """Inductor's ``pre_grad_custom_pass``: canonicalize, gemma and residual on the ATen form
-    of a graph that needs gradients (as enabled by the options)."""
+    """Inductor's ``pre_grad_custom_pass``: canonicalize, gemma, residual, sandwich on the ATen
+    form of a graph that needs gradients (as enabled by the options)."""
 
     def __init__(self, options: CompileOptions | dict | None = None):
         self.options = parse_options(options)
