@@ -1,14 +1,15 @@
 """Training benchmarks (issue 12): forward + backward of the norms, and a model training step.
 
-1. fwd+bwd of rms_norm and of fused add + rms_norm on the Hugging Face style code
-   (gpu_check.hf_rms / hf_add), bf16, per shape: ``compile_norm`` backend (``lowering="auto"``
+1. fwd+bwd of rms_norm, of fused add + rms_norm and of Gemma's norm -> add -> norm on the
+   Hugging Face style code (gpu_check.hf_rms / hf_add, ``hf_gemma_sandwich``), bf16, per shape: ``compile_norm`` backend (``lowering="auto"``
    and ``"kernel"``: the Triton backward kernels everywhere), stock ``torch.compile``, the eager ops (``compile_norm eager``: Triton forward + backward kernels),
    Liger (if importable). Each candidate is checked against fp32 autograd first, then one
    training step (``torch.autograd.grad``) is captured in a CUDA graph and its replay timed
    (``lowerings.measure.graph_time_us``), next to a copy of the same element count. Minimal
    bytes per element (bf16): rms_norm 10 (forward reads x, writes y; backward reads dy and x,
    writes dx), fused add 16 (forward reads x and r, writes y and h; backward reads dy, dh and h,
-   writes dx, which is also dr); ratio = bandwidth / copy's (4 bytes per element).
+   writes dx, which is also dr), the sandwich 20 (``sandwich_bwd_family``); ratio = bandwidth /
+   copy's (4 bytes per element).
 2. A training step (forward, loss, backward) of Hugging Face Llama (Llama-3-8B shapes) and
    Gemma 3 (12B shapes), a few layers, bf16: compile_norm backend vs stock compile, median of
    CUDA-event timed steps, with the compile_norm counters of the compile; then where each
@@ -78,8 +79,45 @@ def add_bwd_family(t: int, h: int, dev: str) -> dict:
                 op=lambda a, b, c: torch.ops.compile_norm.fused_add_rms_norm(a, b, c, G.EPS))
 
 
+def hf_gemma_sandwich(x, r, w1, w2):
+    """Gemma 2 / 3's decoder layer between two sublayers: the sublayer output normalized,
+    added to the residual stream, the sum normalized for the next sublayer."""
+    h = r + G.hf_gemma(x, w1)
+    return G.hf_gemma(h, w2), h
+
+
+def sandwich_bwd_family(t: int, h: int, dev: str) -> dict:
+    """norm -> residual add -> norm, forward + backward (dx, dr, dw1, dw2); minimal bytes 20
+    per element: the forward reads x and r, writes y and h; the backward reads dy, dh, h and
+    x, writes dx and dr (compile_norm's two backward kernels also write and re-read the sum's
+    gradient: 24)."""
+    bf16 = torch.bfloat16
+    x = torch.randn(t, h, device=dev, dtype=bf16, requires_grad=True)
+    r = torch.randn(t, h, device=dev, dtype=bf16, requires_grad=True)
+    w1, w2 = ((0.1 * torch.randn(h, device=dev)).to(bf16).requires_grad_() for _ in range(2))
+    dy = torch.randn(t, h, device=dev, dtype=bf16)
+    dh = torch.randn(t, h, device=dev, dtype=bf16)
+
+    def train_step(f):
+        return lambda: torch.autograd.grad(f(x, r, w1, w2), (x, r, w1, w2), (dy, dh))
+
+    def reference():
+        args = [a.detach().float().requires_grad_() for a in (x, r, w1, w2)]
+        return torch.autograd.grad(hf_gemma_sandwich(*args), args, (dy.float(), dh.float()))
+
+    def op(a, b, c, d):
+        return torch.ops.compile_norm.rms_norm_add_rms_norm(a, b, c, G.EPS, d, G.EPS, 1.0, 1.0)
+
+    return dict(step=train_step, hf=hf_gemma_sandwich, bytes=20 * t * h + 8 * h,
+                reference=reference, op=op)
+
+
+OP_FAMILIES = {"rms_bwd": S.bwd_family, "add_rms_bwd": add_bwd_family,
+               "sandwich_bwd": sandwich_bwd_family}
+
+
 def op_candidates(fam: str, t: int, h: int, dev: str, compile_: bool) -> tuple[list, dict]:
-    spec = S.bwd_family(t, h, dev) if fam == "rms_bwd" else add_bwd_family(t, h, dev)
+    spec = OP_FAMILIES[fam](t, h, dev)
     ref = spec["reference"]()
     cands = []
     if compile_:
@@ -91,7 +129,7 @@ def op_candidates(fam: str, t: int, h: int, dev: str, compile_: bool) -> tuple[l
     lig = S.liger() if dev == "cuda" else None
     if lig is not None and fam == "rms_bwd":
         cands.append(("Liger", lambda: spec["step"](lambda a, b: lig[0].apply(a, b, G.EPS, 0.0, "llama", False)), False))
-    elif lig is not None and lig[1] is not None:
+    elif lig is not None and lig[1] is not None and fam == "add_rms_bwd":
         cands.append(("Liger", lambda: spec["step"](lambda a, b, c: lig[1].apply(a, b, c, G.EPS, 0.0, "llama", False)), False))
     return [(n, make, (lambda fn, ref=ref: S.check_grads(fn(), ref)), c) for n, make, c in cands], spec
 
@@ -107,7 +145,7 @@ def run_ops(a) -> list[dict]:
             dst = torch.empty_like(src)
             copy_us = graph_time_us(lambda: dst.copy_(src))
         print(f"== {shape}" + (f": copy {copy_us:.1f} us" if copy_us else ""), flush=True)
-        for fam in ("rms_bwd", "add_rms_bwd"):
+        for fam in a.family_list:
             cands, spec = op_candidates(fam, t, h, a.device, not a.no_compile)
             for name, make, check, is_compiled in cands:
                 row = dict(shape=shape, family=fam, candidate=name)
@@ -276,6 +314,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-model", action="store_true", help="skip the model training steps")
     p.add_argument("--no-ops", action="store_true", help="skip the op rows (model steps only)")
+    p.add_argument("--families", default=",".join(OP_FAMILIES),
+                   help=f"op rows: comma list of {','.join(OP_FAMILIES)}")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {','.join(MODELS)}")
     p.add_argument("--profile-iters", type=int, default=3, help="profiled steps per model candidate")
     p.add_argument("--layers", type=int, default=2)
@@ -289,6 +329,9 @@ def main(argv=None) -> int:
                    help="no model compile starts after this (the run stays under 4 min)")
     p.add_argument("--out", help="folder for training.json")
     a = p.parse_args(argv)
+    a.family_list = [f for f in a.families.split(",") if f]
+    if not a.family_list or any(f not in OP_FAMILIES for f in a.family_list):
+        p.error(f"--families: expected a comma list of {', '.join(OP_FAMILIES)}, got {a.families!r}")
     a.model_list = [m for m in a.models.split(",") if m]
     if not a.model_list or any(m not in MODELS for m in a.model_list):
         p.error(f"--models: expected a comma list of {', '.join(MODELS)}, got {a.models!r}")
