@@ -220,6 +220,7 @@ def test_kernel_is_the_composition_interpreter():
     bad = [r for r in report["results"] if not r["ok"]]
     assert report["results"] and not bad, bad
     assert report["provider"] == "triton"
+    assert report["unweighted"] != "triton" and report["unweighted_equal"], report
 
 
 @pytest.mark.cuda
@@ -269,6 +270,11 @@ if __name__ == "__main__":  # the interpreter child of test_kernel_is_the_compos
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     w = torch.randn(64, dtype=torch.bfloat16)
     provider = registry.which_provider(OP, x, x, w, 1e-6, w, 1e-6)
+    # no weight on x's norm: the kernel declines, the reference runs
+    unweighted = registry.which_provider(OP, x, x, None, 1e-6, w, 1e-6)
+    out, h = compile_norm.rms_norm_add_rms_norm(x, x, None, 1e-6, w, 1e-6)
+    want = N.rms_norm_add_rms_norm_ref(x, x, None, 1e-6, w, 1e-6)
     print("REPORT" + json.dumps({"results": check_kernel_is_the_composition("cpu"),
-                                 "provider": provider}))
+                                 "provider": provider, "unweighted": unweighted,
+                                 "unweighted_equal": torch.equal(out, want[0]) and torch.equal(h, want[1])}))
     sys.exit(0)

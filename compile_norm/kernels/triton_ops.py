@@ -559,7 +559,8 @@ def accepts(spec: OpSpec, args: tuple) -> bool:
         return False
     if spec.residual and not _on_device(call.residual):
         return False
-    if spec.kind == Kind.NORM_ADD_NORM and not _norm_ok(call.x, call.x_norm[0], None):
+    if spec.kind == Kind.NORM_ADD_NORM and (  # the kernel's x norm always has a weight
+            call.x_norm[0] is None or not _norm_ok(call.x, call.x_norm[0], None)):
         return False
     kq = kernel_quant(spec, call.x, call.qargs)
     if kq is None:
