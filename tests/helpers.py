@@ -111,6 +111,13 @@ def opcheck_cases(name: str) -> list[tuple[str, tuple, dict]]:
             ("fp32_no_weight_zero_tokens", (x0, randn(0, h), None, 1e-6),
              gated_kw(1, norm_before_gate=False)),
         ]
+    if name == "rms_norm_add_rms_norm":  # (x, residual, x_weight, x_eps, weight, eps, ...)
+        return [
+            ("fp32_2d", (x2, randn(4, h), w32, 1e-6, w32, 1e-5), {}),
+            ("bf16_3d_gemma", (x3, randn(*x3.shape, dtype=torch.bfloat16), w16, 1e-6, w32, 1e-6),
+             {"x_weight_offset": 1.0, "weight_offset": 1.0}),
+            ("fp32_no_weights_zero_tokens", (x0, randn(0, h), None, 1e-6, None, 1e-6), {}),
+        ]
     # rms_norm_backward(grad, x, ...) takes a second activation-shaped tensor like fused add
     fused_add = name.startswith("fused_add_") or name == "rms_norm_backward"
     scheme = name.split("rms_norm_", 1)[1] if "rms_norm_" in name else None

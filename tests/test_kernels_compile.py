@@ -25,7 +25,7 @@ from compile_norm.kernels import triton_ops as O  # noqa: E402
 
 def _compile(mode, hidden, *, group=0, xdt="bf16", wdt="bf16", res=True, norm=True, store=False,
              aux=False, ue=False, woff=False, scale=None, gate=0, grouped=False, promote=False,
-             scales_only=False):
+             scales_only=False, x_norm=False, x_woff=False):
     from triton.backends.compiler import GPUTarget
 
     cfg = O.launch_config(hidden, group if mode == 3 or grouped else 0)
@@ -33,15 +33,16 @@ def _compile(mode, hidden, *, group=0, xdt="bf16", wdt="bf16", res=True, norm=Tr
     qdt = "fp8e4nv" if mode in (1, 2, 3) else "i8"
     sig = {"x_ptr": f"*{xdt}", "r_ptr": f"*{xdt}", "w_ptr": f"*{wdt}", "out_ptr": f"*{xdt}",
            "res_out_ptr": f"*{xdt}", "q_ptr": f"*{qdt}", "s_ptr": "*fp32", "azp_ptr": "*i32",
-           "scale_in_ptr": "*fp32", "aux_in_ptr": "*i32" if mode == 4 else "*fp32"}
+           "scale_in_ptr": "*fp32", "aux_in_ptr": "*i32" if mode == 4 else "*fp32",
+           "xw_ptr": f"*{wdt}"}
     sig.update({n: "i32" for n in ("T", "H", "stride_x", "stride_r", "stride_w", "stride_st",
-                                   "stride_sg", "V")})
-    sig.update(eps="fp32", offset="fp32")
+                                   "stride_sg", "V", "stride_xw")})
+    sig.update(eps="fp32", offset="fp32", x_eps="fp32", x_offset="fp32")
     const = dict(BLOCK_M=cfg.block_m, NG0=ng0, G0=g0, NG1=ng1, G1=g1, NG2=ng2, G2=g2, HAS_RES=res, DO_NORM=norm, HAS_WEIGHT=norm,
                  W_OFFSET=woff, HAS_VSIZE=False, STORE_OUT=store, QUANT=mode, HAS_AUX=aux,
                  UE8M0=ue, PRECISE=True, SCALAR_RECIP=True, FP8_RECIP=O._FP8_RECIP,
                  INT8_RECIP=O._INT8_RECIP, U8_RECIP=O._U8_RECIP, GATE=gate,
-                 NORM_GROUPED=grouped, PROMOTE=promote)
+                 NORM_GROUPED=grouped, PROMOTE=promote, X_NORM=x_norm, X_W_OFFSET=x_woff)
     # dynamic FP8 scale arithmetic (quant.fp8_kernel_scale's fields), else the defaults
     names = ("SCALE_FORM", "MIN_AT", "MIN_VALUE", "INV_MIN", "SCALE_X_DT")
     const.update(zip(names, scale or ()))
@@ -80,6 +81,10 @@ VARIANTS = {
     "gated_after_fp8_dynamic": dict(mode=2, hidden=4096, res=False, gate=1),
     "gated_before_groups": dict(mode=0, hidden=8192, res=False, store=True, gate=2, group=1024,
                                 grouped=True),
+    # Gemma's sandwich (rms_norm_add_rms_norm): x's norm, the add, the sum's norm
+    "sandwich_gemma_3840": dict(mode=0, hidden=3840, store=True, woff=True, x_norm=True,
+                                x_woff=True, wdt="fp32"),
+    "sandwich_5376": dict(mode=0, hidden=5376, store=True, x_norm=True),
     "gated_before_promote_int8": dict(mode=5, hidden=5376, res=False, wdt="fp32", gate=2,
                                       group=256, grouped=True, promote=True),
 }

@@ -217,8 +217,9 @@ def _compile_sm90(mode, hidden, group, res, persistent):
            "res_out_ptr": "*bf16", "q_ptr": f"*{qdt}", "s_ptr": "*fp32", "azp_ptr": "*i32",
            "scale_in_ptr": "*fp32", "aux_in_ptr": "*fp32"}
     sig.update({n: "i32" for n in ("T", "H", "stride_x", "stride_r", "stride_st", "stride_sg", "V")})
-    sig.update(eps="fp32", offset="fp32")
+    sig.update(eps="fp32", offset="fp32", x_eps="fp32", x_offset="fp32")
     const = dict(stride_w=1,  # a contiguous weight (Triton specializes ints == 1)
+                 xw_ptr=None, stride_xw=1,  # no norm of x before the add (rms_norm_add_rms_norm's)
                  BLOCK_M=1, NG0=ng0, G0=g0, NG1=ng1, G1=g1, NG2=ng2, G2=g2, HAS_RES=res,
                  DO_NORM=True, HAS_WEIGHT=True, W_OFFSET=False, HAS_VSIZE=False,
                  STORE_OUT=mode == 0, QUANT=mode, HAS_AUX=False, UE8M0=False, PRECISE=True,

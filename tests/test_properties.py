@@ -145,6 +145,13 @@ def op_call(draw, names, hidden_st, max_elements: int, max_lead: int):
         kw = {"norm_before_gate": not before,
               group: draw(st.one_of(st.none(), group_size(hidden))) if before else None}
         return name, (x, draw(tensor(shape, dtype)), weight, eps), {**skw, **kw}, dtype
+    if name == "rms_norm_add_rms_norm":  # (x, residual, x_weight, x_eps, weight, eps, ...)
+        weight2 = draw(tensor((hidden,), draw(st.sampled_from([dtype, torch.float32]))))
+        kw = {"weight_offset": draw(st.sampled_from([0.0, 1.0]))}
+        if weight is not None:
+            kw["x_weight_offset"] = draw(st.sampled_from([0.0, 1.0, -0.5]))
+        args = (x, draw(tensor(shape, dtype)), weight, eps, weight2, draw(st.sampled_from([0.0, 1e-6])))
+        return name, args, kw, dtype
     norm_kw = {}
     if weight is not None and draw(st.booleans()):
         norm_kw["weight_offset"] = draw(st.sampled_from([1.0, 0.5, -1.0]))

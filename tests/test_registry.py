@@ -18,6 +18,7 @@ EPS = 1e-6
 EXPECTED_OPS = {
     "rms_norm",
     "fused_add_rms_norm",
+    "rms_norm_add_rms_norm",
     "rms_norm_backward",
     "rms_norm_gated",
     *(
