@@ -107,6 +107,9 @@ def fp8_scale_parameters(fn: Callable) -> Callable:
         return fn(*args[:n], how=FP8Scale(*args[n:]))
 
     with_scale.__signature__ = signature
+    # not a wrapper to unwrap: FX's tracer reads the innermost function's code for its
+    # parameters (inspect.unwrap), which are fn's own and ``how``, not the op's
+    del with_scale.__wrapped__
     return with_scale
 
 
