@@ -74,6 +74,31 @@ def test_supports_rejects_cpu_tensors():
     assert not triton_ops.FUNCTIONS["quant_int8_dynamic"][1](x)
 
 
+@pytest.mark.parametrize("op, shape, kwargs, wide", [
+    ("rms_norm", (8192, 4096), {}, False),
+    ("rms_norm", (524288, 4096), {}, True),  # 2**31 elements: rows of H pass int32
+    ("rms_norm", (524287, 4096), {}, False),  # the last row ends at 2**31 - 4096
+    ("rms_norm", (9, 4096), {"stride": 2 ** 28}, True),  # a strided view: row 8 starts at 2**31
+    ("rms_norm", (8, 4096), {"stride": 2 ** 28}, False),
+    ("rms_norm_fp8_group", (262144, 4096), {"group_size": 128, "column_major_scales": True}, False),
+    ("rms_norm_fp8_group", (2 ** 26, 64), {"group_size": 32, "column_major_scales": True}, True),
+])
+def test_row_offsets_are_32_bit_unless_one_may_pass_int32(op, shape, kwargs, wide):
+    """The kernel's row offsets are int32 (fewer address instructions) unless an offset of
+    some tensor it touches reaches 2**31; meta tensors: no memory is allocated."""
+    stride = kwargs.pop("stride", None)
+    t, h = shape
+    if stride:
+        x = torch.empty_strided(shape, (stride, 1), device="meta", dtype=torch.bfloat16)
+    else:
+        x = torch.empty(shape, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(h, device="meta", dtype=torch.bfloat16)
+    spec = registry.spec(op)
+    args = checking.positional(op, (x, w, 1e-6), kwargs)
+    launch = triton_ops.prepare(spec, args)
+    assert launch.const_kwargs()["OFFSETS_64"] is wide
+
+
 def test_launch_config_heuristic():
     # several rows per program for small rows, one row (whole row in registers) for big ones;
     # the last field (programs_per_sm) is 0: one-shot grid, the persistent variant is off

@@ -289,29 +289,41 @@ def _row_mask(rows, T, EVEN_ROWS: tl.constexpr):
 
 
 @triton.jit
+def _row_offsets(rows, OFFSETS_64: tl.constexpr):
+    """The row indices that address memory: int64 where an offset (row * stride + column,
+    of any tensor the kernel reads or writes) may pass 2**31, else the int32 rows (a 32-bit
+    multiply-add per address instead of a 64-bit one: up to 1 instruction per element)."""
+    if OFFSETS_64:
+        r = rows.to(tl.int64)
+    else:
+        r = rows
+    return r
+
+
+@triton.jit
 def _tile_mask(rmask, cmask):
     return rmask[:, None, None] & cmask[None, :, :]
 
 
 @triton.jit
-def _load_raw(ptr, rows64, stride, cols, mask):
+def _load_raw(ptr, rows_off, stride, cols, mask):
     """One tile as stored, not converted: nothing here uses the values, so the load stays
     in flight until the caller does (what the persistent loop's prefetch relies on)."""
-    return tl.load(ptr + rows64[:, None, None] * stride + cols[None, :, :], mask=mask,
+    return tl.load(ptr + rows_off[:, None, None] * stride + cols[None, :, :], mask=mask,
                    other=0.0, eviction_policy="evict_first")
 
 
 @triton.jit
-def _load_tile(x_ptr, r_ptr, rows64, rmask, C0: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
+def _load_tile(x_ptr, r_ptr, rows_off, rmask, C0: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
                H, stride_x, stride_r, HAS_R: tl.constexpr, EVEN_COLS: tl.constexpr):
     """Raw x and second input (residual or gate) of one tile; without HAS_R the second is
     x's placeholder."""
     _, cols, cmask = _tile(C0, NG, G, H, EVEN_COLS)
     mask = _tile_mask(rmask, cmask)
-    x = _load_raw(x_ptr, rows64, stride_x, cols, mask)
+    x = _load_raw(x_ptr, rows_off, stride_x, cols, mask)
     r = x
     if HAS_R:
-        r = _load_raw(r_ptr, rows64, stride_r, cols, mask)
+        r = _load_raw(r_ptr, rows_off, stride_r, cols, mask)
     return x, r
 
 
@@ -319,7 +331,7 @@ def _load_tile(x_ptr, r_ptr, rows64, rmask, C0: tl.constexpr, NG: tl.constexpr, 
 def _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
                NG0: tl.constexpr, G0: tl.constexpr, NG1: tl.constexpr, G1: tl.constexpr,
                NG2: tl.constexpr, G2: tl.constexpr, HAS_R: tl.constexpr,
-               EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+               EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr, OFFSETS_64: tl.constexpr):
     """Raw tiles (x0, r0, x1, r1, x2, r2) of rows ``rows`` (masked at T and H).
 
     Absent tensors (no residual or gate, NG1 / NG2 = 0) are placeholders (an earlier tile, never
@@ -327,31 +339,31 @@ def _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
     loop carries only loads that exist (unused loop values are dropped by the compiler).
     """
     rmask = _row_mask(rows, T, EVEN_ROWS)
-    rows64 = rows.to(tl.int64)
+    rows_off = _row_offsets(rows, OFFSETS_64)
     C1: tl.constexpr = NG0 * G0
     C2: tl.constexpr = C1 + NG1 * G1
-    x0, r0 = _load_tile(x_ptr, r_ptr, rows64, rmask, 0, NG0, G0, H, stride_x, stride_r,
+    x0, r0 = _load_tile(x_ptr, r_ptr, rows_off, rmask, 0, NG0, G0, H, stride_x, stride_r,
                         HAS_R, EVEN_COLS)
     x1, r1 = x0, r0
     if NG1 > 0:
-        x1, r1 = _load_tile(x_ptr, r_ptr, rows64, rmask, C1, NG1, G1, H, stride_x, stride_r,
+        x1, r1 = _load_tile(x_ptr, r_ptr, rows_off, rmask, C1, NG1, G1, H, stride_x, stride_r,
                             HAS_R, EVEN_COLS)
     x2, r2 = x0, r0
     if NG2 > 0:
-        x2, r2 = _load_tile(x_ptr, r_ptr, rows64, rmask, C2, NG2, G2, H, stride_x, stride_r,
+        x2, r2 = _load_tile(x_ptr, r_ptr, rows_off, rmask, C2, NG2, G2, H, stride_x, stride_r,
                             HAS_R, EVEN_COLS)
     return x0, r0, x1, r1, x2, r2
 
 
 @triton.jit
-def _add_res(x, r, res_out_ptr, rows64, cols, mask, H, X_DT: tl.constexpr,
+def _add_res(x, r, res_out_ptr, rows_off, cols, mask, H, X_DT: tl.constexpr,
              HAS_RES: tl.constexpr, PRECISE: tl.constexpr):
     """The (residual-added) input of one tile in fp32; stores residual_out."""
     if HAS_RES:
         # x + residual in x.dtype: exact fp32 sum, rounded once (as torch does); the
         # compiler makes it a packed 16-bit add, stored as is
         xf = _round_to(x.to(tl.float32) + r.to(tl.float32), X_DT, PRECISE)
-        tl.store(res_out_ptr + rows64[:, None, None] * H + cols[None, :, :], xf, mask=mask)
+        tl.store(res_out_ptr + rows_off[:, None, None] * H + cols[None, :, :], xf, mask=mask)
         xf = _rewiden(xf, X_DT, PRECISE)
     else:
         xf = _widen(x, PRECISE)
@@ -470,7 +482,7 @@ def _gate_input(xf, g, GATE: tl.constexpr, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _normed(xf, g, rstd, w_ptr, out_ptr, rows64, cols, cmask, mask, H, stride_w, offset,
+def _normed(xf, g, rstd, w_ptr, out_ptr, rows_off, cols, cmask, mask, H, stride_w, offset,
             X_DT: tl.constexpr, HAS_WEIGHT: tl.constexpr, W_OFFSET: tl.constexpr,
             STORE_OUT: tl.constexpr, PRECISE: tl.constexpr, GATE: tl.constexpr,
             PROMOTE: tl.constexpr):
@@ -515,12 +527,12 @@ def _normed(xf, g, rstd, w_ptr, out_ptr, rows64, cols, cmask, mask, H, stride_w,
     if GATE == 1:  # Qwen3-Next: (norm(x).float() * silu(gate.float())).to(x.dtype)
         v = _round_to(v * _silu(g, PRECISE), X_DT, PRECISE)
     if STORE_OUT:
-        tl.store(out_ptr + rows64[:, None, None] * H + cols[None, :, :], v, mask=mask)
+        tl.store(out_ptr + rows_off[:, None, None] * H + cols[None, :, :], v, mask=mask)
     return v
 
 
 @triton.jit
-def _x_normed(x0, x1, x2, rows64, H, xw_ptr, stride_xw, x_eps, x_offset,
+def _x_normed(x0, x1, x2, rows_off, H, xw_ptr, stride_xw, x_eps, x_offset,
               NG0: tl.constexpr, G0: tl.constexpr, NG1: tl.constexpr, G1: tl.constexpr,
               NG2: tl.constexpr, G2: tl.constexpr, X_DT: tl.constexpr, FOLD: tl.constexpr,
               WF: tl.constexpr, W_OFFSET: tl.constexpr, EVEN_COLS: tl.constexpr,
@@ -543,16 +555,16 @@ def _x_normed(x0, x1, x2, rows64, H, xw_ptr, stride_xw, x_eps, x_offset,
     ss = _row_sumsq(v0, v1, v2, cols0, cols1, cols2, H, NG1, NG2, False, FOLD, WF)
     rs = _rstd(ss, H, x_eps, PRECISE)[:, None, None]
     # no store (STORE_OUT False): the out pointer and mask are placeholders
-    y0 = _normed(v0, v0, rs, xw_ptr, xw_ptr, rows64, cols0, cm0, cm0, H, stride_xw, x_offset,
+    y0 = _normed(v0, v0, rs, xw_ptr, xw_ptr, rows_off, cols0, cm0, cm0, H, stride_xw, x_offset,
                  X_DT, True, W_OFFSET, False, PRECISE, 0, False)
     y0 = _opaque(y0, PRECISE)
     y1, y2 = y0, y0
     if NG1 > 0:
-        y1 = _normed(v1, v1, rs, xw_ptr, xw_ptr, rows64, cols1, cm1, cm1, H, stride_xw,
+        y1 = _normed(v1, v1, rs, xw_ptr, xw_ptr, rows_off, cols1, cm1, cm1, H, stride_xw,
                      x_offset, X_DT, True, W_OFFSET, False, PRECISE, 0, False)
         y1 = _opaque(y1, PRECISE)
     if NG2 > 0:
-        y2 = _normed(v2, v2, rs, xw_ptr, xw_ptr, rows64, cols2, cm2, cm2, H, stride_xw,
+        y2 = _normed(v2, v2, rs, xw_ptr, xw_ptr, rows_off, cols2, cm2, cm2, H, stride_xw,
                      x_offset, X_DT, True, W_OFFSET, False, PRECISE, 0, False)
         y2 = _opaque(y2, PRECISE)
     return y0, y1, y2
@@ -676,12 +688,12 @@ def _dyn_scale(s1, s2, aux_in_ptr, QUANT: tl.constexpr, HAS_AUX: tl.constexpr,
 
 
 @triton.jit
-def _quantize(v, mask, q_ptr, rows64, cols, H, scale, rscale, azp, aux_in_ptr,
+def _quantize(v, mask, q_ptr, rows_off, cols, H, scale, rscale, azp, aux_in_ptr,
               QUANT: tl.constexpr, HAS_AUX: tl.constexpr, PRECISE: tl.constexpr,
               FAST: tl.constexpr, SCALE_FORM: tl.constexpr):
     """Quantize one tile and store it. ``scale`` / ``rscale`` / ``azp`` broadcast to v.
     FP8 SCALE_FORM 1 / 2 multiply by ``rscale`` (``reciprocal(scale)`` / the inverse scale)."""
-    qoffs = q_ptr + rows64[:, None, None] * H + cols[None, :, :]
+    qoffs = q_ptr + rows_off[:, None, None] * H + cols[None, :, :]
     # Dynamic scales bound the quotient, except with scale_ub (fp8 dynamic) or an
     # asymmetric range (int8 asym: min and max far from 0): those keep the per-element guard.
     GUARD: tl.constexpr = QUANT == 1 or QUANT == 4 or QUANT == 6 or HAS_AUX
@@ -707,7 +719,7 @@ def _quantize(v, mask, q_ptr, rows64, cols, H, scale, rscale, azp, aux_in_ptr,
 
 
 @triton.jit
-def _group_tile(v, mask, rmask, rows64, gidx, cols, C0: tl.constexpr, G: tl.constexpr, H,
+def _group_tile(v, mask, rmask, rows_off, gidx, cols, C0: tl.constexpr, G: tl.constexpr, H,
                 q_ptr, s_ptr, aux_in_ptr, stride_st, stride_sg,
                 UE8M0: tl.constexpr, PRECISE: tl.constexpr, SCALAR_RECIP: tl.constexpr,
                 FP8_RECIP: tl.constexpr, X_DT: tl.constexpr, SCALE_FORM: tl.constexpr,
@@ -720,8 +732,8 @@ def _group_tile(v, mask, rmask, rows64, gidx, cols, C0: tl.constexpr, G: tl.cons
                                     INV_MIN, SCALE_X_DT)
     g = C0 // G + gidx
     smask = rmask[:, None] & (g * G < H)[None, :]
-    tl.store(s_ptr + rows64[:, None] * stride_st + g[None, :] * stride_sg, scale, mask=smask)
-    _quantize(v, mask, q_ptr, rows64, cols, H, scale[:, :, None], rscale[:, :, None], azp,
+    tl.store(s_ptr + rows_off[:, None] * stride_st + g[None, :] * stride_sg, scale, mask=smask)
+    _quantize(v, mask, q_ptr, rows_off, cols, H, scale[:, :, None], rscale[:, :, None], azp,
               aux_in_ptr, 3, False, PRECISE, PRECISE, SCALE_FORM)
 
 
@@ -758,7 +770,7 @@ def _mx_scale(amax, MX_SCALE: tl.constexpr, PRECISE: tl.constexpr, SCALAR_RECIP:
 
 
 @triton.jit
-def _mx_tile(v, mask, rmask, rows64, gidx, cols, C0: tl.constexpr, G: tl.constexpr, H,
+def _mx_tile(v, mask, rmask, rows_off, gidx, cols, C0: tl.constexpr, G: tl.constexpr, H,
              q_ptr, s_ptr, stride_st, stride_sg, MX_SCALE: tl.constexpr, PRECISE: tl.constexpr,
              SCALAR_RECIP: tl.constexpr, FP8_RECIP: tl.constexpr):
     """MXFP8 of one tile: its blocks' E8M0 codes (uint8) and e4m3 elements."""
@@ -766,10 +778,10 @@ def _mx_tile(v, mask, rmask, rows64, gidx, cols, C0: tl.constexpr, G: tl.constex
     code, factor = _mx_scale(amax, MX_SCALE, PRECISE, SCALAR_RECIP, FP8_RECIP)
     g = C0 // G + gidx
     smask = rmask[:, None] & (g * G < H)[None, :]
-    tl.store(s_ptr + rows64[:, None] * stride_st + g[None, :] * stride_sg, code.to(tl.uint8),
+    tl.store(s_ptr + rows_off[:, None] * stride_st + g[None, :] * stride_sg, code.to(tl.uint8),
              mask=smask)
     q = _sat_fp8(v * factor[:, :, None], PRECISE)
-    tl.store(q_ptr + rows64[:, None, None] * H + cols[None, :, :], q, mask=mask)
+    tl.store(q_ptr + rows_off[:, None, None] * H + cols[None, :, :], q, mask=mask)
 
 
 @triton.jit
@@ -787,13 +799,13 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
              MIN_AT: tl.constexpr, MIN_VALUE: tl.constexpr, INV_MIN: tl.constexpr,
              SCALE_X_DT: tl.constexpr, GATE: tl.constexpr, NORM_GROUPED: tl.constexpr,
              PROMOTE: tl.constexpr, xw_ptr, stride_xw, x_eps, x_offset,
-             X_NORM: tl.constexpr, X_W_OFFSET: tl.constexpr):
+             X_NORM: tl.constexpr, X_W_OFFSET: tl.constexpr, OFFSETS_64: tl.constexpr):
     """Everything after the loads for one block of rows, given its raw tiles
     (``_load_rows``): x's own norm (X_NORM) -> residual add or gate -> norm -> weight -> gate
     -> quantize, and every store. The ``r`` tiles are the residual's (HAS_RES) or the
     gate's (GATE)."""
     rmask = _row_mask(rows, T, EVEN_ROWS)
-    rows64 = rows.to(tl.int64)
+    rows_off = _row_offsets(rows, OFFSETS_64)
     X_DT: tl.constexpr = x_ptr.dtype.element_ty
     C1: tl.constexpr = NG0 * G0
     C2: tl.constexpr = C1 + NG1 * G1
@@ -803,21 +815,21 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
     WF: tl.constexpr = NG2 * G2 if NG2 > 0 else NG1 * G1  # the narrowest tile
 
     if X_NORM:  # rms_norm_add_rms_norm: x is normalized before the residual add
-        x0, x1, x2 = _x_normed(x0, x1, x2, rows64, H, xw_ptr, stride_xw, x_eps, x_offset,
+        x0, x1, x2 = _x_normed(x0, x1, x2, rows_off, H, xw_ptr, stride_xw, x_eps, x_offset,
                                NG0, G0, NG1, G1, NG2, G2, X_DT, FOLD, WF, X_W_OFFSET,
                                EVEN_COLS, PRECISE)
     gi0, cols0, cm0 = _tile(0, NG0, G0, H, EVEN_COLS)
     m0 = _tile_mask(rmask, cm0)
-    v0 = _add_res(x0, r0, res_out_ptr, rows64, cols0, m0, H, X_DT, HAS_RES, PRECISE)
+    v0 = _add_res(x0, r0, res_out_ptr, rows_off, cols0, m0, H, X_DT, HAS_RES, PRECISE)
     v1, cols1, v2, cols2 = v0, cols0, v0, cols0  # placeholders of absent tiles (never read)
     if NG1 > 0:
         gi1, cols1, cm1 = _tile(C1, NG1, G1, H, EVEN_COLS)
         m1 = _tile_mask(rmask, cm1)
-        v1 = _add_res(x1, r1, res_out_ptr, rows64, cols1, m1, H, X_DT, HAS_RES, PRECISE)
+        v1 = _add_res(x1, r1, res_out_ptr, rows_off, cols1, m1, H, X_DT, HAS_RES, PRECISE)
     if NG2 > 0:
         gi2, cols2, cm2 = _tile(C2, NG2, G2, H, EVEN_COLS)
         m2 = _tile_mask(rmask, cm2)
-        v2 = _add_res(x2, r2, res_out_ptr, rows64, cols2, m2, H, X_DT, HAS_RES, PRECISE)
+        v2 = _add_res(x2, r2, res_out_ptr, rows_off, cols2, m2, H, X_DT, HAS_RES, PRECISE)
 
     if DO_NORM:
         v0 = _gate_input(v0, r0, GATE, PRECISE)
@@ -836,13 +848,13 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
             rs0 = _rstd(ss, V, eps, PRECISE)[:, None, None]
             rs1 = rs0
             rs2 = rs0
-        v0 = _normed(v0, r0, rs0, w_ptr, out_ptr, rows64, cols0, cm0, m0, H, stride_w, offset,
+        v0 = _normed(v0, r0, rs0, w_ptr, out_ptr, rows_off, cols0, cm0, m0, H, stride_w, offset,
                      X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE, GATE, PROMOTE)
         if NG1 > 0:
-            v1 = _normed(v1, r1, rs1, w_ptr, out_ptr, rows64, cols1, cm1, m1, H, stride_w,
+            v1 = _normed(v1, r1, rs1, w_ptr, out_ptr, rows_off, cols1, cm1, m1, H, stride_w,
                          offset, X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE, GATE, PROMOTE)
         if NG2 > 0:
-            v2 = _normed(v2, r2, rs2, w_ptr, out_ptr, rows64, cols2, cm2, m2, H, stride_w,
+            v2 = _normed(v2, r2, rs2, w_ptr, out_ptr, rows_off, cols2, cm2, m2, H, stride_w,
                          offset, X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE, GATE, PROMOTE)
         if QUANT != 0 and not PROMOTE:  # the quantized value, a value of x.dtype
             v0 = _rewiden(v0, X_DT, PRECISE)
@@ -863,43 +875,43 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
         fast = fast & (SCALE_FORM == 0)
         if fast:
             rs = _recip(s)
-            _quantize(v0, m0, q_ptr, rows64, cols0, H, s, rs, s, aux_in_ptr, QUANT, HAS_AUX,
+            _quantize(v0, m0, q_ptr, rows_off, cols0, H, s, rs, s, aux_in_ptr, QUANT, HAS_AUX,
                       PRECISE, PRECISE, 0)
             if NG1 > 0:
-                _quantize(v1, m1, q_ptr, rows64, cols1, H, s, rs, s, aux_in_ptr, QUANT, HAS_AUX,
+                _quantize(v1, m1, q_ptr, rows_off, cols1, H, s, rs, s, aux_in_ptr, QUANT, HAS_AUX,
                           PRECISE, PRECISE, 0)
             if NG2 > 0:
-                _quantize(v2, m2, q_ptr, rows64, cols2, H, s, rs, s, aux_in_ptr, QUANT, HAS_AUX,
+                _quantize(v2, m2, q_ptr, rows_off, cols2, H, s, rs, s, aux_in_ptr, QUANT, HAS_AUX,
                           PRECISE, PRECISE, 0)
         else:
-            _quantize(v0, m0, q_ptr, rows64, cols0, H, s, rs_exact, s, aux_in_ptr, QUANT,
+            _quantize(v0, m0, q_ptr, rows_off, cols0, H, s, rs_exact, s, aux_in_ptr, QUANT,
                       HAS_AUX, PRECISE, False, SCALE_FORM)
             if NG1 > 0:
-                _quantize(v1, m1, q_ptr, rows64, cols1, H, s, rs_exact, s, aux_in_ptr, QUANT,
+                _quantize(v1, m1, q_ptr, rows_off, cols1, H, s, rs_exact, s, aux_in_ptr, QUANT,
                           HAS_AUX, PRECISE, False, SCALE_FORM)
             if NG2 > 0:
-                _quantize(v2, m2, q_ptr, rows64, cols2, H, s, rs_exact, s, aux_in_ptr, QUANT,
+                _quantize(v2, m2, q_ptr, rows_off, cols2, H, s, rs_exact, s, aux_in_ptr, QUANT,
                           HAS_AUX, PRECISE, False, SCALE_FORM)
     elif QUANT == 3:  # fp8 per group: groups never straddle tiles
-        _group_tile(v0, m0, rmask, rows64, gi0, cols0, 0, G0, H, q_ptr, s_ptr, aux_in_ptr,
+        _group_tile(v0, m0, rmask, rows_off, gi0, cols0, 0, G0, H, q_ptr, s_ptr, aux_in_ptr,
                     stride_st, stride_sg, UE8M0, PRECISE, SCALAR_RECIP, FP8_RECIP, X_DT,
                     SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)
         if NG1 > 0:
-            _group_tile(v1, m1, rmask, rows64, gi1, cols1, C1, G1, H, q_ptr, s_ptr, aux_in_ptr,
+            _group_tile(v1, m1, rmask, rows_off, gi1, cols1, C1, G1, H, q_ptr, s_ptr, aux_in_ptr,
                         stride_st, stride_sg, UE8M0, PRECISE, SCALAR_RECIP, FP8_RECIP, X_DT,
                     SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)
         if NG2 > 0:
-            _group_tile(v2, m2, rmask, rows64, gi2, cols2, C2, G2, H, q_ptr, s_ptr, aux_in_ptr,
+            _group_tile(v2, m2, rmask, rows_off, gi2, cols2, C2, G2, H, q_ptr, s_ptr, aux_in_ptr,
                         stride_st, stride_sg, UE8M0, PRECISE, SCALAR_RECIP, FP8_RECIP, X_DT,
                     SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)
     elif QUANT == 7:  # MXFP8: blocks never straddle tiles
-        _mx_tile(v0, m0, rmask, rows64, gi0, cols0, 0, G0, H, q_ptr, s_ptr, stride_st,
+        _mx_tile(v0, m0, rmask, rows_off, gi0, cols0, 0, G0, H, q_ptr, s_ptr, stride_st,
                  stride_sg, MX_SCALE, PRECISE, SCALAR_RECIP, FP8_RECIP)
         if NG1 > 0:
-            _mx_tile(v1, m1, rmask, rows64, gi1, cols1, C1, G1, H, q_ptr, s_ptr, stride_st,
+            _mx_tile(v1, m1, rmask, rows_off, gi1, cols1, C1, G1, H, q_ptr, s_ptr, stride_st,
                      stride_sg, MX_SCALE, PRECISE, SCALAR_RECIP, FP8_RECIP)
         if NG2 > 0:
-            _mx_tile(v2, m2, rmask, rows64, gi2, cols2, C2, G2, H, q_ptr, s_ptr, stride_st,
+            _mx_tile(v2, m2, rmask, rows_off, gi2, cols2, C2, G2, H, q_ptr, s_ptr, stride_st,
                      stride_sg, MX_SCALE, PRECISE, SCALAR_RECIP, FP8_RECIP)
     elif QUANT != 0:  # dynamic per token: statistics over all tiles
         if FOLD:  # the tiles' partials, then one reduction across warps
@@ -926,19 +938,19 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
                                         SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, X_DT,
                                         SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT)
         smask = rmask[:, None]  # [BLOCK_M, 1]
-        soffs = rows64[:, None] * stride_st
+        soffs = rows_off[:, None] * stride_st
         tl.store(s_ptr + soffs, scale, mask=smask)
         if QUANT == 6:
             tl.store(azp_ptr + soffs, azp.to(tl.int32), mask=smask)
         scale, rscale, azp = scale[:, :, None], rscale[:, :, None], azp[:, :, None]
         if q_ptr is not None:  # None: the scales only (per-tensor FP8's first pass)
-            _quantize(v0, m0, q_ptr, rows64, cols0, H, scale, rscale, azp, aux_in_ptr, QUANT,
+            _quantize(v0, m0, q_ptr, rows_off, cols0, H, scale, rscale, azp, aux_in_ptr, QUANT,
                       HAS_AUX, PRECISE, PRECISE, SCALE_FORM)
             if NG1 > 0:
-                _quantize(v1, m1, q_ptr, rows64, cols1, H, scale, rscale, azp, aux_in_ptr, QUANT,
+                _quantize(v1, m1, q_ptr, rows_off, cols1, H, scale, rscale, azp, aux_in_ptr, QUANT,
                           HAS_AUX, PRECISE, PRECISE, SCALE_FORM)
             if NG2 > 0:
-                _quantize(v2, m2, q_ptr, rows64, cols2, H, scale, rscale, azp, aux_in_ptr, QUANT,
+                _quantize(v2, m2, q_ptr, rows_off, cols2, H, scale, rscale, azp, aux_in_ptr, QUANT,
                           HAS_AUX, PRECISE, PRECISE, SCALE_FORM)
 
 
@@ -976,6 +988,7 @@ def norm_quant_kernel(
     GATE: tl.constexpr = 0, NORM_GROUPED: tl.constexpr = False, PROMOTE: tl.constexpr = False,
     # x normalized (weight xw, fp32 ``xw + x_offset`` with X_W_OFFSET) before the residual add
     X_NORM: tl.constexpr = False, X_W_OFFSET: tl.constexpr = False,
+    OFFSETS_64: tl.constexpr = True,  # int64 row offsets (an offset may pass 2**31)
 ):
     # Inductor passes Python floats as fp64 (eager Triton: fp32): fp64 would make rstd and
     # every product with it fp64 (slower, and not the reference's fp32 arithmetic). tl.cast,
@@ -989,7 +1002,8 @@ def norm_quant_kernel(
     lanes = tl.arange(0, BLOCK_M)
     rows = pid * BLOCK_M + lanes
     x0, r0, x1, r1, x2, r2 = _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
-                                        NG0, G0, NG1, G1, NG2, G2, HAS_R, EVEN_ROWS, EVEN_COLS)
+                                        NG0, G0, NG1, G1, NG2, G2, HAS_R, EVEN_ROWS, EVEN_COLS,
+                                        OFFSETS_64)
     if PERSISTENT:
         # Row blocks pid, pid + nprog, ...: the next block's loads are issued before this
         # block's math and stores (their values are first used in the next iteration),
@@ -1002,7 +1016,8 @@ def norm_quant_kernel(
             cur = blk * BLOCK_M + lanes
             n0, nr0, n1, nr1, n2, nr2 = _load_rows(
                 x_ptr, r_ptr, cur + nprog * BLOCK_M, T, H, stride_x, stride_r,
-                NG0, G0, NG1, G1, NG2, G2, HAS_R, EVEN_ROWS, EVEN_COLS)
+                NG0, G0, NG1, G1, NG2, G2, HAS_R, EVEN_ROWS, EVEN_COLS,
+                                        OFFSETS_64)
             _process(x0, r0, x1, r1, x2, r2, cur, T, H, x_ptr, w_ptr, out_ptr, res_out_ptr,
                      q_ptr, s_ptr, azp_ptr, scale_in_ptr, aux_in_ptr, stride_w, stride_st,
                      stride_sg, eps, offset, V, NG0, G0, NG1, G1, NG2, G2, HAS_RES, DO_NORM,
@@ -1010,7 +1025,7 @@ def norm_quant_kernel(
                      PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, EVEN_ROWS,
                      EVEN_COLS, MX_SCALE, SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT,
                      GATE, NORM_GROUPED, PROMOTE, xw_ptr, stride_xw, x_eps, x_offset, X_NORM,
-                     X_W_OFFSET)
+                     X_W_OFFSET, OFFSETS_64)
             x0, r0, x1, r1, x2, r2 = n0, nr0, n1, nr1, n2, nr2
             blk += nprog
     else:
@@ -1021,4 +1036,4 @@ def norm_quant_kernel(
                  PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, EVEN_ROWS,
                  EVEN_COLS, MX_SCALE, SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT,
                  GATE, NORM_GROUPED, PROMOTE, xw_ptr, stride_xw, x_eps, x_offset, X_NORM,
-                 X_W_OFFSET)
+                 X_W_OFFSET, OFFSETS_64)

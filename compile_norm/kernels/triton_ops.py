@@ -373,7 +373,7 @@ def kernel_quant(spec: OpSpec, x: Any, qargs: tuple) -> KernelQuant | None:
 def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight: bool,
                 w_offset: bool, vsize: bool, has_aux: bool, ue8m0: bool, scale_args: tuple,
                 full_blocks: bool, mx_scale: int = 0, gate: int = 0, norm_grouped: bool = False,
-                promote: bool = False, x_w_offset: bool = False):
+                promote: bool = False, x_w_offset: bool = False, offsets_64: bool = True):
     """The kernel's constexprs for one op, launch config and argument configuration (cached:
     the eager hot path computes them once per configuration)."""
     spec = registry.spec(name)
@@ -392,7 +392,7 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
         not INTERPRET, not INTERPRET, _FP8_RECIP, _INT8_RECIP, _U8_RECIP,
         persistent, even_rows, even_cols, mx_scale,
         *scale_args,  # SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT
-        gate, norm_grouped, promote, x_norm, x_w_offset,
+        gate, norm_grouped, promote, x_norm, x_w_offset, offsets_64,
     )
 
 
@@ -407,6 +407,20 @@ def _outputs_layout(spec: OpSpec) -> tuple[bool, int, int]:
 
 # the quant modes whose quantized output the kernel can leave unwritten (scales only)
 _SCALES_ONLY_MODES = tuple(QUANT_MODES[s] for s in ("fp8_dynamic", "int8_dynamic", "int8_dynamic_asym"))
+
+
+def _offsets_64(tokens, hidden, sx, sr, st, sg, group) -> bool:
+    """Whether a row offset of some tensor of the launch may pass int32: the last real row's
+    x / residual element, an output's (rows of H), a scale's (per token, per group; column-
+    major groups: group * tokens). Rows past T (masked) never address memory. A symbolic
+    size (a dynamic-shape graph) keeps int64."""
+    sizes = (tokens, sx, sr, st, sg)
+    if not all(isinstance(v, int) for v in sizes):
+        return True
+    groups = hidden // group if group else 1
+    last = max(tokens - 1, 0)
+    largest = max(last * max(sx, sr) + hidden, tokens * hidden, last * st + groups * sg)
+    return largest >= 2 ** 31
 
 
 def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:
@@ -442,22 +456,24 @@ def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:
         if promote:  # the quantized value is float32: rounding its scale to it is no rounding
             scale_args = (*scale_args[:-1], False)
     xw, x_eps, x_offset = call.x_norm or (None, 0.0, 0.0)  # rms_norm_add_rms_norm's x norm
+    if kq.group:
+        st, sg = (1, tokens) if kq.column_major else (hidden // kq.group, 1)
+    else:
+        st, sg = 1, 1
+    sx = x2.stride(0)
+    sr = sx if r2 is None else r2.stride(0)
     cfg = _CONFIG_OVERRIDE.get() or launch_config(hidden, kq.group or norm_group)
     consts = _constexprs(
         spec.name, cfg, hidden, mode, weight is not None, call.weight_offset != 0.0,
         vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0, scale_args,
         isinstance(tokens, int) and tokens % cfg.block_m == 0, kq.mx_scale, gate,
         norm_group != 0, promote, x_offset != 0.0,
+        _offsets_64(tokens, hidden, sx, sr, st, sg, kq.group),
     )
-    if kq.group:
-        st, sg = (1, tokens) if kq.column_major else (hidden // kq.group, 1)
-    else:
-        st, sg = 1, 1
-    sx = x2.stride(0)
     runtime = (
         x2, r2, weight, outs[0] if store_out else None, outs[-1] if spec.residual else None,
         q, scales, azp, kq.scale, kq.aux,
-        tokens, hidden, sx, sx if r2 is None else r2.stride(0),
+        tokens, hidden, sx, sr,
         1 if weight is None else weight.stride(0), st, sg,
         float(call.eps), float(call.weight_offset),
         norm_group or (hidden if vsize is None else vsize),  # V: the columns of one statistic
