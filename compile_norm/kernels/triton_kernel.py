@@ -356,13 +356,27 @@ def _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
 
 
 @triton.jit
+def _add_rn(a, b, RN: tl.constexpr, PRECISE: tl.constexpr):
+    """``a + b`` in fp32; RN: as PTX ``add.rn.f32``, which neither LLVM nor ptxas fuses with
+    the multiply that made ``a`` (rms_norm_add_rms_norm: x's norm ends in ``y * w``; fused
+    into one fma it would round once where torch and the two kernels round twice)."""
+    if RN and PRECISE:
+        r = tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=r,r,r", [a, b],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        r = a + b
+    return r
+
+
+@triton.jit
 def _add_res(x, r, res_out_ptr, rows_off, cols, mask, H, X_DT: tl.constexpr,
-             HAS_RES: tl.constexpr, PRECISE: tl.constexpr):
-    """The (residual-added) input of one tile in fp32; stores residual_out."""
+             HAS_RES: tl.constexpr, PRECISE: tl.constexpr, RN: tl.constexpr = False):
+    """The (residual-added) input of one tile in fp32; stores residual_out. RN: ``x`` is a
+    computed fp32 value (``_add_rn``)."""
     if HAS_RES:
         # x + residual in x.dtype: exact fp32 sum, rounded once (as torch does); the
         # compiler makes it a packed 16-bit add, stored as is
-        xf = _round_to(x.to(tl.float32) + r.to(tl.float32), X_DT, PRECISE)
+        xf = _round_to(_add_rn(x.to(tl.float32), r.to(tl.float32), RN, PRECISE), X_DT, PRECISE)
         tl.store(res_out_ptr + rows_off[:, None, None] * H + cols[None, :, :], xf, mask=mask)
         xf = _rewiden(xf, X_DT, PRECISE)
     else:
@@ -557,29 +571,14 @@ def _x_normed(x0, x1, x2, rows_off, H, xw_ptr, stride_xw, x_eps, x_offset,
     # no store (STORE_OUT False): the out pointer and mask are placeholders
     y0 = _normed(v0, v0, rs, xw_ptr, xw_ptr, rows_off, cols0, cm0, cm0, H, stride_xw, x_offset,
                  X_DT, True, W_OFFSET, False, PRECISE, 0, False)
-    y0 = _opaque(y0, PRECISE)
     y1, y2 = y0, y0
     if NG1 > 0:
         y1 = _normed(v1, v1, rs, xw_ptr, xw_ptr, rows_off, cols1, cm1, cm1, H, stride_xw,
                      x_offset, X_DT, True, W_OFFSET, False, PRECISE, 0, False)
-        y1 = _opaque(y1, PRECISE)
     if NG2 > 0:
         y2 = _normed(v2, v2, rs, xw_ptr, xw_ptr, rows_off, cols2, cm2, cm2, H, stride_xw,
                      x_offset, X_DT, True, W_OFFSET, False, PRECISE, 0, False)
-        y2 = _opaque(y2, PRECISE)
     return y0, y1, y2
-
-
-@triton.jit
-def _opaque(v, PRECISE: tl.constexpr):
-    """``v`` (fp32) through a move the compiler cannot see into: the x norm's rounded
-    ``y.to(bf16) * w`` would otherwise meet the residual add as a packed 16-bit multiply
-    and add, which LLVM contracts into one ``fma.rn.bf16x2``, a single rounding where the
-    two ops (and torch) round twice (seen in the sm_90 PTX; benchmarks/kernel_isa.py)."""
-    if PRECISE:
-        v = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-    return v
 
 
 @triton.jit
@@ -820,16 +819,19 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
                                EVEN_COLS, PRECISE)
     gi0, cols0, cm0 = _tile(0, NG0, G0, H, EVEN_COLS)
     m0 = _tile_mask(rmask, cm0)
-    v0 = _add_res(x0, r0, res_out_ptr, rows_off, cols0, m0, H, X_DT, HAS_RES, PRECISE)
+    v0 = _add_res(x0, r0, res_out_ptr, rows_off, cols0, m0, H, X_DT, HAS_RES, PRECISE,
+                  X_NORM)
     v1, cols1, v2, cols2 = v0, cols0, v0, cols0  # placeholders of absent tiles (never read)
     if NG1 > 0:
         gi1, cols1, cm1 = _tile(C1, NG1, G1, H, EVEN_COLS)
         m1 = _tile_mask(rmask, cm1)
-        v1 = _add_res(x1, r1, res_out_ptr, rows_off, cols1, m1, H, X_DT, HAS_RES, PRECISE)
+        v1 = _add_res(x1, r1, res_out_ptr, rows_off, cols1, m1, H, X_DT, HAS_RES, PRECISE,
+                      X_NORM)
     if NG2 > 0:
         gi2, cols2, cm2 = _tile(C2, NG2, G2, H, EVEN_COLS)
         m2 = _tile_mask(rmask, cm2)
-        v2 = _add_res(x2, r2, res_out_ptr, rows_off, cols2, m2, H, X_DT, HAS_RES, PRECISE)
+        v2 = _add_res(x2, r2, res_out_ptr, rows_off, cols2, m2, H, X_DT, HAS_RES, PRECISE,
+                      X_NORM)
 
     if DO_NORM:
         v0 = _gate_input(v0, r0, GATE, PRECISE)
