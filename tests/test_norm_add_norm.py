@@ -19,7 +19,7 @@ from torch import nn
 import compile_norm
 from compile_norm.ops import norm as N
 from compile_norm.ops import registry
-from compile_helpers import compile_run
+from compile_helpers import assert_close, compile_run, inductor_cpu_rounds_like_eager
 from helpers import assert_bitwise_equal, interpreter_report
 from models import GemmaRMSNorm
 
@@ -141,8 +141,10 @@ def test_pass_fuses_a_gemma_sandwich_into_one_kernel(dtype):
     for got, ref in zip(c.out, want):
         if dtype == torch.float32:
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-        else:
+        elif inductor_cpu_rounds_like_eager():
             assert_bitwise_equal(got, ref)
+        else:  # torch 2.11's CPU code keeps fp32 between pointwise ops: stock's rounding
+            assert_close(got, ref, dtype)
 
 
 def test_pass_leaves_a_norm_with_other_users_and_says_why():
