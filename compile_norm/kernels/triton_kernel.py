@@ -1,8 +1,9 @@
 """One row-wise Triton kernel for the whole RMSNorm family (imported only when triton is).
 
 ``norm_quant_kernel`` does, for ``BLOCK_M`` rows per program, in one launch:
-(rms_norm_add_rms_norm: x's own RMSNorm ->) residual add -> RMSNorm (fp32 statistics) -> weight (16-bit "round then multiply", or Gemma's
-fp32 ``w + offset``) -> output rounded to x.dtype -> quantization of that rounded value.
+(x's own RMSNorm, for rms_norm_add_rms_norm ->) residual add -> RMSNorm (fp32 statistics) ->
+weight (16-bit "round then multiply", or Gemma's fp32 ``w + offset``) -> output rounded to
+x.dtype -> quantization of that rounded value.
 Each stage is switched by a ``tl.constexpr`` so every op compiles to a kernel with only its
 own work. The row is loaded once and stays in registers.
 
@@ -374,8 +375,8 @@ def _add_res(x, r, res_out_ptr, rows_off, cols, mask, H, X_DT: tl.constexpr,
     """The (residual-added) input of one tile in fp32; stores residual_out. RN: ``x`` is a
     computed fp32 value (``_add_rn``)."""
     if HAS_RES:
-        # x + residual in x.dtype: exact fp32 sum, rounded once (as torch does); the
-        # compiler makes it a packed 16-bit add, stored as is
+        # x + residual in x.dtype: exact fp32 sum, rounded once (as torch does); for two
+        # 16-bit inputs the compiler makes it a packed 16-bit add, stored as is
         xf = _round_to(_add_rn(x.to(tl.float32), r.to(tl.float32), RN, PRECISE), X_DT, PRECISE)
         tl.store(res_out_ptr + rows_off[:, None, None] * H + cols[None, :, :], xf, mask=mask)
         xf = _rewiden(xf, X_DT, PRECISE)
