@@ -10,7 +10,6 @@ since the tiles keep their own layouts; only hidden 65536 in fp32 spills.)
 
 from __future__ import annotations
 
-import inspect
 import re
 
 import pytest
@@ -21,23 +20,18 @@ if getattr(getattr(triton, "knobs", None), "runtime", None) and triton.knobs.run
 
 from compile_norm.kernels import triton_kernel as K  # noqa: E402
 from compile_norm.kernels import triton_ops as O  # noqa: E402
+from sm90 import compile_row_kernel  # noqa: E402
 
 
 def _compile(mode, hidden, *, group=0, xdt="bf16", wdt="bf16", res=True, norm=True, store=False,
              aux=False, ue=False, woff=False, scale=None, gate=0, grouped=False, promote=False,
              scales_only=False, x_norm=False, x_woff=False):
-    from triton.backends.compiler import GPUTarget
-
     cfg = O.launch_config(hidden, group if mode == 3 or grouped else 0)
     (ng0, g0), (ng1, g1), (ng2, g2) = cfg.tiles
     qdt = "fp8e4nv" if mode in (1, 2, 3) else "i8"
-    sig = {"x_ptr": f"*{xdt}", "r_ptr": f"*{xdt}", "w_ptr": f"*{wdt}", "out_ptr": f"*{xdt}",
-           "res_out_ptr": f"*{xdt}", "q_ptr": f"*{qdt}", "s_ptr": "*fp32", "azp_ptr": "*i32",
-           "scale_in_ptr": "*fp32", "aux_in_ptr": "*i32" if mode == 4 else "*fp32",
-           "xw_ptr": f"*{wdt}"}
-    sig.update({n: "i32" for n in ("T", "H", "stride_x", "stride_r", "stride_w", "stride_st",
-                                   "stride_sg", "V", "stride_xw")})
-    sig.update(eps="fp32", offset="fp32", x_eps="fp32", x_offset="fp32")
+    dtypes = {"x_ptr": xdt, "r_ptr": xdt, "w_ptr": wdt, "out_ptr": xdt, "res_out_ptr": xdt,
+              "q_ptr": qdt, "s_ptr": "fp32", "azp_ptr": "i32", "scale_in_ptr": "fp32",
+              "aux_in_ptr": "i32" if mode == 4 else "fp32", "xw_ptr": wdt}
     const = dict(BLOCK_M=cfg.block_m, NG0=ng0, G0=g0, NG1=ng1, G1=g1, NG2=ng2, G2=g2, HAS_RES=res, DO_NORM=norm, HAS_WEIGHT=norm,
                  W_OFFSET=woff, HAS_VSIZE=False, STORE_OUT=store, QUANT=mode, HAS_AUX=aux,
                  UE8M0=ue, PRECISE=True, SCALAR_RECIP=True, FP8_RECIP=O._FP8_RECIP,
@@ -46,17 +40,9 @@ def _compile(mode, hidden, *, group=0, xdt="bf16", wdt="bf16", res=True, norm=Tr
     # dynamic FP8 scale arithmetic (quant.fp8_kernel_scale's fields), else the defaults
     names = ("SCALE_FORM", "MIN_AT", "MIN_VALUE", "INV_MIN", "SCALE_X_DT")
     const.update(zip(names, scale or ()))
-    for name, p in inspect.signature(K.norm_quant_kernel.fn).parameters.items():
-        if p.default is not inspect.Parameter.empty:
-            const.setdefault(name, p.default)
     if scales_only:  # no q pointer: per-tensor FP8's first pass (triton_ops.prepare store_q=False)
         const["q_ptr"] = None
-    sig.update({k: "constexpr" for k in const})
-    names = K.norm_quant_kernel.arg_names
-    aligned = [n for n in names if n.endswith("_ptr")] + ["H", "stride_x", "stride_r"]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = triton.compiler.ASTSource(K.norm_quant_kernel, sig, const, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+    return compile_row_kernel(const, cfg.num_warps, dtypes)
 
 
 VARIANTS = {

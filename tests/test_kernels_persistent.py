@@ -13,7 +13,6 @@ the raw tiles that exist, and the next block's loads precede the current block's
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import pytest
@@ -205,19 +204,13 @@ def _compile_sm90(mode, hidden, group, res, persistent):
     triton = pytest.importorskip("triton")
     if getattr(getattr(triton, "knobs", None), "runtime", None) and triton.knobs.runtime.interpret:
         pytest.skip("TRITON_INTERPRET is set")
-    from triton.backends.compiler import GPUTarget
-
-    from compile_norm.kernels import triton_kernel as K
     from compile_norm.kernels import triton_ops as O
+    from sm90 import compile_row_kernel
 
     cfg = O.launch_config(hidden, group)
     (ng0, g0), (ng1, g1), (ng2, g2) = cfg.tiles
-    qdt = "fp8e4nv" if mode in (1, 2, 3) else "i8"
-    sig = {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
-           "res_out_ptr": "*bf16", "q_ptr": f"*{qdt}", "s_ptr": "*fp32", "azp_ptr": "*i32",
-           "scale_in_ptr": "*fp32", "aux_in_ptr": "*fp32"}
-    sig.update({n: "i32" for n in ("T", "H", "stride_x", "stride_r", "stride_st", "stride_sg", "V")})
-    sig.update(eps="fp32", offset="fp32", x_eps="fp32", x_offset="fp32")
+    dtypes = {"q_ptr": "fp8e4nv" if mode in (1, 2, 3) else "i8", "s_ptr": "fp32",
+              "azp_ptr": "i32", "scale_in_ptr": "fp32", "aux_in_ptr": "fp32"}
     const = dict(stride_w=1,  # a contiguous weight (Triton specializes ints == 1)
                  xw_ptr=None, stride_xw=1,  # no norm of x before the add (rms_norm_add_rms_norm's)
                  BLOCK_M=1, NG0=ng0, G0=g0, NG1=ng1, G1=g1, NG2=ng2, G2=g2, HAS_RES=res,
@@ -225,21 +218,7 @@ def _compile_sm90(mode, hidden, group, res, persistent):
                  STORE_OUT=mode == 0, QUANT=mode, HAS_AUX=False, UE8M0=False, PRECISE=True,
                  SCALAR_RECIP=True, FP8_RECIP=O._FP8_RECIP, INT8_RECIP=O._INT8_RECIP,
                  U8_RECIP=O._U8_RECIP, PERSISTENT=persistent)
-    for name, p in inspect.signature(K.norm_quant_kernel.fn).parameters.items():
-        if p.default is not inspect.Parameter.empty:  # the constexprs set here only by default
-            const.setdefault(name, p.default)
-    sig.update({k: "constexpr" for k in const})
-    names = K.norm_quant_kernel.arg_names
-    aligned = [n for n in names if n.endswith("_ptr")] + ["H", "stride_x", "stride_r"]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = triton.compiler.ASTSource(K.norm_quant_kernel, sig, const, attrs)
-    try:
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps}), cfg
-    except Exception as e:  # a missing ptxas is an environment problem, not a bug
-        if "ptxas" in str(e).lower() and "not found" in str(e).lower():
-            pytest.skip(f"no ptxas: {e}")
-        raise
+    return compile_row_kernel(const, cfg.num_warps, dtypes), cfg
 
 
 @pytest.mark.parametrize("name", list(_SM90))
