@@ -50,6 +50,33 @@ def _child() -> None:
             problems.append(f"{launches[0] - before} kernel launches, expected {expected}")
         results.append({"op": case.op, "name": case.name(), "ok": ok, "problems": problems})
 
+    # Large grids read the weight after the reduction, small ones (decode) with x
+    # (EARLY_LOADS): the same bits. Every op, both schedules, a split row and one of
+    # several rows per program, rows past T masked.
+    from helpers import assert_bitwise_equal
+
+    schedules, seen = [], set()
+    for case in checking.default_cases(dtypes=(bf16,), hiddens=(96, 1400), tokens=19):
+        if 0 in case.shape or (case.op, case.shape) in seen:  # one case of each op and shape
+            continue
+        seen.add((case.op, case.shape))
+        spec = registry.spec(case.op)
+        args, kwargs = checking.build_call(case, "cpu", seed=1)
+        call = checking.positional(case.op, args, kwargs)
+        try:
+            triton_ops.EARLY_LOADS_MAX_PROGRAMS = 0
+            late = triton_ops.run(spec, call)
+            late_consts = triton_ops.prepare(spec, call).const_kwargs()["EARLY_LOADS"]
+            triton_ops.EARLY_LOADS_MAX_PROGRAMS = 10 ** 9
+            early = triton_ops.run(spec, call)
+            early_consts = triton_ops.prepare(spec, call).const_kwargs()["EARLY_LOADS"]
+            assert (late_consts, early_consts) == (False, True), (late_consts, early_consts)
+            assert_bitwise_equal(early, late, nan_equal=True)
+            schedules.append({"name": case.name(), "problems": []})
+        except Exception as e:
+            schedules.append({"name": case.name(), "problems": [f"{type(e).__name__}: {e}"]})
+    triton_ops.EARLY_LOADS_MAX_PROGRAMS = 512
+
     # The full op call dispatches to the kernel for CPU tensors in interpreter mode.
     x = torch.randn(3, 40, dtype=bf16)
     w = torch.randn(40, dtype=bf16)
@@ -57,7 +84,7 @@ def _child() -> None:
     provider = registry.which_provider("fused_add_rms_norm_fp8_dynamic", x, x, w, 1e-6)
     q, s, h = torch.ops.compile_norm.fused_add_rms_norm_fp8_dynamic(x, x, w, 1e-6)
     dispatch = {"provider": provider, "launches": launches[0] - before}
-    print("REPORT" + json.dumps({"results": results, "dispatch": dispatch}))
+    print("REPORT" + json.dumps({"results": results, "dispatch": dispatch, "schedules": schedules}))
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +103,18 @@ def test_interpreter_matches_reference(report, op):
     mine = [r for r in report["results"] if r["op"] == op]
     assert len(mine) >= 10
     bad = [f"{r['name']}: {r['problems']}" for r in mine if not r["ok"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_weight_read_early_or_late_gives_the_same_bits(report):
+    """EARLY_LOADS (small grids: the weight and a static scale read with x) and the large
+    grids' schedule (the weight read after the reduction) give every op's outputs the same
+    bits."""
+    from compile_norm.kernels import checking
+
+    names = {r["name"].split("[")[0] for r in report["schedules"]}
+    assert names == set(checking.all_ops()), names ^ set(checking.all_ops())
+    bad = [f"{r['name']}: {r['problems']}" for r in report["schedules"] if r["problems"]]
     assert not bad, "\n".join(bad)
 
 

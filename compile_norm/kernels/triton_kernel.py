@@ -497,24 +497,62 @@ def _gate_input(xf, g, GATE: tl.constexpr, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _normed(xf, g, rstd, w_ptr, out_ptr, rows_off, cols, cmask, mask, H, stride_w, offset,
+def _load_weight(w_ptr, cols, cmask, stride_w, ONE_ROW: tl.constexpr):
+    """A weight tile ``[1, NG, G]``, loaded before the row's reduction so that its read is
+    in flight with x's (loaded after it, a small grid waits for a second memory round trip:
+    decode)."""
+    if ONE_ROW:
+        # one row: loaded as the tile's shape, so Triton gives it x's layout; a 2-D load
+        # gets its own (8 per thread where a quantized store takes 16) and a conversion
+        # through shared memory (stores, a barrier, loads)
+        w = tl.load(w_ptr + cols[None, :, :] * stride_w, mask=cmask[None, :, :],
+                    other=0.0, eviction_policy="evict_last")
+    else:  # rows of their own shape: a [1, NG, G] load would set the tiles' layout
+        w = tl.load(w_ptr + cols * stride_w, mask=cmask, other=0.0,
+                    eviction_policy="evict_last")[None, :, :]
+    return w
+
+
+@triton.jit
+def _weights(w_ptr, stride_w, H, NG0: tl.constexpr, G0: tl.constexpr, NG1: tl.constexpr,
+             G1: tl.constexpr, NG2: tl.constexpr, G2: tl.constexpr, ONE_ROW: tl.constexpr,
+             EVEN_COLS: tl.constexpr):
+    """The weight's tiles (w0, w1, w2); absent tiles are placeholders (never read)."""
+    C1: tl.constexpr = NG0 * G0
+    C2: tl.constexpr = C1 + NG1 * G1
+    _, cols0, cm0 = _tile(0, NG0, G0, H, EVEN_COLS)
+    w0 = _load_weight(w_ptr, cols0, cm0, stride_w, ONE_ROW)
+    w1, w2 = w0, w0
+    if NG1 > 0:
+        _, cols1, cm1 = _tile(C1, NG1, G1, H, EVEN_COLS)
+        w1 = _load_weight(w_ptr, cols1, cm1, stride_w, ONE_ROW)
+    if NG2 > 0:
+        _, cols2, cm2 = _tile(C2, NG2, G2, H, EVEN_COLS)
+        w2 = _load_weight(w_ptr, cols2, cm2, stride_w, ONE_ROW)
+    return w0, w1, w2
+
+
+@triton.jit
+def _after(x, dep, never, HAS_DEP: tl.constexpr):
+    """``x`` made to depend on ``dep``'s value (``never``: a runtime False): its math then
+    waits for both loads, and ptxas issues ``dep``'s load next to x's. Without it ptxas sinks
+    the weight's loads below x's math (it weighs registers, not memory latency), so a
+    one-wave grid (decode) waits for a second memory round trip after its reduction."""
+    if HAS_DEP:
+        x = tl.where(never, dep.to(x.dtype), x)
+    return x
+
+
+@triton.jit
+def _normed(xf, g, rstd, w, out_ptr, rows_off, cols, mask, H, offset,
             X_DT: tl.constexpr, HAS_WEIGHT: tl.constexpr, W_OFFSET: tl.constexpr,
             STORE_OUT: tl.constexpr, PRECISE: tl.constexpr, GATE: tl.constexpr,
             PROMOTE: tl.constexpr):
     """The normalized, weighted (and gated) tile as the op returns it: rounded to x.dtype,
     or fp32 where PROMOTE (kept in fp32); stores ``out``. ``rstd`` broadcasts to the tile
-    (``[BLOCK_M, 1, 1]`` per row, ``[BLOCK_M, NG, 1]`` per group); ``g`` is the raw gate."""
+    (``[BLOCK_M, 1, 1]`` per row, ``[BLOCK_M, NG, 1]`` per group); ``g`` is the raw gate;
+    ``w`` the weight tile (``_load_weight``; a placeholder without HAS_WEIGHT)."""
     y = xf * rstd
-    if HAS_WEIGHT:
-        if xf.shape[0] == 1:
-            # one row: loaded as the tile's shape, so Triton gives it x's layout; a 2-D load
-            # gets its own (8 per thread where a quantized store takes 16) and a conversion
-            # through shared memory (stores, a barrier, loads)
-            w = tl.load(w_ptr + cols[None, :, :] * stride_w, mask=cmask[None, :, :],
-                        other=0.0, eviction_policy="evict_last")
-        else:  # rows of their own shape: a [1, NG, G] load would set the tiles' layout
-            w = tl.load(w_ptr + cols * stride_w, mask=cmask, other=0.0,
-                        eviction_policy="evict_last")[None, :, :]
     if GATE == 2:
         # Mamba: weight * y.to(x.dtype) in the promoted dtype; the fp32 product of two 16-bit
         # values is exact, so rounding it once is torch's 16-bit multiply
@@ -530,7 +568,7 @@ def _normed(xf, g, rstd, w_ptr, out_ptr, rows_off, cols, cmask, mask, H, stride_
         else:
             # y.to(w.dtype) * w in w.dtype: the fp32 product of two 16-bit values is
             # exact, so rounding it once equals torch's 16-bit multiply.
-            W_DT: tl.constexpr = w_ptr.dtype.element_ty
+            W_DT: tl.constexpr = w.dtype
             y = _round_to(y, W_DT, PRECISE) * w.to(tl.float32)
             y = _round_to(y, W_DT, PRECISE)
             if W_DT == X_DT:  # already a value of x.dtype
@@ -547,38 +585,39 @@ def _normed(xf, g, rstd, w_ptr, out_ptr, rows_off, cols, cmask, mask, H, stride_
 
 
 @triton.jit
-def _x_normed(x0, x1, x2, rows_off, H, xw_ptr, stride_xw, x_eps, x_offset,
+def _x_normed(x0, x1, x2, xw0, xw1, xw2, H, x_eps, x_offset,
               NG0: tl.constexpr, G0: tl.constexpr, NG1: tl.constexpr, G1: tl.constexpr,
               NG2: tl.constexpr, G2: tl.constexpr, X_DT: tl.constexpr, FOLD: tl.constexpr,
               WF: tl.constexpr, W_OFFSET: tl.constexpr, EVEN_COLS: tl.constexpr,
               PRECISE: tl.constexpr):
-    """rms_norm(x, x_weight) of a row block's raw tiles, rounded to x.dtype and kept in
-    fp32 (rms_norm_add_rms_norm adds it to the residual): the same statistics and weight
-    arithmetic as the norm below, so its bits are the rms_norm kernel's."""
+    """rms_norm(x, x_weight) of a row block's raw tiles (``xw*``: x_weight's tiles), rounded
+    to x.dtype and kept in fp32 (rms_norm_add_rms_norm adds it to the residual): the same
+    statistics and weight arithmetic as the norm below, so its bits are the rms_norm
+    kernel's."""
     C1: tl.constexpr = NG0 * G0
     C2: tl.constexpr = C1 + NG1 * G1
     _, cols0, cm0 = _tile(0, NG0, G0, H, EVEN_COLS)
     v0 = _widen(x0, PRECISE)
-    v1, cols1, cm1 = v0, cols0, cm0
-    v2, cols2, cm2 = v0, cols0, cm0
+    v1, cols1 = v0, cols0
+    v2, cols2 = v0, cols0
     if NG1 > 0:
-        _, cols1, cm1 = _tile(C1, NG1, G1, H, EVEN_COLS)
+        _, cols1, _ = _tile(C1, NG1, G1, H, EVEN_COLS)
         v1 = _widen(x1, PRECISE)
     if NG2 > 0:
-        _, cols2, cm2 = _tile(C2, NG2, G2, H, EVEN_COLS)
+        _, cols2, _ = _tile(C2, NG2, G2, H, EVEN_COLS)
         v2 = _widen(x2, PRECISE)
     ss = _row_sumsq(v0, v1, v2, cols0, cols1, cols2, H, NG1, NG2, False, FOLD, WF)
     rs = _rstd(ss, H, x_eps, PRECISE)[:, None, None]
-    # no store (STORE_OUT False): the out pointer and mask are placeholders
-    y0 = _normed(v0, v0, rs, xw_ptr, xw_ptr, rows_off, cols0, cm0, cm0, H, stride_xw, x_offset,
+    # no store (STORE_OUT False): the out pointer, offsets and mask are placeholders
+    y0 = _normed(v0, v0, rs, xw0, x0, cols0, cols0, cm0, H, x_offset,
                  X_DT, True, W_OFFSET, False, PRECISE, 0, False)
     y1, y2 = y0, y0
     if NG1 > 0:
-        y1 = _normed(v1, v1, rs, xw_ptr, xw_ptr, rows_off, cols1, cm1, cm1, H, stride_xw,
-                     x_offset, X_DT, True, W_OFFSET, False, PRECISE, 0, False)
+        y1 = _normed(v1, v1, rs, xw1, x0, cols1, cols1, cm0, H, x_offset,
+                     X_DT, True, W_OFFSET, False, PRECISE, 0, False)
     if NG2 > 0:
-        y2 = _normed(v2, v2, rs, xw_ptr, xw_ptr, rows_off, cols2, cm2, cm2, H, stride_xw,
-                     x_offset, X_DT, True, W_OFFSET, False, PRECISE, 0, False)
+        y2 = _normed(v2, v2, rs, xw2, x0, cols2, cols2, cm0, H, x_offset,
+                     X_DT, True, W_OFFSET, False, PRECISE, 0, False)
     return y0, y1, y2
 
 
@@ -799,7 +838,8 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
              MIN_AT: tl.constexpr, MIN_VALUE: tl.constexpr, INV_MIN: tl.constexpr,
              SCALE_X_DT: tl.constexpr, GATE: tl.constexpr, NORM_GROUPED: tl.constexpr,
              PROMOTE: tl.constexpr, xw_ptr, stride_xw, x_eps, x_offset,
-             X_NORM: tl.constexpr, X_W_OFFSET: tl.constexpr, OFFSETS_64: tl.constexpr):
+             X_NORM: tl.constexpr, X_W_OFFSET: tl.constexpr, OFFSETS_64: tl.constexpr,
+             EARLY_LOADS: tl.constexpr):
     """Everything after the loads for one block of rows, given its raw tiles
     (``_load_rows``): x's own norm (X_NORM) -> residual add or gate -> norm -> weight -> gate
     -> quantize, and every store. The ``r`` tiles are the residual's (HAS_RES) or the
@@ -813,9 +853,32 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
     # may reorder elements keeps them in their row only when there is one row)
     FOLD: tl.constexpr = NG1 > 0 and rows.shape[0] == 1
     WF: tl.constexpr = NG2 * G2 if NG2 > 0 else NG1 * G1  # the narrowest tile
+    ONE_ROW: tl.constexpr = rows.shape[0] == 1
 
+    # Every other read first, before any reduction: in flight together with x's, so a small
+    # grid (decode) waits for one memory round trip, not one more after each reduction.
+    w0, w1, w2 = x0, x0, x0  # placeholders without a weight (never read)
+    if HAS_WEIGHT and EARLY_LOADS:
+        w0, w1, w2 = _weights(w_ptr, stride_w, H, NG0, G0, NG1, G1, NG2, G2, ONE_ROW, EVEN_COLS)
+    s = eps  # placeholder without a static scale (never read)
+    if QUANT == 1 or QUANT == 4:  # static scale (a scalar)
+        s = tl.load(scale_in_ptr)
+    if EARLY_LOADS:  # x's first use waits for the weight (and the static scale) too
+        never = T < 0
+        STATIC: tl.constexpr = QUANT == 1 or QUANT == 4
+        if HAS_WEIGHT:  # (a chain on two predicates: on one, the selects would fold)
+            w0 = _after(w0, s, H < 0, STATIC)
+            x0 = _after(x0, w0, never, True)
+            if NG1 > 0:
+                x1 = _after(x1, w1, never, True)
+            if NG2 > 0:
+                x2 = _after(x2, w2, never, True)
+        else:
+            x0 = _after(x0, s, never, STATIC)
     if X_NORM:  # rms_norm_add_rms_norm: x is normalized before the residual add
-        x0, x1, x2 = _x_normed(x0, x1, x2, rows_off, H, xw_ptr, stride_xw, x_eps, x_offset,
+        xw0, xw1, xw2 = _weights(xw_ptr, stride_xw, H, NG0, G0, NG1, G1, NG2, G2, ONE_ROW,
+                                 EVEN_COLS)
+        x0, x1, x2 = _x_normed(x0, x1, x2, xw0, xw1, xw2, H, x_eps, x_offset,
                                NG0, G0, NG1, G1, NG2, G2, X_DT, FOLD, WF, X_W_OFFSET,
                                EVEN_COLS, PRECISE)
     gi0, cols0, cm0 = _tile(0, NG0, G0, H, EVEN_COLS)
@@ -851,14 +914,21 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
             rs0 = _rstd(ss, V, eps, PRECISE)[:, None, None]
             rs1 = rs0
             rs2 = rs0
-        v0 = _normed(v0, r0, rs0, w_ptr, out_ptr, rows_off, cols0, cm0, m0, H, stride_w, offset,
+        LATE_W: tl.constexpr = HAS_WEIGHT and not EARLY_LOADS
+        if LATE_W:  # each tile's weight just before its use: fewer live registers
+            w0 = _load_weight(w_ptr, cols0, cm0, stride_w, ONE_ROW)
+        v0 = _normed(v0, r0, rs0, w0, out_ptr, rows_off, cols0, m0, H, offset,
                      X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE, GATE, PROMOTE)
         if NG1 > 0:
-            v1 = _normed(v1, r1, rs1, w_ptr, out_ptr, rows_off, cols1, cm1, m1, H, stride_w,
-                         offset, X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE, GATE, PROMOTE)
+            if LATE_W:
+                w1 = _load_weight(w_ptr, cols1, cm1, stride_w, ONE_ROW)
+            v1 = _normed(v1, r1, rs1, w1, out_ptr, rows_off, cols1, m1, H, offset,
+                         X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE, GATE, PROMOTE)
         if NG2 > 0:
-            v2 = _normed(v2, r2, rs2, w_ptr, out_ptr, rows_off, cols2, cm2, m2, H, stride_w,
-                         offset, X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE, GATE, PROMOTE)
+            if LATE_W:
+                w2 = _load_weight(w_ptr, cols2, cm2, stride_w, ONE_ROW)
+            v2 = _normed(v2, r2, rs2, w2, out_ptr, rows_off, cols2, m2, H, offset,
+                         X_DT, HAS_WEIGHT, W_OFFSET, STORE_OUT, PRECISE, GATE, PROMOTE)
         if QUANT != 0 and not PROMOTE:  # the quantized value, a value of x.dtype
             v0 = _rewiden(v0, X_DT, PRECISE)
             if NG1 > 0:
@@ -866,8 +936,7 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
             if NG2 > 0:
                 v2 = _rewiden(v2, X_DT, PRECISE)
 
-    if QUANT == 1 or QUANT == 4:  # static scale (a scalar)
-        s = tl.load(scale_in_ptr)
+    if QUANT == 1 or QUANT == 4:  # static scale (``s``, loaded above)
         # FP8 SCALE_FORM 1 / 2 multiply (by reciprocal(s) / by s): the exact branch below
         if SCALE_FORM == 1:
             rs_exact = _recip(s)
@@ -992,6 +1061,8 @@ def norm_quant_kernel(
     # x normalized (weight xw, fp32 ``xw + x_offset`` with X_W_OFFSET) before the residual add
     X_NORM: tl.constexpr = False, X_W_OFFSET: tl.constexpr = False,
     OFFSETS_64: tl.constexpr = True,  # int64 row offsets (an offset may pass 2**31)
+    REVERSE_ROWS: tl.constexpr = False,  # program i takes row block nprog - 1 - i (not PERSISTENT)
+    EARLY_LOADS: tl.constexpr = True,  # the weight read with x, before the reduction
 ):
     # Inductor passes Python floats as fp64 (eager Triton: fp32): fp64 would make rstd and
     # every product with it fp64 (slower, and not the reference's fp32 arithmetic). tl.cast,
@@ -1002,6 +1073,8 @@ def norm_quant_kernel(
     x_offset = tl.cast(x_offset, tl.float32)
     HAS_R: tl.constexpr = HAS_RES or GATE != 0  # a second [T, H] input
     pid = tl.program_id(0)
+    if REVERSE_ROWS:  # the last rows first: those a launch just before read last are in L2
+        pid = tl.num_programs(0) - 1 - pid
     lanes = tl.arange(0, BLOCK_M)
     rows = pid * BLOCK_M + lanes
     x0, r0, x1, r1, x2, r2 = _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
@@ -1028,7 +1101,7 @@ def norm_quant_kernel(
                      PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, EVEN_ROWS,
                      EVEN_COLS, MX_SCALE, SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT,
                      GATE, NORM_GROUPED, PROMOTE, xw_ptr, stride_xw, x_eps, x_offset, X_NORM,
-                     X_W_OFFSET, OFFSETS_64)
+                     X_W_OFFSET, OFFSETS_64, EARLY_LOADS)
             x0, r0, x1, r1, x2, r2 = n0, nr0, n1, nr1, n2, nr2
             blk += nprog
     else:
@@ -1039,4 +1112,4 @@ def norm_quant_kernel(
                  PRECISE, SCALAR_RECIP, FP8_RECIP, INT8_RECIP, U8_RECIP, EVEN_ROWS,
                  EVEN_COLS, MX_SCALE, SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT,
                  GATE, NORM_GROUPED, PROMOTE, xw_ptr, stride_xw, x_eps, x_offset, X_NORM,
-                 X_W_OFFSET, OFFSETS_64)
+                 X_W_OFFSET, OFFSETS_64, EARLY_LOADS)

@@ -373,7 +373,8 @@ def kernel_quant(spec: OpSpec, x: Any, qargs: tuple) -> KernelQuant | None:
 def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight: bool,
                 w_offset: bool, vsize: bool, has_aux: bool, ue8m0: bool, scale_args: tuple,
                 full_blocks: bool, mx_scale: int = 0, gate: int = 0, norm_grouped: bool = False,
-                promote: bool = False, x_w_offset: bool = False, offsets_64: bool = True):
+                promote: bool = False, x_w_offset: bool = False, offsets_64: bool = True,
+                reverse_rows: bool = False, early_loads: bool = True):
     """The kernel's constexprs for one op, launch config and argument configuration (cached:
     the eager hot path computes them once per configuration)."""
     spec = registry.spec(name)
@@ -393,6 +394,8 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
         persistent, even_rows, even_cols, mx_scale,
         *scale_args,  # SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT
         gate, norm_grouped, promote, x_norm, x_w_offset, offsets_64,
+        reverse_rows and not persistent,  # a persistent grid keeps its order
+        early_loads,
     )
 
 
@@ -423,11 +426,27 @@ def _offsets_64(tokens, hidden, sx, sr, st, sg, group) -> bool:
     return largest >= 2 ** 31
 
 
-def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:
+# Grids of at most this many programs read the weight (and a static scale) together with x
+# (EARLY_LOADS): few programs per SM hide no memory latency, so a second round trip for the
+# weight after the row's reduction shows in the kernel's time (decode). Larger grids keep
+# ptxas's schedule, which holds fewer registers.
+EARLY_LOADS_MAX_PROGRAMS = 512
+
+
+def _early_loads(tokens, cfg: LaunchConfig) -> bool:
+    """Whether the launch reads the weight with x, before the row's reduction (a symbolic
+    token count: no)."""
+    return (isinstance(tokens, int) and cfg.programs_per_sm <= 0
+            and -(-tokens // cfg.block_m) <= EARLY_LOADS_MAX_PROGRAMS)
+
+
+def prepare(spec: OpSpec, args: tuple, store_q: bool = True, reverse_rows: bool = False) -> Launch:
     """The launch of ``spec`` on ``args`` (positional, complete; the kernel must accept
     them). Zero tokens give grid 0: nothing to launch. On the eager hot path: keep it lean.
     ``store_q=False`` (per-token dynamic schemes): the scales only, the quantized output is
-    allocated but not written (per-tensor FP8's first pass needs only them)."""
+    allocated but not written (per-tensor FP8's first pass needs only them).
+    ``reverse_rows``: the last row block first (a second pass over what a launch just read:
+    its last rows are still in L2); the same bits."""
     call = spec.split(args)
     x = call.x
     kq = kernel_quant(spec, x, call.qargs)
@@ -468,7 +487,8 @@ def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:
         vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0, scale_args,
         isinstance(tokens, int) and tokens % cfg.block_m == 0, kq.mx_scale, gate,
         norm_group != 0, promote, x_offset != 0.0,
-        _offsets_64(tokens, hidden, sx, sr, st, sg, kq.group),
+        _offsets_64(tokens, hidden, sx, sr, st, sg, kq.group), reverse_rows,
+        _early_loads(tokens, cfg),
     )
     runtime = (
         x2, r2, weight, outs[0] if store_out else None, outs[-1] if spec.residual else None,
@@ -546,9 +566,9 @@ def _eager_launch(launch: Launch, device: int) -> None:
     kernel[(launch.grid0, 1, 1)](*launch.args, *launch.consts)
 
 
-def run(spec: OpSpec, args: tuple, store_q: bool = True) -> Any:
+def run(spec: OpSpec, args: tuple, store_q: bool = True, reverse_rows: bool = False) -> Any:
     """The triton provider of ``spec``: one kernel launch (none for zero tokens)."""
-    launch = prepare(spec, args, store_q)
+    launch = prepare(spec, args, store_q, reverse_rows)
     if not launch.grid0:
         return launch.outputs
     if INTERPRET:
