@@ -533,14 +533,25 @@ def _weights(w_ptr, stride_w, H, NG0: tl.constexpr, G0: tl.constexpr, NG1: tl.co
 
 
 @triton.jit
-def _after(x, dep, never, HAS_DEP: tl.constexpr):
-    """``x`` made to depend on ``dep``'s value (``never``: a runtime False): its math then
-    waits for both loads, and ptxas issues ``dep``'s load next to x's. Without it ptxas sinks
-    the weight's loads below x's math (it weighs registers, not memory latency), so a
-    one-wave grid (decode) waits for a second memory round trip after its reduction."""
-    if HAS_DEP:
-        x = tl.where(never, dep.to(x.dtype), x)
-    return x
+def _after(x, dep, T, PRECISE: tl.constexpr):
+    """``x`` unchanged, made to depend on ``dep``'s value: its math then waits for both
+    loads, and ptxas issues ``dep``'s load next to x's. Without it ptxas sinks the weight's
+    loads below x's math (it weighs registers, not memory latency), so a small grid (decode)
+    waits for a second memory round trip after its reduction.
+
+    ``x ^ (dep & zero)`` with a zero ptxas cannot fold (``T < 0``): one LOP3 per register
+    of two 16-bit elements; otherwise a select on that predicate."""
+    never = T < 0
+    if PRECISE and x.dtype.primitive_bitwidth == 16 and dep.dtype.primitive_bitwidth == 16 \
+            and x.numel >= 2 * num_threads():
+        zero = never.to(tl.int16).to(x.dtype, bitcast=True)
+        zero = tl.broadcast_to(zero, x.shape)
+        r = tl.inline_asm_elementwise("and.b32 $0, $2, $3; xor.b32 $0, $0, $1;", "=r,r,r,r",
+                                      [x, dep.to(x.dtype, bitcast=True), zero], dtype=x.dtype,
+                                      is_pure=True, pack=2)
+    else:
+        r = tl.where(never, dep.to(x.dtype), x)
+    return r
 
 
 @triton.jit
@@ -855,26 +866,17 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
     WF: tl.constexpr = NG2 * G2 if NG2 > 0 else NG1 * G1  # the narrowest tile
     ONE_ROW: tl.constexpr = rows.shape[0] == 1
 
-    # Every other read first, before any reduction: in flight together with x's, so a small
-    # grid (decode) waits for one memory round trip, not one more after each reduction.
+    # The weight read first, before any reduction, in flight together with x: a small grid
+    # (decode) then waits for one memory round trip, not a second one after the reduction.
     w0, w1, w2 = x0, x0, x0  # placeholders without a weight (never read)
     if HAS_WEIGHT and EARLY_LOADS:
         w0, w1, w2 = _weights(w_ptr, stride_w, H, NG0, G0, NG1, G1, NG2, G2, ONE_ROW, EVEN_COLS)
-    s = eps  # placeholder without a static scale (never read)
-    if QUANT == 1 or QUANT == 4:  # static scale (a scalar)
-        s = tl.load(scale_in_ptr)
-    if EARLY_LOADS:  # x's first use waits for the weight (and the static scale) too
-        never = T < 0
-        STATIC: tl.constexpr = QUANT == 1 or QUANT == 4
-        if HAS_WEIGHT:  # (a chain on two predicates: on one, the selects would fold)
-            w0 = _after(w0, s, H < 0, STATIC)
-            x0 = _after(x0, w0, never, True)
-            if NG1 > 0:
-                x1 = _after(x1, w1, never, True)
-            if NG2 > 0:
-                x2 = _after(x2, w2, never, True)
-        else:
-            x0 = _after(x0, s, never, STATIC)
+    if HAS_WEIGHT and EARLY_LOADS:  # x's first use waits for the weight too
+        x0 = _after(x0, w0, T, PRECISE)
+        if NG1 > 0:
+            x1 = _after(x1, w1, T, PRECISE)
+        if NG2 > 0:
+            x2 = _after(x2, w2, T, PRECISE)
     if X_NORM:  # rms_norm_add_rms_norm: x is normalized before the residual add
         xw0, xw1, xw2 = _weights(xw_ptr, stride_xw, H, NG0, G0, NG1, G1, NG2, G2, ONE_ROW,
                                  EVEN_COLS)
@@ -936,7 +938,8 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
             if NG2 > 0:
                 v2 = _rewiden(v2, X_DT, PRECISE)
 
-    if QUANT == 1 or QUANT == 4:  # static scale (``s``, loaded above)
+    if QUANT == 1 or QUANT == 4:  # static scale (a scalar)
+        s = tl.load(scale_in_ptr)
         # FP8 SCALE_FORM 1 / 2 multiply (by reciprocal(s) / by s): the exact branch below
         if SCALE_FORM == 1:
             rs_exact = _recip(s)
@@ -1062,7 +1065,7 @@ def norm_quant_kernel(
     X_NORM: tl.constexpr = False, X_W_OFFSET: tl.constexpr = False,
     OFFSETS_64: tl.constexpr = True,  # int64 row offsets (an offset may pass 2**31)
     REVERSE_ROWS: tl.constexpr = False,  # program i takes row block nprog - 1 - i (not PERSISTENT)
-    EARLY_LOADS: tl.constexpr = True,  # the weight read with x, before the reduction
+    EARLY_LOADS: tl.constexpr = True,  # the weight read with x, before the reduction (_after)
 ):
     # Inductor passes Python floats as fp64 (eager Triton: fp32): fp64 would make rstd and
     # every product with it fp64 (slower, and not the reference's fp32 arithmetic). tl.cast,
