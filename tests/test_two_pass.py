@@ -165,9 +165,12 @@ def test_traced_for_inductor_as_two_launches_and_the_tensor_scale():
             # pass 1 writes the rows' scales, no quantized values; pass 2 the codes
             assert "q_ptr" not in nodes[0].kwargs["kwargs"] and "q_ptr" in nodes[2].kwargs["kwargs"]
             # pass 2 takes the row blocks last to first (what pass 1 read last is in L2)
-            order = [{**kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]),
-                      **n.kwargs["kwargs"]}["REVERSE_ROWS"] for n in (nodes[0], nodes[2])]
+            consts = [{**kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]),
+                       **n.kwargs["kwargs"]} for n in (nodes[0], nodes[2])]
+            order = [c["REVERSE_ROWS"] for c in consts]
             assert order == [False, True], (name, form, order)
+            # pass 1 keeps x in L2 for pass 2 (evict_last); pass 2 streams it
+            assert [c["KEEP_X"] for c in consts] == [True, False], (name, form)
 
 
 def test_scales_only_launch_is_refused_where_the_kernel_must_store_codes():

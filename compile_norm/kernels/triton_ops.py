@@ -374,7 +374,7 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
                 w_offset: bool, vsize: bool, has_aux: bool, ue8m0: bool, scale_args: tuple,
                 full_blocks: bool, mx_scale: int = 0, gate: int = 0, norm_grouped: bool = False,
                 promote: bool = False, x_w_offset: bool = False, offsets_64: bool = True,
-                reverse_rows: bool = False, early_loads: bool = True):
+                reverse_rows: bool = False, early_loads: bool = True, keep_x: bool = False):
     """The kernel's constexprs for one op, launch config and argument configuration (cached:
     the eager hot path computes them once per configuration)."""
     spec = registry.spec(name)
@@ -395,7 +395,7 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
         *scale_args,  # SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT
         gate, norm_grouped, promote, x_norm, x_w_offset, offsets_64,
         reverse_rows and not persistent,  # a persistent grid keeps its order
-        early_loads,
+        early_loads, keep_x,
     )
 
 
@@ -487,7 +487,7 @@ def prepare(spec: OpSpec, args: tuple, store_q: bool = True, reverse_rows: bool 
         isinstance(tokens, int) and tokens % cfg.block_m == 0, kq.mx_scale, gate,
         norm_group != 0, promote, x_offset != 0.0,
         _offsets_64(tokens, hidden, sx, sr, st, sg, kq.group), reverse_rows,
-        _early_loads(mode, cfg),
+        _early_loads(mode, cfg), not store_q,  # a scales-only launch: x is read again next
     )
     runtime = (
         x2, r2, weight, outs[0] if store_out else None, outs[-1] if spec.residual else None,

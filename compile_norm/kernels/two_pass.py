@@ -19,9 +19,10 @@ Triton does not give):
 Both launches normalize with the same kernel code, so pass 2's ``y`` is pass 1's bit for bit.
 
 Pass 1 writes no quantized values (``store_q=False``: the kernel gets no q pointer), only
-the rows' scales (and ``residual_out``). Pass 2 takes the row blocks last to first
+the rows' scales (and ``residual_out``), and keeps x in L2 (``evict_last`` where other
+launches stream it through with ``evict_first``). Pass 2 takes the row blocks last to first
 (``reverse_rows``): the rows pass 1 read last are the ones still in L2, so part of the
-second read of x comes from L2 rather than memory.
+second read of x can come from L2 rather than memory.
 
 Bytes per element (16-bit activations), against the graph of the reference (norm kernel
 writing y, amax reading it, quantize reading it again): rms_norm: 5 here (x read twice, q
