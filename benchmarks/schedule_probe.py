@@ -1,16 +1,13 @@
-"""Time the row kernel's two schedule switches on and off, on the GPU (eager kernel calls).
+"""Time the row kernel's load schedule both ways, on the GPU (eager kernel calls).
 
-- ``EARLY_LOADS`` (triton_ops._early_loads): the weight read together with x, before the
-  row's reduction, against ptxas's own schedule (the weight read after the reduction). Per
-  family, T x H: both kernel times and the copy's.
-- ``reverse_rows`` (per-tensor FP8's second pass, kernels/two_pass.py): the second launch
-  from the last row block back, against the first-to-last order.
-
-Both give the same bits (tests/test_kernels_interpret.py, tests/test_two_pass.py); only the
-time differs. CUDA-graph replay, L2 flushed, median (lowerings/measure.graph_time_us).
+``EARLY_LOADS`` (triton_ops._early_loads): the weight read together with x, before the row's
+reduction, against ptxas's own schedule (the weight read after the reduction). Per family and
+T x H: both kernel times, the copy's, and whether the outputs' bits are equal (they must be:
+tests/test_kernels_interpret.py). CUDA-graph replay, L2 flushed, median
+(lowerings/measure.graph_time_us).
 
     python benchmarks/schedule_probe.py --out $OUT
-    python benchmarks/schedule_probe.py --part early --tokens 1,32,256 --hidden 4096
+    python benchmarks/schedule_probe.py --tokens 1,32,256 --hidden 4096
 """
 
 from __future__ import annotations
@@ -28,13 +25,12 @@ sys.path.insert(0, str(HERE))
 
 import gpu_check as G  # noqa: E402
 
-from compile_norm.kernels import triton_ops, two_pass  # noqa: E402
+from compile_norm.kernels import triton_ops  # noqa: E402
 from compile_norm.lowerings.measure import graph_time_us  # noqa: E402
 from compile_norm.ops import registry  # noqa: E402
 
 EARLY_FAMILIES = ("rms_norm", "gemma_rms_norm", "add_rms_norm", "rms_fp8_static",
                   "add_rms_fp8_dynamic", "rms_fp8_group128")
-TENSOR_OPS = ("rms_norm_fp8_dynamic_tensor", "fused_add_rms_norm_fp8_dynamic_tensor")
 
 
 def copy_us(t: int, h: int) -> float:
@@ -72,43 +68,13 @@ def same_bits(a, b) -> bool:
                for u, v in zip(a, b))
 
 
-def reverse(shapes: list[tuple[int, int]]) -> list[dict]:
-    rows = []
-    for t, h in shapes:
-        x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
-        r = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
-        w = (1.0 + 0.1 * torch.randn(h, device="cuda")).to(torch.bfloat16)
-        base = copy_us(t, h)
-        for name in TENSOR_OPS:
-            args = (x, r, w, G.EPS) if "add" in name else (x, w, G.EPS)
-            call = registry.spec(name).bind(args, {})
-            row = dict(part="reverse", op=name, T=t, H=h, copy_us=round(base, 2))
-            outs = {}
-            for label, flag in (("forward", False), ("reverse", True)):
-                def launch(spec, a, flag=flag, **kw):
-                    kw["reverse_rows"] = flag and kw.get("store_q", True)
-                    return triton_ops.run(spec, a, **kw)
-                outs[label] = two_pass.run(name, call, launch)
-                row[f"{label}_us"] = round(graph_time_us(lambda: two_pass.run(name, call, launch)), 2)
-            row["same_bits"] = same_bits(outs["forward"], outs["reverse"])
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    return rows
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=("early", "reverse", "both"), default="both")
     p.add_argument("--tokens", default="1,8,32,128,256,512,1024,2048,8192")
     p.add_argument("--hidden", default="4096,5376")
-    p.add_argument("--reverse-shapes", default="2048x4096,4096x4096,8192x4096,8192x5376,16384x4096")
     p.add_argument("--out", default="out")
     a = p.parse_args(argv)
-    rows = []
-    if a.part in ("early", "both"):
-        rows += early([int(v) for v in a.tokens.split(",")], [int(v) for v in a.hidden.split(",")])
-    if a.part in ("reverse", "both"):
-        rows += reverse([tuple(map(int, s.split("x"))) for s in a.reverse_shapes.split(",")])
+    rows = early([int(v) for v in a.tokens.split(",")], [int(v) for v in a.hidden.split(",")])
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "schedule_probe.json").write_text(json.dumps(rows, indent=1))

@@ -52,10 +52,10 @@ except Exception as e:  # ImportError, old torch, broken triton
 AVAILABLE = not REASON
 
 
-def _launch_wrapped(spec: OpSpec, args: tuple, store_q: bool = True, reverse_rows: bool = False) -> Any:
+def _launch_wrapped(spec: OpSpec, args: tuple, store_q: bool = True) -> Any:
     # The eager provider's launch (triton_ops.prepare), through wrap_triton so Inductor sees
     # a user-defined Triton kernel.
-    launch = T.prepare(spec, args, store_q, reverse_rows)
+    launch = T.prepare(spec, args, store_q)
     if not (isinstance(launch.grid0, int) and launch.grid0 == 0):  # a SymInt may be 0: launch
         wrap_triton(K.norm_quant_kernel)[(launch.grid0,)](
             *launch.args, **launch.const_kwargs(), num_warps=launch.num_warps)

@@ -307,29 +307,21 @@ def _tile_mask(rmask, cmask):
 
 
 @triton.jit
-def _load_raw(ptr, rows_off, stride, cols, mask, KEEP: tl.constexpr = False):
+def _load_raw(ptr, rows_off, stride, cols, mask):
     """One tile as stored, not converted: nothing here uses the values, so the load stays
-    in flight until the caller does (what the persistent loop's prefetch relies on).
-    Streamed through L2 (evict_first), or with KEEP kept there (evict_last: a second pass
-    reads it again)."""
-    if KEEP:
-        r = tl.load(ptr + rows_off[:, None, None] * stride + cols[None, :, :], mask=mask,
-                    other=0.0, eviction_policy="evict_last")
-    else:
-        r = tl.load(ptr + rows_off[:, None, None] * stride + cols[None, :, :], mask=mask,
-                    other=0.0, eviction_policy="evict_first")
-    return r
+    in flight until the caller does (what the persistent loop's prefetch relies on)."""
+    return tl.load(ptr + rows_off[:, None, None] * stride + cols[None, :, :], mask=mask,
+                   other=0.0, eviction_policy="evict_first")
 
 
 @triton.jit
 def _load_tile(x_ptr, r_ptr, rows_off, rmask, C0: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
-               H, stride_x, stride_r, HAS_R: tl.constexpr, EVEN_COLS: tl.constexpr,
-               KEEP_X: tl.constexpr):
+               H, stride_x, stride_r, HAS_R: tl.constexpr, EVEN_COLS: tl.constexpr):
     """Raw x and second input (residual or gate) of one tile; without HAS_R the second is
     x's placeholder."""
     _, cols, cmask = _tile(C0, NG, G, H, EVEN_COLS)
     mask = _tile_mask(rmask, cmask)
-    x = _load_raw(x_ptr, rows_off, stride_x, cols, mask, KEEP_X)
+    x = _load_raw(x_ptr, rows_off, stride_x, cols, mask)
     r = x
     if HAS_R:
         r = _load_raw(r_ptr, rows_off, stride_r, cols, mask)
@@ -340,8 +332,7 @@ def _load_tile(x_ptr, r_ptr, rows_off, rmask, C0: tl.constexpr, NG: tl.constexpr
 def _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
                NG0: tl.constexpr, G0: tl.constexpr, NG1: tl.constexpr, G1: tl.constexpr,
                NG2: tl.constexpr, G2: tl.constexpr, HAS_R: tl.constexpr,
-               EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr, OFFSETS_64: tl.constexpr,
-               KEEP_X: tl.constexpr):
+               EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr, OFFSETS_64: tl.constexpr):
     """Raw tiles (x0, r0, x1, r1, x2, r2) of rows ``rows`` (masked at T and H).
 
     Absent tensors (no residual or gate, NG1 / NG2 = 0) are placeholders (an earlier tile, never
@@ -353,15 +344,15 @@ def _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
     C1: tl.constexpr = NG0 * G0
     C2: tl.constexpr = C1 + NG1 * G1
     x0, r0 = _load_tile(x_ptr, r_ptr, rows_off, rmask, 0, NG0, G0, H, stride_x, stride_r,
-                        HAS_R, EVEN_COLS, KEEP_X)
+                        HAS_R, EVEN_COLS)
     x1, r1 = x0, r0
     if NG1 > 0:
         x1, r1 = _load_tile(x_ptr, r_ptr, rows_off, rmask, C1, NG1, G1, H, stride_x, stride_r,
-                            HAS_R, EVEN_COLS, KEEP_X)
+                            HAS_R, EVEN_COLS)
     x2, r2 = x0, r0
     if NG2 > 0:
         x2, r2 = _load_tile(x_ptr, r_ptr, rows_off, rmask, C2, NG2, G2, H, stride_x, stride_r,
-                            HAS_R, EVEN_COLS, KEEP_X)
+                            HAS_R, EVEN_COLS)
     return x0, r0, x1, r1, x2, r2
 
 
@@ -1073,9 +1064,7 @@ def norm_quant_kernel(
     # x normalized (weight xw, fp32 ``xw + x_offset`` with X_W_OFFSET) before the residual add
     X_NORM: tl.constexpr = False, X_W_OFFSET: tl.constexpr = False,
     OFFSETS_64: tl.constexpr = True,  # int64 row offsets (an offset may pass 2**31)
-    REVERSE_ROWS: tl.constexpr = False,  # program i takes row block nprog - 1 - i (not PERSISTENT)
     EARLY_LOADS: tl.constexpr = True,  # the weight read with x, before the reduction (_after)
-    KEEP_X: tl.constexpr = False,  # x kept in L2 (evict_last): a second launch reads it again
 ):
     # Inductor passes Python floats as fp64 (eager Triton: fp32): fp64 would make rstd and
     # every product with it fp64 (slower, and not the reference's fp32 arithmetic). tl.cast,
@@ -1086,13 +1075,11 @@ def norm_quant_kernel(
     x_offset = tl.cast(x_offset, tl.float32)
     HAS_R: tl.constexpr = HAS_RES or GATE != 0  # a second [T, H] input
     pid = tl.program_id(0)
-    if REVERSE_ROWS:  # the last rows first: those a launch just before read last are in L2
-        pid = tl.num_programs(0) - 1 - pid
     lanes = tl.arange(0, BLOCK_M)
     rows = pid * BLOCK_M + lanes
     x0, r0, x1, r1, x2, r2 = _load_rows(x_ptr, r_ptr, rows, T, H, stride_x, stride_r,
                                         NG0, G0, NG1, G1, NG2, G2, HAS_R, EVEN_ROWS, EVEN_COLS,
-                                        OFFSETS_64, KEEP_X)
+                                        OFFSETS_64)
     if PERSISTENT:
         # Row blocks pid, pid + nprog, ...: the next block's loads are issued before this
         # block's math and stores (their values are first used in the next iteration),
@@ -1105,7 +1092,7 @@ def norm_quant_kernel(
             cur = blk * BLOCK_M + lanes
             n0, nr0, n1, nr1, n2, nr2 = _load_rows(
                 x_ptr, r_ptr, cur + nprog * BLOCK_M, T, H, stride_x, stride_r,
-                NG0, G0, NG1, G1, NG2, G2, HAS_R, EVEN_ROWS, EVEN_COLS, OFFSETS_64, KEEP_X)
+                NG0, G0, NG1, G1, NG2, G2, HAS_R, EVEN_ROWS, EVEN_COLS, OFFSETS_64)
             _process(x0, r0, x1, r1, x2, r2, cur, T, H, x_ptr, w_ptr, out_ptr, res_out_ptr,
                      q_ptr, s_ptr, azp_ptr, scale_in_ptr, aux_in_ptr, stride_w, stride_st,
                      stride_sg, eps, offset, V, NG0, G0, NG1, G1, NG2, G2, HAS_RES, DO_NORM,

@@ -374,7 +374,7 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
                 w_offset: bool, vsize: bool, has_aux: bool, ue8m0: bool, scale_args: tuple,
                 full_blocks: bool, mx_scale: int = 0, gate: int = 0, norm_grouped: bool = False,
                 promote: bool = False, x_w_offset: bool = False, offsets_64: bool = True,
-                reverse_rows: bool = False, early_loads: bool = True, keep_x: bool = False):
+                early_loads: bool = True):
     """The kernel's constexprs for one op, launch config and argument configuration (cached:
     the eager hot path computes them once per configuration)."""
     spec = registry.spec(name)
@@ -394,8 +394,7 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
         persistent, even_rows, even_cols, mx_scale,
         *scale_args,  # SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT
         gate, norm_grouped, promote, x_norm, x_w_offset, offsets_64,
-        reverse_rows and not persistent,  # a persistent grid keeps its order
-        early_loads, keep_x,
+        early_loads,
     )
 
 
@@ -439,13 +438,11 @@ def _early_loads(mode: int, cfg: LaunchConfig) -> bool:
     return cfg.programs_per_sm <= 0 and mode not in _LATE_WEIGHT_MODES
 
 
-def prepare(spec: OpSpec, args: tuple, store_q: bool = True, reverse_rows: bool = False) -> Launch:
+def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:
     """The launch of ``spec`` on ``args`` (positional, complete; the kernel must accept
     them). Zero tokens give grid 0: nothing to launch. On the eager hot path: keep it lean.
     ``store_q=False`` (per-token dynamic schemes): the scales only, the quantized output is
-    allocated but not written (per-tensor FP8's first pass needs only them).
-    ``reverse_rows``: the last row block first (a second pass over what a launch just read:
-    its last rows are still in L2); the same bits."""
+    allocated but not written (per-tensor FP8's first pass needs only them)."""
     call = spec.split(args)
     x = call.x
     kq = kernel_quant(spec, x, call.qargs)
@@ -486,8 +483,7 @@ def prepare(spec: OpSpec, args: tuple, store_q: bool = True, reverse_rows: bool 
         vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0, scale_args,
         isinstance(tokens, int) and tokens % cfg.block_m == 0, kq.mx_scale, gate,
         norm_group != 0, promote, x_offset != 0.0,
-        _offsets_64(tokens, hidden, sx, sr, st, sg, kq.group), reverse_rows,
-        _early_loads(mode, cfg), not store_q,  # a scales-only launch: x is read again next
+        _offsets_64(tokens, hidden, sx, sr, st, sg, kq.group), _early_loads(mode, cfg),
     )
     runtime = (
         x2, r2, weight, outs[0] if store_out else None, outs[-1] if spec.residual else None,
@@ -565,9 +561,9 @@ def _eager_launch(launch: Launch, device: int) -> None:
     kernel[(launch.grid0, 1, 1)](*launch.args, *launch.consts)
 
 
-def run(spec: OpSpec, args: tuple, store_q: bool = True, reverse_rows: bool = False) -> Any:
+def run(spec: OpSpec, args: tuple, store_q: bool = True) -> Any:
     """The triton provider of ``spec``: one kernel launch (none for zero tokens)."""
-    launch = prepare(spec, args, store_q, reverse_rows)
+    launch = prepare(spec, args, store_q)
     if not launch.grid0:
         return launch.outputs
     if INTERPRET:

@@ -19,10 +19,7 @@ Triton does not give):
 Both launches normalize with the same kernel code, so pass 2's ``y`` is pass 1's bit for bit.
 
 Pass 1 writes no quantized values (``store_q=False``: the kernel gets no q pointer), only
-the rows' scales (and ``residual_out``), and keeps x in L2 (``evict_last`` where other
-launches stream it through with ``evict_first``). Pass 2 takes the row blocks last to first
-(``reverse_rows``): the rows pass 1 read last are the ones still in L2, so part of the
-second read of x can come from L2 rather than memory.
+the rows' scales (and ``residual_out``).
 
 Bytes per element (16-bit activations), against the graph of the reference (norm kernel
 writing y, amax reading it, quantize reading it again): rms_norm: 5 here (x read twice, q
@@ -76,13 +73,11 @@ def run(name: str, args: tuple, launch: Callable[..., Any] = T.run) -> Any:
     out1 = launch(first, _per_row(first, spec, call), store_q=False)  # pass 1: the rows' scales only
     scale = _tensor_scale(out1[1], call.x, how)
     qargs = (scale, how.scale_form)
-    # pass 2 from the last rows back: pass 1 read (or wrote) those last, so L2 still holds them
     if spec.residual:  # pass 2 normalizes residual_out, which pass 1 wrote
         h = out1[2]
-        q = launch(second, second.join(call._replace(x=h, residual=None, qargs=qargs)),
-                   reverse_rows=True)
+        q = launch(second, second.join(call._replace(x=h, residual=None, qargs=qargs)))
         return q, scale, h
-    q = launch(second, second.join(call._replace(qargs=qargs)), reverse_rows=True)
+    q = launch(second, second.join(call._replace(qargs=qargs)))
     return q, scale
 
 
