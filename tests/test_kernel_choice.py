@@ -675,3 +675,18 @@ def test_inductor_mutation_analysis_of_the_backward_kernel(cuda_target_for_trito
     else:
         written = sorted(tkw.identify_mutated_tensors(BK.rms_norm_backward_kernel, kwargs, {}))
     assert written == sorted(B.written_args("rms_norm_backward_kernel", kwargs))
+
+
+def test_measurements_are_kept_per_kernel_source(monkeypatch):
+    """A changed kernel (forward or backward source) gets a new device key, so its shape
+    classes are measured again rather than judged by the old kernel's times."""
+    from compile_norm.kernels import triton_backward, triton_ops
+    from compile_norm.lowerings import choice
+
+    before = choice.device_key()
+    assert f"torch {torch.__version__}" in before and triton_ops.SOURCE[:12] in before
+    monkeypatch.setattr(triton_ops, "SOURCE", "0" * 64)
+    forward_changed = choice.device_key()
+    monkeypatch.setattr(triton_backward, "SOURCE", "1" * 64)
+    backward_changed = choice.device_key()
+    assert len({before, forward_changed, backward_changed}) == 3

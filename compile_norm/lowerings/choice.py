@@ -158,8 +158,9 @@ def _tokens(x: torch.Tensor) -> int | None:
 
 # --- measured entries (memory + disk) -------------------------------------------------------
 #
-# The file holds {device key: {shape class: entry}}; the device key names the GPU and the torch
-# and Triton versions, so a measurement is only trusted on the card and stack it was made on.
+# The file holds {device key: {shape class: entry}}; the device key names the GPU, the torch
+# and Triton versions and the kernels' sources, so a measurement is only trusted on the card,
+# stack and kernels it was made with.
 # A shape class is (op, dtype, hidden size, token class, the other arguments' kinds); with
 # batch invariance (the default) the token class is "any": one choice for every token count,
 # measured at MEASURE_TOKENS["any"], so a row's bits never depend on how many rows share a call.
@@ -182,14 +183,17 @@ def cache_path() -> pathlib.Path:
 
 
 def device_key(device: torch.device | None = None) -> str:
-    """The card and software a measurement holds for."""
+    """The card and software a measurement holds for: torch, Triton and the kernels' sources
+    (a changed kernel is measured again, not judged by its predecessor's times)."""
+    from ..kernels import triton_backward, triton_ops
     from ..passes.cache_key import triton_version
 
     try:
         name = torch.cuda.get_device_name(device)
     except (RuntimeError, AssertionError):  # no driver (fake CUDA tensors on a CPU machine)
         name = "no CUDA device"
-    return f"{name}|torch {torch.__version__}|triton {triton_version()}"
+    kernels = f"{triton_ops.SOURCE[:12]}+{triton_backward.SOURCE[:12]}"
+    return f"{name}|torch {torch.__version__}|triton {triton_version()}|kernels {kernels}"
 
 
 def shaped_like(a: torch.Tensor, x: torch.Tensor) -> bool:
