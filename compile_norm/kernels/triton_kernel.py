@@ -498,9 +498,8 @@ def _gate_input(xf, g, GATE: tl.constexpr, PRECISE: tl.constexpr):
 
 @triton.jit
 def _load_weight(w_ptr, cols, cmask, stride_w, ONE_ROW: tl.constexpr):
-    """A weight tile ``[1, NG, G]``, loaded before the row's reduction so that its read is
-    in flight with x's (loaded after it, a small grid waits for a second memory round trip:
-    decode)."""
+    """One tile of a weight, ``[1, NG, G]`` (read before the row's reduction with
+    EARLY_LOADS, just before its use otherwise)."""
     if ONE_ROW:
         # one row: loaded as the tile's shape, so Triton gives it x's layout; a 2-D load
         # gets its own (8 per thread where a quantized store takes 16) and a conversion
@@ -869,9 +868,8 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
     # The weight read first, before any reduction, in flight together with x: a small grid
     # (decode) then waits for one memory round trip, not a second one after the reduction.
     w0, w1, w2 = x0, x0, x0  # placeholders without a weight (never read)
-    if HAS_WEIGHT and EARLY_LOADS:
+    if HAS_WEIGHT and EARLY_LOADS:  # and x's first use waits for it
         w0, w1, w2 = _weights(w_ptr, stride_w, H, NG0, G0, NG1, G1, NG2, G2, ONE_ROW, EVEN_COLS)
-    if HAS_WEIGHT and EARLY_LOADS:  # x's first use waits for the weight too
         x0 = _after(x0, w0, T, PRECISE)
         if NG1 > 0:
             x1 = _after(x1, w1, T, PRECISE)
