@@ -252,3 +252,25 @@ def test_sandwich_rounds_its_first_norm_before_the_add(dtype_name, hidden):
     assert ptx.count("add.rn.f32") >= 1
     assert sandwich["FFMA"] == norm["FFMA"] + add["FFMA"], (sandwich, norm, add)
     assert sandwich["HMUL2"] == norm["HMUL2"] + add["HMUL2"], (sandwich, norm, add)
+
+
+def _first(body: list, pred) -> int:
+    return next((i for i, x in enumerate(body) if pred(x)), len(body))
+
+
+@pytest.mark.parametrize("family,hidden", [("rms_norm", 4096), ("gemma_rms_norm", 4096),
+                                           ("add_rms_norm", 5376), ("add_rms_fp8_dynamic", 4096),
+                                           ("rms_fp8_static", 4096)])
+def test_weight_is_read_with_x_except_under_a_static_scale(family, hidden):
+    """EARLY_LOADS: every weight load (the evict_last ``LDG``s) is issued before x's first
+    math (the sum of squares' first FMUL / FFMA), so a decode-sized grid waits for one memory
+    round trip; ptxas alone sinks them below it, which static-scale launches keep."""
+    row = _analyse(family, 1, hidden)
+    body = [x for x in kernel_isa.kernel_body(row["sass"]) if isinstance(x, kernel_isa.Insn)]
+    weight = [i for i, x in enumerate(body) if x.opcode.startswith("LDG") and ".EL" in x.opcode]
+    math = _first(body, lambda x: x.base in ("FMUL", "FFMA"))
+    assert weight and math < len(body), (weight, math)
+    if family == "rms_fp8_static":
+        assert max(weight) > math, (weight, math)
+    else:
+        assert max(weight) < math, (weight, math)
