@@ -67,6 +67,7 @@ def _child() -> None:
             outs, flags = [], []
             for early in (False, True):
                 triton_ops._early_loads = lambda *a, early=early: early
+                triton_ops._constexprs.cache_clear()  # (it derives EARLY_LOADS)
                 outs.append(triton_ops.run(spec, call))
                 flags.append(triton_ops.prepare(spec, call).const_kwargs()["EARLY_LOADS"])
             assert flags == [False, True], flags
@@ -75,6 +76,7 @@ def _child() -> None:
         except Exception as e:
             schedules.append({"name": case.name(), "problems": [f"{type(e).__name__}: {e}"]})
     triton_ops._early_loads = chosen
+    triton_ops._constexprs.cache_clear()
 
     # The full op call dispatches to the kernel for CPU tensors in interpreter mode.
     x = torch.randn(3, 40, dtype=bf16)

@@ -373,8 +373,7 @@ def kernel_quant(spec: OpSpec, x: Any, qargs: tuple) -> KernelQuant | None:
 def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight: bool,
                 w_offset: bool, vsize: bool, has_aux: bool, ue8m0: bool, scale_args: tuple,
                 full_blocks: bool, mx_scale: int = 0, gate: int = 0, norm_grouped: bool = False,
-                promote: bool = False, x_w_offset: bool = False, offsets_64: bool = True,
-                early_loads: bool = True):
+                promote: bool = False, x_w_offset: bool = False, offsets_64: bool = True):
     """The kernel's constexprs for one op, launch config and argument configuration (cached:
     the eager hot path computes them once per configuration)."""
     spec = registry.spec(name)
@@ -394,7 +393,7 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
         persistent, even_rows, even_cols, mx_scale,
         *scale_args,  # SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT
         gate, norm_grouped, promote, x_norm, x_w_offset, offsets_64,
-        early_loads,
+        _early_loads(mode, cfg),
     )
 
 
@@ -483,7 +482,7 @@ def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:
         vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0, scale_args,
         isinstance(tokens, int) and tokens % cfg.block_m == 0, kq.mx_scale, gate,
         norm_group != 0, promote, x_offset != 0.0,
-        _offsets_64(tokens, hidden, sx, sr, st, sg, kq.group), _early_loads(mode, cfg),
+        _offsets_64(tokens, hidden, sx, sr, st, sg, kq.group),
     )
     runtime = (
         x2, r2, weight, outs[0] if store_out else None, outs[-1] if spec.residual else None,
