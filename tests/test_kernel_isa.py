@@ -274,3 +274,17 @@ def test_weight_is_read_with_x_except_under_a_static_scale(family, hidden):
         assert max(weight) > math, (weight, math)
     else:
         assert max(weight) < math, (weight, math)
+
+
+@pytest.mark.parametrize("family", ["gated_qwen3_next", "gated_qwen3_next_fp8"])
+@pytest.mark.parametrize("hidden", [3584, 5376])
+def test_gate_is_read_with_x_on_a_split_row(family, hidden):
+    """The gate applied after the norm (Qwen3-Next) is read with x under EARLY_LOADS: every
+    load of a split row (three column tiles) comes before the first math. ptxas alone sinks
+    2-4 of the gate's loads below the reduction there, a second round trip per program."""
+    row = _analyse(family, 8192, hidden)
+    body = [x for x in kernel_isa.kernel_body(row["sass"]) if isinstance(x, kernel_isa.Insn)]
+    loads = [i for i, x in enumerate(body) if x.opcode.startswith("LDG")]
+    math = _first(body, lambda x: x.base in ("FMUL", "FFMA"))
+    assert "+" in row["config"] and len(loads) >= 9, row["config"]  # x, gate, weight per tile
+    assert max(loads) < math, (loads, math)

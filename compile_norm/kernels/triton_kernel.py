@@ -875,6 +875,13 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
             x1 = _after(x1, w1, T, PRECISE)
         if NG2 > 0:
             x2 = _after(x2, w2, T, PRECISE)
+    if GATE == 1 and EARLY_LOADS:  # the gate, used after the norm, read with x too: ptxas
+        # sinks a split row's gate loads below the reduction (offline SASS, 3584 and 5376)
+        x0 = _after(x0, r0, T, PRECISE)
+        if NG1 > 0:
+            x1 = _after(x1, r1, T, PRECISE)
+        if NG2 > 0:
+            x2 = _after(x2, r2, T, PRECISE)
     if X_NORM:  # rms_norm_add_rms_norm: x is normalized before the residual add
         xw0, xw1, xw2 = _weights(xw_ptr, stride_xw, H, NG0, G0, NG1, G1, NG2, G2, ONE_ROW,
                                  EVEN_COLS)
