@@ -86,17 +86,19 @@ def kernel_names(graph):
 
 
 @needs_triton
-@pytest.mark.parametrize("h,weight,residual", [(4096, True, False), (5376, True, True), (2304, False, True)],
-                         ids=["pow2", "npow2_residual", "weightless_residual"])
-def test_kernel_lowering_is_the_backward_kernels(backward_as_if_on_gpu, h, weight, residual):
-    graph = backward_graph(2048, h, weight, residual)
+@pytest.mark.parametrize("t,h,weight,residual", [
+    (2048, 4096, True, False), (2048, 5376, True, True), (2048, 2304, False, True),
+    (1, 4096, True, False), (4, 128, True, False),  # one program: it stores dweight itself
+], ids=["pow2", "npow2_residual", "weightless_residual", "decode", "per_head_decode"])
+def test_kernel_lowering_is_the_backward_kernels(backward_as_if_on_gpu, t, h, weight, residual):
+    graph = backward_graph(t, h, weight, residual)
     result = lower.LowerPass().run(graph, parse_options({"lowering": "kernel"}))
     graph.lint()
     assert result.matched == 1 and not cn_nodes(graph)
-    want = ["rms_norm_backward_kernel"] + (["dweight_reduce_kernel"] if weight else [])
+    want = ["rms_norm_backward_kernel"] + (["dweight_reduce_kernel"] if weight and t > 4 else [])
     assert kernel_names(graph) == want
     dx, dw = [n for n in graph.nodes if n.op == "output"][0].args[0]
-    assert dx.meta["val"].shape == (2048, h) and dx.meta["val"].dtype == BF16
+    assert dx.meta["val"].shape == (t, h) and dx.meta["val"].dtype == BF16
     assert (dw is None) == (not weight)
     if weight:
         assert dw.meta["val"].shape == (h,) and dw.meta["val"].dtype == BF16

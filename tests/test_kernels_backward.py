@@ -150,6 +150,15 @@ def _child() -> None:
     })
     cn = torch.ops.compile_norm
 
+    def launches_of(x, w) -> int:
+        # dx (and the dweight partials), then their column sums unless one program did it all
+        if x.numel() == 0:
+            return 0
+        cfg = triton_backward.launch_config(x.shape[-1])
+        blocks = -(-x.numel() // x.shape[-1] // cfg.block_m)
+        programs = min(blocks, triton_backward._device_programs(x, cfg.programs_per_sm))
+        return 1 if w is None or programs == 1 else 2
+
     results = []
 
     def record(name, fn, expected_launches):
@@ -170,8 +179,7 @@ def _child() -> None:
             dx, dw = cn.rms_norm_backward(*case)
             return backward_problems(*case, dx, dw)
 
-        expected = 0 if x.numel() == 0 else (1 if w is None else 2)
-        record(f"op_{name}", op_call, expected)
+        record(f"op_{name}", op_call, launches_of(x, w))
 
     # autograd through the forward ops: their backward runs the kernel
     def rms_autograd(tokens, hidden, dtype, **kw):
@@ -212,6 +220,39 @@ def _child() -> None:
         if dw is not None and not torch.equal(dw_r, dw):
             problems.append("dweight depends on grad_residual")
         return problems + backward_problems(*case, dx, dw)
+
+    # one program stores dweight itself: the bits the partial and its column sum would give
+    def direct_dweight_bits(tokens, hidden, dtype, **kw):
+        case = make_case(tokens, hidden, dtype, **kw)
+        seen = []
+        kernel = triton_backward.K.rms_norm_backward_kernel
+        triton_backward.K.rms_norm_backward_kernel = type("Seeing", (), {
+            "__getitem__": lambda self, grid: (lambda *a, **k: seen.append((grid, a, k))
+                                               or kernel[grid](*a, **k))})()
+        try:
+            dx, dw = cn.rms_norm_backward(*case)
+        finally:
+            triton_backward.K.rms_norm_backward_kernel = kernel
+        (grid, args, kwargs), = seen
+        if grid != (1,) or not kwargs["DW_DIRECT"]:
+            return [f"grid {grid}, DW_DIRECT {kwargs['DW_DIRECT']}: not the one-program launch"]
+        partial = torch.empty((1, hidden), dtype=torch.float32)
+        dx2 = torch.empty_like(dx)
+        args = list(args)
+        args[4], args[5] = dx2, partial
+        real.rms_norm_backward_kernel[grid](*args, **{**kwargs, "DW_DIRECT": False})
+        dw2 = torch.empty_like(dw)
+        real.dweight_reduce_kernel[(-(-hidden // 256),)](partial, dw2, 1, hidden, BLOCK_P=1,
+                                                         BLOCK_C=256, PRECISE=False, num_warps=4)
+        problems = [] if torch.equal(dx, dx2) else ["dx differs"]
+        if not torch.equal(dw.view(torch.int16 if dw.element_size() == 2 else torch.int32),
+                           dw2.view(torch.int16 if dw.element_size() == 2 else torch.int32)):
+            problems.append("dweight's bits differ from the partial's column sum")
+        return problems + backward_problems(*case, dx, dw)
+
+    record("direct_dweight_bits_1x1000", lambda: direct_dweight_bits(1, 1000, torch.bfloat16), 1)
+    record("direct_dweight_bits_37x64_gemma", lambda: direct_dweight_bits(
+        37, 64, torch.bfloat16, weight="fp32", offset=1.0), 1)
 
     record("grad_residual_bf16", lambda: with_grad_residual(37, 1000, torch.bfloat16), 4)
     record("grad_residual_fp32_3d_nc_no_weight", lambda: with_grad_residual(
@@ -269,6 +310,7 @@ def _names():
         "autograd_rms_norm_bf16", "autograd_rms_norm_gemma_vsize",
         "autograd_rms_norm_no_weight_3d", "autograd_fused_add_bf16", "autograd_parameter_weight",
         "fp64_gradcheck", "double_backward_uses_reference",
+        "direct_dweight_bits_1x1000", "direct_dweight_bits_37x64_gemma",
     ]
 
 

@@ -2,8 +2,10 @@
 fused_add_rms_norm (kernels in ``triton_backward_kernel``).
 
 One launch of ``rms_norm_backward_kernel`` (dx, plus ``grad_residual`` for fused add; fp32
-dweight partials per program) and, with a weight, one of ``dweight_reduce_kernel`` (the
-partials' column sums, rounded to the weight's dtype). The grid is persistent:
+dweight partials per program) and, with a weight and more than one program, one of
+``dweight_reduce_kernel`` (the partials' column sums, rounded to the weight's dtype; one
+program rounds its own sums: one launch at one token of 2K+ columns, or a few tokens of
+per-head rows). The grid is persistent:
 ``sm_count * programs_per_sm`` programs at most, each looping over row blocks, so the partials
 are ``[n_programs, H]`` fp32, a few MB, whatever the token count. Launches go through
 ``JITFunction.run`` (~20-30 us of host time each; nothing under CUDA-graph replay).
@@ -152,31 +154,36 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
     cfg = launch_config(hidden)
     n_blocks = -(-tokens // cfg.block_m)
     programs = min(n_blocks, _device_programs(x, cfg.programs_per_sm))
-    partials = None
+    # one program (a symbolic count never): it writes dweight itself, no second launch
+    direct = weight is not None and type(programs) is int and programs == 1
+    dw_out = None  # what the kernel's dw_ptr writes: dweight itself, or the fp32 partials
     if weight is not None:
-        partials = torch.empty((programs, hidden), dtype=torch.float32, device=dev)
+        dw_out = (torch.empty((hidden,), dtype=weight.dtype, device=dev) if direct else
+                  torch.empty((programs, hidden), dtype=torch.float32, device=dev))
     vsize = hidden if variance_size is None else variance_size
     args = (
         g2, x2, x2 if weight is None else weight, gr2,
-        dx, x2 if partials is None else partials,
+        dx, x2 if dw_out is None else dw_out,
         tokens, hidden, g2.stride(0), x2.stride(0), 1 if weight is None else weight.stride(0),
         gr2.stride(0),
         float(eps), float(weight_offset), vsize,
     )
     kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, HAS_WEIGHT=weight is not None,
                   HAS_VSIZE=vsize != hidden, HAS_GRES=grad_residual is not None,
-                  PRECISE=not T.INTERPRET, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-                  maxnreg=cfg.maxnreg)
+                  PRECISE=not T.INTERPRET, NUM_STAGES=cfg.num_stages, DW_DIRECT=direct,
+                  num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
     # traced (library_ops), the kernels are imported wherever triton is, GPU or not
     kernels = K if wrap is None else importlib.import_module(f"{__package__}.triton_backward_kernel")
     _launch((programs,), kernels.rms_norm_backward_kernel, args, kwargs, x, wrap)
     if weight is None:
         return dx, None
+    if direct:
+        return dx, dw_out
     dweight = torch.empty((hidden,), dtype=weight.dtype, device=dev)
     block_c = 256
     block_p = max(1, min(32, T._next_pow2(programs)))
     _launch((-(-hidden // block_c),), kernels.dweight_reduce_kernel,
-            (partials, dweight, programs, hidden),
+            (dw_out, dweight, programs, hidden),
             dict(BLOCK_P=block_p, BLOCK_C=block_c, PRECISE=not T.INTERPRET, num_warps=4), x, wrap)
     return dx, dweight
 

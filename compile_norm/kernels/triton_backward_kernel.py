@@ -7,7 +7,9 @@ rows (block ``pid``, ``pid + n_programs``, ...). Per row, in fp32, with the row 
 ``V`` columns (``variance_size``) and 0 after, and ``w = weight + offset`` in fp32 (1 without
 a weight). ``dweight`` partial sums ``sum_rows g * (x * rstd)`` stay in fp32 registers for all
 the rows a program handles and are written once per program to ``[n_programs, H]``;
-``dweight_reduce_kernel`` sums those columns in fp32 and rounds once to the weight's dtype.
+``dweight_reduce_kernel`` sums those columns in fp32 and rounds once to the weight's dtype;
+a launch of one program (``DW_DIRECT``: decode, per-head rows of a few tokens) rounds and
+stores its sums itself, the same bits in one launch.
 With ``grad_residual`` (fused add), dx rounded to x.dtype gets it added as torch adds two
 tensors of x.dtype. This is ``rms_norm_backward_ref``'s arithmetic, with its sums taken in
 another order.
@@ -77,6 +79,7 @@ def rms_norm_backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_VSIZE: tl.constexpr, HAS_GRES: tl.constexpr,
     PRECISE: tl.constexpr, NUM_STAGES: tl.constexpr,
+    DW_DIRECT: tl.constexpr = False,  # one program: dw_ptr is dweight itself, rounded here
 ):
     if PRECISE:  # compiled: Python floats may arrive as fp64; the reference works in fp32
         # tl.cast, not .to(): Inductor's mutation analysis hands the floats in as Python floats,
@@ -106,7 +109,11 @@ def rms_norm_backward_kernel(
                              HAS_VSIZE, HAS_GRES, PRECISE)
             block += n_programs
     if HAS_WEIGHT:
-        tl.store(dw_ptr + pid.to(tl.int64) * H + cols, tl.sum(acc, axis=0), mask=cmask)
+        dw = tl.sum(acc, axis=0)
+        if DW_DIRECT:  # the column sums of the only program: what the reduce would round
+            tl.store(dw_ptr + cols, _round_to(dw, dw_ptr.dtype.element_ty, PRECISE), mask=cmask)
+        else:
+            tl.store(dw_ptr + pid.to(tl.int64) * H + cols, dw, mask=cmask)
 
 
 @triton.jit
