@@ -130,22 +130,12 @@ def test_auto_option_and_uuid_follow_measurements():
 
 
 @pytest.fixture
-def triton_as_if_on_gpu(monkeypatch):
+def triton_as_if_on_gpu(cuda_target_for_triton_frontend):
     """The triton provider registered as supported (it is unsupported without a GPU), and
-    Triton's mutation analysis (needs a GPU driver) answered from the kernel's constexprs."""
-    from torch._higher_order_ops import triton_kernel_wrap as tkw
-
-    if not hasattr(tkw, "get_mutated_tensors"):
-        pytest.skip("this torch has another mutation-analysis entry point")
+    Triton's own mutation analysis run as on the GPU (it needs only a target)."""
     saved = {op: registry.providers(op).get("triton") for op in registry.ops()}
     for op, (fn, supports) in triton_ops.FUNCTIONS.items():
         registry.register_provider(op, registry.Provider(name="triton", fn=fn, supported=True, supports=supports, rank=10))
-
-    def mutated(kernel_idx, constant_args_idx, kwargs, tma):
-        consts = tkw.kernel_side_table.get_constant_args(constant_args_idx)
-        return library_ops.written_args({**kwargs, **consts})
-
-    monkeypatch.setattr(tkw, "get_mutated_tensors", mutated)
     yield
     for op, prov in saved.items():
         if prov is not None:
@@ -467,14 +457,17 @@ def cuda_target_for_triton_frontend():
     ("fused_add_rms_norm", None),
     ("rms_norm_gated_fp8_dynamic", ("fp8_dynamic",)),  # (the second input is the gate)
     ("rms_norm_gated", ("gate before, groups of 256", False, 256)),
+    ("rms_norm_gated", ("gate after",)),  # the gate read with x (EARLY_LOADS)
+    ("rms_norm_fp8_static", ("fp8_static", torch.tensor([0.02]))),
 ])
-def test_inductor_mutation_analysis_of_the_kernel(cuda_target_for_triton_frontend, op, spec):
+@pytest.mark.parametrize("tokens", [8, 1])  # (Triton specializes an int equal to 1 as a constant)
+def test_inductor_mutation_analysis_of_the_kernel(cuda_target_for_triton_frontend, op, spec, tokens):
     """Inductor's own analysis of which pointers the kernel stores to (it hands scalars in as
     Python floats; an exception there makes Inductor clone every input) finds exactly the
     kernel's outputs, for the launch arguments library_ops builds."""
     from torch._higher_order_ops import triton_kernel_wrap as tkw
 
-    x, r = torch.randn(8, 5376, dtype=BF16), torch.randn(8, 5376, dtype=BF16)
+    x, r = torch.randn(tokens, 5376, dtype=BF16), torch.randn(tokens, 5376, dtype=BF16)
     w = torch.randn(5376, dtype=BF16)
     op_spec = registry.spec(op)
     qargs = spec[1:] if spec is not None else ()
@@ -542,12 +535,17 @@ def test_measured_launch_config_is_recorded_and_used_for_the_compiled_kernel(mon
     """A measurement tries the default config and its persistent variants, which keep its
     rows per program, tiles and warps (its bits); the lower pass traces the kernel with the
     fastest (launch_config_used), eager launches keep the default."""
+    static = triton_ops.quant_mode(registry.spec("rms_norm_fp8_static"))
     for h, g in ((4096, 0), (5376, 0), (4096, 128), (128, 0)):
-        cands = triton_ops.few_configs(h, g)
         default = triton_ops.launch_config(h, g)
-        assert cands[0] == default and [c.programs_per_sm for c in cands] == [0, 2, 4]
-        assert all(c._replace(programs_per_sm=0) == default for c in cands)
-        assert set(cands) <= set(triton_ops.candidate_configs(h, g))
+        for mode, other in ((0, False), (static, True)):  # the mode's schedule, then the other
+            cands = triton_ops.few_configs(h, g, mode)
+            assert cands[0] == default and [c.programs_per_sm for c in cands] == [0, 2, 4, 0]
+            assert [c.early_loads for c in cands] == [None, None, None, other]
+            assert all(c._replace(programs_per_sm=0, early_loads=None) == default for c in cands)
+            assert {c._replace(early_loads=None) for c in cands} <= set(triton_ops.candidate_configs(h, g))
+            assert triton_ops._early_loads(mode, cands[3]) == other
+            assert triton_ops._early_loads(mode, cands[0]) != other
     args = group_args(8192, 4096)
     fast = triton_ops.few_configs(4096, 128)[1]
     key = choice.shape_class("rms_norm_fp8_group", args)
@@ -566,7 +564,14 @@ def test_measured_launch_config_is_recorded_and_used_for_the_compiled_kernel(mon
         launch = triton_ops.prepare(spec, call)
     assert launch.grid0 == 2 * 132 and launch.const_kwargs()["PERSISTENT"]
     assert launch.num_warps == fast.num_warps
-    assert triton_ops.config_from_json(triton_ops.config_to_json(fast)) == fast
+    late = triton_ops.few_configs(4096, 128, triton_ops.quant_mode(spec))[3]
+    assert triton_ops.prepare(spec, call).const_kwargs()["EARLY_LOADS"] and late.early_loads is False
+    with triton_ops.launch_config_used(late):
+        assert not triton_ops.prepare(spec, call).const_kwargs()["EARLY_LOADS"]
+    for cfg in triton_ops.few_configs(4096, 128):
+        assert triton_ops.config_from_json(triton_ops.config_to_json(cfg)) == cfg
+    # a config recorded before the schedule was a choice: the mode's schedule
+    assert triton_ops.config_from_json([1, [[32, 128], [0, 1], [0, 1]], 8, 2]).early_loads is None
 
 
 @pytest.mark.cuda
@@ -667,7 +672,7 @@ def test_inductor_mutation_analysis_of_the_backward_kernel(cuda_target_for_trito
     w, partials = torch.randn(384, dtype=BF16), torch.empty(4, 384)
     names = BK.rms_norm_backward_kernel.arg_names
     values = (g, x, w if weight else x, gr, dx, partials if weight else x, 8, 384, 384, 384, 1, 384,
-              1e-6, 0.0, 384, 1, 512, weight, False, False, True, 3)
+              1e-6, 0.0, 384, 1, 512, weight, False, False, True, 3, False)
     kwargs = dict(zip(names, values))
     if hasattr(tkw, "identify_accessed_tensors"):  # torch >= 2.12
         access = tkw.identify_accessed_tensors(BK.rms_norm_backward_kernel, kwargs, {})

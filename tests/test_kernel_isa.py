@@ -288,3 +288,19 @@ def test_gate_is_read_with_x_on_a_split_row(family, hidden):
     math = _first(body, lambda x: x.base in ("FMUL", "FFMA"))
     assert "+" in row["config"] and len(loads) >= 9, row["config"]  # x, gate, weight per tile
     assert max(loads) < math, (loads, math)
+
+
+@pytest.mark.parametrize("hidden", [4096, 5376])
+def test_static_scale_is_read_with_x_under_the_early_schedule(hidden):
+    """A static-scale launch measured faster with the early schedule (a config's
+    ``early_loads``) reads the scale, not only the weight, before x's first math: ptxas
+    otherwise sinks the scale's load below the reduction, a round trip of its own."""
+    default = triton_ops.launch_config(hidden, 0)
+    for early in (True, False):
+        row = _analyse("rms_fp8_static", 1, hidden, default._replace(early_loads=early))
+        body = [x for x in kernel_isa.kernel_body(row["sass"]) if isinstance(x, kernel_isa.Insn)]
+        loads = [i for i, x in enumerate(body) if x.opcode.startswith("LDG")]
+        scale = [i for i in loads if ".EL" not in body[i].opcode and ".EF" not in body[i].opcode]
+        math = _first(body, lambda x: x.base in ("FMUL", "FFMA"))
+        assert len(scale) == 1, [body[i].opcode for i in loads]
+        assert (max(loads) < math) == early, (loads, scale, math)

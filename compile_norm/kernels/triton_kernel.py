@@ -532,25 +532,35 @@ def _weights(w_ptr, stride_w, H, NG0: tl.constexpr, G0: tl.constexpr, NG1: tl.co
 
 
 @triton.jit
-def _after(x, dep, T, PRECISE: tl.constexpr):
-    """``x`` unchanged, made to depend on ``dep``'s value: its math then waits for both
-    loads, and ptxas issues ``dep``'s load next to x's. Without it ptxas sinks the weight's
-    loads below x's math (it weighs registers, not memory latency), so a small grid (decode)
-    waits for a second memory round trip after its reduction.
+def _after(x, dep, zero, PRECISE: tl.constexpr):
+    """``x`` unchanged, made to depend on ``dep``'s value (and on what ``zero`` depends on,
+    ``_unfoldable_zero``): its math then waits for those loads, and ptxas issues them next to
+    x's. Without it ptxas sinks the weight's loads below x's math (it weighs registers, not
+    memory latency), so a small grid (decode) waits for a second memory round trip after its
+    reduction.
 
-    ``x ^ (dep & zero)`` with a zero ptxas cannot fold (``T < 0``): one LOP3 per register
-    of two 16-bit elements; otherwise a select on that predicate."""
-    never = T < 0
+    ``x ^ (dep & zero)``: one LOP3 per register of two 16-bit elements; otherwise a select
+    on ``zero != 0``."""
     if PRECISE and x.dtype.primitive_bitwidth == 16 and dep.dtype.primitive_bitwidth == 16 \
             and x.numel >= 2 * num_threads():
-        zero = never.to(tl.int16).to(x.dtype, bitcast=True)
-        zero = tl.broadcast_to(zero, x.shape)
+        z = tl.broadcast_to(zero.to(x.dtype, bitcast=True), x.shape)
         r = tl.inline_asm_elementwise("and.b32 $0, $2, $3; xor.b32 $0, $0, $1;", "=r,r,r,r",
-                                      [x, dep.to(x.dtype, bitcast=True), zero], dtype=x.dtype,
+                                      [x, dep.to(x.dtype, bitcast=True), z], dtype=x.dtype,
                                       is_pure=True, pack=2)
     else:
-        r = tl.where(never, dep.to(x.dtype), x)
+        r = tl.where(zero != 0, dep.to(x.dtype), x)
     return r
+
+
+@triton.jit
+def _unfoldable_zero(T, s, HAS_S: tl.constexpr):
+    """An int16 0 that ptxas cannot fold (from ``T < 0``), made to depend on the fp32 scalar
+    ``s`` too when HAS_S (a static scale: ``_after`` then also waits for its load)."""
+    z = tl.zeros([], tl.int16)
+    zero = tl.where(T < 0, z + 1, z)  # (T may be a Python int: Inductor's mutation analysis)
+    if HAS_S:
+        zero = zero & s.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int16)
+    return zero
 
 
 @triton.jit
@@ -867,21 +877,28 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
 
     # The weight read first, before any reduction, in flight together with x: a small grid
     # (decode) then waits for one memory round trip, not a second one after the reduction.
-    w0, w1, w2 = x0, x0, x0  # placeholders without a weight (never read)
-    if HAS_WEIGHT and EARLY_LOADS:  # and x's first use waits for it
+    # The static scale as well: its load would otherwise follow the reduction too.
+    STATIC: tl.constexpr = QUANT == 1 or QUANT == 4
+    s_in = offset  # placeholder (never read) unless EARLY_LOADS loads the static scale here
+    if STATIC and EARLY_LOADS:
+        s_in = tl.load(scale_in_ptr)
+    zero = _unfoldable_zero(T, s_in, STATIC and EARLY_LOADS)
+    w0, w1, w2 = x0, x0, x0  # without a weight: x itself (x ^ (x & zero) waits for zero)
+    if HAS_WEIGHT and EARLY_LOADS:
         w0, w1, w2 = _weights(w_ptr, stride_w, H, NG0, G0, NG1, G1, NG2, G2, ONE_ROW, EVEN_COLS)
-        x0 = _after(x0, w0, T, PRECISE)
+    if EARLY_LOADS and (HAS_WEIGHT or STATIC):  # x's first use waits for them
+        x0 = _after(x0, w0, zero, PRECISE)
         if NG1 > 0:
-            x1 = _after(x1, w1, T, PRECISE)
+            x1 = _after(x1, w1 if HAS_WEIGHT else x1, zero, PRECISE)
         if NG2 > 0:
-            x2 = _after(x2, w2, T, PRECISE)
+            x2 = _after(x2, w2 if HAS_WEIGHT else x2, zero, PRECISE)
     if GATE == 1 and EARLY_LOADS:  # the gate, used after the norm, read with x too: ptxas
         # sinks a split row's gate loads below the reduction (offline SASS, 3584 and 5376)
-        x0 = _after(x0, r0, T, PRECISE)
+        x0 = _after(x0, r0, zero, PRECISE)
         if NG1 > 0:
-            x1 = _after(x1, r1, T, PRECISE)
+            x1 = _after(x1, r1, zero, PRECISE)
         if NG2 > 0:
-            x2 = _after(x2, r2, T, PRECISE)
+            x2 = _after(x2, r2, zero, PRECISE)
     if X_NORM:  # rms_norm_add_rms_norm: x is normalized before the residual add
         xw0, xw1, xw2 = _weights(xw_ptr, stride_xw, H, NG0, G0, NG1, G1, NG2, G2, ONE_ROW,
                                  EVEN_COLS)
@@ -944,7 +961,10 @@ def _process(x0, r0, x1, r1, x2, r2, rows, T, H, x_ptr, w_ptr, out_ptr, res_out_
                 v2 = _rewiden(v2, X_DT, PRECISE)
 
     if QUANT == 1 or QUANT == 4:  # static scale (a scalar)
-        s = tl.load(scale_in_ptr)
+        if EARLY_LOADS:
+            s = s_in
+        else:
+            s = tl.load(scale_in_ptr)
         # FP8 SCALE_FORM 1 / 2 multiply (by reciprocal(s) / by s): the exact branch below
         if SCALE_FORM == 1:
             rs_exact = _recip(s)

@@ -174,6 +174,9 @@ class LaunchConfig(NamedTuple):
     # 0: one program per row block. > 0: persistent, at most SM count * programs_per_sm
     # programs, each looping over row blocks and prefetching the next one (PERSISTENT).
     programs_per_sm: int = 0
+    # The weight (gate, static scale) read with x (EARLY_LOADS) or after the reduction;
+    # None: ``_early_loads`` decides from the quant mode. The bits are the same either way.
+    early_loads: bool | None = None
 
 
 # Programs per "SM" under the interpreter: few, so that the persistent loop runs.
@@ -268,9 +271,13 @@ def candidate_configs(hidden: int, group: int, persistent: bool = True) -> list[
     return out
 
 
-def few_configs(hidden: int, group: int) -> list[LaunchConfig]:
+def few_configs(hidden: int, group: int, mode: int = 0) -> list[LaunchConfig]:
     """What a compile-time measurement tries (each kernel variant costs a Triton compile):
-    the default, then its persistent variant with 2 and 4 programs per SM (one more compile).
+    the default, then its persistent variant with 2 and 4 programs per SM (one more compile),
+    then the default with the other load schedule than quant mode ``mode``'s (EARLY_LOADS:
+    the same bits; which is faster depends on the family and the token count, H200 runs
+    39-43: reading the weight early wins at decode and for rms_norm at 8192 tokens, loses
+    4% for group-128 FP8 and the gated norm at 8192x4096).
 
     Only configs that give the default's bits can be chosen (a compiled row must round as
     the eager one), and the persistent loop keeps the default's rows per program, tiles and
@@ -282,7 +289,8 @@ def few_configs(hidden: int, group: int) -> list[LaunchConfig]:
     (run 28); measured at 16 and 8192 tokens it lost to the default in 3 of 3 classes at
     H 4096 (run 33, 3-4 s a class)."""
     default = launch_config(hidden, group)
-    return [default] + [default._replace(programs_per_sm=p) for p in (2, 4)]
+    other_schedule = default._replace(early_loads=not _early_loads(mode, default))
+    return [default] + [default._replace(programs_per_sm=p) for p in (2, 4)] + [other_schedule]
 
 
 # A launch config chosen by measurement for one compiled call (lowerings/measure.py, the
@@ -302,11 +310,13 @@ def launch_config_used(cfg: LaunchConfig | None) -> Iterator[None]:
 
 
 def config_to_json(cfg: LaunchConfig) -> list:
-    return [cfg.block_m, [list(t) for t in cfg.tiles], cfg.num_warps, cfg.programs_per_sm]
+    out = [cfg.block_m, [list(t) for t in cfg.tiles], cfg.num_warps, cfg.programs_per_sm]
+    return out if cfg.early_loads is None else out + [cfg.early_loads]
 
 
 def config_from_json(v: list) -> LaunchConfig:
-    return LaunchConfig(int(v[0]), tuple(tuple(int(a) for a in t) for t in v[1]), int(v[2]), int(v[3]))
+    return LaunchConfig(int(v[0]), tuple(tuple(int(a) for a in t) for t in v[1]), int(v[2]), int(v[3]),
+                        bool(v[4]) if len(v) > 4 else None)
 
 
 def _norm_group(call: NormCall, hidden: int) -> int:
@@ -406,6 +416,11 @@ def _outputs_layout(spec: OpSpec) -> tuple[bool, int, int]:
     return stores_out, n_quant, mode
 
 
+def quant_mode(spec: OpSpec) -> int:
+    """The kernel's QUANT mode for ``spec`` (0: no quantization)."""
+    return _outputs_layout(spec)[2]
+
+
 # the quant modes whose quantized output the kernel can leave unwritten (scales only)
 _SCALES_ONLY_MODES = tuple(QUANT_MODES[s] for s in ("fp8_dynamic", "int8_dynamic", "int8_dynamic_asym"))
 
@@ -431,9 +446,12 @@ _LATE_WEIGHT_MODES = (QUANT_MODES["fp8_static"], QUANT_MODES["int8_static"])
 
 def _early_loads(mode: int, cfg: LaunchConfig) -> bool:
     """Whether the launch reads the weight together with x, before the row's reduction
-    (EARLY_LOADS). H200 run 39, eager kernel, the other way round: decode (1-32 tokens)
-    0.1-0.8 us slower, 8192 tokens up to 4% slower for rms_norm / Gemma, the rest within the
-    runs' spread. A persistent loop already has the next block's loads in flight."""
+    (EARLY_LOADS): the config's choice where a measurement made one, else by the mode.
+    H200 run 39, eager kernel, the other way round: decode (1-32 tokens) 0.1-0.8 us slower,
+    8192 tokens up to 4% slower for rms_norm / Gemma, the rest within the runs' spread. A
+    persistent loop already has the next block's loads in flight."""
+    if cfg.early_loads is not None:
+        return cfg.early_loads
     return cfg.programs_per_sm <= 0 and mode not in _LATE_WEIGHT_MODES
 
 
