@@ -535,17 +535,14 @@ def test_measured_launch_config_is_recorded_and_used_for_the_compiled_kernel(mon
     """A measurement tries the default config and its persistent variants, which keep its
     rows per program, tiles and warps (its bits); the lower pass traces the kernel with the
     fastest (launch_config_used), eager launches keep the default."""
-    static = triton_ops.quant_mode(registry.spec("rms_norm_fp8_static"))
     for h, g in ((4096, 0), (5376, 0), (4096, 128), (128, 0)):
         default = triton_ops.launch_config(h, g)
-        for mode, other in ((0, False), (static, True)):  # the mode's schedule, then the other
-            cands = triton_ops.few_configs(h, g, mode)
-            assert cands[0] == default and [c.programs_per_sm for c in cands] == [0, 2, 4, 0]
-            assert [c.early_loads for c in cands] == [None, None, None, other]
-            assert all(c._replace(programs_per_sm=0, early_loads=None) == default for c in cands)
-            assert {c._replace(early_loads=None) for c in cands} <= set(triton_ops.candidate_configs(h, g))
-            assert triton_ops._early_loads(mode, cands[3]) == other
-            assert triton_ops._early_loads(mode, cands[0]) != other
+        cands = triton_ops.few_configs(h, g)  # the default, persistent twice, the late schedule
+        assert cands[0] == default and [c.programs_per_sm for c in cands] == [0, 2, 4, 0]
+        assert [c.early_loads for c in cands] == [None, None, None, False]
+        assert all(c._replace(programs_per_sm=0, early_loads=None) == default for c in cands)
+        assert {c._replace(early_loads=None) for c in cands} <= set(triton_ops.candidate_configs(h, g))
+        assert [triton_ops._early_loads(c) for c in cands] == [True, False, False, False]
     args = group_args(8192, 4096)
     fast = triton_ops.few_configs(4096, 128)[1]
     key = choice.shape_class("rms_norm_fp8_group", args)
@@ -564,7 +561,7 @@ def test_measured_launch_config_is_recorded_and_used_for_the_compiled_kernel(mon
         launch = triton_ops.prepare(spec, call)
     assert launch.grid0 == 2 * 132 and launch.const_kwargs()["PERSISTENT"]
     assert launch.num_warps == fast.num_warps
-    late = triton_ops.few_configs(4096, 128, triton_ops.quant_mode(spec))[3]
+    late = triton_ops.few_configs(4096, 128)[3]
     assert triton_ops.prepare(spec, call).const_kwargs()["EARLY_LOADS"] and late.early_loads is False
     with triton_ops.launch_config_used(late):
         assert not triton_ops.prepare(spec, call).const_kwargs()["EARLY_LOADS"]

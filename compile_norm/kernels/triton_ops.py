@@ -175,7 +175,7 @@ class LaunchConfig(NamedTuple):
     # programs, each looping over row blocks and prefetching the next one (PERSISTENT).
     programs_per_sm: int = 0
     # The weight (gate, static scale) read with x (EARLY_LOADS) or after the reduction;
-    # None: ``_early_loads`` decides from the quant mode. The bits are the same either way.
+    # None: ``_early_loads`` decides (early unless persistent). The bits are the same either way.
     early_loads: bool | None = None
 
 
@@ -271,13 +271,13 @@ def candidate_configs(hidden: int, group: int, persistent: bool = True) -> list[
     return out
 
 
-def few_configs(hidden: int, group: int, mode: int = 0) -> list[LaunchConfig]:
+def few_configs(hidden: int, group: int) -> list[LaunchConfig]:
     """What a compile-time measurement tries (each kernel variant costs a Triton compile):
     the default, then its persistent variant with 2 and 4 programs per SM (one more compile),
-    then the default with the other load schedule than quant mode ``mode``'s (EARLY_LOADS:
-    the same bits; which is faster depends on the family and the token count, H200 runs
-    39-43: reading the weight early wins at decode and for rms_norm at 8192 tokens, loses
-    4% for group-128 FP8 and the gated norm at 8192x4096).
+    then the default with the weight read after the reduction (EARLY_LOADS off: the same
+    bits; which is faster depends on the family and the token count, H200 runs 39-44:
+    reading it early wins at decode and for rms_norm at 8192 tokens, loses 3-5% for
+    group-128 FP8 and the gated norm at 8192x4096).
 
     Only configs that give the default's bits can be chosen (a compiled row must round as
     the eager one), and the persistent loop keeps the default's rows per program, tiles and
@@ -289,8 +289,8 @@ def few_configs(hidden: int, group: int, mode: int = 0) -> list[LaunchConfig]:
     (run 28); measured at 16 and 8192 tokens it lost to the default in 3 of 3 classes at
     H 4096 (run 33, 3-4 s a class)."""
     default = launch_config(hidden, group)
-    other_schedule = default._replace(early_loads=not _early_loads(mode, default))
-    return [default] + [default._replace(programs_per_sm=p) for p in (2, 4)] + [other_schedule]
+    return ([default] + [default._replace(programs_per_sm=p) for p in (2, 4)]
+            + [default._replace(early_loads=False)])
 
 
 # A launch config chosen by measurement for one compiled call (lowerings/measure.py, the
@@ -403,7 +403,7 @@ def _constexprs(name: str, cfg: LaunchConfig, hidden: int, mode: int, has_weight
         persistent, even_rows, even_cols, mx_scale,
         *scale_args,  # SCALE_FORM, MIN_AT, MIN_VALUE, INV_MIN, SCALE_X_DT
         gate, norm_grouped, promote, x_norm, x_w_offset, offsets_64,
-        _early_loads(mode, cfg),
+        _early_loads(cfg),
     )
 
 
@@ -415,10 +415,6 @@ def _outputs_layout(spec: OpSpec) -> tuple[bool, int, int]:
     stores_out = spec.kind in (Kind.NORM, Kind.ADD_NORM, Kind.GATED_NORM, Kind.NORM_ADD_NORM)
     return stores_out, n_quant, mode
 
-
-def quant_mode(spec: OpSpec) -> int:
-    """The kernel's QUANT mode for ``spec`` (0: no quantization)."""
-    return _outputs_layout(spec)[2]
 
 
 # the quant modes whose quantized output the kernel can leave unwritten (scales only)
@@ -441,18 +437,17 @@ def _offsets_64(tokens, hidden, sx, sr, st, sg, group) -> bool:
 
 # The quant modes whose launches keep ptxas's schedule (the weight read after the row's
 # reduction): static scales, measured 0.1-0.5 us slower the other way on the H200 (run 39).
-_LATE_WEIGHT_MODES = (QUANT_MODES["fp8_static"], QUANT_MODES["int8_static"])
-
-
-def _early_loads(mode: int, cfg: LaunchConfig) -> bool:
-    """Whether the launch reads the weight together with x, before the row's reduction
-    (EARLY_LOADS): the config's choice where a measurement made one, else by the mode.
-    H200 run 39, eager kernel, the other way round: decode (1-32 tokens) 0.1-0.8 us slower,
-    8192 tokens up to 4% slower for rms_norm / Gemma, the rest within the runs' spread. A
-    persistent loop already has the next block's loads in flight."""
+def _early_loads(cfg: LaunchConfig) -> bool:
+    """Whether the launch reads the weight (gate, static scale) together with x, before the
+    row's reduction (EARLY_LOADS): the config's choice where a measurement made one, else
+    early unless persistent (a persistent loop already has the next block's loads in flight).
+    H200, eager kernel, the other way round (runs 39, 44): decode (1-32 tokens) 0.1-0.8 us
+    slower, 8192 tokens up to 4% slower for rms_norm / Gemma, static FP8 with its scale read
+    early too 1-4% faster at 2048-8192 tokens; group-128 FP8 at 8192x4096 and the gated norm
+    at 8192x4096 are 3-5% faster late, which a compile-time measurement finds (few_configs)."""
     if cfg.early_loads is not None:
         return cfg.early_loads
-    return cfg.programs_per_sm <= 0 and mode not in _LATE_WEIGHT_MODES
+    return cfg.programs_per_sm <= 0
 
 
 def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:

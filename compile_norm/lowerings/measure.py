@@ -11,7 +11,7 @@ positive scales), and times both candidates the way the benchmarks do (CUDA-grap
   ``lowering="generated"`` gives this node alone);
 - kernel: the op's ``compile_norm_kernels`` library op (the Triton kernel), under each launch
   configuration of ``triton_ops.few_configs`` (the default, its persistent variant and its
-  other load schedule); the fastest
+  late load schedule); the fastest
   is recorded with the choice and used when the node is lowered to the kernel. Eager calls keep
   the default configuration, so their bits never depend on what a compile measured.
 
@@ -136,8 +136,7 @@ def _time_candidates(op_name: str, fake_args: Sequence[Any], tokens: Sequence[in
         kernel = registered[op_name]
         spec = registry.spec(op_name)
         hidden = int(fake_args[0].shape[-1])
-        mode = triton_ops.quant_mode(spec)
-        configs = triton_ops.few_configs(hidden, triton_ops.tile_group(spec, tuple(fake_args)), mode)
+        configs = triton_ops.few_configs(hidden, triton_ops.tile_group(spec, tuple(fake_args)))
     else:  # the backward, per-tensor FP8's two passes: launches of their own, default configs
         kernel, configs = registered.get(op_name) or library_ops.functions()[op_name], [None]
     inputs = {t: concrete_args(fake_args, t) for t in tokens}
