@@ -156,8 +156,7 @@ def _child() -> None:
             return 0
         cfg = triton_backward.launch_config(x.shape[-1])
         blocks = -(-x.numel() // x.shape[-1] // cfg.block_m)
-        programs = min(blocks, triton_backward._device_programs(x, cfg.programs_per_sm))
-        return 1 if w is None or programs == 1 else 2
+        return 1 if w is None or triton_backward.programs(blocks, cfg, x) == 1 else 2
 
     results = []
 
@@ -323,6 +322,24 @@ def test_interpreter(report, name):
 # --- CPU (no interpreter): the op, the registry, the tolerance check ------------------------
 
 cn = torch.ops.compile_norm
+
+
+def test_persistent_grid_narrows_for_few_row_blocks(monkeypatch):
+    """The backward's grid (H200 runs 46-47): the config's programs per SM once there are 16+ row
+    blocks per SM, one per SM below that for pipelined rows of 4K+ columns, one per row block
+    when there are fewer; rows of 8192 padded columns take one per SM throughout."""
+    from compile_norm.kernels import triton_backward as B
+
+    monkeypatch.setattr(B.T, "INTERPRET", False)
+    monkeypatch.setattr(B, "_sm_count", lambda index: 132)
+    x = torch.empty(1, 4096, device="meta")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    c4096, c5376, c2048, c128 = (B.launch_config(h) for h in (4096, 5376, 2048, 128))
+    assert (c4096.programs_per_sm, c5376.programs_per_sm, c2048.programs_per_sm) == (2, 1, 2)
+    assert [B.programs(t, c4096, x) for t in (1, 32, 256, 2111, 2112, 8192)] == [1, 32, 132, 132, 264, 264]
+    assert [B.programs(t, c5376, x) for t in (32, 256, 8192)] == [32, 132, 132]
+    assert [B.programs(n, c2048, x) for n in (64, 1024)] == [64, 264]  # not measured narrower
+    assert B.programs(2048, c128, x) == 264  # per-head rows keep their config
 
 
 def test_cpu_dispatches_to_native():

@@ -101,7 +101,9 @@ def launch_config(hidden: int) -> BackwardConfig:
     forward kernel's column tiles (5376 = 4096 + 1024 + 256) the pipelined loop ran 1.7-2.6x
     slower (run 22: 8192x5376 163 against 99 us, 8192x3584 152 against 58). The
     persistent grid is that many programs per SM; the fp32 dweight partials (written and read
-    once) cost ~2% of the traffic.
+    once) cost ~2% of the traffic. Rows padded to 8192 columns take one program per SM (run
+    47: 5-12% faster than two at 4096-16384 tokens, H 5376 and 8192; at 2048-4096 columns
+    two stay faster there); ``programs`` narrows smaller grids further.
     """
     block_h = T._next_pow2(hidden)
     block_m = max(1, 4096 // block_h)
@@ -109,6 +111,7 @@ def launch_config(hidden: int) -> BackwardConfig:
     num_warps = 8 if elems <= 8192 else min(32, elems // 1024)
     per_sm = max(1, WARPS_PER_SM // num_warps)
     if block_m <= 2 and block_h <= 8192:  # 3 stages of 16K+ columns overflow shared memory
+        per_sm = 1 if block_h == 8192 else per_sm
         return BackwardConfig(block_m, block_h, num_warps, per_sm, maxnreg=None, num_stages=3)
     return BackwardConfig(block_m, block_h, num_warps, per_sm, 65536 // (32 * num_warps * per_sm))
 
@@ -123,6 +126,23 @@ def _device_programs(x: torch.Tensor, per_sm: int) -> int:
         return 4  # a few programs, so the interpreter tests run the row loop and the reduction
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     return _sm_count(index) * per_sm
+
+
+SMALL_GRID_BLOCKS_PER_SM = 16
+
+
+def programs(n_blocks, cfg: BackwardConfig, x: torch.Tensor):
+    """The persistent grid: one program per row block up to the config's programs per SM,
+    and for a pipelined config of 4K+ columns one per SM while there are fewer than 16 row
+    blocks per SM. H200 runs 46-47 (eager backward, us, 4096 / 5376 columns): 256 tokens 15.3 /
+    18.3 with 256 programs, 13.0 / 13.9 with 128; 1024 tokens 20.5 / 27.2 against 19.2 / 21.7;
+    2048 tokens a tie at 4096 columns; 4096+ tokens two per SM faster at 4096 columns
+    (40.5 against 44.7 us). Fewer programs also write fewer fp32 dweight partials."""
+    per_sm = cfg.programs_per_sm
+    if type(n_blocks) is int and cfg.num_stages > 1 and cfg.block_h >= 4096 and \
+            n_blocks < SMALL_GRID_BLOCKS_PER_SM * _device_programs(x, 1):
+        per_sm = 1  # (a symbolic token count keeps the config's: no new guard on it)
+    return min(n_blocks, _device_programs(x, per_sm))
 
 
 def _launch(grid, kernel, args, kwargs, x: torch.Tensor, wrap=None) -> None:
@@ -153,13 +173,13 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
         return dx, dweight
     cfg = launch_config(hidden)
     n_blocks = -(-tokens // cfg.block_m)
-    programs = min(n_blocks, _device_programs(x, cfg.programs_per_sm))
+    n_programs = programs(n_blocks, cfg, x)
     # one program (a symbolic count never): it writes dweight itself, no second launch
-    direct = weight is not None and type(programs) is int and programs == 1
+    direct = weight is not None and type(n_programs) is int and n_programs == 1
     dw_out = None  # what the kernel's dw_ptr writes: dweight itself, or the fp32 partials
     if weight is not None:
         dw_out = (torch.empty((hidden,), dtype=weight.dtype, device=dev) if direct else
-                  torch.empty((programs, hidden), dtype=torch.float32, device=dev))
+                  torch.empty((n_programs, hidden), dtype=torch.float32, device=dev))
     vsize = hidden if variance_size is None else variance_size
     args = (
         g2, x2, x2 if weight is None else weight, gr2,
@@ -174,16 +194,16 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
                   num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
     # traced (library_ops), the kernels are imported wherever triton is, GPU or not
     kernels = K if wrap is None else importlib.import_module(f"{__package__}.triton_backward_kernel")
-    _launch((programs,), kernels.rms_norm_backward_kernel, args, kwargs, x, wrap)
+    _launch((n_programs,), kernels.rms_norm_backward_kernel, args, kwargs, x, wrap)
     if weight is None:
         return dx, None
     if direct:
         return dx, dw_out
     dweight = torch.empty((hidden,), dtype=weight.dtype, device=dev)
     block_c = 256
-    block_p = max(1, min(32, T._next_pow2(programs)))
+    block_p = max(1, min(32, T._next_pow2(n_programs)))
     _launch((-(-hidden // block_c),), kernels.dweight_reduce_kernel,
-            (dw_out, dweight, programs, hidden),
+            (dw_out, dweight, n_programs, hidden),
             dict(BLOCK_P=block_p, BLOCK_C=block_c, PRECISE=not T.INTERPRET, num_warps=4), x, wrap)
     return dx, dweight
 
