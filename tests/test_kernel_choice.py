@@ -567,7 +567,7 @@ def test_measured_launch_config_is_recorded_and_used_for_the_compiled_kernel(mon
         assert not triton_ops.prepare(spec, call).const_kwargs()["EARLY_LOADS"]
     for cfg in triton_ops.few_configs(4096, 128):
         assert triton_ops.config_from_json(triton_ops.config_to_json(cfg)) == cfg
-    # a config recorded before the schedule was a choice: the mode's schedule
+    # a config recorded before the schedule was a choice: the default schedule
     assert triton_ops.config_from_json([1, [[32, 128], [0, 1], [0, 1]], 8, 2]).early_loads is None
 
 

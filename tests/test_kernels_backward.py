@@ -244,8 +244,8 @@ def _child() -> None:
         real.dweight_reduce_kernel[(-(-hidden // 256),)](partial, dw2, 1, hidden, BLOCK_P=1,
                                                          BLOCK_C=256, PRECISE=False, num_warps=4)
         problems = [] if torch.equal(dx, dx2) else ["dx differs"]
-        if not torch.equal(dw.view(torch.int16 if dw.element_size() == 2 else torch.int32),
-                           dw2.view(torch.int16 if dw.element_size() == 2 else torch.int32)):
+        bits = {2: torch.int16, 4: torch.int32}[dw.element_size()]
+        if not torch.equal(dw.view(bits), dw2.view(bits)):
             problems.append("dweight's bits differ from the partial's column sum")
         return problems + backward_problems(*case, dx, dw)
 

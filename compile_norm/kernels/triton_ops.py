@@ -416,7 +416,6 @@ def _outputs_layout(spec: OpSpec) -> tuple[bool, int, int]:
     return stores_out, n_quant, mode
 
 
-
 # the quant modes whose quantized output the kernel can leave unwritten (scales only)
 _SCALES_ONLY_MODES = tuple(QUANT_MODES[s] for s in ("fp8_dynamic", "int8_dynamic", "int8_dynamic_asym"))
 
@@ -435,8 +434,6 @@ def _offsets_64(tokens, hidden, sx, sr, st, sg, group) -> bool:
     return largest >= 2 ** 31
 
 
-# The quant modes whose launches keep ptxas's schedule (the weight read after the row's
-# reduction): static scales, measured 0.1-0.5 us slower the other way on the H200 (run 39).
 def _early_loads(cfg: LaunchConfig) -> bool:
     """Whether the launch reads the weight (gate, static scale) together with x, before the
     row's reduction (EARLY_LOADS): the config's choice where a measurement made one, else
