@@ -101,19 +101,20 @@ def test_row_offsets_are_32_bit_unless_one_may_pass_int32(op, shape, kwargs, wid
 
 def test_launch_config_heuristic():
     # several rows per program for small rows, one row (whole row in registers) for big ones;
-    # the last field (programs_per_sm) is 0: one-shot grid, the persistent variant is off
-    assert triton_ops.launch_config(128, 0) == (16, ((1, 128), (0, 1), (0, 1)), 4, 0)
+    # programs_per_sm is 0: one-shot grid, the persistent variant is off; early_loads None:
+    # the default load schedule
+    assert triton_ops.launch_config(128, 0) == (16, ((1, 128), (0, 1), (0, 1)), 4, 0, None)
     # non-power-of-two rows: up to three power-of-two tiles instead of one padded tile
     assert triton_ops.column_tiles(5376, 0) == (4096, 1024, 256)
     assert triton_ops.column_tiles(2304, 0) == (2048, 256)
     assert triton_ops.column_tiles(3000, 0) == (2048, 512, 512)
     assert triton_ops.column_tiles(4095, 0) == (4096,)  # < 10% padding: one tile
     assert triton_ops.column_tiles(300, 0) == (512,)  # small rows: one tile
-    assert triton_ops.launch_config(5376, 0) == (1, ((1, 4096), (1, 1024), (1, 256)), 4, 0)
+    assert triton_ops.launch_config(5376, 0) == (1, ((1, 4096), (1, 1024), (1, 256)), 4, 0, None)
     # per-group FP8 splits the same way, tiles a whole number of groups
     assert triton_ops.launch_config(2304, 128).tiles == ((16, 128), (2, 128), (0, 1))
-    assert triton_ops.launch_config(5376, 128) == (1, ((32, 128), (8, 128), (2, 128)), 4, 0)
-    assert triton_ops.launch_config(4096, 128) == (1, ((32, 128), (0, 1), (0, 1)), 8, 0)
+    assert triton_ops.launch_config(5376, 128) == (1, ((32, 128), (8, 128), (2, 128)), 4, 0, None)
+    assert triton_ops.launch_config(4096, 128) == (1, ((32, 128), (0, 1), (0, 1)), 8, 0, None)
     assert triton_ops.launch_config(65536, 0).num_warps == 32
     for h in range(1, 9000, 7):  # tiles cover the row, group-aligned, powers of two
         for g in (0, 64, 128):
