@@ -5,7 +5,7 @@
 ``fn``, each kernel classified by its name (``classify``) into
 
 - ``norm``: compile_norm's own Triton kernels (``norm_quant_kernel``, the backward's
-  ``rms_norm_backward_kernel``, ``dweight_reduce_kernel`` and ``dweight_from_rows_kernel``), and kernels Inductor generated
+  ``rms_norm_backward_kernel`` and ``dweight_reduce_kernel``), and kernels Inductor generated
   for a norm, a norm + quantization or a norm's backward (rules below);
 - ``quant``: an activation quantization Inductor generated apart from any norm (stock
   Inductor's FP8 cast of a norm output, when it did not fuse it with the norm, and the inputs
@@ -104,8 +104,7 @@ def _own_kernels() -> frozenset[str]:
     except ImportError:  # no Triton: no such kernel can run
         return frozenset()
     return frozenset(k.fn.__name__ for k in (K.norm_quant_kernel, B.rms_norm_backward_kernel,
-                                             B.dweight_reduce_kernel,
-                                             B.dweight_from_rows_kernel))
+                                             B.dweight_reduce_kernel))
 
 
 NORM_OPS, QUANT_OPS = _op_names(False), _op_names(True)

@@ -29,7 +29,6 @@ NAMES = {
     "norm_quant_kernel_0": "norm",
     "rms_norm_backward_kernel": "norm",
     "dweight_reduce_kernel": "norm",
-    "dweight_from_rows_kernel": "norm",
     "triton_red_fused_quant_fp8_dynamic_rms_norm_1": "norm",  # a norm fused with a quantization
     "graph_1_cpp_fused_add_embedding_dense_backward_rms_norm_backward_view_5": "norm",
     "graph_0_cpp_fused__to_copy_add_arange_cumsum_embedding_mean_mul_pow_rsqrt_0": "norm",
@@ -78,8 +77,7 @@ def test_own_kernel_names_come_from_the_kernels():
 
     assert KP.OWN_KERNELS == {triton_kernel.norm_quant_kernel.fn.__name__,
                               triton_backward_kernel.rms_norm_backward_kernel.fn.__name__,
-                              triton_backward_kernel.dweight_reduce_kernel.fn.__name__,
-                              triton_backward_kernel.dweight_from_rows_kernel.fn.__name__}
+                              triton_backward_kernel.dweight_reduce_kernel.fn.__name__}
 
 
 def test_cuda_kernels_take_the_phase_of_the_op_that_launched_them():

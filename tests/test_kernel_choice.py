@@ -654,36 +654,29 @@ def test_lower_pass_traces_the_kernel_for_a_symbolic_token_count(triton_as_if_on
     assert tuple(s.meta["val"].shape[1:]) == (32,)
 
 
-@pytest.mark.parametrize("weight,rstd_out", [(True, False), (False, False), (True, True)])
-def test_inductor_mutation_analysis_of_the_backward_kernel(cuda_target_for_triton_frontend, weight,
-                                                           rstd_out):
+@pytest.mark.parametrize("weight", [True, False])
+def test_inductor_mutation_analysis_of_the_backward_kernel(cuda_target_for_triton_frontend, weight):
     """The same analysis for the backward kernel, with PRECISE (compiled) and Python floats
     for eps / offset as Inductor hands them in: it must find dx (and the dweight partials)
-    only (with ``RSTD_OUT``: dx and rstd; then dweight_from_rows_kernel: dweight). A failure
-    makes Inductor copy every input of the kernel (seen on the H200 with torch 2.11 while the
-    kernel converted eps with ``.to()``; it uses ``tl.cast`` now)."""
+    only. A failure makes Inductor copy every input of the kernel (seen on the H200 with
+    torch 2.11 while the kernel converted eps with ``.to()``; it uses ``tl.cast`` now)."""
     from torch._higher_order_ops import triton_kernel_wrap as tkw
 
     from compile_norm.kernels import triton_backward as B
     from compile_norm.kernels import triton_backward_kernel as BK
 
     g, x, gr, dx = (torch.randn(8, 384, dtype=BF16) for _ in range(4))
-    w, partials = torch.randn(384, dtype=BF16), torch.empty(8) if rstd_out else torch.empty(4, 384)
+    w, partials = torch.randn(384, dtype=BF16), torch.empty(4, 384)
     names = BK.rms_norm_backward_kernel.arg_names
     values = (g, x, w if weight else x, gr, dx, partials if weight else x, 8, 384, 384, 384, 1, 384,
-              1e-6, 0.0, 384, 1, 512, weight, False, False, True, 3, False, rstd_out)
-    launches = [(BK.rms_norm_backward_kernel, dict(zip(names, values)))]
-    if rstd_out:
-        names = BK.dweight_from_rows_kernel.arg_names
-        values = (g, x, partials, w, 8, 384, 384, 384, 8, 128, True)
-        launches.append((BK.dweight_from_rows_kernel, dict(zip(names, values))))
-    for kernel, kwargs in launches:
-        if hasattr(tkw, "identify_accessed_tensors"):  # torch >= 2.12
-            access = tkw.identify_accessed_tensors(kernel, kwargs, {})
-            written = sorted(dep.name for dep in access.read_writes.writes)
-        else:
-            written = sorted(tkw.identify_mutated_tensors(kernel, kwargs, {}))
-        assert written == sorted(B.written_args(kernel.fn.__name__, kwargs))
+              1e-6, 0.0, 384, 1, 512, weight, False, False, True, 3, False)
+    kwargs = dict(zip(names, values))
+    if hasattr(tkw, "identify_accessed_tensors"):  # torch >= 2.12
+        access = tkw.identify_accessed_tensors(BK.rms_norm_backward_kernel, kwargs, {})
+        written = sorted(dep.name for dep in access.read_writes.writes)
+    else:
+        written = sorted(tkw.identify_mutated_tensors(BK.rms_norm_backward_kernel, kwargs, {}))
+    assert written == sorted(B.written_args("rms_norm_backward_kernel", kwargs))
 
 
 def test_measurements_are_kept_per_kernel_source(monkeypatch):

@@ -114,15 +114,6 @@ def interpreter_cases() -> list[tuple[str, tuple]]:
             (f"{d}_3d_noncontiguous", make_case(19, 384, dtype, layout="3d_nc")),
             (f"{d}_3d_noncontiguous_zero", make_case(0, 64, dtype, layout="3d_nc")),
         ]
-        # a few wide rows, a program each: bf16 sums dweight from the rows (rstd stored), fp32
-        # keeps the partials (triton_backward.rows_read_again)
-        cases.append((f"{d}_3x2304", make_case(3, 2304, dtype)))
-    cases += [
-        ("from_rows_gemma_fp32_weight", make_case(3, 2304, torch.bfloat16, weight="fp32", offset=1.0)),
-        ("from_rows_variance_size", make_case(3, 2304, torch.bfloat16, vsize=2000)),
-        ("from_rows_3d_noncontiguous", make_case(2, 2304, torch.bfloat16, layout="3d_nc")),
-        ("from_rows_no_weight", make_case(3, 2304, torch.bfloat16, weight=None)),
-    ]
     cases.append(("fp16_weight_fp32", make_case(37, 1000, torch.float16, weight="fp32")))
     cases.append(("eps_zero", make_case(37, 384, torch.bfloat16)[:3] + (0.0, 0.0, None)))
     return cases
@@ -156,7 +147,6 @@ def _child() -> None:
     triton_backward.K = type("K", (), {
         "rms_norm_backward_kernel": Counting(real.rms_norm_backward_kernel),
         "dweight_reduce_kernel": Counting(real.dweight_reduce_kernel),
-        "dweight_from_rows_kernel": Counting(real.dweight_from_rows_kernel),
     })
     cn = torch.ops.compile_norm
 
@@ -259,33 +249,6 @@ def _child() -> None:
             problems.append("dweight's bits differ from the partial's column sum")
         return problems + backward_problems(*case, dx, dw)
 
-    # a few wide rows: rstd stored per row, dweight summed from x and grad in a second launch
-    def dweight_from_rows(tokens, hidden, dtype, gres=False, **kw):
-        case = make_case(tokens, hidden, dtype, **kw)
-        gr = (torch.randn(case[1].shape).to(dtype),) if gres else ()
-        seen = []
-        kernel = triton_backward.K.rms_norm_backward_kernel
-        triton_backward.K.rms_norm_backward_kernel = type("Seeing", (), {
-            "__getitem__": lambda self, grid: (lambda *a, **k: seen.append(k)
-                                               or kernel[grid](*a, **k))})()
-        try:
-            dx, dw = cn.rms_norm_backward(*case, *gr)
-        finally:
-            triton_backward.K.rms_norm_backward_kernel = kernel
-        if not seen[0]["RSTD_OUT"]:
-            return ["the launch kept the partials: RSTD_OUT is False"]
-        problems = []
-        if gr:
-            dx0, dw0 = cn.rms_norm_backward(*case)
-            problems += [] if torch.equal(dx, dx0 + gr[0]) else ["dx(grad_residual) != dx + grad_residual"]
-            problems += [] if torch.equal(dw, dw0) else ["dweight depends on grad_residual"]
-            dx = dx0
-        return problems + backward_problems(*case, dx, dw)
-
-    record("dweight_from_rows_3x2304", lambda: dweight_from_rows(3, 2304, torch.bfloat16), 2)
-    record("dweight_from_rows_grad_residual_fp16", lambda: dweight_from_rows(
-        4, 3000, torch.float16, gres=True, weight="fp32", offset=1.0), 4)
-
     record("direct_dweight_bits_1x1000", lambda: direct_dweight_bits(1, 1000, torch.bfloat16), 1)
     record("direct_dweight_bits_37x64_gemma", lambda: direct_dweight_bits(
         37, 64, torch.bfloat16, weight="fp32", offset=1.0), 1)
@@ -347,7 +310,6 @@ def _names():
         "autograd_rms_norm_no_weight_3d", "autograd_fused_add_bf16", "autograd_parameter_weight",
         "fp64_gradcheck", "double_backward_uses_reference",
         "direct_dweight_bits_1x1000", "direct_dweight_bits_37x64_gemma",
-        "dweight_from_rows_3x2304", "dweight_from_rows_grad_residual_fp16",
     ]
 
 
@@ -378,26 +340,6 @@ def test_persistent_grid_narrows_for_few_row_blocks(monkeypatch):
     assert [B.programs(t, c5376, x) for t in (32, 256, 8192)] == [32, 132, 132]
     assert [B.programs(n, c2048, x) for n in (64, 1024)] == [64, 264]  # not measured narrower
     assert B.programs(2048, c128, x) == 264  # per-head rows keep their config
-
-
-def test_dweight_from_the_rows_where_partials_would_outweigh_them():
-    """Partials (n_programs x H fp32, written and read) against x and grad read again: the rows
-    win with a program per row of 16-bit x, not with two rows a program or fp32 x; one program
-    writes dweight itself, and a symbolic count keeps the partials."""
-    from compile_norm.kernels import triton_backward as B
-
-    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
-    # (tokens, row blocks, programs): a row a program up to 132, then looping programs; two
-    # rows a block (2K columns)
-    cases = ((32, 32, 32), (132, 132, 132), (256, 256, 132), (64, 32, 32))
-    assert [B.rows_read_again(*c, bf16) for c in cases] == [True, True, False, False]
-    assert not B.rows_read_again(32, 32, 32, fp32)
-    assert not B.rows_read_again(1, 1, 1, bf16)
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    shape_env = ShapeEnv()
-    t = shape_env.create_unbacked_symint()
-    assert not B.rows_read_again(t, t, 32, bf16) and not B.rows_read_again(32, 32, t, bf16)
 
 
 def test_cpu_dispatches_to_native():

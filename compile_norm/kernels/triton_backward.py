@@ -5,9 +5,7 @@ One launch of ``rms_norm_backward_kernel`` (dx, plus ``grad_residual`` for fused
 dweight partials per program) and, with a weight and more than one program, one of
 ``dweight_reduce_kernel`` (the partials' column sums, rounded to the weight's dtype; one
 program rounds its own sums: one launch at one token of 2K+ columns, or a few tokens of
-per-head rows). Where the partials would outweigh the rows (``rows_read_again``: a few tokens
-of wide rows, a program each) the first launch stores rstd per row and
-``dweight_from_rows_kernel`` sums ``g * x * rstd`` over the rows. The grid is persistent:
+per-head rows). The grid is persistent:
 ``sm_count * programs_per_sm`` programs at most, each looping over row blocks, so the partials
 are ``[n_programs, H]`` fp32, a few MB, whatever the token count. Launches go through
 ``JITFunction.run`` (~20-30 us of host time each; nothing under CUDA-graph replay).
@@ -147,21 +145,6 @@ def programs(n_blocks, cfg: BackwardConfig, x: torch.Tensor):
     return min(n_blocks, _device_programs(x, per_sm))
 
 
-def rows_read_again(tokens, n_blocks, n_programs, x: torch.Tensor) -> bool:
-    """dweight summed from x and grad themselves (read a second time, from L2 at these sizes)
-    rather than from per-program partials: where every program has one row block (no loop:
-    a few tokens) and the partials, written and read back (2 x n_programs x H x 4 bytes),
-    outweigh x and grad read again (T x H x 2 x itemsize). H200 run 48 at 32x4096: the
-    backward kernel took 2.44 us writing 32 partial rows, stock Inductor's dx kernel 1.74
-    without them."""
-    if any(type(v) is not int for v in (tokens, n_blocks, n_programs)) or n_programs == 1:
-        return False  # a symbolic count keeps the partials; one program writes dweight itself
-    return n_programs == n_blocks and 4 * n_programs > tokens * x.element_size()
-
-
-ROWS_BLOCK_C = 128  # columns per program of dweight_from_rows_kernel
-
-
 def _launch(grid, kernel, args, kwargs, x: torch.Tensor, wrap=None) -> None:
     if wrap is not None:  # traced for Inductor (library_ops): a user-defined kernel it launches
         # wrap_triton takes num_warps / num_stages as launch options, not the register cap
@@ -193,11 +176,9 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
     n_programs = programs(n_blocks, cfg, x)
     # one program (a symbolic count never): it writes dweight itself, no second launch
     direct = weight is not None and type(n_programs) is int and n_programs == 1
-    from_rows = weight is not None and rows_read_again(tokens, n_blocks, n_programs, x)
-    dw_out = None  # what the kernel's dw_ptr writes: dweight itself, rstd, or fp32 partials
+    dw_out = None  # what the kernel's dw_ptr writes: dweight itself, or the fp32 partials
     if weight is not None:
         dw_out = (torch.empty((hidden,), dtype=weight.dtype, device=dev) if direct else
-                  torch.empty((tokens,), dtype=torch.float32, device=dev) if from_rows else
                   torch.empty((n_programs, hidden), dtype=torch.float32, device=dev))
     vsize = hidden if variance_size is None else variance_size
     args = (
@@ -210,7 +191,7 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
     kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, HAS_WEIGHT=weight is not None,
                   HAS_VSIZE=vsize != hidden, HAS_GRES=grad_residual is not None,
                   PRECISE=not T.INTERPRET, NUM_STAGES=cfg.num_stages, DW_DIRECT=direct,
-                  RSTD_OUT=from_rows, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
+                  num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
     # traced (library_ops), the kernels are imported wherever triton is, GPU or not
     kernels = K if wrap is None else importlib.import_module(f"{__package__}.triton_backward_kernel")
     _launch((n_programs,), kernels.rms_norm_backward_kernel, args, kwargs, x, wrap)
@@ -219,12 +200,6 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
     if direct:
         return dx, dw_out
     dweight = torch.empty((hidden,), dtype=weight.dtype, device=dev)
-    if from_rows:
-        _launch((-(-hidden // ROWS_BLOCK_C),), kernels.dweight_from_rows_kernel,
-                (g2, x2, dw_out, dweight, tokens, hidden, g2.stride(0), x2.stride(0)),
-                dict(BLOCK_T=min(32, T._next_pow2(tokens)), BLOCK_C=ROWS_BLOCK_C,
-                     PRECISE=not T.INTERPRET, num_warps=4), x, wrap)
-        return dx, dweight
     block_c = 256
     block_p = max(1, min(32, T._next_pow2(n_programs)))
     _launch((-(-hidden // block_c),), kernels.dweight_reduce_kernel,
@@ -236,7 +211,7 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
 def written_args(kernel_name: str, kwargs: dict) -> list[str]:
     """The pointer arguments each backward kernel stores to, given its launch kwargs (what
     Triton's mutation analysis must find; CPU tests use it where it cannot run)."""
-    if kernel_name in ("dweight_reduce_kernel", "dweight_from_rows_kernel"):
+    if kernel_name == "dweight_reduce_kernel":
         return ["dw_ptr"]
     return ["dx_ptr", "dw_ptr"] if kwargs.get("HAS_WEIGHT") else ["dx_ptr"]
 

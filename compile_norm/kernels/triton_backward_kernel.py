@@ -9,10 +9,7 @@ a weight). ``dweight`` partial sums ``sum_rows g * (x * rstd)`` stay in fp32 reg
 the rows a program handles and are written once per program to ``[n_programs, H]``;
 ``dweight_reduce_kernel`` sums those columns in fp32 and rounds once to the weight's dtype;
 a launch of one program (``DW_DIRECT``: decode, per-head rows of a few tokens) rounds and
-stores its sums itself, the same bits in one launch. Where each program has a single row
-block (a few tokens of wide rows), partials would be as large as the rows: the kernel stores
-each row's rstd instead (``RSTD_OUT``) and ``dweight_from_rows_kernel`` takes the column sums
-from x and grad, read again while they are still in L2.
+stores its sums itself, the same bits in one launch.
 With ``grad_residual`` (fused add), dx rounded to x.dtype gets it added as torch adds two
 tensors of x.dtype. This is ``rms_norm_backward_ref``'s arithmetic, with its sums taken in
 another order.
@@ -32,12 +29,10 @@ except ImportError:  # pragma: no cover - older layouts
 
 
 @triton.jit
-def _row_block(block, acc, w, g_ptr, x_ptr, gr_ptr, dx_ptr, dw_ptr, T, H, stride_g, stride_x,
-               stride_gr, eps, V, cols, cmask, in_var, BLOCK_M: tl.constexpr,
-               HAS_WEIGHT: tl.constexpr, HAS_VSIZE: tl.constexpr, HAS_GRES: tl.constexpr,
-               PRECISE: tl.constexpr, RSTD_OUT: tl.constexpr):
-    """dx of rows ``[block * BLOCK_M, ...)``; returns ``acc`` plus their dweight terms (with
-    ``RSTD_OUT``: stores the rows' rstd to ``dw_ptr`` and returns ``acc`` as it was)."""
+def _row_block(block, acc, w, g_ptr, x_ptr, gr_ptr, dx_ptr, T, H, stride_g, stride_x, stride_gr,
+               eps, V, cols, cmask, in_var, BLOCK_M: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+               HAS_VSIZE: tl.constexpr, HAS_GRES: tl.constexpr, PRECISE: tl.constexpr):
+    """dx of rows ``[block * BLOCK_M, ...)``; returns ``acc`` plus their dweight terms."""
     X_DT: tl.constexpr = x_ptr.dtype.element_ty
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < T
@@ -58,10 +53,7 @@ def _row_block(block, acc, w, g_ptr, x_ptr, gr_ptr, dx_ptr, dw_ptr, T, H, stride
     # rows past T: 0 (with eps = 0 their rstd is inf, and 0 * inf would poison dweight)
     rstd = tl.where(rmask, rstd, 0.0)
     if HAS_WEIGHT:
-        if RSTD_OUT:
-            tl.store(dw_ptr + rows, rstd, mask=rmask)
-        else:
-            acc += g * (x * rstd[:, None])
+        acc += g * (x * rstd[:, None])
         g = g * w[None, :]
     coef = tl.sum(g * x, axis=1) * (rstd * rstd * rstd) / V
     xv = x
@@ -88,7 +80,6 @@ def rms_norm_backward_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_VSIZE: tl.constexpr, HAS_GRES: tl.constexpr,
     PRECISE: tl.constexpr, NUM_STAGES: tl.constexpr,
     DW_DIRECT: tl.constexpr = False,  # one program: dw_ptr is dweight itself, rounded here
-    RSTD_OUT: tl.constexpr = False,  # dw_ptr is rstd [T] fp32, for dweight_from_rows_kernel
 ):
     if PRECISE:  # compiled: Python floats may arrive as fp64; the reference works in fp32
         # tl.cast, not .to(): Inductor's mutation analysis hands the floats in as Python floats,
@@ -107,17 +98,17 @@ def rms_norm_backward_kernel(
     n_blocks = tl.cdiv(T, BLOCK_M)
     if PRECISE:  # NUM_STAGES > 1: the next blocks' loads are issued while this one computes
         for block in tl.range(pid, n_blocks, n_programs, num_stages=NUM_STAGES):
-            acc = _row_block(block, acc, w, g_ptr, x_ptr, gr_ptr, dx_ptr, dw_ptr, T, H, stride_g,
-                             stride_x, stride_gr, eps, V, cols, cmask, in_var, BLOCK_M,
-                             HAS_WEIGHT, HAS_VSIZE, HAS_GRES, PRECISE, RSTD_OUT)
+            acc = _row_block(block, acc, w, g_ptr, x_ptr, gr_ptr, dx_ptr, T, H, stride_g, stride_x,
+                             stride_gr, eps, V, cols, cmask, in_var, BLOCK_M, HAS_WEIGHT,
+                             HAS_VSIZE, HAS_GRES, PRECISE)
     else:  # the interpreter cannot take a runtime bound in range() (numpy >= 2): same loop
         block = pid
         while block < n_blocks:
-            acc = _row_block(block, acc, w, g_ptr, x_ptr, gr_ptr, dx_ptr, dw_ptr, T, H, stride_g,
-                             stride_x, stride_gr, eps, V, cols, cmask, in_var, BLOCK_M,
-                             HAS_WEIGHT, HAS_VSIZE, HAS_GRES, PRECISE, RSTD_OUT)
+            acc = _row_block(block, acc, w, g_ptr, x_ptr, gr_ptr, dx_ptr, T, H, stride_g, stride_x,
+                             stride_gr, eps, V, cols, cmask, in_var, BLOCK_M, HAS_WEIGHT,
+                             HAS_VSIZE, HAS_GRES, PRECISE)
             block += n_programs
-    if HAS_WEIGHT and not RSTD_OUT:
+    if HAS_WEIGHT:
         dw = tl.sum(acc, axis=0)
         if DW_DIRECT:  # the column sums of the only program: what the reduce would round
             tl.store(dw_ptr + cols, _round_to(dw, dw_ptr.dtype.element_ty, PRECISE), mask=cmask)
@@ -147,39 +138,5 @@ def dweight_reduce_kernel(p_ptr, dw_ptr, P, H, BLOCK_P: tl.constexpr, BLOCK_C: t
         while p0 < P:
             acc = _add_partials(acc, p_ptr, p0, P, H, cols, cmask, BLOCK_P)
             p0 += BLOCK_P
-    dw = _round_to(tl.sum(acc, axis=0), dw_ptr.dtype.element_ty, PRECISE)
-    tl.store(dw_ptr + cols, dw, mask=cmask)
-
-
-@triton.jit
-def _add_row_terms(acc, g_ptr, x_ptr, rstd_ptr, t0, T, stride_g, stride_x, cols, cmask,
-                   BLOCK_T: tl.constexpr):
-    rows = t0 + tl.arange(0, BLOCK_T)
-    rmask = rows < T
-    rows64 = rows.to(tl.int64)
-    mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + rows64[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-    return acc + g * (x * rstd[:, None])  # rms_norm_backward_kernel's term, from its rstd
-
-
-@triton.jit
-def dweight_from_rows_kernel(g_ptr, x_ptr, rstd_ptr, dw_ptr, T, H, stride_g, stride_x,
-                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PRECISE: tl.constexpr):
-    """``dw[c] = sum_t g[t, c] * (x[t, c] * rstd[t])`` in fp32, rounded once to dw's dtype."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < H
-    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    if PRECISE:
-        for t0 in range(0, T, BLOCK_T):
-            acc = _add_row_terms(acc, g_ptr, x_ptr, rstd_ptr, t0, T, stride_g, stride_x, cols,
-                                 cmask, BLOCK_T)
-    else:  # the interpreter: a while loop (see rms_norm_backward_kernel)
-        t0 = 0
-        while t0 < T:
-            acc = _add_row_terms(acc, g_ptr, x_ptr, rstd_ptr, t0, T, stride_g, stride_x, cols,
-                                 cmask, BLOCK_T)
-            t0 += BLOCK_T
     dw = _round_to(tl.sum(acc, axis=0), dw_ptr.dtype.element_ty, PRECISE)
     tl.store(dw_ptr + cols, dw, mask=cmask)
