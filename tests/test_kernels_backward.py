@@ -241,8 +241,10 @@ def _child() -> None:
         args[4], args[5] = dx2, partial
         real.rms_norm_backward_kernel[grid](*args, **{**kwargs, "DW_DIRECT": False})
         dw2 = torch.empty_like(dw)
-        real.dweight_reduce_kernel[(-(-hidden // 256),)](partial, dw2, 1, hidden, BLOCK_P=1,
-                                                         BLOCK_C=256, PRECISE=False, num_warps=4)
+        block_c = triton_backward.REDUCE_BLOCK_C
+        real.dweight_reduce_kernel[(-(-hidden // block_c),)](partial, dw2, 1, hidden, BLOCK_P=1,
+                                                             BLOCK_C=block_c, PRECISE=False,
+                                                             num_warps=4)
         problems = [] if torch.equal(dx, dx2) else ["dx differs"]
         bits = {2: torch.int16, 4: torch.int32}[dw.element_size()]
         if not torch.equal(dw.view(bits), dw2.view(bits)):

@@ -145,6 +145,13 @@ def programs(n_blocks, cfg: BackwardConfig, x: torch.Tensor):
     return min(n_blocks, _device_programs(x, per_sm))
 
 
+# Columns per program of the dweight column sums. H200 run 50 (eager backward, us, 32 / 256
+# columns): 256x4096 11.5 / 13.2, 8192x4096 61.3 / 64.6, 2048x2048 17.1 / 20.4, 65536x128
+# 24.5 / 27.9, 32x4096 9.0 / 9.3; 64 and 128 in between or slower. Narrow blocks give the
+# partials' read more programs (128 at 4096 columns, not 16).
+REDUCE_BLOCK_C = 32
+
+
 def _launch(grid, kernel, args, kwargs, x: torch.Tensor, wrap=None) -> None:
     if wrap is not None:  # traced for Inductor (library_ops): a user-defined kernel it launches
         # wrap_triton takes num_warps / num_stages as launch options, not the register cap
@@ -200,11 +207,10 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
     if direct:
         return dx, dw_out
     dweight = torch.empty((hidden,), dtype=weight.dtype, device=dev)
-    block_c = 256
     block_p = max(1, min(32, T._next_pow2(n_programs)))
-    _launch((-(-hidden // block_c),), kernels.dweight_reduce_kernel,
+    _launch((-(-hidden // REDUCE_BLOCK_C),), kernels.dweight_reduce_kernel,
             (dw_out, dweight, n_programs, hidden),
-            dict(BLOCK_P=block_p, BLOCK_C=block_c, PRECISE=not T.INTERPRET, num_warps=4), x, wrap)
+            dict(BLOCK_P=block_p, BLOCK_C=REDUCE_BLOCK_C, PRECISE=not T.INTERPRET, num_warps=4), x, wrap)
     return dx, dweight
 
 
