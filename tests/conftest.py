@@ -1,5 +1,7 @@
+import importlib.util
 import logging
 import os
+import sys
 import time
 
 import pytest
@@ -22,6 +24,32 @@ import compile_norm  # noqa: F401  (registers the ops)
 # on (which would make a test's expected code depend on the card and its load, and cost 2-10 s
 # per shape class); the measurement tests give themselves a budget.
 os.environ.setdefault("COMPILE_NORM_MEASURE_BUDGET_S", "0")
+
+
+def pytest_collection_finish(session):
+    """Start the Triton interpreter children of the collected test files that have one
+    (``helpers.interpreter_report``) on a background thread, so they run beside the serial
+    tests (CI: two cores) instead of one after another in them. Not under xdist, whose
+    workers each collect every file (and run in parallel already)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or importlib.util.find_spec("triton") is None:
+        return
+    import helpers
+
+    scripts, seen = [], set()
+    for item in session.items:
+        path = item.path
+        if path in seen:
+            continue
+        seen.add(path)
+        if path.suffix == ".py" and "interpreter_report(__file__" in path.read_text():
+            scripts.append(str(path))
+    if scripts:
+        helpers.start_interpreter_reports(scripts)
+
+
+def pytest_sessionfinish(session):
+    if "helpers" in sys.modules:
+        sys.modules["helpers"].stop_interpreter_reports()
 
 
 def pytest_collection_modifyitems(config, items):

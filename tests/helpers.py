@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -158,14 +159,60 @@ def child_env(**extra: str) -> dict:
     return dict(os.environ, **extra, PYTHONPATH=path)
 
 
+def _run_child(script: str, timeout: int) -> tuple[int | None, str, str]:
+    """(returncode, stdout, stderr) of ``script`` run under TRITON_INTERPRET=1 (returncode
+    None: killed at the timeout or at the session's end)."""
+    proc = subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=child_env(TRITON_INTERPRET="1"), cwd=ROOT)
+    _CHILDREN.add(proc)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return None, out, f"{err}\n{script}: killed after {timeout} s"
+    finally:
+        _CHILDREN.discard(proc)
+
+
+_CHILDREN: set[subprocess.Popen] = set()
+_AHEAD: dict[str, concurrent.futures.Future] = {}
+_AHEAD_TIMEOUT = 900
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def start_interpreter_reports(scripts: list[str]) -> None:
+    """Run these test files' interpreter children ahead, one at a time on a background thread,
+    in this order (conftest: the order their tests were collected): the interpreter is
+    single-threaded, and the serial test run leaves the machine's other core idle."""
+    global _pool
+    _pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="interpreter")
+    for script in scripts:
+        _AHEAD[str(pathlib.Path(script).resolve())] = _pool.submit(_run_child, script, _AHEAD_TIMEOUT)
+
+
+def stop_interpreter_reports() -> None:
+    """Cancel the children not started and kill the running one (the session is over)."""
+    if _pool is not None:
+        _pool.shutdown(wait=False, cancel_futures=True)
+    for proc in list(_CHILDREN):
+        proc.kill()
+
+
 def interpreter_report(script: str, timeout: int) -> dict:
     """Run a test file as a script under TRITON_INTERPRET=1 (a fresh process: Triton picks the
-    interpreter at import) and return the JSON it prints after ``REPORT``."""
+    interpreter at import) and return the JSON it prints after ``REPORT``; the result of the
+    child run ahead (``start_interpreter_reports``) if there is one."""
     pytest.importorskip("triton")
-    out = subprocess.run([sys.executable, script], capture_output=True, text=True,
-                         env=child_env(TRITON_INTERPRET="1"), timeout=timeout, cwd=ROOT)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("REPORT")]
-    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    ahead = _AHEAD.pop(str(pathlib.Path(script).resolve()), None)
+    if ahead is not None and not ahead.cancel():  # started or done: wait for it
+        code, out, err = ahead.result()
+    else:
+        code, out, err = _run_child(script, timeout)
+    lines = [ln for ln in out.splitlines() if ln.startswith("REPORT")]
+    assert code == 0 and lines, err[-3000:]
     return json.loads(lines[-1][len("REPORT"):])
 
 
