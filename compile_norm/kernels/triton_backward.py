@@ -92,8 +92,14 @@ def launch_config(hidden: int) -> BackwardConfig:
       260, 340), 8192x5376 99 (0.71; 113, 145), 2048x2048 21 (0.69; 23, 26). With the cap,
       pipelining spills and loses; a compiled graph launches without one anyway (wrap_triton
       takes no register cap), so eager and compiled run the same code;
-    - narrow rows (hidden 128, 32 rows per block): no pipelining, 128 registers (65536x128:
-      28 us, 0.73; pipelined 29-32).
+    - rows of up to 1024 columns take no register cap (run 53, the backward alone, graph
+      replay, us): a compiled graph launches without one, and with 78 registers instead of
+      the cap's 106 the per-head kernel ran 21.8 us compiled against 16.8 eager at
+      65536x128 (run 52). Uncapped, per-head rows (hidden <= 128) are fastest in blocks of
+      8K elements, 8 warps, two programs per SM, not pipelined: 65536x128 25.3 (the old
+      capped 32-row blocks 24.3, uncapped 28.5), 8192x128 11.7 (12.7), 32768x64 13.1
+      (13.4; uncapped 14.4); 256-1024 columns in pipelined 4K-element blocks, 4 warps, two
+      per SM: 16384x256 20.0 (20.9 capped, 23.1 uncapped), 8192x1024 24.3 (30.3).
 
     Rows wider than 8192 take more warps so a thread never holds more than 32 elements, and
     are not pipelined (3 stages of a 64K-column row need 512 KB of shared memory; 16K is
@@ -106,6 +112,11 @@ def launch_config(hidden: int) -> BackwardConfig:
     two stay faster there); ``programs`` narrows smaller grids further.
     """
     block_h = T._next_pow2(hidden)
+    # rows of up to 1024 columns: no register cap, which a compiled graph could not keep
+    if block_h <= 128:  # per-head rows: blocks of 8K elements, not pipelined
+        return BackwardConfig(8192 // block_h, block_h, 8, 2, maxnreg=None)
+    if block_h <= 1024:
+        return BackwardConfig(4096 // block_h, block_h, 4, 2, maxnreg=None, num_stages=3)
     block_m = max(1, 4096 // block_h)
     elems = block_m * block_h
     num_warps = 8 if elems <= 8192 else min(32, elems // 1024)
