@@ -326,6 +326,22 @@ def test_interpreter(report, name):
 cn = torch.ops.compile_norm
 
 
+def test_configs_up_to_8192_columns_take_no_register_cap():
+    """A compiled graph launches the backward through wrap_triton, which takes no register
+    cap: a capped config would run other code compiled than eager (H200 run 52: the per-head
+    kernel 21.8 us compiled against 16.8 eager under a 128-register cap). Per-head rows take
+    blocks of 8K elements, 256-1024 columns pipelined blocks of 4K (run 53)."""
+    from compile_norm.kernels import triton_backward as B
+
+    for hidden in (1, 16, 64, 100, 128, 200, 256, 768, 1024, 2048, 3000, 4096, 5376, 8192):
+        cfg = B.launch_config(hidden)
+        assert cfg.maxnreg is None, (hidden, cfg)
+        assert cfg.block_h == 1 << (hidden - 1).bit_length()
+    assert [B.launch_config(h).block_m * B.launch_config(h).block_h for h in (64, 128, 256, 1024)] == \
+        [8192, 8192, 4096, 4096]
+    assert B.launch_config(128).num_stages == 1 and B.launch_config(256).num_stages == 3
+
+
 def test_persistent_grid_narrows_for_few_row_blocks(monkeypatch):
     """The backward's grid (H200 runs 46-47): the config's programs per SM once there are 16+ row
     blocks per SM, one per SM below that for pipelined rows of 4K+ columns, one per row block
