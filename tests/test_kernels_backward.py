@@ -241,7 +241,7 @@ def _child() -> None:
         args[4], args[5] = dx2, partial
         real.rms_norm_backward_kernel[grid](*args, **{**kwargs, "DW_DIRECT": False})
         dw2 = torch.empty_like(dw)
-        block_c = triton_backward.REDUCE_BLOCK_C
+        block_c = triton_backward.REDUCE_CONFIG.block_c
         real.dweight_reduce_kernel[(-(-hidden // block_c),)](partial, dw2, 1, hidden, BLOCK_P=1,
                                                              BLOCK_C=block_c, PRECISE=False,
                                                              num_warps=4)

@@ -156,11 +156,23 @@ def programs(n_blocks, cfg: BackwardConfig, x: torch.Tensor):
     return min(n_blocks, _device_programs(x, per_sm))
 
 
-# Columns per program of the dweight column sums. H200 run 50 (eager backward, us, 32 / 256
-# columns): 256x4096 11.5 / 13.2, 8192x4096 61.3 / 64.6, 2048x2048 17.1 / 20.4, 65536x128
-# 24.5 / 27.9, 32x4096 9.0 / 9.3; 64 and 128 in between or slower. Narrow blocks give the
-# partials' read more programs (128 at 4096 columns, not 16).
-REDUCE_BLOCK_C = 32
+class ReduceConfig(NamedTuple):
+    block_c: int  # columns per program
+    block_p: int  # partial rows added per loop step
+    num_warps: int
+    num_stages: int = 1  # software pipelining of the loop over the partial rows (1: none)
+
+
+# The dweight column sums: 16 columns a program, 64 partial rows a step, 4 warps, the loop
+# over the partial rows pipelined over 3 stages. H200 runs 50 and 57 (eager backward, us;
+# this config against the former 32 columns, 32 rows, unpipelined, and run 50's 256-column
+# one): 2048x2048 16.4 / 17.1 / 20.4, 65536x128 24.5 / 25.3 / 27.9, 8192x4096 60.7 / 61.2 /
+# 64.6, 256x4096 11.4 / 11.8 / 13.2, 32x4096 8.6 / 8.9 / 9.3; no slower at any of the 8
+# shapes swept (benchmarks/backward_sweep.py --reduce; 34 configs, the next best 1% behind).
+# Narrow blocks give the partials' read more programs (256 at 4096 columns), the stages
+# keep several steps' loads in flight. The bits follow the block shape; one shape for every
+# call keeps them the same eager and compiled, at every token count.
+REDUCE_CONFIG = ReduceConfig(block_c=16, block_p=64, num_warps=4, num_stages=3)
 
 
 def _launch(grid, kernel, args, kwargs, x: torch.Tensor, wrap=None) -> None:
@@ -218,10 +230,11 @@ def rms_norm_backward(grad, x, weight, eps, weight_offset=0.0, variance_size=Non
     if direct:
         return dx, dw_out
     dweight = torch.empty((hidden,), dtype=weight.dtype, device=dev)
-    block_p = max(1, min(32, T._next_pow2(n_programs)))
-    _launch((-(-hidden // REDUCE_BLOCK_C),), kernels.dweight_reduce_kernel,
+    rc = REDUCE_CONFIG
+    _launch((-(-hidden // rc.block_c),), kernels.dweight_reduce_kernel,
             (dw_out, dweight, n_programs, hidden),
-            dict(BLOCK_P=block_p, BLOCK_C=REDUCE_BLOCK_C, PRECISE=not T.INTERPRET, num_warps=4), x, wrap)
+            dict(BLOCK_P=rc.block_p, BLOCK_C=rc.block_c, PRECISE=not T.INTERPRET,
+                 NUM_STAGES=rc.num_stages, num_warps=rc.num_warps), x, wrap)
     return dx, dweight
 
 

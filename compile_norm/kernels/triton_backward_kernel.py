@@ -125,13 +125,14 @@ def _add_partials(acc, p_ptr, p0, P, H, cols, cmask, BLOCK_P: tl.constexpr):
 
 @triton.jit
 def dweight_reduce_kernel(p_ptr, dw_ptr, P, H, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                          PRECISE: tl.constexpr):
-    """``dw[c] = sum_p partials[p, c]`` in fp32, rounded once to dw's dtype."""
+                          PRECISE: tl.constexpr, NUM_STAGES: tl.constexpr = 1):
+    """``dw[c] = sum_p partials[p, c]`` in fp32, rounded once to dw's dtype (NUM_STAGES > 1:
+    the next steps' loads are issued while one is added; the same order, the same bits)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < H
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     if PRECISE:
-        for p0 in range(0, P, BLOCK_P):
+        for p0 in tl.range(0, P, BLOCK_P, num_stages=NUM_STAGES):
             acc = _add_partials(acc, p_ptr, p0, P, H, cols, cmask, BLOCK_P)
     else:  # the interpreter: a while loop (see rms_norm_backward_kernel)
         p0 = 0
