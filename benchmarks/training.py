@@ -4,8 +4,12 @@
    Hugging Face style code (gpu_check.hf_rms / hf_add, ``hf_gemma_sandwich``), bf16, per shape: ``compile_norm`` backend (``lowering="auto"``
    and ``"kernel"``: the Triton backward kernels everywhere), stock ``torch.compile``, the eager ops (``compile_norm eager``: Triton forward + backward kernels),
    Liger (if importable). Each candidate is checked against fp32 autograd first, then one
-   training step (``torch.autograd.grad``) is captured in a CUDA graph and its replay timed
-   (``lowerings.measure.graph_time_us``), next to a copy of the same element count. Minimal
+   training step (``torch.autograd.grad``) is captured in a CUDA graph; the replays of every
+   candidate's graph and of a copy of the same element count are timed in turn
+   (``lowerings.measure.replay_time_us``, ``ROUNDS`` rounds, median): timed one after the
+   other, the candidate timed first after the compiles ran 0.5-1.8 us slower at 32-256
+   tokens than the eager call of the same three kernels, the same graph nodes and kernel
+   times (RESULTS.md run 59). Minimal
    bytes per element (bf16): rms_norm 10 (forward reads x, writes y; backward reads dy and x,
    writes dx), fused add 16 (forward reads x and r, writes y and h; backward reads dy, dh and h,
    writes dx, which is also dr), the sandwich 20 (``sandwich_bwd_family``); ratio = bandwidth /
@@ -43,7 +47,7 @@ import gpu_check as G  # noqa: E402  (HF style functions, timers)
 import kernel_profile as KP  # noqa: E402  (where a step's time goes)
 import suite as S  # noqa: E402  (backend registration, Liger, fresh(), fwd+bwd of rms_norm)
 
-from compile_norm.lowerings.measure import graph_time_us  # noqa: E402
+from compile_norm.lowerings.measure import capture_graph, replay_time_us  # noqa: E402
 
 QUICK_SHAPES = "256x4096,2048x2048,2048x5376,8192x4096,16384x8192,16384x5376,65536x128"
 FULL_T = (256, 2048, 8192, 16384)
@@ -134,23 +138,28 @@ def op_candidates(fam: str, t: int, h: int, dev: str, compile_: bool) -> tuple[l
     return [(n, make, (lambda fn, ref=ref: S.check_grads(fn(), ref)), c) for n, make, c in cands], spec
 
 
+ROUNDS = 5  # rounds of the op rows' replays, every candidate's once a round
+
+
 def run_ops(a) -> list[dict]:
     rows = []
     budget = S.Budget(a.budget_s)
     for t, h in a.shape_list:
         shape = f"{t}x{h}"
-        copy_us = None
+        graphs = {}  # (family, candidate) or "copy" -> the captured CUDA graph
         if a.timing:
             src = torch.randn(t, h, device=a.device, dtype=torch.bfloat16)
             dst = torch.empty_like(src)
-            copy_us = graph_time_us(lambda: dst.copy_(src))
-        print(f"== {shape}" + (f": copy {copy_us:.1f} us" if copy_us else ""), flush=True)
+            graphs["copy"] = capture_graph(lambda: dst.copy_(src))
+        print(f"== {shape}", flush=True)
+        timed = []  # (row, bytes)
         for fam in a.family_list:
             cands, spec = op_candidates(fam, t, h, a.device, not a.no_compile)
             for name, make, check, is_compiled in cands:
                 row = dict(shape=shape, family=fam, candidate=name)
+                rows.append(row)
                 if is_compiled and budget.spent():
-                    rows.append({**row, "skipped": "time budget"})
+                    row["skipped"] = "time budget"
                     continue
                 try:
                     torch._dynamo.utils.counters["compile_norm"].clear()
@@ -159,13 +168,21 @@ def run_ops(a) -> list[dict]:
                     if is_compiled:
                         row["fusion"] = S.compile_counters()
                     if a.timing:
-                        us = graph_time_us(fn)
-                        bw = spec["bytes"] / us / 1e3
-                        row.update(us=round(us, 2), gbps=round(bw, 1),
-                                   ratio=round(bw / (4 * t * h / copy_us / 1e3), 3))
+                        graphs[(fam, name)] = capture_graph(fn)
+                        timed.append((row, spec["bytes"]))
                 except Exception as e:  # report and go on
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
-                rows.append(row)
+        if a.timing:
+            us = medians_in_turn({k: (lambda g=g: replay_time_us(g)) for k, g in graphs.items()}, ROUNDS)
+            copy_us = us.pop("copy")
+            print(f"   copy {copy_us:.1f} us", flush=True)
+            for row, nbytes in timed:
+                v = us[(row["family"], row["candidate"])]
+                bw = nbytes / v / 1e3
+                row.update(us=round(v, 2), gbps=round(bw, 1), ratio=round(bw / (4 * t * h / copy_us / 1e3), 3))
+        graphs.clear()
+        for row in rows:
+            if row["shape"] == shape:
                 print("   " + json.dumps(row), flush=True)
     return rows
 
