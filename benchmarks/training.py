@@ -6,10 +6,8 @@
    Liger (if importable). Each candidate is checked against fp32 autograd first, then one
    training step (``torch.autograd.grad``) is captured in a CUDA graph; the replays of every
    candidate's graph and of a copy of the same element count are timed in turn
-   (``lowerings.measure.replay_time_us``, ``ROUNDS`` rounds, median): timed one after the
-   other, the candidate timed first after the compiles ran 0.5-1.8 us slower at 32-256
-   tokens than the eager call of the same three kernels, the same graph nodes and kernel
-   times (RESULTS.md run 59). Minimal
+   (``lowerings.measure.replay_time_us``, ``ROUNDS`` rounds, median), so that the card's
+   clock drift over a run is shared by every candidate, as in the model steps. Minimal
    bytes per element (bf16): rms_norm 10 (forward reads x, writes y; backward reads dy and x,
    writes dx), fused add 16 (forward reads x and r, writes y and h; backward reads dy, dh and h,
    writes dx, which is also dr), the sandwich 20 (``sandwich_bwd_family``); ratio = bandwidth /
@@ -146,11 +144,14 @@ def run_ops(a) -> list[dict]:
     budget = S.Budget(a.budget_s)
     for t, h in a.shape_list:
         shape = f"{t}x{h}"
-        graphs = {}  # (family, candidate) or "copy" -> the captured CUDA graph
+        # (family, candidate) or "copy" -> (captured CUDA graph, the function it replays: kept
+        # alive, as the graph reads the tensors that function holds)
+        graphs = {}
         if a.timing:
             src = torch.randn(t, h, device=a.device, dtype=torch.bfloat16)
             dst = torch.empty_like(src)
-            graphs["copy"] = capture_graph(lambda: dst.copy_(src))
+            copy = lambda: dst.copy_(src)  # noqa: E731
+            graphs["copy"] = (capture_graph(copy), copy)
         print(f"== {shape}", flush=True)
         timed = []  # (row, bytes)
         for fam in a.family_list:
@@ -168,12 +169,12 @@ def run_ops(a) -> list[dict]:
                     if is_compiled:
                         row["fusion"] = S.compile_counters()
                     if a.timing:
-                        graphs[(fam, name)] = capture_graph(fn)
+                        graphs[(fam, name)] = (capture_graph(fn), fn)
                         timed.append((row, spec["bytes"]))
                 except Exception as e:  # report and go on
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
         if a.timing:
-            us = medians_in_turn({k: (lambda g=g: replay_time_us(g)) for k, g in graphs.items()}, ROUNDS)
+            us = medians_in_turn({k: (lambda g=g: replay_time_us(g)) for k, (g, _) in graphs.items()}, ROUNDS)
             copy_us = us.pop("copy")
             print(f"   copy {copy_us:.1f} us", flush=True)
             for row, nbytes in timed:
