@@ -26,14 +26,19 @@ import kernel_isa  # noqa: E402
 from compile_norm.kernels import triton_ops  # noqa: E402
 
 
+def _skip_without_tools(e: Exception) -> None:
+    """Skip where ``e`` says an NVIDIA tool is missing: the environment, not the kernel."""
+    text = str(e).lower()
+    if ("ptxas" in text or "nvdisasm" in text or "cuobjdump" in text) and (
+            "not found" in text or "cannot find" in text):
+        pytest.skip(f"no NVIDIA tools: {e}")
+
+
 def _analyse(*args, **kwargs) -> dict:
     try:
         return kernel_isa.analyse(*args, **kwargs)
-    except Exception as e:  # a missing ptxas / nvdisasm is the environment, not the kernel
-        text = str(e).lower()
-        if ("ptxas" in text or "nvdisasm" in text or "cuobjdump" in text) and (
-                "not found" in text or "cannot find" in text):
-            pytest.skip(f"no NVIDIA tools: {e}")
+    except Exception as e:
+        _skip_without_tools(e)
         raise
 
 
@@ -328,9 +333,8 @@ def test_dweight_column_sums_keep_several_steps_of_loads_in_flight():
         try:
             k = kernel_isa.compile_sm90(launch, fn=triton_backward_kernel.dweight_reduce_kernel)
             return kernel_isa.disassemble(k.asm["cubin"])
-        except Exception as e:  # a missing ptxas / nvdisasm is the environment, not the kernel
-            if "ptxas" in str(e).lower() or "nvdisasm" in str(e).lower():
-                pytest.skip(f"no NVIDIA tools: {e}")
+        except Exception as e:
+            _skip_without_tools(e)
             raise
 
     assert rc.num_stages > 1
