@@ -141,6 +141,28 @@ def opcheck_cases(name: str) -> list[tuple[str, tuple, dict]]:
     return cases
 
 
+def qwen3_next_gated_norm(h: int, dtype, eps: float) -> torch.nn.Module:
+    """transformers' Qwen3-Next gated norm (norm, then gate) with a random weight near 1."""
+    qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+    m = qwen3_next.Qwen3NextRMSNormGated(h, eps=eps).to(dtype)
+    m.weight.data = (1 + 0.1 * torch.randn(h)).to(dtype)
+    return m
+
+
+def mamba2_gated_norm(h: int, group: int, dtype, eps: float, weight_dtype=None) -> torch.nn.Module:
+    """transformers' Mamba-2 gated norm (gate, then a norm per group of ``group`` columns):
+    ``Mamba2RMSNormGated``, ``MambaRMSNormGated`` in older transformers."""
+    import inspect
+
+    mamba2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
+    cls = getattr(mamba2, "Mamba2RMSNormGated", None) or getattr(mamba2, "MambaRMSNormGated")
+    if "group_size" not in inspect.signature(cls).parameters:
+        pytest.skip(f"{cls.__module__}.{cls.__name__} has no group_size")
+    m = cls(h, group_size=group, eps=eps).to(weight_dtype or dtype)
+    m.weight.data = (1 + 0.1 * torch.randn(h)).to(weight_dtype or dtype)
+    return m
+
+
 def skip_without_cpu_rowwise_scaled_mm() -> None:
     """Skip where this torch's CPU ``_scaled_mm`` takes per-tensor scales only (torch 2.11;
     2.13 takes per-row ones): torchao's rowwise recipe runs on it."""

@@ -3,37 +3,28 @@ the gated pass fusing those classes under torch.compile."""
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from compile_helpers import TOL, compile_run
-from helpers import assert_bitwise_equal
+from helpers import assert_bitwise_equal, mamba2_gated_norm, qwen3_next_gated_norm
 
 import compile_norm
 from compile_norm.ops.gated import rms_norm_gated_ref
 
 transformers = pytest.importorskip("transformers")
 qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
-mamba2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
 
 EPS = 1e-6
 
 
 def qwen_norm(h, dtype):
-    m = qwen3_next.Qwen3NextRMSNormGated(h, eps=EPS).to(dtype)
-    m.weight.data = (1 + 0.1 * torch.randn(h)).to(dtype)
-    return m
+    return qwen3_next_gated_norm(h, dtype, EPS)
 
 
 def mamba_norm(h, group, dtype, weight_dtype=None):
-    if "group_size" not in inspect.signature(mamba2.MambaRMSNormGated).parameters:
-        pytest.skip(f"transformers {transformers.__version__}: MambaRMSNormGated has no group_size")
-    m = mamba2.MambaRMSNormGated(h, group_size=group, eps=EPS).to(weight_dtype or dtype)
-    m.weight.data = (1 + 0.1 * torch.randn(h)).to(weight_dtype or dtype)
-    return m
+    return mamba2_gated_norm(h, group, dtype, EPS, weight_dtype)
 
 
 def op_args(m, x, g):

@@ -23,7 +23,8 @@ import torch
 
 from compile_helpers import TOL, assert_close_q, compile_run
 from helpers import (SCHEME_NAMES, assert_bitwise_equal, count_kernel_launches,
-                     interpreter_report, op, randn, scheme_kwargs)
+                     interpreter_report, mamba2_gated_norm, op, qwen3_next_gated_norm, randn,
+                     scheme_kwargs)
 
 import compile_norm
 from compile_norm.ops import registry
@@ -190,21 +191,14 @@ def test_the_kernel_takes_the_groups_its_tiles_hold(report):
 
 transformers = pytest.importorskip("transformers")
 qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
-mamba2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
 
 
 def qwen_norm(h, dtype):
-    m = qwen3_next.Qwen3NextRMSNormGated(h, eps=EPS).to(dtype)
-    m.weight.data = (1 + 0.1 * torch.randn(h)).to(dtype)
-    return m
+    return qwen3_next_gated_norm(h, dtype, EPS)
 
 
 def mamba_norm(h, group, dtype):
-    if "group_size" not in inspect.signature(mamba2.MambaRMSNormGated).parameters:
-        pytest.skip(f"transformers {transformers.__version__}: MambaRMSNormGated has no group_size")
-    m = mamba2.MambaRMSNormGated(h, group_size=group, eps=EPS).to(dtype)
-    m.weight.data = (1 + 0.1 * torch.randn(h)).to(dtype)
-    return m
+    return mamba2_gated_norm(h, group, dtype, EPS)
 
 
 def fp8_per_token(y):

@@ -6,8 +6,8 @@
   ``(rms_norm(x, weight, eps).float() * silu(gate.float())).to(x.dtype)``; the norm is
   ``rms_norm_ref`` itself, so a graph whose norm the canonicalize pass made ``rms_norm`` and
   whose gate follows is this op bit for bit. No groups.
-- ``norm_before_gate=False`` (Mamba-2 / Falcon-H1, transformers' ``MambaRMSNormGated``): the
-  gate first, ``z = x.float() * silu(gate.float())``, RMSNorm of ``z`` over groups of
+- ``norm_before_gate=False`` (Mamba-2 / Falcon-H1, transformers' ``Mamba2RMSNormGated``,
+  formerly ``MambaRMSNormGated``): the gate first, ``z = x.float() * silu(gate.float())``, RMSNorm of ``z`` over groups of
   ``group_size`` columns (None: the whole row), then ``weight * y.to(x.dtype)`` in the
   promoted dtype, as that class writes it (a float32 weight gives a float32 output).
 
