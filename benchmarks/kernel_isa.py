@@ -277,7 +277,7 @@ def analyse(family: str, tokens: int, hidden: int, config: triton_ops.LaunchConf
     path, loop = hot_path(blocks(kernel_body(sass)))
     per_elem = launch.num_warps * 32 / (block_m * hidden)  # x 32: per thread
     classes = Counter(insn_class(x) for x in path)
-    cfg = config or triton_ops.launch_config(hidden, triton_ops.tile_group(registry.spec(op), args))
+    cfg = config or triton_ops.launch_config(hidden, *triton_ops.launch_key(registry.spec(op), args))
     return dict(
         family=family, op=op, shape=f"{tokens}x{hidden}", config=_label(cfg),
         registers=registers(cubin), body=len(body), hot=len(path), loop=loop,
@@ -300,10 +300,10 @@ def configs(which: str, family: str, hidden: int) -> list:
     if which == "default":
         return [None]
     op, args = family_call(family, 1, hidden)
-    group = triton_ops.tile_group(registry.spec(op), args)
+    key = triton_ops.launch_key(registry.spec(op), args)
     if which == "few":
-        return triton_ops.few_configs(hidden, group)
-    return triton_ops.candidate_configs(hidden, group, persistent=False)
+        return triton_ops.few_configs(hidden, *key)
+    return triton_ops.candidate_configs(hidden, *key, persistent=False)
 
 
 def table(rows: list[dict]) -> str:

@@ -1,6 +1,6 @@
 """Sweep the eager Triton kernel's launch configuration per family and shape (GPU).
 
-For each family of ``gpu_check.families`` and each T x H, every candidate launch config
+For each family of ``gpu_check.families`` or ``new_schemes.FAMILIES`` and each T x H, every candidate launch config
 (rows per program x num_warps x column tiling, and the persistent prefetching variant with
 1 / 2 / 4 / 8 programs per SM) replaces ``triton_ops.launch_config`` for one
 op call; the result is checked against the reference, then timed by CUDA-graph replay (L2
@@ -28,8 +28,12 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import gpu_check as G  # noqa: E402
+import new_schemes as N  # noqa: E402
 
-from compile_norm.kernels import triton_ops  # noqa: E402
+from compile_norm.kernels import checking, triton_ops  # noqa: E402
+from compile_norm.ops import registry  # noqa: E402
+
+FAMILIES_OF_SUITE = tuple(G.families(1, 256, "cpu"))  # the rest: new_schemes.FAMILIES (MXFP8, gated)
 
 FAMILIES = ("rms_fp8_static", "rms_fp8_group128", "rms_int8_dynamic", "add_rms_fp8_dynamic")
 SHAPES = "8192x4096,8192x5376,2048x2304"
@@ -60,17 +64,18 @@ def main(argv=None) -> int:
         copy_us = G.graph_time_us(lambda: dst.copy_(src))
         copy_bw = 4 * t * h / copy_us / 1e3
         for fam in a.families.split(","):
-            spec = G.families(t, h)[fam]
-            group = 128 if fam == "rms_fp8_group128" else 0
+            spec = G.families(t, h)[fam] if fam in FAMILIES_OF_SUITE else N.family(t, h, "cuda", fam)
+            op, op_args = spec["ref_op"]
+            key = triton_ops.launch_key(registry.spec(op), checking.positional(op, op_args, {}))
             best = None
-            for i, cfg in enumerate(triton_ops.candidate_configs(h, group)):
+            for i, cfg in enumerate(triton_ops.candidate_configs(h, *key)):
                 if i and a.only and not re.search(a.only, label(cfg)):
                     continue
-                triton_ops.launch_config = lambda hidden, g, cfg=cfg: cfg
+                triton_ops.launch_config = lambda *key, cfg=cfg: cfg
                 regs = spills = None
                 try:
                     n_before = len(triton_ops._LAUNCHERS)
-                    check = G._check_candidate(spec["ref_op"], spec["op"])
+                    check = N._check(spec["ref_op"], spec["op"])
                     if len(triton_ops._LAUNCHERS) > n_before:  # this config's compiled kernel
                         kernel = list(triton_ops._LAUNCHERS.values())[-1]
                         regs, spills = kernel.n_regs, kernel.n_spills

@@ -423,7 +423,7 @@ def test_compile_measures_a_missing_class_once(monkeypatch):
     assert counters["compile_norm"]["choice_measured"] == 1
     key = choice.shape_class("rms_norm_fp8_group", [x, w, 1e-6, 128])
     entry = choice.measured(key, choice.device_key())
-    assert entry is not None and triton_ops.config_from_json(entry["config"]) in triton_ops.few_configs(3072, 128)
+    assert entry is not None and triton_ops.config_from_json(entry["config"]) in triton_ops.few_configs(3072, 128, True)
     ref = f(x, w)
     assert torch.equal(out[1], ref[1])
     counters.clear()
@@ -544,7 +544,7 @@ def test_measured_launch_config_is_recorded_and_used_for_the_compiled_kernel(mon
         assert {c._replace(early_loads=None) for c in cands} <= set(triton_ops.candidate_configs(h, g))
         assert [triton_ops._early_loads(c) for c in cands] == [True, False, False, False]
     args = group_args(8192, 4096)
-    fast = triton_ops.few_configs(4096, 128)[1]
+    fast = triton_ops.few_configs(4096, 128, True)[1]
     key = choice.shape_class("rms_norm_fp8_group", args)
     choice.record(key, choice.device_key(args[0].device), (16, 8192), (5.0, 50.0), (4.0, 40.0),
                   config=triton_ops.config_to_json(fast))
@@ -561,14 +561,14 @@ def test_measured_launch_config_is_recorded_and_used_for_the_compiled_kernel(mon
         launch = triton_ops.prepare(spec, call)
     assert launch.grid0 == 2 * 132 and launch.const_kwargs()["PERSISTENT"]
     assert launch.num_warps == fast.num_warps
-    late = triton_ops.few_configs(4096, 128)[3]
+    late = triton_ops.few_configs(4096, 128, True)[3]
     assert triton_ops.prepare(spec, call).const_kwargs()["EARLY_LOADS"] and late.early_loads is False
     with triton_ops.launch_config_used(late):
         assert not triton_ops.prepare(spec, call).const_kwargs()["EARLY_LOADS"]
-    for cfg in triton_ops.few_configs(4096, 128):
+    for cfg in triton_ops.few_configs(4096, 128, True):
         assert triton_ops.config_from_json(triton_ops.config_to_json(cfg)) == cfg
     # a config recorded before the schedule was a choice: the default schedule
-    assert triton_ops.config_from_json([1, [[32, 128], [0, 1], [0, 1]], 8, 2]).early_loads is None
+    assert triton_ops.config_from_json([1, [[32, 128], [0, 1], [0, 1]], 4, 2]).early_loads is None
 
 
 @pytest.mark.cuda
@@ -581,7 +581,7 @@ def test_compiled_kernel_with_a_persistent_config_gives_the_eager_bits(monkeypat
     x = torch.randn(8192, 4096, device="cuda", dtype=BF16)
     w = torch.randn(4096, device="cuda", dtype=BF16)
     args = [x, w, 1e-6, 128]
-    persistent = triton_ops.few_configs(4096, 128)[2]
+    persistent = triton_ops.few_configs(4096, 128, True)[2]
     choice.record(choice.shape_class("rms_norm_fp8_group", args), choice.device_key(), (16, 8192),
                   (50.0, 500.0), (4.0, 40.0), config=triton_ops.config_to_json(persistent))
     torch._dynamo.reset()

@@ -194,7 +194,7 @@ def test_gated_fp8_counts_the_exact_silu():
     op, args = kernel_isa.family_call("gated_qwen3_next_fp8", 8192, 4096)
     assert op == "rms_norm_gated_fp8_dynamic" and tuple(args[1].shape) == (8192, 4096)
     row = _analyse("gated_qwen3_next_fp8", 8192, 4096)
-    cfg = triton_ops.launch_config(4096, 0)
+    cfg = triton_ops.launch_config(4096, 0, True)
     per_thread = cfg.block_m * 4096 // (cfg.num_warps * 32)  # elements a thread holds
     ops = row["opcodes"]
     assert ops.get("MUFU.EX2", 0) == per_thread and ops.get("MUFU.RCP", 0) >= per_thread
@@ -210,7 +210,7 @@ def test_mxfp8_counts_one_scale_per_block_and_no_division():
     assert op == "rms_norm_mxfp8"
     for hidden in (4096, 5376):
         row = _analyse("rms_mxfp8", 8192, hidden)
-        cfg = triton_ops.launch_config(hidden, 32)
+        cfg = triton_ops.launch_config(hidden, 32, True)
         per_thread = cfg.block_m * sum(n * g for n, g in cfg.tiles) // (cfg.num_warps * 32)
         ops = row["opcodes"]  # (a few per row: rstd's and the tiles' reciprocal checks)
         assert ops.get("FCHK", 0) < per_thread // 4 and ops.get("MUFU.RCP", 0) < per_thread // 4, ops

@@ -116,6 +116,19 @@ def test_launch_config_heuristic():
     assert triton_ops.launch_config(5376, 128) == (1, ((32, 128), (8, 128), (2, 128)), 4, 0, None)
     assert triton_ops.launch_config(4096, 128) == (1, ((32, 128), (0, 1), (0, 1)), 8, 0, None)
     assert triton_ops.launch_config(65536, 0).num_warps == 32
+    # a kernel reducing an amax: ~1K lanes per warp on one tile too (16 values per thread without)
+    assert [triton_ops.launch_config(h, 0).num_warps for h in (2048, 4096, 8192)] == [4, 8, 16]
+    assert [triton_ops.launch_config(h, 0, True).num_warps for h in (2048, 4096, 8192)] == [4, 4, 8]
+    x = torch.empty(2, 4096)
+    keys = {op: triton_ops.launch_key(registry.spec(op), registry.spec(op).bind(args, {}))
+            for op, args in (("rms_norm", (x, None, 1e-6)), ("rms_norm_fp8_static", (x, None, 1e-6, torch.ones(()))),
+                             ("rms_norm_int8_dynamic", (x, None, 1e-6)), ("rms_norm_fp8_group", (x, None, 1e-6, 128)),
+                             ("fused_add_rms_norm_fp8_dynamic", (x, x, None, 1e-6)))}
+    assert keys == {"rms_norm": (0, False), "rms_norm_fp8_static": (0, False), "rms_norm_int8_dynamic": (0, True),
+                    "rms_norm_fp8_group": (128, True), "fused_add_rms_norm_fp8_dynamic": (0, True)}
+    assert triton_ops.launch_config(4096, 128, True) == (1, ((32, 128), (0, 1), (0, 1)), 4, 0, None)
+    assert triton_ops.launch_config(5376, 0, True) == triton_ops.launch_config(5376, 0)  # split: as before
+    assert triton_ops.launch_config(128, 0, True) == triton_ops.launch_config(128, 0)
     for h in range(1, 9000, 7):  # tiles cover the row, group-aligned, powers of two
         for g in (0, 64, 128):
             if g and h % g:

@@ -20,13 +20,14 @@ if getattr(getattr(triton, "knobs", None), "runtime", None) and triton.knobs.run
 
 from compile_norm.kernels import triton_kernel as K  # noqa: E402
 from compile_norm.kernels import triton_ops as O  # noqa: E402
+from compile_norm.kernels.quant_modes import AMAX_MODES  # noqa: E402
 from sm90 import compile_row_kernel  # noqa: E402
 
 
 def _compile(mode, hidden, *, group=0, xdt="bf16", wdt="bf16", res=True, norm=True, store=False,
              aux=False, ue=False, woff=False, scale=None, gate=0, grouped=False, promote=False,
              scales_only=False, x_norm=False, x_woff=False):
-    cfg = O.launch_config(hidden, group if mode == 3 or grouped else 0)
+    cfg = O.launch_config(hidden, group if mode == 3 or grouped else 0, mode in AMAX_MODES)
     (ng0, g0), (ng1, g1), (ng2, g2) = cfg.tiles
     qdt = "fp8e4nv" if mode in (1, 2, 3) else "i8"
     dtypes = {"x_ptr": xdt, "r_ptr": xdt, "w_ptr": wdt, "out_ptr": xdt, "res_out_ptr": xdt,

@@ -40,8 +40,8 @@ def run_pair(case, device, programs_per_sm, block_m=None, tiles=None, seed=0):
     real = triton_ops.launch_config
 
     def call(pps):
-        def patched(hidden, group):
-            cfg = real(hidden, group)
+        def patched(hidden, *key):
+            cfg = real(hidden, *key)
             return cfg._replace(block_m=block_m or cfg.block_m, tiles=tiles or cfg.tiles,
                                 programs_per_sm=pps)
 
@@ -205,9 +205,10 @@ def _compile_sm90(mode, hidden, group, res, persistent):
     if getattr(getattr(triton, "knobs", None), "runtime", None) and triton.knobs.runtime.interpret:
         pytest.skip("TRITON_INTERPRET is set")
     from compile_norm.kernels import triton_ops as O
+    from compile_norm.kernels.quant_modes import AMAX_MODES
     from sm90 import compile_row_kernel
 
-    cfg = O.launch_config(hidden, group)
+    cfg = O.launch_config(hidden, group, mode in AMAX_MODES)
     (ng0, g0), (ng1, g1), (ng2, g2) = cfg.tiles
     dtypes = {"q_ptr": "fp8e4nv" if mode in (1, 2, 3) else "i8", "s_ptr": "fp32",
               "azp_ptr": "i32", "scale_in_ptr": "fp32", "aux_in_ptr": "fp32"}

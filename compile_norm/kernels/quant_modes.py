@@ -13,6 +13,9 @@ Q_INT8_STATIC = 4
 Q_INT8_DYNAMIC = 5
 Q_INT8_DYNAMIC_ASYM = 6
 Q_MXFP8 = 7
+# The modes whose scale the kernel computes from the row (or group): a second reduction, an
+# amax, after the sum of squares (launch configs differ: triton_ops.launch_config).
+AMAX_MODES = frozenset({Q_FP8_DYNAMIC, Q_FP8_GROUP, Q_INT8_DYNAMIC, Q_INT8_DYNAMIC_ASYM, Q_MXFP8})
 # The scheme (compile_norm/ops/schemes/<name>.py) each mode implements.
 QUANT_MODES = {
     "fp8_static": Q_FP8_STATIC,

@@ -61,7 +61,7 @@ from ..ops import registry
 from ..ops.gated import out_dtype as gated_out_dtype
 from ..ops.quant import KernelQuant
 from ..ops.spec import ROW_KERNEL_KINDS, Kind, NormCall, OpSpec
-from .quant_modes import QUANT_MODES
+from .quant_modes import AMAX_MODES, QUANT_MODES
 
 PROVIDER = "triton"
 RANK = 10
@@ -221,8 +221,9 @@ def column_tiles(hidden: int, group: int) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def launch_config(hidden: int, group: int) -> LaunchConfig:
-    """Rows per program, column tiles and num_warps for a hidden size (group 0: per row).
+def launch_config(hidden: int, group: int, amax: bool = False) -> LaunchConfig:
+    """Rows per program, column tiles and num_warps for a hidden size (group 0: per row) and
+    whether the kernel reduces an amax for a dynamic scale (``launch_key``).
 
     The whole row is held in registers. Small rows (QK norm, H=128) take several rows per
     program so each program still moves ~2K elements; for one power-of-two tile warps grow
@@ -232,6 +233,14 @@ def launch_config(hidden: int, group: int) -> LaunchConfig:
     rms_norm, 8 warps 0.80, 16 warps 0.78). Per-group FP8 splits too (H200 run 28 at
     8192x5376: three tiles with 4 warps 0.88 of copy, one padded 8192 tile 0.73; the H100's
     110 registers of run 7 are gone since the tiles keep their own layouts).
+    A kernel that reduces an amax after the sum of squares (dynamic FP8 / INT8, group FP8,
+    MXFP8: ``AMAX_MODES``) takes ~1K lanes per warp on one tile too (32 values per thread):
+    on the H200 (run 63, eager, 4096 / 8192 columns, half the warps against 16 values per
+    thread) INT8 dynamic ran 5-16% faster at 2048-16384 tokens (8192x8192 0.89 of copy
+    against 0.77), group-128 FP8 2-11%, MXFP8 2-11%, the gated norm + FP8 2-37% from 8192
+    tokens (3% slower at 2048x4096), add + FP8 dynamic within 1%. At 1-32 tokens it costs
+    0.0-0.3 us (gated + FP8 0.5 us). Static scales (one reduction) keep 16 values per thread:
+    half the warps lost 2-3% at 8192 columns.
     """
     widths = column_tiles(hidden, group)
     lanes = sum(widths)
@@ -242,7 +251,8 @@ def launch_config(hidden: int, group: int) -> LaunchConfig:
     elif elems >= 32768:
         num_warps = 32
     else:
-        num_warps = min(16, max(4, 1 << ((elems // 512).bit_length() - 1) if elems >= 512 else 4))
+        per_warp = 1024 if amax else 512
+        num_warps = min(16, max(4, 1 << ((elems // per_warp).bit_length() - 1) if elems >= per_warp else 4))
     if group:  # per-group FP8: 8 warps beat 16 on one 8192 tile (H100 run 7: 0.77 vs 0.72)
         num_warps = min(num_warps, 8)
     tiles = tuple((w // group, group) if group else (1, w) for w in widths)
@@ -251,12 +261,13 @@ def launch_config(hidden: int, group: int) -> LaunchConfig:
     return LaunchConfig(block_m, tiles, num_warps, programs_per_sm=0)
 
 
-def candidate_configs(hidden: int, group: int, persistent: bool = True) -> list[LaunchConfig]:
+def candidate_configs(hidden: int, group: int, amax: bool = False,
+                      persistent: bool = True) -> list[LaunchConfig]:
     """The default config first, then rows per program x num_warps x (split | one padded
     tile), then (``persistent``) the default's prefetching variant with 1 / 2 / 4 / 8 programs
     per SM.
     Every one gives a row the same bits for every token count (a config is per hidden size)."""
-    default = launch_config(hidden, group)
+    default = launch_config(hidden, group, amax)
     out = [default]
     tilings = {column_tiles(hidden, group), (_next_pow2(hidden),)}
     for widths, block_m, warps in itertools.product(sorted(tilings), (1, 2, 4), (4, 8, 16)):
@@ -271,7 +282,7 @@ def candidate_configs(hidden: int, group: int, persistent: bool = True) -> list[
     return out
 
 
-def few_configs(hidden: int, group: int) -> list[LaunchConfig]:
+def few_configs(hidden: int, group: int, amax: bool = False) -> list[LaunchConfig]:
     """What a compile-time measurement tries (each kernel variant costs a Triton compile):
     the default, then its persistent variant with 2 and 4 programs per SM (one more compile),
     then the default with the weight read after the reduction (EARLY_LOADS off: the same
@@ -288,7 +299,7 @@ def few_configs(hidden: int, group: int) -> list[LaunchConfig]:
     compiles per class. The persistent variant gained 1-3 points at 2048x4096 in the sweep
     (run 28); measured at 16 and 8192 tokens it lost to the default in 3 of 3 classes at
     H 4096 (run 33, 3-4 s a class)."""
-    default = launch_config(hidden, group)
+    default = launch_config(hidden, group, amax)
     return ([default] + [default._replace(programs_per_sm=p) for p in (2, 4)]
             + [default._replace(early_loads=False)])
 
@@ -325,11 +336,13 @@ def _norm_group(call: NormCall, hidden: int) -> int:
     return 0 if call.norm_before_gate or g is None or g == hidden else g
 
 
-def tile_group(spec: OpSpec, args: tuple) -> int:
-    """The group size the kernel's tiles hold for this call (0: per row), the scheme's or
-    the gated norm's: launch configs are per (H, group)."""
+def launch_key(spec: OpSpec, args: tuple) -> tuple[int, bool]:
+    """What a call's launch config depends on besides H (``launch_config``'s other
+    arguments): the group size the kernel's tiles hold (0: per row), the scheme's or the
+    gated norm's, and whether the kernel reduces an amax (``AMAX_MODES``)."""
     call = spec.split(args)
-    return kernel_quant(spec, call.x, call.qargs).group or _norm_group(call, call.x.shape[-1])
+    group = kernel_quant(spec, call.x, call.qargs).group or _norm_group(call, call.x.shape[-1])
+    return group, _outputs_layout(spec)[2] in AMAX_MODES
 
 
 def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -486,7 +499,7 @@ def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:
         st, sg = 1, 1
     sx = x2.stride(0)
     sr = sx if r2 is None else r2.stride(0)
-    cfg = _CONFIG_OVERRIDE.get() or launch_config(hidden, kq.group or norm_group)
+    cfg = _CONFIG_OVERRIDE.get() or launch_config(hidden, kq.group or norm_group, mode in AMAX_MODES)
     consts = _constexprs(
         spec.name, cfg, hidden, mode, weight is not None, call.weight_offset != 0.0,
         vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0, scale_args,

@@ -136,7 +136,7 @@ def _time_candidates(op_name: str, fake_args: Sequence[Any], tokens: Sequence[in
         kernel = registered[op_name]
         spec = registry.spec(op_name)
         hidden = int(fake_args[0].shape[-1])
-        configs = triton_ops.few_configs(hidden, triton_ops.tile_group(spec, tuple(fake_args)))
+        configs = triton_ops.few_configs(hidden, *triton_ops.launch_key(spec, tuple(fake_args)))
     else:  # the backward, per-tensor FP8's two passes: launches of their own, default configs
         kernel, configs = registered.get(op_name) or library_ops.functions()[op_name], [None]
     inputs = {t: concrete_args(fake_args, t) for t in tokens}
