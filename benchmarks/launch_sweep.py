@@ -1,8 +1,8 @@
 """Sweep the eager Triton kernel's launch configuration per family and shape (GPU).
 
-For each family of ``gpu_check.families`` or ``new_schemes.FAMILIES`` and each T x H, every candidate launch config
-(rows per program x num_warps x column tiling, and the persistent prefetching variant with
-1 / 2 / 4 / 8 programs per SM) replaces ``triton_ops.launch_config`` for one
+For each family of ``gpu_check.families`` or ``new_schemes.FAMILIES`` and each T x H, every
+candidate launch config (rows per program x num_warps x column tiling, and the persistent
+prefetching variant with 1 / 2 / 4 / 8 programs per SM) replaces ``triton_ops.launch_config`` for one
 op call; the result is checked against the reference, then timed by CUDA-graph replay (L2
 flushed, median) next to a copy of the same element count. The table says which config wins
 and by how much over the default one: what ``launch_config`` should pick.

@@ -568,7 +568,7 @@ def test_measured_launch_config_is_recorded_and_used_for_the_compiled_kernel(mon
     for cfg in triton_ops.few_configs(4096, 128, True):
         assert triton_ops.config_from_json(triton_ops.config_to_json(cfg)) == cfg
     # a config recorded before the schedule was a choice: the default schedule
-    assert triton_ops.config_from_json([1, [[32, 128], [0, 1], [0, 1]], 4, 2]).early_loads is None
+    assert triton_ops.config_from_json([1, [[32, 128], [0, 1], [0, 1]], 8, 2]).early_loads is None
 
 
 @pytest.mark.cuda

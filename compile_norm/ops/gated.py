@@ -7,9 +7,10 @@
   ``rms_norm_ref`` itself, so a graph whose norm the canonicalize pass made ``rms_norm`` and
   whose gate follows is this op bit for bit. No groups.
 - ``norm_before_gate=False`` (Mamba-2 / Falcon-H1, transformers' ``Mamba2RMSNormGated``,
-  formerly ``MambaRMSNormGated``): the gate first, ``z = x.float() * silu(gate.float())``, RMSNorm of ``z`` over groups of
-  ``group_size`` columns (None: the whole row), then ``weight * y.to(x.dtype)`` in the
-  promoted dtype, as that class writes it (a float32 weight gives a float32 output).
+  formerly ``MambaRMSNormGated``): the gate first, ``z = x.float() * silu(gate.float())``,
+  RMSNorm of ``z`` over groups of ``group_size`` columns (None: the whole row), then
+  ``weight * y.to(x.dtype)`` in the promoted dtype, as that class writes it (a float32 weight
+  gives a float32 output).
 
 The backward is the formula of those references (roundings taken as identity, float32), in
 ATen ops: traced under compile, Inductor generates it. The forward has the row kernel's
