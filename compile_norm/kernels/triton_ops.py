@@ -341,11 +341,12 @@ def launch_key(spec: OpSpec, args: tuple) -> tuple[int, bool]:
     arguments): the group size the kernel's tiles hold (0: per row), the scheme's or the
     gated norm's, and whether the kernel reduces an amax (``AMAX_MODES``)."""
     call = spec.split(args)
-    return _launch_key(call, kernel_quant(spec, call.x, call.qargs), _outputs_layout(spec)[2])
+    return _launch_key(kernel_quant(spec, call.x, call.qargs), _norm_group(call, call.x.shape[-1]),
+                       _outputs_layout(spec)[2])
 
 
-def _launch_key(call: NormCall, kq: KernelQuant, mode: int) -> tuple[int, bool]:
-    return kq.group or _norm_group(call, call.x.shape[-1]), mode in AMAX_MODES
+def _launch_key(kq: KernelQuant, norm_group: int, mode: int) -> tuple[int, bool]:
+    return kq.group or norm_group, mode in AMAX_MODES
 
 
 def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -502,7 +503,7 @@ def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:
         st, sg = 1, 1
     sx = x2.stride(0)
     sr = sx if r2 is None else r2.stride(0)
-    cfg = _CONFIG_OVERRIDE.get() or launch_config(hidden, *_launch_key(call, kq, mode))
+    cfg = _CONFIG_OVERRIDE.get() or launch_config(hidden, *_launch_key(kq, norm_group, mode))
     consts = _constexprs(
         spec.name, cfg, hidden, mode, weight is not None, call.weight_offset != 0.0,
         vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0, scale_args,
