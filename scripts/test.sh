@@ -4,7 +4,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-# -q unless the caller chose the verbosity (a second -q would drop pytest's closing line)
+# -q unless the caller chose the verbosity (a second -q would drop pytest's closing line);
+# one worker per core (pytest-xdist) unless the caller chose -n / --numprocesses
 quiet=-q
-for arg in "$@"; do case "$arg" in -q*|-v*|--quiet|--verbose) quiet= ;; esac; done
-python -m pytest $quiet "$@"
+workers="-n auto"
+for arg in "$@"; do
+  case "$arg" in
+    -q*|-v*|--quiet|--verbose) quiet= ;;
+    -n*|--numprocesses*|-p\ no:xdist) workers= ;;
+  esac
+done
+python -m pytest $quiet $workers "$@"
