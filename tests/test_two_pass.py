@@ -145,6 +145,45 @@ def test_traced_for_inductor_as_two_launches_and_the_tensor_scale():
             assert "q_ptr" not in nodes[0].kwargs["kwargs"] and "q_ptr" in nodes[2].kwargs["kwargs"]
 
 
+PER_TENSOR_OPS = ("quant_fp8_dynamic_tensor", "rms_norm_fp8_dynamic_tensor",
+                  "fused_add_rms_norm_fp8_dynamic_tensor", "rms_norm_gated_fp8_dynamic_tensor")
+
+
+@pytest.mark.parametrize("name", PER_TENSOR_OPS)
+@pytest.mark.parametrize("hidden", [4096, 5376, 8192])
+def test_both_passes_take_one_launch_config(name, hidden):
+    """Pass 2 recomputes the norm that pass 1 took the amax of: both launches must reduce in
+    the same tree (rows per program, tiles, warps), or a row's y may differ by a bit between
+    them. The per-token FP8 kernel alone takes other warps (it reduces an amax) at 4096 and
+    8192 columns; pass 1 must not."""
+    import torch
+
+    from compile_norm.kernels import triton_ops, two_pass
+    from compile_norm.ops import registry
+
+    assert set(two_pass.PASSES) == set(PER_TENSOR_OPS)
+    spec = registry.spec(name)
+    x, r, w = (torch.randn(4, hidden, dtype=torch.bfloat16) for _ in range(3))
+    given = {"quant_fp8_dynamic_tensor": (x,), "rms_norm_fp8_dynamic_tensor": (x, w[0], 1e-6),
+             "fused_add_rms_norm_fp8_dynamic_tensor": (x, r, w[0], 1e-6),
+             "rms_norm_gated_fp8_dynamic_tensor": (x, r, w[0], 1e-6)}[name]
+    seen = []
+
+    def launch(op, args, store_q=True):  # prepared as the eager provider does, not launched
+        plan = triton_ops.prepare(op, args, store_q)
+        seen.append((op.name, plan.consts[:7], plan.num_warps))
+        return plan.outputs
+
+    two_pass.run(name, spec.bind(given, {}), launch)
+    (first, one, warps1), (second, two, warps2) = seen
+    assert (first, second) == two_pass.PASSES[name]
+    assert (one, warps1) == (two, warps2), seen
+    if hidden != 5376:  # one tile: the per-token scheme alone would take half the warps
+        alone = triton_ops.prepare(registry.spec(first), two_pass._per_row(
+            registry.spec(first), spec, spec.split(spec.bind(given, {}))), store_q=False)
+        assert alone.num_warps < warps1
+
+
 def test_scales_only_launch_is_refused_where_the_kernel_must_store_codes():
     """store_q=False leaves q unwritten: only the per-token dynamic modes can skip their
     quantize stores; a static or per-group scheme says so instead of writing nothing."""

@@ -16,7 +16,9 @@ Triton does not give):
    ``y * reciprocal(s)``, ``y * r``): the norm recomputed from x (and the gate; from
    ``residual_out`` after a residual add).
 
-Both launches normalize with the same kernel code, so pass 2's ``y`` is pass 1's bit for bit.
+Both launches normalize with the same kernel code and launch config (pass 2's: pass 1 does
+not take its per-token scheme's, which has other warps where it reduces an amax), so pass 2's
+``y`` is pass 1's bit for bit.
 
 Pass 1 writes no quantized values (``store_q=False``: the kernel gets no q pointer), only
 the rows' scales (and ``residual_out``).
@@ -70,7 +72,12 @@ def run(name: str, args: tuple, launch: Callable[..., Any] = T.run) -> Any:
     spec = registry.spec(name)
     call = spec.split(args)
     how = FP8Scale(*call.qargs)  # the per-tensor scheme's arguments are FP8Scale's fields
-    out1 = launch(first, _per_row(first, spec, call), store_q=False)  # pass 1: the rows' scales only
+    args1 = _per_row(first, spec, call)
+    # pass 1 normalizes with pass 2's launch config (a static scale: no amax to reduce), so
+    # both take the same reduction tree: the per-token scheme's own config may differ in warps
+    cfg = T._CONFIG_OVERRIDE.get() or T.launch_config(call.x.shape[-1], T.launch_key(first, args1)[0])
+    with T.launch_config_used(cfg):
+        out1 = launch(first, args1, store_q=False)  # pass 1: the rows' scales only
     scale = _tensor_scale(out1[1], call.x, how)
     qargs = (scale, how.scale_form)
     if spec.residual:  # pass 2 normalizes residual_out, which pass 1 wrote
