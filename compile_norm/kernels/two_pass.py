@@ -16,9 +16,8 @@ Triton does not give):
    ``y * reciprocal(s)``, ``y * r``): the norm recomputed from x (and the gate; from
    ``residual_out`` after a residual add).
 
-Both launches normalize with the same kernel code and launch config (pass 2's: pass 1 does
-not take its per-token scheme's, which has other warps where it reduces an amax), so pass 2's
-``y`` is pass 1's bit for bit.
+Both launches normalize with the same kernel code and launch config (pass 1's, the per-token
+scheme's; a static launch alone takes other warps), so pass 2's ``y`` is pass 1's bit for bit.
 
 Pass 1 writes no quantized values (``store_q=False``: the kernel gets no q pointer), only
 the rows' scales (and ``residual_out``).
@@ -73,18 +72,19 @@ def run(name: str, args: tuple, launch: Callable[..., Any] = T.run) -> Any:
     call = spec.split(args)
     how = FP8Scale(*call.qargs)  # the per-tensor scheme's arguments are FP8Scale's fields
     args1 = _per_row(first, spec, call)
-    # pass 1 normalizes with pass 2's launch config (a static scale: no amax to reduce), so
-    # both take the same reduction tree: the per-token scheme's own config may differ in warps
-    cfg = T._CONFIG_OVERRIDE.get() or T.launch_config(call.x.shape[-1], T.launch_key(first, args1)[0])
+    # Both passes take pass 1's launch config (the per-token scheme's), so they normalize in
+    # the same reduction tree; a static launch alone would take twice the warps on one tile
+    # (triton_ops.launch_config), where pass 1 ran 20% slower (H200 run 68).
+    cfg = T._CONFIG_OVERRIDE.get() or T.launch_config(call.x.shape[-1], *T.launch_key(first, args1))
     with T.launch_config_used(cfg):
         out1 = launch(first, args1, store_q=False)  # pass 1: the rows' scales only
-    scale = _tensor_scale(out1[1], call.x, how)
-    qargs = (scale, how.scale_form)
-    if spec.residual:  # pass 2 normalizes residual_out, which pass 1 wrote
-        h = out1[2]
-        q = launch(second, second.join(call._replace(x=h, residual=None, qargs=qargs)))
-        return q, scale, h
-    q = launch(second, second.join(call._replace(qargs=qargs)))
+        scale = _tensor_scale(out1[1], call.x, how)
+        qargs = (scale, how.scale_form)
+        if spec.residual:  # pass 2 normalizes residual_out, which pass 1 wrote
+            h = out1[2]
+            q = launch(second, second.join(call._replace(x=h, residual=None, qargs=qargs)))
+            return q, scale, h
+        q = launch(second, second.join(call._replace(qargs=qargs)))
     return q, scale
 
 
