@@ -11,7 +11,7 @@ workers="-n auto"
 for arg in "$@"; do
   case "$arg" in
     -q*|-v*|--quiet|--verbose) quiet= ;;
-    -n*|--numprocesses*|-p\ no:xdist) workers= ;;
+    -n*|--numprocesses*|no:xdist) workers= ;;  # no:xdist: from "-p no:xdist"
   esac
 done
 python -m pytest $quiet $workers "$@"

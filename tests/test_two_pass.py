@@ -163,10 +163,11 @@ def test_both_passes_take_one_launch_config(name, hidden):
 
     assert set(two_pass.PASSES) == set(PER_TENSOR_OPS)
     spec = registry.spec(name)
-    x, r, w = (torch.randn(4, hidden, dtype=torch.bfloat16) for _ in range(3))
-    given = {"quant_fp8_dynamic_tensor": (x,), "rms_norm_fp8_dynamic_tensor": (x, w[0], 1e-6),
-             "fused_add_rms_norm_fp8_dynamic_tensor": (x, r, w[0], 1e-6),
-             "rms_norm_gated_fp8_dynamic_tensor": (x, r, w[0], 1e-6)}[name]
+    x, r = (torch.randn(4, hidden, dtype=torch.bfloat16) for _ in range(2))
+    w = torch.randn(hidden, dtype=torch.bfloat16)
+    given = {"quant_fp8_dynamic_tensor": (x,), "rms_norm_fp8_dynamic_tensor": (x, w, 1e-6),
+             "fused_add_rms_norm_fp8_dynamic_tensor": (x, r, w, 1e-6),
+             "rms_norm_gated_fp8_dynamic_tensor": (x, r, w, 1e-6)}[name]
     seen = []
 
     def launch(op, args, store_q=True):  # prepared as the eager provider does, not launched
