@@ -61,8 +61,8 @@ def main(argv=None) -> int:
         dst = torch.empty_like(src)
         copy_us = G.graph_time_us(lambda: dst.copy_(src))
         copy_bw = 4 * t * h / copy_us / 1e3
+        suite = G.families(t, h)  # the rest: new_schemes.FAMILIES (MXFP8, gated)
         for fam in a.families.split(","):
-            suite = G.families(t, h)  # the rest: new_schemes.FAMILIES (MXFP8, gated)
             spec = suite[fam] if fam in suite else N.family(t, h, "cuda", fam)
             op, op_args = spec["ref_op"]
             key = triton_ops.launch_key(registry.spec(op), checking.positional(op, op_args, {}))

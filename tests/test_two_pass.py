@@ -172,7 +172,7 @@ def test_both_passes_take_one_launch_config(name, hidden):
 
     def launch(op, args, store_q=True):  # prepared as the eager provider does, not launched
         plan = triton_ops.prepare(op, args, store_q)
-        seen.append((op.name, plan.consts[:7], plan.num_warps))
+        seen.append((op.name, plan.consts[:7], plan.num_warps))  # rows per program, tiles
         return plan.outputs
 
     two_pass.run(name, spec.bind(given, {}), launch)

@@ -349,6 +349,16 @@ def _launch_key(kq: KernelQuant, norm_group: int, mode: int) -> tuple[int, bool]
     return kq.group or norm_group, mode in AMAX_MODES
 
 
+def config_of(spec: OpSpec, args: tuple) -> LaunchConfig:
+    """The launch config ``prepare`` takes for this call (positional, complete args)."""
+    return _config(spec.split(args).x.shape[-1], launch_key(spec, args))
+
+
+def _config(hidden: int, key: tuple[int, bool]) -> LaunchConfig:
+    # a measured config in force (launch_config_used), else the rule's for the launch key
+    return _CONFIG_OVERRIDE.get() or launch_config(hidden, *key)
+
+
 def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
     """``t`` as [T, H] with unit column stride (a view when the layout allows)."""
     if t.stride(-1) != 1:
@@ -503,7 +513,7 @@ def prepare(spec: OpSpec, args: tuple, store_q: bool = True) -> Launch:
         st, sg = 1, 1
     sx = x2.stride(0)
     sr = sx if r2 is None else r2.stride(0)
-    cfg = _CONFIG_OVERRIDE.get() or launch_config(hidden, *_launch_key(kq, norm_group, mode))
+    cfg = _config(hidden, _launch_key(kq, norm_group, mode))
     consts = _constexprs(
         spec.name, cfg, hidden, mode, weight is not None, call.weight_offset != 0.0,
         vsize is not None and vsize != hidden, kq.aux is not None, kq.ue8m0, scale_args,

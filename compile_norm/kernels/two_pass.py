@@ -75,8 +75,7 @@ def run(name: str, args: tuple, launch: Callable[..., Any] = T.run) -> Any:
     # Both passes take pass 1's launch config (the per-token scheme's), so they normalize in
     # the same reduction tree. A static launch alone takes twice the warps on one tile
     # (triton_ops.launch_config); on that config pass 1 ran 20% slower (H200 run 68).
-    cfg = T._CONFIG_OVERRIDE.get() or T.launch_config(call.x.shape[-1], *T.launch_key(first, args1))
-    with T.launch_config_used(cfg):
+    with T.launch_config_used(T.config_of(first, args1)):
         out1 = launch(first, args1, store_q=False)  # pass 1: the rows' scales only
         scale = _tensor_scale(out1[1], call.x, how)
         qargs = (scale, how.scale_form)
